@@ -1,0 +1,1 @@
+"""Fused Triton kernels, installed as ``megatron_dual.kernels`` (see DESIGN.md)."""

@@ -1,0 +1,112 @@
+"""Muon for 2-D trunk matrices (Moonlight scaling), AdamW (PyTorch's) for everything else.
+
+Fused matrices are orthogonalised block by block (q, k, v and up, gate separately), as the reference keeps them as
+separate parameters. Update per block of shape (A, B):
+``W <- W * (1 - lr * wd) - lr * 0.2 * sqrt(max(A, B)) * NS5(nesterov_momentum(G))`` with ``match_rms_adamw``
+scaling, or ``lr * sqrt(max(1, A / B))`` with ``original`` scaling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate U V^T of g = U S V^T by the quintic Newton-Schulz iteration (bf16 on GPU, fp32 on CPU)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16() if g.is_cuda else g.float()
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + eps)
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    if transposed:
+        x = x.T
+    return x.to(g.dtype)
+
+
+def muon_lr_scale(rows: int, cols: int, mode: str) -> float:
+    if mode == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if mode == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    raise ValueError(f"unknown Muon lr adjustment {mode!r}; choose match_rms_adamw or original")
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum orthogonalised by Newton-Schulz. Param groups may carry ``splits``: row block sizes of a fused
+    matrix, each orthogonalised (and lr-scaled) on its own."""
+
+    def __init__(self, params: Iterable, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, adjust_lr: str = "match_rms_adamw") -> None:
+        muon_lr_scale(1, 1, adjust_lr)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, adjust_lr=adjust_lr, splits=None)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon takes 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
+                if group["splits"] is not None and sum(group["splits"]) != p.shape[0]:
+                    raise ValueError(f"splits {group['splits']} do not add up to the {p.shape[0]} rows of a "
+                                     f"parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.mul_(mom).add_(p.grad)
+                update = p.grad.add(buf, alpha=mom) if group["nesterov"] else buf
+                p.mul_(1.0 - lr * wd)
+                splits = group["splits"] or [p.shape[0]]
+                for block, g_block in zip(p.split(splits, dim=0), update.split(splits, dim=0), strict=True):
+                    scale = muon_lr_scale(block.shape[0], block.shape[1], group["adjust_lr"])
+                    block.add_(zeropower_newton_schulz(g_block, group["ns_steps"]), alpha=-lr * scale)
+        return loss
+
+
+def build_optimizers(model: torch.nn.Module, cfg) -> dict[str, torch.optim.Optimizer]:
+    """``{"muon": Muon over 2-D trunk matrices, "adamw": AdamW over the rest}`` (or only AdamW)."""
+    splits: dict[str, list[int]] = model.muon_split_sizes() if hasattr(model, "muon_split_sizes") else {}
+    muon_groups: dict[tuple[int, ...] | None, list[torch.nn.Parameter]] = {}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if cfg.name == "muon" and model.is_trunk_matrix(name, p):
+            key = tuple(splits[name]) if name in splits else None
+            muon_groups.setdefault(key, []).append(p)
+        elif cfg.decay_all or p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    adamw_lr = cfg.adamw_lr or cfg.lr
+    out: dict[str, torch.optim.Optimizer] = {}
+    if muon_groups:
+        groups = [{"params": ps, "splits": list(k) if k else None} for k, ps in muon_groups.items()]
+        out["muon"] = Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                           ns_steps=cfg.ns_steps, adjust_lr=cfg.muon_adjust_lr)
+    adam_groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        adam_groups.append({"params": no_decay, "weight_decay": 0.0})
+    out["adamw"] = torch.optim.AdamW(adam_groups, lr=adamw_lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                     foreach=False)
+    return out

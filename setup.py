@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-dual",
+    version="0.1.0",
+    description="Training stack for dual-objective (autoregressive + masked-diffusion) language models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_dual", "megatron_dual.*"])
+    + ["megatron_dual.kernels"],
+    package_dir={"megatron_dual.kernels": "kernels"},
+    package_data={"megatron_dual": ["assets/ltg-tokenizer/*", "configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "pytest-timeout>=2",
+            "ruff>=0.5",
+        ],
+        "gpu": ["triton>=3.0", "flash-attn>=2.6"],
+        "eval": ["pyarrow>=14", "transformers>=4.45"],
+        "wandb": ["wandb>=0.17", "tensorboard>=2.15"],
+    },
+    entry_points={"console_scripts": ["megatron-dual=megatron_dual.cli:main"]},
+)
