@@ -1,0 +1,354 @@
+"""Megatron-Core's memory-mapped ``.bin``/``.idx`` token format, byte for byte.
+
+``.bin``: the tokens of every sequence, concatenated, in one dtype.
+``.idx`` (little endian)::
+
+    b"MMIDIDX\\x00\\x00"        magic, 9 bytes
+    <Q  1                       version
+    <B  dtype code              1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32, 8 uint16
+    <Q  S                       sequence count
+    <Q  D                       document-index count (= documents + 1)
+    int32[S]  sequence_lengths  tokens per sequence
+    int64[S]  sequence_pointers byte offset of each sequence in .bin
+    int64[D]  document_indices  0, then the sequence index ending each document
+
+We write one sequence per document (Megatron's preprocessing without sentence splitting), so
+``document_indices == arange(S + 1)``. The reader accepts any valid layout, and validates every field up front so a
+damaged file fails at open with the file and the field named instead of returning garbage tokens mid-training.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from collections.abc import Sequence
+from types import TracebackType
+
+import numpy as np
+
+__all__ = [
+    "INDEX_HEADER",
+    "DTYPE_CODES",
+    "CorruptIndexError",
+    "data_file_path",
+    "index_file_path",
+    "best_dtype",
+    "IndexedDatasetWriter",
+    "IndexedDataset",
+]
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+_VERSION = 1
+_HEADER_SIZE = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
+DTYPE_CODES: dict[int, type[np.number]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+_CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
+_CHUNK = 1 << 22  # sequences per validation chunk: bounds the temporary memory of the open-time checks
+
+
+class CorruptIndexError(ValueError):
+    """A ``.idx``/``.bin`` pair that is not a valid Megatron indexed dataset; the message names the file and field."""
+
+
+def data_file_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def index_file_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def best_dtype(vocab_size: int) -> type[np.number]:
+    """Megatron's ``DType.optimal_dtype``: uint16 when the vocabulary has fewer than 65,500 entries, else int32."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def _dtype_code(dtype: type[np.number] | np.dtype) -> int:
+    dt = np.dtype(dtype)
+    if dt not in _CODE_OF:
+        names = ", ".join(np.dtype(t).name for t in DTYPE_CODES.values())
+        raise ValueError(f"dtype {dt.name} has no Megatron dtype code (allowed: {names})")
+    return _CODE_OF[dt]
+
+
+class IndexedDatasetWriter:
+    """Writes ``<prefix>.bin`` and ``<prefix>.idx``; use as a context manager.
+
+    Tokens go to a temporary ``.bin`` as they come; ``finalize`` (called by a clean ``with`` exit) fsyncs it, writes
+    the index to a temporary name and renames ``.bin`` then ``.idx`` into place. An exception inside ``with`` removes
+    the temporaries and leaves no ``.idx``, so a half-written dataset can never be opened.
+    """
+
+    def __init__(self, prefix: str, dtype: type[np.number] | np.dtype) -> None:
+        self.prefix = prefix
+        self.dtype = np.dtype(dtype)
+        self._code = _dtype_code(self.dtype)
+        if self.dtype.kind == "f":
+            raise ValueError(f"dtype {self.dtype.name}: token ids need an integer dtype")
+        self._info = np.iinfo(self.dtype)
+        parent = os.path.dirname(os.path.abspath(prefix))
+        os.makedirs(parent, exist_ok=True)
+        suffix = f".tmp-{os.getpid()}"
+        self._bin_tmp = data_file_path(prefix) + suffix
+        self._idx_tmp = index_file_path(prefix) + suffix
+        self._bin = open(self._bin_tmp, "wb")  # closed in finalize/abort
+        self._lengths = array("q")
+        self._done = False
+
+    def __enter__(self) -> IndexedDatasetWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            if not self._done:
+                self.finalize()
+        else:
+            self.abort()
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._lengths)
+
+    def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
+        """Append one document (one sequence). Ids outside the dtype's range raise ValueError (no silent wrap)."""
+        if self._done:
+            raise RuntimeError(f"{self.prefix}: add_document after finalize/abort")
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"a document must be a 1-D sequence of token ids, got shape {arr.shape}")
+        if arr.size and arr.dtype != self.dtype:
+            if arr.dtype.kind not in "iu":
+                raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < self._info.min or hi > self._info.max:
+                raise ValueError(
+                    f"token id {lo if lo < self._info.min else hi} does not fit {self.dtype.name} "
+                    f"[{self._info.min}, {self._info.max}] (use best_dtype(vocab_size))"
+                )
+        if arr.size > np.iinfo(np.int32).max:
+            raise ValueError(f"a document of {arr.size} tokens does not fit the format's int32 length")
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._lengths.append(arr.size)
+
+    def _index_bytes(self) -> bytes:
+        lengths = np.frombuffer(self._lengths, dtype=np.int64) if len(self._lengths) else np.zeros(0, np.int64)
+        n = lengths.size
+        pointers = np.zeros(n, dtype=np.int64)
+        if n:
+            np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
+        doc_index = np.arange(n + 1, dtype=np.int64)
+        head = INDEX_HEADER + struct.pack("<Q", _VERSION) + struct.pack("<B", self._code)
+        head += struct.pack("<Q", n) + struct.pack("<Q", n + 1)
+        return head + lengths.astype("<i4").tobytes() + pointers.astype("<i8").tobytes() + doc_index.tobytes()
+
+    def finalize(self) -> None:
+        if self._done:
+            return
+        try:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            with open(self._idx_tmp, "wb") as f:
+                f.write(self._index_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+            idx = index_file_path(self.prefix)
+            # drop a previous .idx first: a crash between the two renames then leaves a .bin without .idx
+            # (refused at open) rather than a new .bin under an old index
+            if os.path.exists(idx):
+                os.unlink(idx)
+            os.replace(self._bin_tmp, data_file_path(self.prefix))
+            os.replace(self._idx_tmp, idx)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+
+    def abort(self) -> None:
+        """Close and delete the temporaries; the prefix's existing files (if any) stay untouched."""
+        self._done = True
+        if not self._bin.closed:
+            self._bin.close()
+        for p in (self._bin_tmp, self._idx_tmp):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+class IndexedDataset:
+    """Memory-mapped reader of a ``.bin``/``.idx`` pair (ours or Megatron-Core's).
+
+    ``dataset[i]`` / ``dataset.get(i, offset, length)`` return read-only views into the ``.bin`` map, O(1).
+    Pickles by prefix (re-opened in the receiving process), so it can go to DataLoader workers.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._open()
+
+    def _open(self) -> None:
+        idx_path, bin_path = index_file_path(self.prefix), data_file_path(self.prefix)
+        for p in (idx_path, bin_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"indexed dataset file not found: {p}")
+        name = os.path.basename(idx_path)
+
+        def bad(msg: str) -> CorruptIndexError:
+            return CorruptIndexError(f"{name}: {msg} ({idx_path})")
+
+        idx_size = os.path.getsize(idx_path)
+        if idx_size < _HEADER_SIZE:
+            raise bad(f"truncated: the header needs {_HEADER_SIZE} bytes but the file holds {idx_size}")
+        with open(idx_path, "rb") as f:
+            head = f.read(_HEADER_SIZE)
+        magic = head[:9]
+        if magic != INDEX_HEADER:
+            raise bad(f"magic: expected {INDEX_HEADER!r}, found {magic!r}: not a Megatron indexed dataset")
+        (version,) = struct.unpack_from("<Q", head, 9)
+        if version != _VERSION:
+            raise bad(f"version: {version} is not supported (expected {_VERSION})")
+        (code,) = struct.unpack_from("<B", head, 17)
+        if code not in DTYPE_CODES:
+            raise bad(f"dtype code: {code} is not a known code (known: {sorted(DTYPE_CODES)})")
+        self.dtype: type[np.number] = DTYPE_CODES[code]
+        itemsize = np.dtype(self.dtype).itemsize
+        n_seq, n_doc = struct.unpack_from("<QQ", head, 18)
+        need = _HEADER_SIZE + 12 * n_seq + 8 * n_doc
+        # Megatron's multimodal datasets append one int8 mode per sequence; the modes are ignored here
+        if idx_size < need:
+            raise bad(
+                f"truncated: header says {n_seq} sequences and {n_doc} document indices ({need} bytes) "
+                f"but the file holds {idx_size} bytes"
+            )
+        if idx_size not in (need, need + n_seq):
+            raise bad(
+                f"size: header says {n_seq} sequences and {n_doc} document indices ({need} bytes, or {need + n_seq} "
+                f"with sequence modes) but the file holds {idx_size} bytes"
+            )
+        if n_doc < 1:
+            raise bad("document_indices: empty (it must start with 0)")
+
+        idx_map = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        off = _HEADER_SIZE
+        self.sequence_lengths: np.ndarray = np.frombuffer(idx_map, dtype="<i4", count=n_seq, offset=off)
+        off += 4 * n_seq
+        self.sequence_pointers: np.ndarray = np.frombuffer(idx_map, dtype="<i8", count=n_seq, offset=off)
+        off += 8 * n_seq
+        self.document_indices: np.ndarray = np.frombuffer(idx_map, dtype="<i8", count=n_doc, offset=off)
+        self._idx_map = idx_map
+
+        total_tokens = self._validate_sequences(bad, itemsize)
+        doc = self.document_indices
+        if doc[0] != 0:
+            raise bad(f"document_indices: first entry is {int(doc[0])}, expected 0")
+        if doc[-1] != n_seq:
+            raise bad(f"document_indices: last entry is {int(doc[-1])}, expected the sequence count {n_seq}")
+        if n_doc > 1 and np.any(np.diff(doc) < 0):
+            k = int(np.argmax(np.diff(doc) < 0)) + 1
+            raise bad(f"document_indices: not monotonic at entry {k} ({int(doc[k - 1])} then {int(doc[k])})")
+
+        bin_size = os.path.getsize(bin_path)
+        want = total_tokens * itemsize
+        if bin_size != want:
+            what = "truncated" if bin_size < want else "size"
+            raise CorruptIndexError(
+                f"{os.path.basename(bin_path)}: {what}: the index says {total_tokens} tokens of "
+                f"{np.dtype(self.dtype).name} ({want} bytes) but the file holds {bin_size} bytes ({bin_path})"
+            )
+        self.num_tokens: int = total_tokens
+        # np.memmap refuses empty files
+        self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+
+    def _validate_sequences(self, bad, itemsize: int) -> int:
+        """Lengths non-negative, pointers contiguous from 0 (what every Megatron writer produces). Returns tokens."""
+        lengths, pointers = self.sequence_lengths, self.sequence_pointers
+        expected_ptr = 0
+        total = 0
+        for lo in range(0, lengths.size, _CHUNK):
+            ln = lengths[lo : lo + _CHUNK].astype(np.int64)
+            if ln.size and ln.min() < 0:
+                k = lo + int(np.argmax(ln < 0))
+                raise bad(f"sequence_lengths: sequence {k} has negative length {int(lengths[k])}")
+            ptr = pointers[lo : lo + _CHUNK]
+            want = np.empty_like(ln)
+            want[0] = expected_ptr
+            np.cumsum(ln[:-1] * itemsize, out=want[1:])
+            want[1:] += expected_ptr
+            wrong = ptr != want
+            if wrong.any():
+                k = int(np.argmax(wrong))
+                i = lo + k
+                prev = int(pointers[i - 1]) if i > 0 else None
+                if prev is not None and int(ptr[k]) < prev:
+                    raise bad(f"sequence_pointers: not monotonic at sequence {i} ({prev} then {int(ptr[k])})")
+                raise bad(
+                    f"sequence_pointers: sequence {i} starts at byte {int(ptr[k])} but the lengths put it at "
+                    f"byte {int(want[k])}"
+                )
+            expected_ptr = int(want[-1]) + int(ln[-1]) * itemsize
+            total += int(ln.sum())
+        return total
+
+    # pickling: re-open by prefix
+    def __getstate__(self) -> dict:
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.prefix = state["prefix"]
+        self._open()
+
+    def __len__(self) -> int:
+        return int(self.sequence_lengths.size)
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"sequence index must be an integer, got {type(i).__name__}")
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sequence index {i} out of range for {n} sequences in {self.prefix}")
+        return i
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = self._check_index(i)
+        return np.frombuffer(
+            self._bin, dtype=self.dtype, count=int(self.sequence_lengths[i]), offset=int(self.sequence_pointers[i])
+        )
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``offset : offset + length`` of sequence ``i`` (to its end when ``length`` is None)."""
+        i = self._check_index(i)
+        n = int(self.sequence_lengths[i])
+        if length is None:
+            length = n - offset
+        if offset < 0 or length < 0 or offset + length > n:
+            raise IndexError(f"tokens [{offset}, {offset + length}) out of range for sequence {i} of length {n}")
+        itemsize = np.dtype(self.dtype).itemsize
+        return np.frombuffer(
+            self._bin, dtype=self.dtype, count=length, offset=int(self.sequence_pointers[i]) + offset * itemsize
+        )
+
+    def read_stream(self, start: int, count: int) -> np.ndarray:
+        """``count`` tokens from token position ``start`` of the whole ``.bin`` (all sequences concatenated)."""
+        if start < 0 or count < 0 or start + count > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + count}) out of range for {self.num_tokens} tokens")
+        itemsize = np.dtype(self.dtype).itemsize
+        return np.frombuffer(self._bin, dtype=self.dtype, count=count, offset=start * itemsize)
+
+    def __repr__(self) -> str:
+        return (
+            f"IndexedDataset({self.prefix!r}, sequences={len(self)}, tokens={self.num_tokens}, "
+            f"dtype={np.dtype(self.dtype).name})"
+        )
