@@ -1,0 +1,76 @@
+import io
+import json
+
+import pytest
+
+from megatron_dual.logging import MetricsLogger, Progress, format_duration, plot_metrics, read_metrics
+
+
+def test_metrics_logger_fresh_and_resumed(tmp_path):
+    path = tmp_path / "m.jsonl"
+    log = MetricsLogger(path)
+    for step in range(1, 6):
+        log.log(step, {"ar_loss": 1.0 / step, "grad_norm": float("nan") if step == 5 else 0.5})
+    log.close()
+    recs = read_metrics(path)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and recs[4]["grad_norm"] == "nan"
+    with open(path, "a") as f:
+        f.write('{"step": 6, "ar_lo')  # a line cut by a kill
+    # resuming from the step-3 checkpoint drops the records of steps that will be redone
+    log = MetricsLogger(path, resume_step=3)
+    log.log(4, {"ar_loss": 0.2})
+    log.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
+    # a fresh run starts the file anew
+    MetricsLogger(path).close()
+    assert read_metrics(path) == []
+
+
+def test_read_metrics_names_the_bad_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:3: expected a JSON object"):
+        read_metrics(path)
+    path.write_text('{"step": 1}\n{oops\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2: not a JSON object"):
+        read_metrics(path)
+
+
+def test_progress_plain_lines_when_not_a_terminal():
+    out = io.StringIO()
+    p = Progress(20, start_step=0, print_every=10, stream=out)
+    for step in range(1, 21):
+        p.update(step, {"ar_loss": 3.25, "md_loss": 4.5, "lr": 0.01, "tokens_per_s": 12345.0})
+    p.write("step 20: val_ar_loss 3.1")
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("step 10/20 (50%) | ar 3.250 | md 4.500 | lr 1.00e-02 | 12.3k tok/s")
+    assert "ETA" in lines[0] and lines[2] == "step 20: val_ar_loss 3.1"
+    quiet = io.StringIO()
+    q = Progress(20, disable=True, stream=quiet)
+    q.update(10, {"ar_loss": 1.0})
+    q.write("x")
+    assert quiet.getvalue() == ""
+
+
+def test_format_duration():
+    assert format_duration(5) == "5s"
+    assert format_duration(65) == "1m05s"
+    assert format_duration(3725) == "1h02m"
+    assert format_duration(float("nan")) == "?"
+
+
+def test_plot_metrics_draws_both_objectives(tmp_path):
+    path = tmp_path / "m.jsonl"
+    with open(path, "w") as f:
+        for step in range(1, 41):
+            rec = {"step": step, "tokens": 100 * step, "ar_loss": 5 - step / 10, "md_loss": 6 - step / 12}
+            if step % 10 == 0:
+                rec.update(val_ar_loss=5 - step / 11, val_md_loss=6 - step / 13)
+            f.write(json.dumps(rec) + "\n")
+    png = plot_metrics(path, tmp_path / "out" / "loss.png", title="t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    with pytest.raises(ValueError, match="no metrics"):
+        (tmp_path / "e.jsonl").write_text("")
+        plot_metrics(tmp_path / "e.jsonl", tmp_path / "e.png")
