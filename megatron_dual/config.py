@@ -95,7 +95,7 @@ class DataConfig:
 class TrainConfig:
     steps: int = 8192
     micro_batch_size: int = 8  # sequences per micro-batch slot
-    grad_accum: int = 1  # micro-batch slots per optimizer step (alpha is realised over slots x ranks)
+    grad_accum: int = 4  # micro-batch slots per optimizer step (alpha is realised over slots x ranks)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -159,10 +159,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             "rope_theta": 10_000.0,
         },
         "data": {"seq_len": 128, "valid_fraction": 0.03},
-        "train": {"steps": 600, "micro_batch_size": 8, "grad_accum": 4, "eval_interval": 100, "eval_batches": 8},
+        "train": {"steps": 300, "micro_batch_size": 8, "grad_accum": 4, "eval_interval": 50, "eval_batches": 8},
         "optimizer": {"lr": 0.01},
-        "schedule": {"decay_steps": 150},
-        "checkpoint": {"interval": 200, "keep_last": 2},
+        "schedule": {"decay_steps": 75},
+        "checkpoint": {"interval": 100, "keep_last": 2},
     },
     # The reference model of the paper (ltg/dual-lm-470m), exactly.
     "dual-470m": {

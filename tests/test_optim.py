@@ -56,7 +56,8 @@ def test_build_optimizers_partition():
     adam = {id(p) for g in opts["adamw"].param_groups for p in g["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     assert muon.isdisjoint(adam) and len(muon) + len(adam) == len(names)
-    assert {names[i] for i in muon} == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+    trunk = {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+    assert {names[i] for i in muon} == trunk
     assert "embed.weight" in {names[i] for i in adam} and "head.out.bias" in {names[i] for i in adam}
     qkv = [g for g in opts["muon"].param_groups if g["splits"] == [128, 128, 128]]
     assert len(qkv) == 1 and len(qkv[0]["params"]) == cfg.model.n_layers

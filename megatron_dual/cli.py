@@ -1,0 +1,151 @@
+"""``megatron-dual`` console script: train, generate, fill-mask, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from megatron_dual.config import PRESETS, ConfigError, load_config
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from megatron_dual.model.transformer import DualTransformer, flops_per_token, param_counts
+
+    cfg = load_config(args.config, args.overrides, preset=args.preset)
+    with torch.device("meta"):
+        model = DualTransformer(cfg.model)
+    counts = param_counts(model)
+    seq = cfg.data.seq_len
+    fl_causal = flops_per_token(cfg.model, seq, causal=True)
+    fl_bidir = flops_per_token(cfg.model, seq, causal=False)
+    m = cfg.model
+    info = {
+        "preset": cfg.preset or "(custom)",
+        "layers": m.n_layers, "hidden": m.hidden_size, "heads": m.n_heads, "kv_heads": m.kv_heads,
+        "head_dim": m.dim_head, "intermediate": m.intermediate_size, "vocab": m.vocab_size, "seq_len": seq,
+        "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
+        "params_per_layer": counts["per_layer"], "params_embedding": counts["embedding"], "params_head": counts["head"],
+        "train_flops_per_token_causal": fl_causal["train"], "train_flops_per_token_bidirectional": fl_bidir["train"],
+        "tokens_per_step": cfg.train.micro_batch_size * cfg.train.grad_accum * seq,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['preset']}: {m.n_layers} layers, hidden {m.hidden_size}, {m.n_heads} heads x {m.dim_head} "
+          f"({m.kv_heads} kv), SwiGLU {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}")
+    print(f"  parameters     total {counts['total']:>15,}  ({counts['total'] / 1e6:.1f}M)")
+    print(f"                 non-embedding {counts['non_embedding']:>7,}  ({counts['non_embedding'] / 1e6:.1f}M)")
+    print(f"                 per layer {counts['per_layer']:>11,}")
+    print(f"                 embedding {counts['embedding']:>11,}   head {counts['head']:,}")
+    print(f"  FLOPs/token    training (fwd+bwd) at seq {seq}: causal {fl_causal['train'] / 1e9:.3f} GFLOP, "
+          f"bidirectional {fl_bidir['train'] / 1e9:.3f} GFLOP")
+    print(f"  tokens/step    {info['tokens_per_step']:,} per data-parallel rank "
+          f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} slots x {seq})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from megatron_dual.inference.generate import generate_text
+    from megatron_dual.inference.loading import load_model
+
+    model, _, tok = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
+    g = torch.Generator().manual_seed(args.seed)
+    outs = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, top_k=args.top_k, generator=g, prefix_lm=args.prefix_lm)
+    for prompt, out in zip(args.prompt, outs, strict=True):
+        print(f"{prompt}\033[1m{out}\033[0m" if sys.stdout.isatty() else f"{prompt}{out}")
+    return 0
+
+
+def cmd_fill_mask(args: argparse.Namespace) -> int:
+    from megatron_dual.inference.fill_mask import fill_mask
+    from megatron_dual.inference.loading import load_model
+
+    model, _, tok = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
+    for text in args.text:
+        preds = fill_mask(model, tok, text, top_k=args.top_k)
+        print(text)
+        for i, cands in enumerate(preds):
+            shown = ", ".join(f"{t!r} {p:.3f}" for t, p in cands)
+            print(f"  <mask> #{i + 1}: {shown}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megatron_dual import train
+
+    argv = []
+    if args.config:
+        argv += ["--config", args.config]
+    if args.preset:
+        argv += ["--preset", args.preset]
+    for o in args.overrides:
+        argv += ["--set", o]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.quiet:
+        argv.append("--quiet")
+    return train.main(argv)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--preset", help=", ".join(PRESETS))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set model.n_layers=4 (repeatable)")
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir / checkpoints dir (latest)")
+    p.add_argument("--tokenizer", help="override the tokenizer recorded in the checkpoint's config")
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-dual", description="dual-objective (AR + masked diffusion) LM stack")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model")
+    _config_args(t)
+    t.add_argument("--resume", help="auto | none | checkpoint path")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("info", help="parameter counts and FLOPs per token of a preset/config")
+    _config_args(i)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("generate", help="causal generation with a KV cache")
+    _inference_args(g)
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prefix-lm", action="store_true", help="attend to the prompt bidirectionally (prefix-LM)")
+    g.set_defaults(func=cmd_generate)
+
+    f = sub.add_parser("fill-mask", help="MNTP fill-mask: predictions for each <mask> (read at the position before)")
+    _inference_args(f)
+    f.add_argument("--text", action="append", required=True, help="text with one or more <mask> (repeatable)")
+    f.add_argument("--top-k", type=int, default=5)
+    f.set_defaults(func=cmd_fill_mask)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The training loop: the one place that ties config, data, model, optimizers, checkpoints and logging together.
+
+One optimizer step = ``train.grad_accum`` micro-batch slots of ``train.micro_batch_size`` packed sequences. Each slot
+runs exactly one objective (see :class:`ObjectiveSchedule`); the step's loss is ``alpha * L_AR + (1 - alpha) * L_MD``
+with each objective normalised by its own token count over the step, so the accumulated gradient is exactly that
+mixture whatever the per-slot token counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from megatron_dual.config import Config, ConfigError, load_config
+from megatron_dual.data.indexed import IndexedDataset, index_file_path
+from megatron_dual.data.packing import PackedDataset
+from megatron_dual.data.sampler import ResumableSampler, dataset_fingerprint, split_documents
+from megatron_dual.engine import checkpoint as ckpt
+from megatron_dual.logging import MetricsLogger, Progress, plot_metrics
+from megatron_dual.model.loss import labelled_loss
+from megatron_dual.model.transformer import DualTransformer, flops_per_token, param_counts
+from megatron_dual.objectives import (
+    AR,
+    MD,
+    ObjectiveBatch,
+    ObjectiveSchedule,
+    ar_batch,
+    loss_coefficients,
+    masking_generator,
+    md_batch,
+)
+from megatron_dual.optim.muon import build_optimizers
+from megatron_dual.optim.schedules import build_scheduler
+
+# Dense bf16 peak FLOP/s per device, for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 191.5e12, "MI300X": 1307e12}
+VALID_SEED_OFFSET = 1_000_003
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss or gradient became NaN/inf; the message says where and which checkpoint holds the last good state."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but no CUDA device is available (use cpu or auto)")
+    return torch.device(name)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+@dataclass
+class DataBundle:
+    train: PackedDataset
+    valid: PackedDataset | None
+    fingerprint: str
+    tokenizer_vocab: int
+
+
+def build_data(cfg: Config) -> DataBundle:
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: set it to the prefix of a .bin/.idx pair "
+                          "(e.g. --set data.path=data/corpus_text_document); see tools/preprocess_data.py")
+    if not Path(index_file_path(cfg.data.path)).exists():
+        raise ConfigError(f"data.path = {cfg.data.path!r}: {index_file_path(cfg.data.path)} does not exist")
+    indexed = IndexedDataset(cfg.data.path)
+    train_docs, valid_docs = split_documents(len(indexed), cfg.data.valid_fraction, cfg.data.seed)
+    train = PackedDataset(indexed, cfg.data.seq_len, train_docs)
+    if len(train) == 0:
+        raise ConfigError(f"data.path = {cfg.data.path!r} holds {train.num_tokens} training tokens: too few for one "
+                          f"sample of data.seq_len + 1 = {cfg.data.seq_len + 1} tokens")
+    valid = PackedDataset(indexed, cfg.data.seq_len, valid_docs) if len(valid_docs) else None
+    if valid is not None and len(valid) == 0:
+        valid = None
+    max_id = int(max(indexed.get(i).max(initial=0) for i in range(min(len(indexed), 64))))
+    if max_id >= cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} but {cfg.data.path} holds token id {max_id}: "
+                          f"set model.vocab_size to the tokenizer's vocabulary size")
+    return DataBundle(train, valid, dataset_fingerprint(indexed, cfg.data.seq_len, train_docs), cfg.model.vocab_size)
+
+
+def collate(dataset: PackedDataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = [dataset[i] for i in indices]
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    doc_ids = torch.from_numpy(np.stack([s["doc_ids"] for s in samples]).astype(np.int64))
+    return tokens, doc_ids
+
+
+def make_objective_batch(objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, cfg: Config,
+                         generator: torch.Generator) -> ObjectiveBatch:
+    if objective == AR:
+        return ar_batch(tokens, doc_ids)
+    o = cfg.objective
+    return md_batch(tokens, doc_ids, generator, mask_token_id=o.mask_token_id, n_special=o.n_special, t_min=o.t_min)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.quiet = quiet
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out / "checkpoints"
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        self.precision = "bf16" if use_bf16 else "fp32"
+
+        self.data = build_data(cfg)
+        torch.manual_seed(cfg.train.seed)
+        self.model = DualTransformer(cfg.model).to(self.device)
+        self.optimizers = build_optimizers(self.model, cfg.optimizer)
+        self.schedulers = {k: build_scheduler(o, cfg.train.steps, cfg.schedule) for k, o in self.optimizers.items()}
+        self.schedule = ObjectiveSchedule(cfg.objective.alpha, 1, cfg.train.grad_accum, cfg.objective.rotate)
+        self.sampler = ResumableSampler(len(self.data.train), cfg.data.seed, self.data.fingerprint)
+        self.step = 0
+        self.tokens_seen = 0
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
+        self.peak = peak_flops(self.device)
+        self.last_eval: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------ state
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
+                "last_eval": self.last_eval}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizers, self.schedulers,
+                                    self.trainer_state(), self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last)
+
+    def maybe_resume(self) -> Path | None:
+        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
+        if path is None:
+            return None
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizers, self.schedulers,
+                                    model_config=self.cfg.to_dict()["model"])
+        state = meta["trainer_state"]
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {e}") from e
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.last_eval = dict(state.get("last_eval", {}))
+        if meta["rng"] is None:
+            raise ckpt.CheckpointError(f"{path} has no rng.pt: resuming would not be exact; pass --resume none to "
+                                       f"start afresh or restore the file")
+        ckpt.restore_rng_state(meta["rng"])
+        return path
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _forward_loss(self, batch: ObjectiveBatch):
+        with self.autocast:
+            hidden = self.model(batch.input_ids, batch.mask)
+            return labelled_loss(self.model.head, hidden, batch.labels, batch.weights, self.cfg.objective.z_loss)
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        mbs, slots = cfg.train.micro_batch_size, cfg.train.grad_accum
+        indices = self.sampler.next_indices(mbs * slots)
+        objectives = self.schedule.slots(0, self.step)
+        batches = []
+        for s, obj in enumerate(objectives):
+            tokens, doc_ids = collate(self.data.train, indices[s * mbs : (s + 1) * mbs])
+            gen = masking_generator(cfg.train.seed, 0, self.step, s)
+            batches.append(make_objective_batch(obj, tokens, doc_ids, cfg, gen).to(self.device))
+        counts = {AR: sum(b.n_tokens for b in batches if b.objective == AR),
+                  MD: sum(b.n_tokens for b in batches if b.objective == MD)}
+        coef = loss_coefficients(float(self.schedule.alpha), counts[AR], counts[MD])
+
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        nll = {AR: 0.0, MD: 0.0}
+        zsum = {AR: 0.0, MD: 0.0}
+        correct = {AR: 0.0, MD: 0.0}
+        labelled = {AR: 0, MD: 0}
+        total_loss = 0.0
+        for b in batches:
+            sums = self._forward_loss(b)
+            loss = sums.weighted * coef[b.objective]
+            if not torch.isfinite(loss):
+                self._diverged(f"{b.objective.upper()} loss is {loss.item()}")
+            loss.backward()
+            total_loss += loss.item()
+            nll[b.objective] += sums.nll.item()
+            zsum[b.objective] += sums.z.item()
+            correct[b.objective] += sums.correct.item()
+            labelled[b.objective] += sums.count
+
+        clip = cfg.optimizer.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            self._diverged(f"gradient norm is {grad_norm.item()}")
+        lr = self.optimizers[next(iter(self.optimizers))].param_groups[0]["lr"]
+        for opt in self.optimizers.values():
+            opt.step()
+        for sch in self.schedulers.values():
+            sch.step()
+        self.step += 1
+        step_tokens = mbs * slots * cfg.data.seq_len
+        self.tokens_seen += step_tokens
+        metrics: dict[str, float] = {"loss": total_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                                     "tokens": self.tokens_seen}
+        for obj in (AR, MD):
+            if counts[obj]:
+                metrics[f"{obj}_loss"] = nll[obj] / counts[obj]
+                metrics[f"{obj}_z"] = zsum[obj] / counts[obj]
+                metrics[f"{obj}_acc"] = correct[obj] / max(1, labelled[obj])
+            metrics[f"{obj}_tokens"] = counts[obj]
+            metrics[f"{obj}_labelled"] = labelled[obj]
+        return metrics
+
+    def _diverged(self, what: str) -> None:
+        # Nothing of this step was applied yet: the parameters are those after step self.step, so save them
+        # unless they are themselves non-finite, in which case the last saved checkpoint is the last good state.
+        if all(torch.isfinite(p).all() for p in self.model.parameters()):
+            path: Path | None = self.save()
+        else:
+            path = ckpt.find_latest_checkpoint(self.ckpt_dir)
+        where = f"is saved in {path}" if path else "was never saved (no checkpoint exists)"
+        raise TrainingDivergedError(
+            f"training diverged at step {self.step + 1}: {what}. The last good state {where}; lower optimizer.lr "
+            f"or raise schedule.warmup_steps and resume with --resume {path}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out AR and MD loss (per-token NLL, same normalisation as training) on fixed batches and masks."""
+        if self.data.valid is None:
+            return {}
+        cfg = self.cfg
+        self.model.eval()
+        mbs = cfg.train.micro_batch_size
+        n = min(len(self.data.valid), cfg.train.eval_batches * mbs)
+        sums = {AR: 0.0, MD: 0.0}
+        counts = {AR: 0, MD: 0}
+        for start in range(0, n, mbs):
+            tokens, doc_ids = collate(self.data.valid, list(range(start, min(n, start + mbs))))
+            for obj in (AR, MD):
+                gen = masking_generator(cfg.train.seed + VALID_SEED_OFFSET, 0, 0, start)
+                b = make_objective_batch(obj, tokens, doc_ids, cfg, gen).to(self.device)
+                out = self._forward_loss(b)
+                sums[obj] += out.nll.item()
+                counts[obj] += b.n_tokens
+        self.model.train()
+        result = {f"val_{obj}_loss": sums[obj] / counts[obj] for obj in (AR, MD) if counts[obj]}
+        result.update({f"val_{obj}_ppl": math.exp(min(50.0, result[f"val_{obj}_loss"]))
+                       for obj in (AR, MD) if f"val_{obj}_loss" in result})
+        return result
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def fit(self, max_steps: int | None = None) -> dict[str, Any]:
+        """Train until ``train.steps`` (or ``max_steps`` more steps, for tests that simulate an interruption)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        resumed = self.maybe_resume()
+        metrics_path = Path(cfg.logging.metrics_file) if cfg.logging.metrics_file else self.out / "metrics.jsonl"
+        wandb = ({"project": cfg.logging.wandb_project, "mode": cfg.logging.wandb_mode, "dir": str(self.out)}
+                 if cfg.logging.wandb_project else None)
+        logger = MetricsLogger(metrics_path, resume_step=self.step if resumed else 0, wandb=wandb,
+                               tensorboard_dir=(self.out / "tb") if cfg.logging.tensorboard else None,
+                               config=cfg.to_dict())
+        end = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
+        progress = Progress(cfg.train.steps, start_step=self.step, print_every=cfg.logging.log_interval,
+                            disable=self.quiet)
+        self._describe(progress, resumed)
+        t_start = time.perf_counter()
+        start_step = self.step
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                m = self.train_step()
+                dt = time.perf_counter() - t0
+                step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
+                m["tokens_per_s"] = step_tokens / dt
+                m["step_time"] = dt
+                if self.peak:
+                    m["mfu"] = m["tokens_per_s"] * self.flops_per_token / self.peak
+                at_eval = self.step % cfg.train.eval_interval == 0 if cfg.train.eval_interval else False
+                if cfg.train.eval_interval and (at_eval or self.step == cfg.train.steps):
+                    self.last_eval = self.evaluate()
+                    m.update(self.last_eval)
+                    if self.last_eval:
+                        progress.write(f"step {self.step}: " + ", ".join(
+                            f"{k} {v:.4f}" for k, v in self.last_eval.items() if k.endswith("loss")))
+                logger.log(self.step, m)
+                progress.update(self.step, m)
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self.save()
+            if self.step == cfg.train.steps and (not cfg.checkpoint.interval or self.step % cfg.checkpoint.interval):
+                self.save()
+        finally:
+            progress.close()
+            logger.close()
+        wall = time.perf_counter() - t_start
+        steps_run = self.step - start_step
+        tokens_run = steps_run * cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
+        summary = {"steps": self.step, "steps_this_run": steps_run, "wall_s": wall,
+                   "tokens_per_s": tokens_run / wall if wall > 0 else 0.0, "tokens_seen": self.tokens_seen,
+                   "alpha": str(self.schedule.alpha), **self.last_eval}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.logging.plot and self.step == cfg.train.steps:
+            title = f"{cfg.preset or 'custom'}  alpha={self.schedule.alpha}"
+            plot_metrics(metrics_path, self.out / "loss.png", title=title)
+        return summary
+
+    def _describe(self, progress: Progress, resumed: Path | None) -> None:
+        cfg = self.cfg
+        counts = param_counts(self.model)
+        sched = self.schedule
+        progress.write(
+            f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
+            f"{self.device.type}, {self.precision}; alpha = {sched.alpha} ({sched.n_ar} AR + {sched.n_md} MD of "
+            f"{sched.total} slots); {len(self.data.train):,} training sequences of {cfg.data.seq_len} tokens"
+            + (f"; resumed from {resumed} at step {self.step}" if resumed else ""))
+
+
+def train(cfg: Config, quiet: bool = False) -> dict[str, Any]:
+    return Trainer(cfg, quiet=quiet).fit()
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--preset", help="tiny, dual-470m, dual-1b, dual-3b, dual-7b")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set model.n_layers=4 (repeatable)")
+    p.add_argument("--resume", help="auto | none | a checkpoint path (shortcut for --set checkpoint.resume=...)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+        overrides.append(f"checkpoint.resume={args.resume}")
+    return load_config(args.config, overrides, preset=args.preset)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="megatron-dual train", description="train a dual-objective language model")
+    add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        summary = train(cfg, quiet=args.quiet)
+    except (ConfigError, ckpt.CheckpointError, TrainingDivergedError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
