@@ -17,6 +17,10 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "zstandard>=0.22",
+        "sentencepiece>=0.2",
+        "pyarrow>=14",
+        "scikit-learn>=1.4",
     ],
     extras_require={
         "dev": [
@@ -24,9 +28,10 @@ setup(
             "pytest-xdist>=3",
             "pytest-timeout>=2",
             "ruff>=0.5",
+            "triton>=3.0",  # the kernels' tests run under TRITON_INTERPRET=1 on CPU
         ],
         "gpu": ["triton>=3.0", "flash-attn>=2.6"],
-        "eval": ["pyarrow>=14", "transformers>=4.45"],
+        "eval": ["transformers>=4.45"],
         "wandb": ["wandb>=0.17", "tensorboard>=2.15"],
     },
     entry_points={"console_scripts": ["megatron-dual=megatron_dual.cli:main"]},
