@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,6 +106,15 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size; data-parallel size = world size / tp
+    sequence_parallel: bool = False  # shard norms / residual activations along the sequence over the TP group
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    bucket_mb: float = 25.0  # gradient all-reduce bucket size
+    distributed_muon: bool = True  # orthogonalise each matrix once on an owner rank, then broadcast
+
+
+@dataclass
 class CheckpointConfig:
     dir: str = ""  # default: <output_dir>/checkpoints
     interval: int = 500
@@ -132,6 +142,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -423,6 +434,14 @@ def alpha_to_slots(alpha: float, slots: int, field_name: str = "objective.alpha"
     return int(round(k))
 
 
+def launch_world_size() -> int:
+    """Number of processes of this launch, from torchrun's or SLURM's environment (1 when neither is set)."""
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
 def validate(cfg: Config) -> None:
     m = cfg.model
     for name in ("n_layers", "hidden_size", "n_heads", "intermediate_size", "vocab_size", "max_seq_len"):
@@ -494,8 +513,23 @@ def validate(cfg: Config) -> None:
     _check(s.name != "wsd" or s.decay_steps + s.warmup_steps <= t.steps, "schedule.decay_steps", s.decay_steps,
            f"warmup_steps + decay_steps must not exceed train.steps = {t.steps}")
 
+    par = cfg.parallel
+    _check(par.tp >= 1, "parallel.tp", par.tp, "must be >= 1")
+    _check(par.backend in ("auto", "nccl", "gloo"), "parallel.backend", par.backend, "one of auto, nccl, gloo")
+    _check(par.bucket_mb > 0, "parallel.bucket_mb", par.bucket_mb, "must be positive")
+    if par.tp > 1:
+        _check(m.n_heads % par.tp == 0 and m.kv_heads % par.tp == 0, "parallel.tp", par.tp,
+               f"must divide model.n_heads = {m.n_heads} and the key/value heads = {m.kv_heads}")
+        _check(m.intermediate_size % par.tp == 0, "parallel.tp", par.tp,
+               f"must divide model.intermediate_size = {m.intermediate_size}")
+        _check(m.vocab_size % par.tp == 0, "parallel.tp", par.tp, f"must divide model.vocab_size = {m.vocab_size}")
     c = cfg.checkpoint
     _check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: only at the end)")
 
-    # The mix must be realisable on the slots of one process (ranks join in the parallel issue).
-    alpha_to_slots(o.alpha, t.grad_accum)
+    # The mix must be realisable on the job's global slots: data-parallel ranks x micro-batch slots.
+    world = launch_world_size()
+    if world % par.tp:
+        raise ConfigError(f"parallel.tp = {par.tp} does not divide the world size {world} of this launch")
+    dp = world // par.tp
+    alpha_to_slots(o.alpha, dp * t.grad_accum,
+                   field_name="objective.alpha" + (f" (with {dp} data-parallel ranks)" if dp > 1 else ""))
