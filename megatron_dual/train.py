@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from megatron_dual.config import Config, ConfigError, load_config
@@ -28,6 +29,7 @@ from megatron_dual.data.indexed import IndexedDataset, index_file_path
 from megatron_dual.data.packing import PackedDataset
 from megatron_dual.data.sampler import ResumableSampler, dataset_fingerprint, split_documents
 from megatron_dual.engine import checkpoint as ckpt
+from megatron_dual.engine.ddp import DDPEngine
 from megatron_dual.logging import MetricsLogger, Progress, plot_metrics
 from megatron_dual.model.loss import labelled_loss
 from megatron_dual.model.transformer import DualTransformer, flops_per_token, param_counts
@@ -43,6 +45,7 @@ from megatron_dual.objectives import (
 )
 from megatron_dual.optim.muon import build_optimizers
 from megatron_dual.optim.schedules import build_scheduler
+from megatron_dual.parallel.state import ParallelState, dist_env
 
 # Dense bf16 peak FLOP/s per device, for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 191.5e12, "MI300X": 1307e12}
@@ -53,12 +56,34 @@ class TrainingDivergedError(RuntimeError):
     """A loss or gradient became NaN/inf; the message says where and which checkpoint holds the last good state."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r} but no CUDA device is available (use cpu or auto)")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def init_distributed(cfg: Config) -> tuple[int, int, int]:
+    """Join the job's process group when launched by torchrun or srun; (rank, local_rank, world_size)."""
+    rank, local_rank, world = dist_env()
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), local_rank, dist.get_world_size()
+        return rank, local_rank, world
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
+    if "MASTER_ADDR" not in os.environ:
+        raise ConfigError(f"launched with {world} ranks but MASTER_ADDR is not set: use torchrun, or export "
+                          f"MASTER_ADDR/MASTER_PORT in the SLURM script (see examples/slurm/)")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    return rank, local_rank, world
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -122,7 +147,11 @@ class Trainer:
         self.quiet = quiet
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out / "checkpoints"
-        self.device = resolve_device(cfg.train.device)
+        rank, local_rank, world = init_distributed(cfg)
+        self.device = resolve_device(cfg.train.device, local_rank)
+        self.par = ParallelState(world, rank, cfg.parallel.tp, cfg.objective.alpha, cfg.train.grad_accum,
+                                 cfg.objective.rotate)
+        self.is_main = rank == 0
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
@@ -132,9 +161,13 @@ class Trainer:
         self.data = build_data(cfg)
         torch.manual_seed(cfg.train.seed)
         self.model = DualTransformer(cfg.model).to(self.device)
+        if self.par.tp_size > 1:
+            raise ConfigError("parallel.tp > 1 needs the tensor-parallel layers (megatron_dual.parallel.layers), "
+                              "which are not wired into the trainer yet")
+        self.engine = DDPEngine(self.model, self.par, cfg.parallel.bucket_mb)
         self.optimizers = build_optimizers(self.model, cfg.optimizer)
         self.schedulers = {k: build_scheduler(o, cfg.train.steps, cfg.schedule) for k, o in self.optimizers.items()}
-        self.schedule = ObjectiveSchedule(cfg.objective.alpha, 1, cfg.train.grad_accum, cfg.objective.rotate)
+        self.schedule: ObjectiveSchedule = self.par.schedule
         self.sampler = ResumableSampler(len(self.data.train), cfg.data.seed, self.data.fingerprint)
         self.step = 0
         self.tokens_seen = 0
@@ -148,8 +181,19 @@ class Trainer:
                 "last_eval": self.last_eval}
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizers, self.schedulers,
-                                    self.trainer_state(), self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last)
+        # Data-parallel replicas hold identical state: rank 0 writes, the others wait until it is on disk.
+        path = self.ckpt_dir / ckpt.step_dir_name(self.step)
+        if self.is_main:
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizers, self.schedulers,
+                                        self.trainer_state(), self.cfg.to_dict(),
+                                        keep_last=self.cfg.checkpoint.keep_last,
+                                        extra={"layout": self.par.describe()})
+        self._barrier()
+        return path
+
+    def _barrier(self) -> None:
+        if self.par.world_size > 1:
+            dist.barrier()
 
     def maybe_resume(self) -> Path | None:
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
@@ -178,40 +222,55 @@ class Trainer:
             return labelled_loss(self.model.head, hidden, batch.labels, batch.weights, self.cfg.objective.z_loss)
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch: ``dp x grad_accum`` slots of ``micro_batch_size`` sequences.
+
+        Every rank draws the same global sample indices; global slot ``g = dp_rank * grad_accum + slot`` reads
+        ``indices[g * mbs : (g + 1) * mbs]`` and seeds its MD masks by ``(seed, step, g)``, so the step is the same
+        computation whatever the number of data-parallel ranks.
+        """
         cfg = self.cfg
+        par = self.par
         mbs, slots = cfg.train.micro_batch_size, cfg.train.grad_accum
-        indices = self.sampler.next_indices(mbs * slots)
-        objectives = self.schedule.slots(0, self.step)
+        indices = self.sampler.next_indices(mbs * slots * par.dp_size)
         batches = []
-        for s, obj in enumerate(objectives):
-            tokens, doc_ids = collate(self.data.train, indices[s * mbs : (s + 1) * mbs])
-            gen = masking_generator(cfg.train.seed, 0, self.step, s)
+        for s, obj in enumerate(par.objectives(self.step)):
+            g = par.dp_rank * slots + s
+            tokens, doc_ids = collate(self.data.train, indices[g * mbs : (g + 1) * mbs])
+            gen = masking_generator(cfg.train.seed, 0, self.step, g)
             batches.append(make_objective_batch(obj, tokens, doc_ids, cfg, gen).to(self.device))
-        counts = {AR: sum(b.n_tokens for b in batches if b.objective == AR),
-                  MD: sum(b.n_tokens for b in batches if b.objective == MD)}
+        # Each objective is normalised by its token count over the whole job (the sum over its objective group).
+        counts_t = torch.tensor([sum(b.n_tokens for b in batches if b.objective == o) for o in (AR, MD)],
+                                dtype=torch.float64, device=self.device)
+        par.all_reduce_dp(counts_t)
+        counts = {AR: int(counts_t[0].item()), MD: int(counts_t[1].item())}
         coef = loss_coefficients(float(self.schedule.alpha), counts[AR], counts[MD])
 
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        nll = {AR: 0.0, MD: 0.0}
-        zsum = {AR: 0.0, MD: 0.0}
-        correct = {AR: 0.0, MD: 0.0}
-        labelled = {AR: 0, MD: 0}
-        total_loss = 0.0
-        for b in batches:
+        self.engine.zero_grad()
+        # per objective: nll, z, correct, labelled; then loss and a non-finite flag
+        stats = torch.zeros(10, dtype=torch.float64, device=self.device)
+        bad: str | None = None
+        for i, b in enumerate(batches):
             sums = self._forward_loss(b)
             loss = sums.weighted * coef[b.objective]
             if not torch.isfinite(loss):
-                self._diverged(f"{b.objective.upper()} loss is {loss.item()}")
-            loss.backward()
-            total_loss += loss.item()
-            nll[b.objective] += sums.nll.item()
-            zsum[b.objective] += sums.z.item()
-            correct[b.objective] += sums.correct.item()
-            labelled[b.objective] += sums.count
+                bad = bad or f"{b.objective.upper()} loss is {loss.item()}"
+            last = i == len(batches) - 1
+            with nullcontext() if last else self.engine.no_sync():
+                loss.backward()
+            o = 0 if b.objective == AR else 4
+            stats[o] += sums.nll.item()
+            stats[o + 1] += sums.z.item()
+            stats[o + 2] += sums.correct.item()
+            stats[o + 3] += sums.count
+            stats[8] += loss.item()
+        self.engine.finish_grad_sync()
+        stats[9] = 1.0 if bad else 0.0
+        par.all_reduce_dp(stats)
+        if stats[9] > 0:
+            self._diverged(bad or "a loss on another data-parallel rank is not finite")
 
         clip = cfg.optimizer.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        grad_norm = self.engine.clip_grad_norm_(clip if clip > 0 else float("inf"))
         if not torch.isfinite(grad_norm):
             self._diverged(f"gradient norm is {grad_norm.item()}")
         lr = self.optimizers[next(iter(self.optimizers))].param_groups[0]["lr"]
@@ -220,17 +279,18 @@ class Trainer:
         for sch in self.schedulers.values():
             sch.step()
         self.step += 1
-        step_tokens = mbs * slots * cfg.data.seq_len
+        step_tokens = mbs * slots * par.dp_size * cfg.data.seq_len
         self.tokens_seen += step_tokens
-        metrics: dict[str, float] = {"loss": total_loss, "lr": lr, "grad_norm": grad_norm.item(),
+        metrics: dict[str, float] = {"loss": stats[8].item(), "lr": lr, "grad_norm": grad_norm.item(),
                                      "tokens": self.tokens_seen}
-        for obj in (AR, MD):
+        for k, obj in enumerate((AR, MD)):
+            nll, z, correct, labelled = (stats[4 * k + j].item() for j in range(4))
             if counts[obj]:
-                metrics[f"{obj}_loss"] = nll[obj] / counts[obj]
-                metrics[f"{obj}_z"] = zsum[obj] / counts[obj]
-                metrics[f"{obj}_acc"] = correct[obj] / max(1, labelled[obj])
+                metrics[f"{obj}_loss"] = nll / counts[obj]
+                metrics[f"{obj}_z"] = z / counts[obj]
+                metrics[f"{obj}_acc"] = correct / max(1.0, labelled)
             metrics[f"{obj}_tokens"] = counts[obj]
-            metrics[f"{obj}_labelled"] = labelled[obj]
+            metrics[f"{obj}_labelled"] = int(labelled)
         return metrics
 
     def _diverged(self, what: str) -> None:
@@ -247,25 +307,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out AR and MD loss (per-token NLL, same normalisation as training) on fixed batches and masks."""
+        """Held-out AR and MD loss (per-token NLL, same normalisation as training) on fixed batches and masks.
+
+        Validation batches are dealt round-robin to the data-parallel ranks and the sums reduced, so the result
+        does not depend on the number of ranks."""
         if self.data.valid is None:
             return {}
         cfg = self.cfg
         self.model.eval()
         mbs = cfg.train.micro_batch_size
         n = min(len(self.data.valid), cfg.train.eval_batches * mbs)
-        sums = {AR: 0.0, MD: 0.0}
-        counts = {AR: 0, MD: 0}
-        for start in range(0, n, mbs):
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # AR nll, AR tokens, MD nll, MD tokens
+        for j, start in enumerate(range(0, n, mbs)):
+            if j % self.par.dp_size != self.par.dp_rank:
+                continue
             tokens, doc_ids = collate(self.data.valid, list(range(start, min(n, start + mbs))))
-            for obj in (AR, MD):
+            for k, obj in enumerate((AR, MD)):
                 gen = masking_generator(cfg.train.seed + VALID_SEED_OFFSET, 0, 0, start)
                 b = make_objective_batch(obj, tokens, doc_ids, cfg, gen).to(self.device)
                 out = self._forward_loss(b)
-                sums[obj] += out.nll.item()
-                counts[obj] += b.n_tokens
+                sums[2 * k] += out.nll.item()
+                sums[2 * k + 1] += b.n_tokens
+        self.par.all_reduce_dp(sums)
         self.model.train()
-        result = {f"val_{obj}_loss": sums[obj] / counts[obj] for obj in (AR, MD) if counts[obj]}
+        result = {f"val_{obj}_loss": sums[2 * k].item() / sums[2 * k + 1].item()
+                  for k, obj in enumerate((AR, MD)) if sums[2 * k + 1] > 0}
         result.update({f"val_{obj}_ppl": math.exp(min(50.0, result[f"val_{obj}_loss"]))
                        for obj in (AR, MD) if f"val_{obj}_loss" in result})
         return result
@@ -275,17 +341,18 @@ class Trainer:
         """Train until ``train.steps`` (or ``max_steps`` more steps, for tests that simulate an interruption)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if self.is_main:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         resumed = self.maybe_resume()
         metrics_path = Path(cfg.logging.metrics_file) if cfg.logging.metrics_file else self.out / "metrics.jsonl"
         wandb = ({"project": cfg.logging.wandb_project, "mode": cfg.logging.wandb_mode, "dir": str(self.out)}
                  if cfg.logging.wandb_project else None)
         logger = MetricsLogger(metrics_path, resume_step=self.step if resumed else 0, wandb=wandb,
                                tensorboard_dir=(self.out / "tb") if cfg.logging.tensorboard else None,
-                               config=cfg.to_dict())
+                               config=cfg.to_dict()) if self.is_main else None
         end = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
         progress = Progress(cfg.train.steps, start_step=self.step, print_every=cfg.logging.log_interval,
-                            disable=self.quiet)
+                            disable=self.quiet or not self.is_main)
         self._describe(progress, resumed)
         t_start = time.perf_counter()
         start_step = self.step
@@ -294,11 +361,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 m = self.train_step()
                 dt = time.perf_counter() - t0
-                step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
+                step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * self.par.dp_size * cfg.data.seq_len
                 m["tokens_per_s"] = step_tokens / dt
                 m["step_time"] = dt
                 if self.peak:
-                    m["mfu"] = m["tokens_per_s"] * self.flops_per_token / self.peak
+                    m["mfu"] = m["tokens_per_s"] * self.flops_per_token / (self.peak * self.par.world_size)
                 at_eval = self.step % cfg.train.eval_interval == 0 if cfg.train.eval_interval else False
                 if cfg.train.eval_interval and (at_eval or self.step == cfg.train.steps):
                     self.last_eval = self.evaluate()
@@ -306,7 +373,8 @@ class Trainer:
                     if self.last_eval:
                         progress.write(f"step {self.step}: " + ", ".join(
                             f"{k} {v:.4f}" for k, v in self.last_eval.items() if k.endswith("loss")))
-                logger.log(self.step, m)
+                if logger is not None:
+                    logger.log(self.step, m)
                 progress.update(self.step, m)
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
@@ -314,15 +382,17 @@ class Trainer:
                 self.save()
         finally:
             progress.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
         wall = time.perf_counter() - t_start
         steps_run = self.step - start_step
-        tokens_run = steps_run * cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
+        tokens_run = steps_run * cfg.train.micro_batch_size * cfg.train.grad_accum * self.par.dp_size * cfg.data.seq_len
         summary = {"steps": self.step, "steps_this_run": steps_run, "wall_s": wall,
                    "tokens_per_s": tokens_run / wall if wall > 0 else 0.0, "tokens_seen": self.tokens_seen,
                    "alpha": str(self.schedule.alpha), **self.last_eval}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if cfg.logging.plot and self.step == cfg.train.steps:
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.is_main and cfg.logging.plot and self.step == cfg.train.steps:
             title = f"{cfg.preset or 'custom'}  alpha={self.schedule.alpha}"
             plot_metrics(metrics_path, self.out / "loss.png", title=title)
         return summary
@@ -330,11 +400,10 @@ class Trainer:
     def _describe(self, progress: Progress, resumed: Path | None) -> None:
         cfg = self.cfg
         counts = param_counts(self.model)
-        sched = self.schedule
         progress.write(
             f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
-            f"{self.device.type}, {self.precision}; alpha = {sched.alpha} ({sched.n_ar} AR + {sched.n_md} MD of "
-            f"{sched.total} slots); {len(self.data.train):,} training sequences of {cfg.data.seq_len} tokens"
+            f"{self.device.type}, {self.precision}; {self.par.describe()}; "
+            f"{len(self.data.train):,} training sequences of {cfg.data.seq_len} tokens"
             + (f"; resumed from {resumed} at step {self.step}" if resumed else ""))
 
 
@@ -365,10 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         summary = train(cfg, quiet=args.quiet)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     except (ConfigError, ckpt.CheckpointError, TrainingDivergedError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    if dist_env()[0] == 0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

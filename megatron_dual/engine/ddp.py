@@ -1,0 +1,184 @@
+"""Plain-torch data parallelism: bucketed gradient all-reduce overlapped with backward, global-norm clipping.
+
+Gradients live in flat per-bucket buffers (``param.grad`` is a view into its bucket), so a bucket's all-reduce is
+one collective over contiguous memory. Buckets hold parameters in reverse registration order, roughly the order in
+which backward produces their gradients. During the *last* micro-batch of a step (outside :meth:`no_sync`) every
+parameter's post-accumulate hook marks it ready; a bucket is launched asynchronously once all its parameters are
+ready and every earlier bucket has been launched, so all ranks issue the same collectives in the same order even
+when a parameter receives no gradient on some rank. :meth:`finish_grad_sync` launches what is left and waits.
+
+Reduction is a **sum**, not a mean: the trainer normalises each objective's loss by its global token count, so the
+summed gradient is already ``alpha * grad L_AR + (1 - alpha) * grad L_MD`` of the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from megatron_dual.parallel.state import ParallelState
+
+__all__ = ["DDPEngine", "global_grad_norm", "clip_grad_norm_"]
+
+
+class _Bucket:
+    def __init__(self, params: list[torch.nn.Parameter], dtype: torch.dtype, device: torch.device) -> None:
+        self.params = params
+        numel = sum(p.numel() for p in params)
+        self.buffer = torch.zeros(numel, dtype=dtype, device=device)
+        self.views: dict[int, torch.Tensor] = {}
+        offset = 0
+        for p in params:
+            self.views[id(p)] = self.buffer[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.ready: set[int] = set()
+        self.handle: dist.Work | None = None
+        self.launched = False
+
+    def reset(self) -> None:
+        self.ready.clear()
+        self.handle = None
+        self.launched = False
+
+
+class DDPEngine:
+    """Data-parallel gradient synchronisation for ``model`` over ``state.dp_group``.
+
+    Usage per optimizer step: ``engine.zero_grad()``; for every micro-batch but the last ``with engine.no_sync():
+    loss.backward()``; the last ``loss.backward()``; then ``engine.finish_grad_sync()`` before clipping and the
+    optimizer step. Use ``engine.zero_grad()`` rather than the optimizers' (they would detach the bucket views).
+    """
+
+    def __init__(self, model: torch.nn.Module, state: ParallelState, bucket_mb: float = 25.0) -> None:
+        self.model = model
+        self.state = state
+        self.group = state.dp_group
+        self.world = state.dp_size
+        self._sync = True
+        params = [p for p in model.parameters() if p.requires_grad]
+        cap = max(1, int(bucket_mb * 2**20))
+        self.buckets: list[_Bucket] = []
+        current: list[torch.nn.Parameter] = []
+        size = 0
+        for p in reversed(params):
+            if current and (size + p.numel() * p.element_size() > cap or p.dtype != current[0].dtype
+                            or p.device != current[0].device):
+                self.buckets.append(_Bucket(current, current[0].dtype, current[0].device))
+                current, size = [], 0
+            current.append(p)
+            size += p.numel() * p.element_size()
+        if current:
+            self.buckets.append(_Bucket(current, current[0].dtype, current[0].device))
+        self._bucket_of: dict[int, int] = {}
+        for i, b in enumerate(self.buckets):
+            for p in b.params:
+                self._bucket_of[id(p)] = i
+                p.grad = b.views[id(p)]
+        self._next = 0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params] if self.world > 1 else []
+
+    # ---------------------------------------------------------------------------------------------------------- sync
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (micro-batches before the last of a step)."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        if not self._sync:
+            return
+        b = self.buckets[self._bucket_of[id(p)]]
+        if p.grad is None or p.grad.data_ptr() != b.views[id(p)].data_ptr():
+            raise RuntimeError("a parameter's .grad was replaced (optimizer.zero_grad(set_to_none=True)?): use "
+                               "DDPEngine.zero_grad() so gradients stay in the all-reduce buckets")
+        b.ready.add(id(p))
+        self._launch_ready()
+
+    def _launch(self, b: _Bucket) -> None:
+        b.handle = dist.all_reduce(b.buffer, group=self.group, async_op=True)
+        b.launched = True
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets):
+            b = self.buckets[self._next]
+            if len(b.ready) < len(b.params):
+                return
+            self._launch(b)
+            self._next += 1
+
+    def finish_grad_sync(self) -> None:
+        """Launch the buckets not yet launched (parameters without gradient this step) and wait for all."""
+        if self.world > 1:
+            for b in self.buckets[self._next :]:
+                self._launch(b)
+            for b in self.buckets:
+                if b.handle is not None:
+                    b.handle.wait()
+        for b in self.buckets:
+            b.reset()
+        self._next = 0
+
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            b.buffer.zero_()
+            for p in b.params:
+                if p.grad is None or p.grad.data_ptr() != b.views[id(p)].data_ptr():
+                    p.grad = b.views[id(p)]
+            b.reset()
+        self._next = 0
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(list(self.model.parameters()), max_norm, self.state)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def global_grad_norm(params: list[torch.nn.Parameter], state: ParallelState | None = None) -> torch.Tensor:
+    """L2 norm of all gradients of the model as if it were one process.
+
+    After the DP all-reduce, gradients are equal on all DP replicas, so only the TP group is reduced over:
+    TP-sharded parameters (attribute ``tensor_parallel_dim``) contribute their shard on every TP rank, replicated
+    parameters once (on TP rank 0).
+    """
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].grad.device
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    for p in grads:
+        sq = p.grad.detach().float().square().sum()
+        if getattr(p, "tensor_parallel_dim", None) is not None:
+            sharded += sq
+        else:
+            replicated += sq
+    tp = state.tp_size if state is not None else 1
+    if tp > 1:
+        total = sharded + (replicated if state.tp_rank == 0 else 0.0)
+        dist.all_reduce(total, group=state.tp_group)
+    else:
+        total = sharded + replicated
+    return total.sqrt()
+
+
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, state: ParallelState | None = None
+                    ) -> torch.Tensor:
+    """Scale gradients so their global norm is at most ``max_norm`` (no clipping when max_norm <= 0 or inf);
+    returns the norm before clipping, identical on every rank."""
+    norm = global_grad_norm(params, state)
+    if max_norm > 0 and math.isfinite(max_norm):
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.detach().mul_(coef.to(p.grad.device))
+    return norm
