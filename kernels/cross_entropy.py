@@ -1,0 +1,229 @@
+"""Fused output linear + cross-entropy + z-loss, chunked over tokens, with per-token weights.
+
+For features ``h`` (N, H), an output layer ``W`` (V, H) with bias ``b`` (V,), labels ``y`` and weights ``w``:
+
+    logits_i = h_i W^T + b,   lse_i = logsumexp(logits_i),   nll_i = lse_i - logits_i[y_i]
+    weighted = sum_i w_i * (nll_i + z * lse_i^2)
+
+The full (N, V) logits never exist: tokens are processed ``chunk_size`` at a time; each chunk's logits are
+computed, reduced by a Triton kernel to (max, sum-exp, target logit, argmax), and then overwritten *in place* by
+their gradient ``w_i * (softmax_i * (1 + 2 z lse_i) - onehot(y_i))``, from which the chunk's contribution to
+dh, dW and db is taken at once (the approach of Liger-Kernel's fused_linear_cross_entropy: gradients are
+computed in the forward and only scaled by the incoming gradient in the backward). Peak extra memory is one chunk
+of logits plus dW/db in fp32.
+
+Vocab-parallel variant: pass ``group`` (a tensor-parallel process group) and the local shard ``W`` (V / tp, H),
+``b`` (V / tp,), shard r holding vocabulary ids ``[r * V / tp, (r + 1) * V / tp)``; per chunk the max is
+all-reduced (MAX), then the rescaled sum-exp and the target logit (SUM), and the argmax (MIN over shards that hold
+the global max). Every rank returns the same sums; dW and db are local shards; dh is the sum over shards
+(all-reduced here when ``reduce_input_grad``; pass False when the caller's own TP mapping reduces it).
+
+Labels equal to ``ignore_index`` contribute nothing. Under autocast the matmuls run in the autocast dtype (as the
+unfused ``nn.Linear`` would) and the statistics in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+__all__ = ["FusedLinearCrossEntropy", "FusedCESums", "fused_linear_cross_entropy", "default_chunk_size"]
+
+IGNORE_INDEX = -100
+
+
+@triton.jit
+def _ce_stats_kernel(
+    logits_ptr, labels_ptr, max_ptr, sumexp_ptr, target_ptr, argmax_ptr,
+    stride_l, n_vocab, vocab_start,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row: max, sum(exp(x - max)), the target logit (0 when the label is not in this shard), first argmax."""
+    row = tl.program_id(0).to(tl.int64)
+    local_label = tl.load(labels_ptr + row) - vocab_start
+    base = logits_ptr + row * stride_l
+    m = float("-inf")
+    s = 0.0
+    target = 0.0
+    arg = 0
+    for v0 in range(0, n_vocab, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(base + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)
+        block_max = tl.max(x, axis=0)
+        block_arg = tl.argmax(x, axis=0)
+        new_m = tl.maximum(m, block_max)
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), axis=0)
+        arg = tl.where(block_max > m, v0 + block_arg, arg)
+        m = new_m
+        target += tl.sum(tl.where(cols == local_label, x, 0.0), axis=0)
+    tl.store(max_ptr + row, m)
+    tl.store(sumexp_ptr + row, s)
+    tl.store(target_ptr + row, target)
+    tl.store(argmax_ptr + row, arg)
+
+
+@triton.jit
+def _ce_grad_kernel(
+    logits_ptr, labels_ptr, lse_ptr, scale_ptr,
+    stride_l, n_vocab, vocab_start, two_z,
+    BLOCK_V: tl.constexpr,
+):
+    """Overwrite a row of logits with d(weighted)/d(logits) = w * (softmax * (1 + 2 z lse) - onehot)."""
+    row = tl.program_id(0).to(tl.int64)
+    local_label = tl.load(labels_ptr + row) - vocab_start
+    lse = tl.load(lse_ptr + row)
+    scale = tl.load(scale_ptr + row)
+    coef = 1.0 + two_z * lse
+    base = logits_ptr + row * stride_l
+    for v0 in range(0, n_vocab, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = cols < n_vocab
+        x = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)
+        g = scale * (p * coef - tl.where(cols == local_label, 1.0, 0.0))
+        tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=ok)
+
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk: a chunk of logits about as large as 8 rows of the features per vocabulary/hidden ratio,
+    rounded to a power of two in [64, 4096] (bigger chunks: better GEMMs; smaller: less memory)."""
+    chunk = triton.next_power_of_2(max(1, triton.cdiv(8 * n_tokens, max(1, triton.cdiv(vocab, hidden)))))
+    return max(1, min(n_tokens, max(64, min(4096, chunk))))
+
+
+@dataclass
+class FusedCESums:
+    weighted: torch.Tensor  # sum_i w_i (nll_i + z lse_i^2), differentiable
+    nll: torch.Tensor  # sum_i w_i nll_i
+    z: torch.Tensor  # sum_i w_i lse_i^2
+    correct: torch.Tensor  # number of rows whose argmax is the label (float)
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return h.dtype
+
+
+def _block_v(n_vocab: int) -> int:
+    return min(4096 if torch.cuda.is_available() else 1024, triton.next_power_of_2(max(1, n_vocab)))
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+        token_weights: torch.Tensor | None, z_loss: float, chunk_size: int | None,
+        group: dist.ProcessGroup | None, ignore_index: int, reduce_input_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+            raise ValueError(f"features {tuple(h.shape)} and weight {tuple(weight.shape)} do not form (N, H) x (V, H)")
+        n, hidden = h.shape
+        v_local = weight.shape[0]
+        if labels.shape != (n,):
+            raise ValueError(f"labels of shape {tuple(labels.shape)}; expected ({n},)")
+        device = h.device
+        tp = dist.get_world_size(group) if group is not None else 1
+        vocab_start = dist.get_rank(group) * v_local if group is not None else 0
+        cdt = _compute_dtype(h)
+        need_grad = any(ctx.needs_input_grad[:3])
+        labels = labels.contiguous()
+        valid = labels != ignore_index
+        scale = valid.float() if token_weights is None else torch.where(valid, token_weights.float(), 0.0)
+        scale = scale.contiguous()
+
+        hc = h.to(cdt)
+        wc = weight.to(cdt)
+        bc = bias.to(cdt) if bias is not None else None
+        dh = torch.empty((n, hidden), dtype=cdt, device=device) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros((v_local, hidden), dtype=torch.float32, device=device) if ctx.needs_input_grad[1] else None
+        db = (torch.zeros(v_local, dtype=torch.float32, device=device)
+              if bias is not None and ctx.needs_input_grad[2] else None)
+        weighted = torch.zeros((), dtype=torch.float32, device=device)
+        nll_sum = torch.zeros((), dtype=torch.float32, device=device)
+        z_sum = torch.zeros((), dtype=torch.float32, device=device)
+        correct = torch.zeros((), dtype=torch.float32, device=device)
+
+        chunk = chunk_size or default_chunk_size(n, hidden, v_local * tp)
+        block_v = _block_v(v_local)
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, n, chunk):
+                end = min(n, start + chunk)
+                rows = end - start
+                h_c = hc[start:end]
+                logits = torch.addmm(bc, h_c, wc.t()) if bc is not None else h_c @ wc.t()
+                y = labels[start:end]
+                mx = torch.empty(rows, dtype=torch.float32, device=device)
+                se = torch.empty_like(mx)
+                tgt = torch.empty_like(mx)
+                arg = torch.empty(rows, dtype=torch.int32, device=device)
+                _ce_stats_kernel[(rows,)](logits, y, mx, se, tgt, arg, logits.stride(0), v_local, vocab_start,
+                                          BLOCK_V=block_v)
+                arg = arg.long() + vocab_start
+                if group is not None and tp > 1:
+                    gmx = mx.clone()
+                    dist.all_reduce(gmx, op=dist.ReduceOp.MAX, group=group)
+                    packed = torch.stack([se * torch.exp(mx - gmx), tgt])
+                    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+                    se, tgt = packed[0], packed[1]
+                    cand = torch.where(mx == gmx, arg, torch.iinfo(torch.int64).max)
+                    dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
+                    arg, mx = cand, gmx
+                lse = mx + torch.log(se)
+                w_c = scale[start:end]
+                ok = valid[start:end]
+                nll = torch.where(ok, lse - tgt, 0.0)
+                lse_sq = torch.where(ok, lse.square(), 0.0)
+                nll_sum += (w_c * nll).sum()
+                z_sum += (w_c * lse_sq).sum()
+                correct += (ok & (arg == y)).sum()
+                if not need_grad:
+                    continue
+                _ce_grad_kernel[(rows,)](logits, y, lse.contiguous(), w_c, logits.stride(0), v_local, vocab_start,
+                                         2.0 * z_loss, BLOCK_V=block_v)
+                if dh is not None:
+                    torch.mm(logits, wc, out=dh[start:end])
+                if dw is not None:
+                    dw += (logits.t() @ h_c).float()
+                if db is not None:
+                    db += logits.sum(0, dtype=torch.float32)
+            weighted = nll_sum + z_loss * z_sum
+        if dh is not None and group is not None and tp > 1 and reduce_input_grad:
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(nll_sum, z_sum, correct)
+        return weighted, nll_sum, z_sum, correct
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, *_: torch.Tensor):  # type: ignore[override]
+        dh, dw, db = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        gh = (dh * g).to(h_dtype) if dh is not None else None
+        gw = (dw * g).to(w_dtype) if dw is not None else None
+        gb = (db * g).to(b_dtype) if db is not None and b_dtype is not None else None
+        return gh, gw, gb, None, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    token_weights: torch.Tensor | None = None, z_loss: float = 0.0, chunk_size: int | None = None,
+    group: dist.ProcessGroup | None = None, ignore_index: int = IGNORE_INDEX, reduce_input_grad: bool = True,
+) -> FusedCESums:
+    """Weighted CE + z-loss sums of ``h @ weight.T + bias`` against ``labels`` without materialising the logits.
+
+    ``h`` (N, H), ``weight`` (V, H) (the local vocabulary shard when ``group`` is given), ``bias`` (V,) or None,
+    ``labels`` (N,) int64 with ``ignore_index`` for unlabelled rows, ``token_weights`` (N,) or None (all ones).
+    Only ``weighted`` carries a gradient (to ``h``, ``weight`` and ``bias``).
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    weighted, nll, z, correct = FusedLinearCrossEntropy.apply(
+        h, weight, bias, labels, token_weights, float(z_loss), chunk_size, group, int(ignore_index),
+        bool(reduce_input_grad))
+    return FusedCESums(weighted, nll, z, correct)

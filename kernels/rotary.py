@@ -1,0 +1,147 @@
+"""Fused rotary position embedding, rotate-half convention (``megatron_dual.model.rope.apply_rotary``).
+
+For each head vector ``x = [x1, x2]`` (halves of ``D``) and per-position ``cos``/``sin`` (the model passes
+``cat([f, f])`` of shape (T, D) or (B, T, D); only the first half is read):
+``out = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]``, computed in fp32 and stored in the input dtype.
+The backward is the inverse rotation (``sin -> -sin``) of the incoming gradient.
+
+Two entry points:
+- :func:`rotary_qkv_` rotates the q and k heads of a fused qkv projection of shape (B, T, H_total, D) *in place*
+  (the v heads are left alone): no copies of q or k, the form the transformer uses.
+- :func:`apply_rotary` is an out-of-place drop-in for the reference on (B, H, T, D) tensors of any strides.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["apply_rotary", "rotary_qkv_", "RotaryFunction", "RotaryQKVInplace"]
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, out_ptr, cos_ptr, sin_ptr,
+    seq_len, n_heads,
+    sx_b, sx_t, sx_h, sx_d,
+    so_b, so_t, so_h, so_d,
+    sc_b, sc_t,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    b = (token // seq_len).to(tl.int64)
+    t = (token % seq_len).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HALF
+    cos = tl.load(cos_ptr + b * sc_b + t * sc_t + d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + b * sc_b + t * sc_t + d, mask=d_ok, other=0.0).to(tl.float32)
+    if BACKWARD:
+        sin = -sin
+    x_base = x_ptr + b * sx_b + t * sx_t
+    o_base = out_ptr + b * so_b + t * so_t
+    for h0 in range(0, n_heads, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        ok = (h < n_heads)[:, None] & d_ok[None, :]
+        x1_off = h[:, None] * sx_h + d[None, :] * sx_d
+        x2_off = x1_off + HALF * sx_d
+        x1 = tl.load(x_base + x1_off, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(x_base + x2_off, mask=ok, other=0.0).to(tl.float32)
+        o1 = x1 * cos[None, :] - x2 * sin[None, :]
+        o2 = x2 * cos[None, :] + x1 * sin[None, :]
+        o1_off = h[:, None] * so_h + d[None, :] * so_d
+        o2_off = o1_off + HALF * so_d
+        tl.store(o_base + o1_off, o1.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(o_base + o2_off, o2.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _cos_sin_strides(cos: torch.Tensor, sin: torch.Tensor, batch: int, seq_len: int,
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape")
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    if cos.dim() != 3 or cos.shape[-2:] != (seq_len, head_dim) or cos.shape[0] not in (1, batch):
+        raise ValueError(f"cos/sin of shape {tuple(cos.shape)} do not match (T, D) or (B, T, D) = "
+                         f"({batch}, {seq_len}, {head_dim})")
+    cos = cos.float().contiguous()
+    sin = sin.float().contiguous()
+    stride_b = 0 if cos.shape[0] == 1 else cos.stride(0)
+    return cos, sin, stride_b, cos.stride(1)
+
+
+def _launch(x_bthd: torch.Tensor, out_bthd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            backward: bool) -> None:
+    """Rotate x viewed as (B, T, H, D) (any strides) into out (same shape, may alias x)."""
+    batch, seq_len, n_heads, head_dim = x_bthd.shape
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head dim, got {head_dim}")
+    cos, sin, sc_b, sc_t = _cos_sin_strides(cos, sin, batch, seq_len, head_dim)
+    half = head_dim // 2
+    if batch * seq_len * n_heads == 0:
+        return
+    block_d = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(n_heads), 4096 // block_d))
+    _rotary_kernel[(batch * seq_len,)](
+        x_bthd, out_bthd, cos, sin, seq_len, n_heads,
+        *x_bthd.stride(), *out_bthd.stride(), sc_b, sc_t,
+        HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward,
+    )
+
+
+class RotaryFunction(torch.autograd.Function):
+    """Out-of-place rotary on (B, H, T, D)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = torch.empty_like(x)
+        _launch(x.transpose(1, 2), out.transpose(1, 2), cos, sin, backward=False)
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        dx = torch.empty_like(grad)
+        _launch(grad.transpose(1, 2), dx.transpose(1, 2), cos, sin, backward=True)
+        return dx, None, None
+
+
+class RotaryQKVInplace(torch.autograd.Function):
+    """In-place rotary on the first ``n_rotated`` heads of a fused (B, T, H_total, D) qkv tensor."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[override]
+                n_rotated: int) -> torch.Tensor:
+        _launch(qkv[:, :, :n_rotated], qkv[:, :, :n_rotated], cos, sin, backward=False)
+        ctx.mark_dirty(qkv)
+        ctx.save_for_backward(cos, sin)
+        ctx.n_rotated = n_rotated
+        return qkv
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        n = ctx.n_rotated
+        dqkv = torch.empty_like(grad)
+        dqkv[:, :, n:] = grad[:, :, n:]
+        _launch(grad[:, :, :n], dqkv[:, :, :n], cos, sin, backward=True)
+        return dqkv, None, None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Fused drop-in for ``megatron_dual.model.rope.apply_rotary``: x (B, H, T, D), cos/sin (T, D) or (B, T, D)."""
+    return RotaryFunction.apply(x, cos, sin)
+
+
+def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int) -> torch.Tensor:
+    """Rotate heads ``[0, n_rotated)`` (q then k heads) of ``qkv`` (B, T, H_total, D) in place; returns ``qkv``.
+
+    ``qkv`` must not be a leaf that requires grad nor a view of one; the output of the qkv projection
+    (``linear(x).view(B, T, H_total, D)``) is the intended input.
+    """
+    if qkv.dim() != 4:
+        raise ValueError(f"rotary_qkv_ expects (B, T, H_total, D), got shape {tuple(qkv.shape)}")
+    if not 0 <= n_rotated <= qkv.shape[2]:
+        raise ValueError(f"n_rotated = {n_rotated} is outside [0, {qkv.shape[2]}] heads")
+    return RotaryQKVInplace.apply(qkv, cos, sin, n_rotated)
