@@ -1,0 +1,561 @@
+"""Flash attention in Triton for the dual objective's masks: causal, bidirectional, prefix-LM and documents.
+
+Layout: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) with Hq a multiple of Hkv (GQA); any strides with a unit stride
+on D. The forward pass streams key/value tiles past a resident query tile with an online softmax (running max and
+running sum in fp32) and saves one log-sum-exp per query row; the backward pass recomputes the probabilities from
+it: one kernel walks the query tiles for each key tile (dK, dV; the GQA group's query heads are summed in the same
+program, so there are no atomics) and one walks the key tiles for each query tile (dQ).
+
+Masks, with query i at absolute position ``q_offset + i``:
+
+* ``bidirectional``: everything; ``causal``: key position <= query position;
+* ``prefix``: bidirectional inside the first ``prefix_len[b]`` positions, causal after them
+  (key allowed iff ``key <= query or key < prefix_len[b]``);
+* ``doc_ids`` (B, Tk): a query only sees keys of its own document; combinable with each of the above.
+
+Tiles that the mask empties are never visited: the key range of a query tile is cut to the causal (or prefix)
+bound and to the span of the documents in the tile (``document_spans``: per position, the first and one past the
+last position of its document; correct for any layout of ids, tight when documents are contiguous runs). Only the
+tiles that straddle the diagonal, the prefix end or the sequence end evaluate the positional mask element-wise.
+
+Block sizes are autotuned on CUDA (A100/H100), keyed on head dim, mask and a power-of-two length bucket; on ROCm
+(MI250X) a short list of wavefront-64 friendly configs is used; under ``TRITON_INTERPRET=1`` one small config.
+This module must be imported after ``TRITON_INTERPRET`` is set (triton reads it when a kernel is decorated).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MASK_CODES = {"bidirectional": 0, "causal": 1, "prefix": 2}
+_LOG2E = 1.4426950408889634
+INTERPRET = bool(triton.knobs.runtime.interpret)
+IS_HIP = torch.version.hip is not None
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    """Candidate (BLOCK_M, BLOCK_N, warps, stages); BLOCK_M tiles queries and BLOCK_N keys in every kernel."""
+    if INTERPRET:  # one small config; BLOCK_M != BLOCK_N so that tile-alignment bugs show up in the tests
+        m, n = (32, 16) if kind != "bwd_kv" else (16, 32)
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=1, num_stages=1)]
+    if IS_HIP:  # MI250X: 64-wide wavefronts, the stream pipeliner wants num_stages 1 (or 2)
+        shapes = {
+            "fwd": [(128, 64, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1)],
+            "bwd_kv": [(32, 64, 4, 1), (64, 64, 4, 1), (16, 128, 4, 1)],
+            "bwd_q": [(64, 32, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1)],
+        }[kind]
+    else:  # A100 / H100
+        shapes = {
+            "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4),
+                    (64, 32, 4, 3)],
+            "bwd_kv": [(32, 128, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3)],
+            "bwd_q": [(128, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+        }[kind]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Drop tiles that overflow shared memory for large head dims (D=256 wants 64-wide tiles)."""
+    d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs.get("HEAD_DIM", 64)
+    keep = [c for c in configs if d < 256 or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64)]
+    return keep or configs[-1:]
+
+
+_TUNE_KEY = ["HEAD_DIM", "MASK_KIND", "HAS_DOCS", "SEQ_BUCKET", "GROUP_KEY"]
+
+
+@triton.jit
+def _pos_mask(q_pos, k_pos, plen, MASK_KIND: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) boolean: may query q_pos[i] see key k_pos[j] (positions only, documents apart)."""
+    if MASK_KIND == 1:
+        ok = k_pos[None, :] <= q_pos[:, None]
+    elif MASK_KIND == 2:
+        ok = (k_pos[None, :] <= q_pos[:, None]) | (k_pos[None, :] < plen)
+    else:
+        ok = (k_pos[None, :] >= 0) & (q_pos[:, None] >= 0)
+    return ok
+
+
+@triton.jit
+def _query_tile_key_range(start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI, sdoc,
+                          MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) that some query of the tile may see, and mid: tiles below mid need no positional mask."""
+    first_q = start_m + Q_OFFSET
+    last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
+    lo = first_q * 0
+    hi = first_q * 0 + T_K
+    # keys below mid are visible to every query of the tile (as far as positions go)
+    mid = first_q * 0 + T_K
+    if MASK_KIND == 1:
+        hi = tl.minimum(hi, last_q + 1)
+        mid = first_q + 1
+    if MASK_KIND == 2:
+        hi = tl.minimum(hi, tl.maximum(last_q + 1, plen))
+        mid = tl.maximum(first_q + 1, plen)
+    if HAS_DOCS:
+        d_lo = tl.load(DOC_LO + b * sdoc + q_pos, mask=m_valid, other=T_K)
+        d_hi = tl.load(DOC_HI + b * sdoc + q_pos, mask=m_valid, other=0)
+        lo = tl.maximum(lo, tl.min(d_lo, 0))
+        hi = tl.minimum(hi, tl.max(d_hi, 0))
+    lo = (lo // BLOCK_N) * BLOCK_N
+    mid = tl.minimum(mid, T_K)  # the ragged last key tile needs its bound mask
+    mid = (mid // BLOCK_N) * BLOCK_N
+    mid = tl.maximum(lo, tl.minimum(mid, hi))
+    return lo, mid, hi
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K, lo, hi,
+               scale_log2, offs_n0, offs_d,
+               MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr, POS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < T_K
+        if POS_MASK:
+            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if POS_MASK:
+            ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND) & n_valid[None, :]
+            if HAS_DOCS:
+                k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
+                ok = ok & (q_doc[:, None] == k_doc[None, :])
+            qk = tl.where(ok, qk, float("-inf"))
+        elif HAS_DOCS:
+            k_doc = tl.load(DOCS + b * sdoc + offs_n)
+            qk = tl.where(q_doc[:, None] == k_doc[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if POS_MASK:
+            v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :])
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, DOCS, DOC_LO, DOC_HI, PREFIX, scale_log2,
+                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdoc,
+                H, GROUP, T_Q, T_K, Q_OFFSET, SEQ_BUCKET, GROUP_KEY,
+                HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < T_Q
+    q_pos = offs_m + Q_OFFSET
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    plen = 0
+    if MASK_KIND == 2:
+        plen = tl.load(PREFIX + b)
+    q_doc = q_pos
+    if HAS_DOCS:
+        q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
+    lo, mid, hi = _query_tile_key_range(start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI,
+                                        sdoc, MASK_KIND, HAS_DOCS, BLOCK_M, BLOCK_N)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K,
+                               lo, mid, scale_log2, offs_n0, offs_d, MASK_KIND, HAS_DOCS, False, BLOCK_N,
+                               DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K,
+                               mid, hi, scale_log2, offs_n0, offs_d, MASK_KIND, HAS_DOCS, True, BLOCK_N,
+                               DOT_PRECISION)
+    empty = l_i == 0.0  # a query that sees no key at all: output 0, and lse = +inf makes its backward p = 0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))  # log-sum-exp in base 2 of scaled scores
+    tl.store(LSE + pid_bh * T_Q + offs_m, lse2, mask=m_valid)
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_valid[:, None])
+
+
+@triton.jit
+def _bwd_kv_tiles(dk, dv, k, v, k_pos, k_doc, plen, q_base, do_base, lse_base, delta_base, sqt, sdot,
+                  T_Q, Q_OFFSET, lo, hi, scale_log2, offs_m0, offs_d,
+                  MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr, POS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, DOCS, b, sdoc):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_valid = offs_m < T_Q
+        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=float("inf"))  # rows past T_Q get p = 0
+        delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(qk_t - lse2[None, :])
+        q_pos = offs_m + Q_OFFSET
+        if POS_MASK:
+            ok = tl.trans(_pos_mask(q_pos, k_pos, plen, MASK_KIND))
+            if HAS_DOCS:
+                q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
+                ok = ok & (k_doc[:, None] == q_doc[None, :])
+            p_t = tl.where(ok, p_t, 0.0)
+        elif HAS_DOCS:
+            q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
+            p_t = tl.where(k_doc[:, None] == q_doc[None, :], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs("bwd_kv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS, DOC_LO, DOC_HI, PREFIX, scale_log2, scale,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt,
+                   sdvb, sdvh, sdvt, sdoc,
+                   HQ, HKV, GROUP, T_Q, T_K, Q_OFFSET, SEQ_BUCKET, GROUP_KEY,
+                   HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = offs_n < T_K
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    plen = 0
+    if MASK_KIND == 2:
+        plen = tl.load(PREFIX + b)
+    # queries [lo, hi) that may see some key of the tile; queries from mid on see all of them (positionally)
+    lo = start_n * 0
+    hi = start_n * 0 + T_Q
+    mid = lo
+    if MASK_KIND == 1:
+        lo = tl.maximum(lo, start_n - Q_OFFSET)
+        mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
+    if MASK_KIND == 2:
+        if start_n + BLOCK_N > plen:  # not entirely inside the prefix
+            if start_n >= plen:
+                lo = tl.maximum(lo, start_n - Q_OFFSET)
+            mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
+    k_doc = offs_n
+    if HAS_DOCS:
+        k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
+        d_lo = tl.load(DOC_LO + b * sdoc + offs_n, mask=n_valid, other=T_K)
+        d_hi = tl.load(DOC_HI + b * sdoc + offs_n, mask=n_valid, other=0)
+        lo = tl.maximum(lo, tl.min(d_lo, 0) - Q_OFFSET)
+        hi = tl.minimum(hi, tl.max(d_hi, 0) - Q_OFFSET)
+    lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
+    mid = tl.cdiv(tl.maximum(mid, 0), BLOCK_M) * BLOCK_M
+    mid = tl.maximum(lo, tl.minimum(mid, hi))
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        lse_base = LSE + (b * HQ + h) * T_Q
+        delta_base = DELTA + (b * HQ + h) * T_Q
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, offs_n, k_doc, plen, q_base, do_base, lse_base, delta_base, sqt, sdot,
+                               T_Q, Q_OFFSET, lo, mid, scale_log2, offs_m0, offs_d, MASK_KIND, HAS_DOCS, True,
+                               BLOCK_M, DOT_PRECISION, DOCS, b, sdoc)
+        dk, dv = _bwd_kv_tiles(dk, dv, k, v, offs_n, k_doc, plen, q_base, do_base, lse_base, delta_base, sqt, sdot,
+                               T_Q, Q_OFFSET, mid, hi, scale_log2, offs_m0, offs_d, MASK_KIND, HAS_DOCS, False,
+                               BLOCK_M, DOT_PRECISION, DOCS, b, sdoc)
+    dk = dk * scale
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=n_valid[:, None])
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=n_valid[:, None])
+
+
+@triton.jit
+def _bwd_q_tiles(dq, q, do, lse2, delta, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K, lo, hi,
+                 scale_log2, offs_n0, offs_d,
+                 MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr, POS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < T_K
+        # keys past T_K load as zeros: their p is harmless because dq adds p * (0 - delta) * k = 0
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.math.exp2(qk - lse2[:, None])
+        if POS_MASK:
+            ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND)
+            if HAS_DOCS:
+                k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
+                ok = ok & (q_doc[:, None] == k_doc[None, :])
+            p = tl.where(ok, p, 0.0)
+        elif HAS_DOCS:
+            k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
+            p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_configs("bwd_q"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOCS, DOC_LO, DOC_HI, PREFIX, scale_log2, scale,
+                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, sdoc,
+                  H, GROUP, T_Q, T_K, Q_OFFSET, SEQ_BUCKET, GROUP_KEY,
+                  HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < T_Q
+    q_pos = offs_m + Q_OFFSET
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None],
+                 other=0.0)
+    lse2 = tl.load(LSE + pid_bh * T_Q + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * T_Q + offs_m, mask=m_valid, other=0.0)
+    plen = 0
+    if MASK_KIND == 2:
+        plen = tl.load(PREFIX + b)
+    q_doc = q_pos
+    if HAS_DOCS:
+        q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
+    lo, mid, hi = _query_tile_key_range(start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI,
+                                        sdoc, MASK_KIND, HAS_DOCS, BLOCK_M, BLOCK_N)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _bwd_q_tiles(dq, q, do, lse2, delta, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K,
+                      lo, mid, scale_log2, offs_n0, offs_d, MASK_KIND, HAS_DOCS, False, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_q_tiles(dq, q, do, lse2, delta, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K,
+                      mid, hi, scale_log2, offs_n0, offs_d, MASK_KIND, HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
+    dq = dq * scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=m_valid[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------- host side
+
+
+def document_spans(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the first position and one past the last position of its document id in that row.
+
+    Works for any layout of ids (a document may come back after another one), without a host sync.
+    Returns two int32 (B, T) tensors.
+    """
+    b, t = doc_ids.shape
+    sorted_ids, order = torch.sort(doc_ids, dim=1, stable=True)  # positions ascend within one id
+    new_run = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new_run[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    run = torch.cumsum(new_run.to(torch.int64), dim=1) - 1  # (B, T): which distinct id, in sorted order
+    first = torch.full((b, t), t, dtype=torch.int64, device=doc_ids.device)
+    first.scatter_reduce_(1, run, order, reduce="amin")
+    last = torch.zeros((b, t), dtype=torch.int64, device=doc_ids.device)
+    last.scatter_reduce_(1, run, order, reduce="amax")
+    lo_sorted = first.gather(1, run)
+    hi_sorted = last.gather(1, run) + 1
+    lo = torch.empty_like(lo_sorted).scatter_(1, order, lo_sorted)
+    hi = torch.empty_like(hi_sorted).scatter_(1, order, hi_sorted)
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flash_attention wants q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D)")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    d = q.shape[-1]
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head dim {d} is not supported by the Triton kernel (powers of two from 16 to 256)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of float16, bfloat16, float32")
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
+class _Meta:
+    """What the kernels need to know about the mask, prepared once per call."""
+
+    def __init__(self, kind: str, doc_ids: torch.Tensor | None, prefix_len: torch.Tensor | int | None,
+                 q_offset: int, q_len: int, k_len: int, batch: int, device: torch.device,
+                 spans: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        if kind not in MASK_CODES:
+            raise ValueError(f"mask kind {kind!r}; allowed: {', '.join(MASK_CODES)}")
+        self.code = MASK_CODES[kind]
+        self.q_offset = int(q_offset)
+        if self.q_offset < 0:
+            raise ValueError(f"q_offset = {q_offset} must be >= 0")
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        if kind == "prefix":
+            if prefix_len is None:
+                raise ValueError("the prefix mask needs prefix_len (B,)")
+            plen = torch.as_tensor(prefix_len, device=device).to(torch.int32).reshape(-1)
+            if plen.numel() == 1 and batch > 1:
+                plen = plen.expand(batch)
+            if plen.numel() != batch:
+                raise ValueError(f"prefix_len has {plen.numel()} entries for a batch of {batch}")
+            self.prefix = plen.contiguous()
+        else:
+            self.prefix = dummy
+        self.has_docs = doc_ids is not None
+        if doc_ids is not None:
+            if doc_ids.shape != (batch, k_len):
+                raise ValueError(f"doc_ids of shape {tuple(doc_ids.shape)}; expected (B, Tk) = ({batch}, {k_len})")
+            if self.q_offset + q_len > k_len:
+                raise ValueError(f"queries at positions {self.q_offset}..{self.q_offset + q_len - 1} have no "
+                                 f"document id (doc_ids cover {k_len} keys)")
+            self.docs = doc_ids.to(device=device, dtype=torch.int32).contiguous()
+            lo, hi = spans if spans is not None else document_spans(self.docs)
+            self.doc_lo, self.doc_hi = lo.contiguous(), hi.contiguous()
+        else:
+            self.docs = self.doc_lo = self.doc_hi = dummy
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _Meta, scale: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
+    precision = "ieee" if q.dtype == torch.float32 else None  # fp32 inputs: exact products, not tf32
+
+    def grid(meta_: dict) -> tuple[int, int]:
+        return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
+
+    _fwd_kernel[grid](
+        q, k, v, o, lse, meta.docs, meta.doc_lo, meta.doc_hi, meta.prefix, scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), meta.docs.stride(0),
+        hq, hq // hkv, tq, tk, meta.q_offset, _bucket(max(tq, tk)), min(hq // hkv, 8),
+        HEAD_DIM=d, MASK_KIND=meta.code, HAS_DOCS=meta.has_docs, DOT_PRECISION=precision,
+    )
+    return o, lse
+
+
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, meta: _Meta, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    do = _unit_last(do)
+    delta = (o.float() * do.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(P * dP)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    precision = "ieee" if q.dtype == torch.float32 else None  # fp32 inputs: exact products, not tf32
+    bucket, group = _bucket(max(tq, tk)), hq // hkv
+
+    def grid_kv(meta_: dict) -> tuple[int, int]:
+        return triton.cdiv(tk, meta_["BLOCK_N"]), b * hkv
+
+    _bwd_kv_kernel[grid_kv](
+        q, k, v, do, lse, delta, dk, dv, meta.docs, meta.doc_lo, meta.doc_hi, meta.prefix, scale * _LOG2E, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), meta.docs.stride(0),
+        hq, hkv, group, tq, tk, meta.q_offset, bucket, min(group, 8),
+        HEAD_DIM=d, MASK_KIND=meta.code, HAS_DOCS=meta.has_docs, DOT_PRECISION=precision,
+    )
+
+    def grid_q(meta_: dict) -> tuple[int, int]:
+        return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
+
+    _bwd_q_kernel[grid_q](
+        q, k, v, do, lse, delta, dq, meta.docs, meta.doc_lo, meta.doc_hi, meta.prefix, scale * _LOG2E, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), meta.docs.stride(0),
+        hq, group, tq, tk, meta.q_offset, bucket, min(group, 8),
+        HEAD_DIM=d, MASK_KIND=meta.code, HAS_DOCS=meta.has_docs, DOT_PRECISION=precision,
+    )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """softmax(q k^T * scale + mask) v with the log-sum-exp saved and probabilities recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: _Meta, scale: float) -> torch.Tensor:
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        o, lse = _forward(q, k, v, meta, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.meta, ctx.scale = meta, scale
+        return o
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.meta, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str = "causal", *,
+                    doc_ids: torch.Tensor | None = None, prefix_len: torch.Tensor | int | None = None,
+                    q_offset: int = 0, softmax_scale: float | None = None,
+                    doc_spans: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Masked attention through the Triton kernels; differentiable in q, k and v.
+
+    kind: ``causal``, ``bidirectional`` or ``prefix`` (then ``prefix_len``, (B,) or a scalar). ``doc_ids`` (B, Tk)
+    restricts every query to keys of its own document. ``doc_spans`` may pass precomputed
+    :func:`document_spans` (the model computes them once per mask for all layers).
+    """
+    _check_inputs(q, k, v)
+    if q.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError("the Triton attention kernel runs on CPU only under TRITON_INTERPRET=1 (set before "
+                           "megatron_dual.kernels.attention is imported)")
+    meta = _Meta(kind, doc_ids, prefix_len, q_offset, q.shape[2], k.shape[2], q.shape[0], q.device, doc_spans)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return FlashAttentionFunction.apply(q, k, v, meta, scale)
+
+
+class FlashAttention(torch.nn.Module):
+    """Module form of :func:`flash_attention` with a fixed mask kind."""
+
+    def __init__(self, kind: str = "causal", softmax_scale: float | None = None) -> None:
+        super().__init__()
+        if kind not in MASK_CODES:
+            raise ValueError(f"mask kind {kind!r}; allowed: {', '.join(MASK_CODES)}")
+        self.kind, self.softmax_scale = kind, softmax_scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                prefix_len: torch.Tensor | int | None = None, q_offset: int = 0) -> torch.Tensor:
+        return flash_attention(q, k, v, self.kind, doc_ids=doc_ids, prefix_len=prefix_len, q_offset=q_offset,
+                               softmax_scale=self.softmax_scale)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
