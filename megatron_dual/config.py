@@ -38,7 +38,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     rope_theta: float = 160_000.0
     norm_eps: float = 1e-7
-    attention_backend: str = "auto"  # auto | sdpa
+    attention_backend: str = "auto"  # auto | sdpa | triton | flash | flex (megatron_dual/model/attention.py)
 
     @property
     def kv_heads(self) -> int:
@@ -465,8 +465,8 @@ def validate(cfg: Config) -> None:
         )
     _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
     _check(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "must be in (0, 1)")
-    _check(m.attention_backend in ("auto", "sdpa"), "model.attention_backend", m.attention_backend,
-           "one of auto, sdpa")
+    _check(m.attention_backend in ("auto", "sdpa", "triton", "flash", "flex"), "model.attention_backend",
+           m.attention_backend, "one of auto, sdpa, triton, flash, flex")
 
     o = cfg.objective
     _check(0.0 <= o.alpha <= 1.0, "objective.alpha", o.alpha, "must be in [0, 1] (1 = pure AR, 0 = pure MD)")
