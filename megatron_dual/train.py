@@ -166,6 +166,8 @@ class Trainer:
                               "which are not wired into the trainer yet")
         self.engine = DDPEngine(self.model, self.par, cfg.parallel.bucket_mb)
         self.optimizers = build_optimizers(self.model, cfg.optimizer)
+        if cfg.parallel.distributed_muon and "muon" in self.optimizers:
+            self.optimizers["muon"].distribute(self.par)
         self.schedulers = {k: build_scheduler(o, cfg.train.steps, cfg.schedule) for k, o in self.optimizers.items()}
         self.schedule: ObjectiveSchedule = self.par.schedule
         self.sampler = ResumableSampler(len(self.data.train), cfg.data.seed, self.data.fingerprint)

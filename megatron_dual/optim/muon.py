@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -58,12 +60,47 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"splits {group['splits']} do not add up to the {p.shape[0]} rows of a "
                                      f"parameter of shape {tuple(p.shape)}")
 
+    def distribute(self, parallel: Any) -> Muon:
+        """Orthogonalise each matrix once per data-parallel group instead of on every replica.
+
+        ``parallel`` is a :class:`megatron_dual.parallel.state.ParallelState`. Matrices are dealt to DP ranks
+        (largest first, to the least loaded owner); the owner runs Newton-Schulz on the *whole* matrix (TP shards are
+        gathered over the TP group and their row blocks reassembled first) and broadcasts the update to its DP peers;
+        every rank applies its own shard. The result equals single-process Muon.
+        """
+        self._parallel = parallel
+        self._owners = None
+        return self
+
+    def _assign_owners(self) -> dict[int, int]:
+        par = self._parallel
+        params = [p for g in self.param_groups for p in g["params"]]
+        load = [0] * par.dp_size
+        owners: dict[int, int] = {}
+        for i in sorted(range(len(params)), key=lambda i: (-_full_numel(params[i], par.tp_size), i)):
+            owner = min(range(par.dp_size), key=lambda r: (load[r], r))
+            owners[id(params[i])] = owner
+            load[owner] += _full_numel(params[i], par.tp_size)
+        return owners
+
+    def _orthogonalised(self, update: torch.Tensor, splits: list[int], group: dict) -> torch.Tensor:
+        out = torch.empty_like(update)
+        for o_block, g_block in zip(out.split(splits, dim=0), update.split(splits, dim=0), strict=True):
+            scale = muon_lr_scale(g_block.shape[0], g_block.shape[1], group["adjust_lr"])
+            o_block.copy_(zeropower_newton_schulz(g_block, group["ns_steps"]).mul_(scale))
+        return out
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        par = getattr(self, "_parallel", None)
+        distributed = par is not None and (par.dp_size > 1 or par.tp_size > 1)
+        if distributed and self._owners is None:
+            self._owners = self._assign_owners()
+        pending = []
         for group in self.param_groups:
             lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -75,12 +112,60 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(mom).add_(p.grad)
                 update = p.grad.add(buf, alpha=mom) if group["nesterov"] else buf
-                p.mul_(1.0 - lr * wd)
-                splits = group["splits"] or [p.shape[0]]
-                for block, g_block in zip(p.split(splits, dim=0), update.split(splits, dim=0), strict=True):
-                    scale = muon_lr_scale(block.shape[0], block.shape[1], group["adjust_lr"])
-                    block.add_(zeropower_newton_schulz(g_block, group["ns_steps"]), alpha=-lr * scale)
+                if not distributed:
+                    p.mul_(1.0 - lr * wd)
+                    p.add_(self._orthogonalised(update, group["splits"] or [p.shape[0]], group), alpha=-lr)
+                    continue
+                full, splits = _gather_full(update, p, par, group["splits"])
+                owner = self._owners[id(p)]
+                if owner == par.dp_rank:
+                    delta = self._orthogonalised(full, splits, group)
+                else:
+                    delta = torch.empty_like(full)
+                work = None
+                if par.dp_size > 1:
+                    src = par.layout.rank_of(owner, par.tp_rank)
+                    work = dist.broadcast(delta, src=src, group=par.dp_group, async_op=True)
+                pending.append((p, delta, work, lr, wd))
+        for p, delta, work, lr, wd in pending:
+            if work is not None:
+                work.wait()
+            p.mul_(1.0 - lr * wd)
+            p.add_(_local_shard(delta, p, par), alpha=-lr)
         return loss
+
+
+def _full_numel(p: torch.Tensor, tp: int) -> int:
+    return p.numel() * (tp if getattr(p, "tensor_parallel_dim", None) is not None else 1)
+
+
+def _gather_full(update: torch.Tensor, p: torch.Tensor, par: Any, group_splits: list[int] | None
+                 ) -> tuple[torch.Tensor, list[int]]:
+    """The whole matrix of a TP-sharded ``update`` and its full row-block sizes (identity when not sharded)."""
+    dim = getattr(p, "tensor_parallel_dim", None)
+    if dim is None or par.tp_size == 1:
+        return update, list(group_splits or [update.shape[0]])
+    parts = [torch.empty_like(update) for _ in range(par.tp_size)]
+    dist.all_gather(parts, update.contiguous(), group=par.tp_group)
+    full_splits = getattr(p, "tensor_parallel_splits", None)
+    if dim == 0 and full_splits:
+        local = [n // par.tp_size for n in full_splits]
+        pieces = [part.split(local, dim=0) for part in parts]
+        full = torch.cat([pieces[r][b] for b in range(len(local)) for r in range(par.tp_size)], dim=0)
+        return full, list(full_splits)
+    full = torch.cat(parts, dim=dim)
+    return full, [full.shape[0]]
+
+
+def _local_shard(delta: torch.Tensor, p: torch.Tensor, par: Any) -> torch.Tensor:
+    dim = getattr(p, "tensor_parallel_dim", None)
+    if dim is None or par is None or par.tp_size == 1:
+        return delta
+    full_splits = getattr(p, "tensor_parallel_splits", None)
+    r, n = par.tp_rank, par.tp_size
+    if dim == 0 and full_splits:
+        return torch.cat([blk.chunk(n, dim=0)[r] for blk in delta.split(list(full_splits), dim=0)], dim=0)
+    return delta.chunk(n, dim=dim)[r]
 
 
 def build_optimizers(model: torch.nn.Module, cfg) -> dict[str, torch.optim.Optimizer]:
