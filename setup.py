@@ -14,6 +14,7 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6",
         "tokenizers>=0.15",
+        "regex>=2023.0",  # the exact fast path of the ltg tokenizer in preprocessing
         "safetensors>=0.4",
         "tqdm>=4.60",
         "matplotlib>=3.7",

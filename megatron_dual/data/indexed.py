@@ -141,6 +141,22 @@ class IndexedDatasetWriter:
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(arr.size)
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append ``lengths.size`` documents whose tokens lie concatenated in ``tokens`` (already in this writer's
+        dtype, so no range check is needed); one write, the bulk path of the preprocessor."""
+        if self._done:
+            raise RuntimeError(f"{self.prefix}: add_documents after finalize/abort")
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if tokens.dtype != self.dtype:
+            raise ValueError(f"add_documents: tokens are {tokens.dtype}, this writer writes {self.dtype.name}")
+        if int(lengths.sum()) != tokens.size or (lengths.size and int(lengths.min()) < 0):
+            raise ValueError(f"add_documents: lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
+        if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
+            raise ValueError("add_documents: a document does not fit the format's int32 length")
+        self._bin.write(np.ascontiguousarray(tokens).tobytes())
+        self._lengths.frombytes(lengths.astype(np.int64).tobytes())
+
     def _index_bytes(self) -> bytes:
         lengths = np.frombuffer(self._lengths, dtype=np.int64) if len(self._lengths) else np.zeros(0, np.int64)
         n = lengths.size
