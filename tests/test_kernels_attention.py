@@ -1,0 +1,350 @@
+"""Triton flash attention against the fp32 reference, and the backend choice.
+
+Without CUDA the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 must be set before the kernel module
+is imported (triton decides at decoration time), so it is set here at import; the module is reloaded if another
+test in this worker imported it first without the interpreter. Other modules' behaviour does not depend on the
+variable (``auto`` never picks Triton on CPU). With CUDA the same tests run the compiled kernels on the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import megatron_dual.kernels.attention as K  # noqa: E402
+import pytest  # noqa: E402
+
+from megatron_dual.config import ModelConfig  # noqa: E402
+from megatron_dual.model.attention import AttentionMask, attention, reference_attention  # noqa: E402
+
+A = importlib.import_module("megatron_dual.model.attention")  # the package re-exports the function `attention`
+if not torch.cuda.is_available() and not K.INTERPRET:  # imported earlier in this process without the interpreter
+    K = importlib.reload(K)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
+       torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+
+
+def runs(lengths: list[int], first_id: int = 0) -> torch.Tensor:
+    return torch.cat([torch.full((n,), first_id + i) for i, n in enumerate(lengths)])
+
+
+def check(b: int, hq: int, hkv: int, tq: int, d: int, mask: AttentionMask, dtype: torch.dtype = torch.float32,
+          tk: int | None = None, seed: int = 0) -> None:
+    """Kernel output and dq, dk, dv against reference_attention in fp32 on the upcast inputs."""
+    tk = tk or tq
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, tq, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    k = torch.randn(b, hkv, tk, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    v = torch.randn(b, hkv, tk, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    do = torch.randn(b, hq, tq, d, generator=g).to(DEVICE, dtype)
+    docs = mask.doc_ids.to(DEVICE) if mask.doc_ids is not None else None
+    plen = mask.prefix_len.to(DEVICE) if mask.prefix_len is not None else None
+    out = K.flash_attention(q, k, v, mask.kind, doc_ids=docs, prefix_len=plen, q_offset=mask.q_offset)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref_mask = AttentionMask(mask.kind, doc_ids=docs, prefix_len=plen, q_offset=mask.q_offset)
+    ref = reference_attention(*ref_in, ref_mask)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.float())
+    assert out.dtype == dtype and out.shape == (b, hq, tq, d)
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+    for name, got, want in zip("qkv", grads, ref_grads, strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        torch.testing.assert_close(got.float(), want, **TOL[dtype], msg=lambda m, n=name: f"d{n}: {m}")
+
+
+# ------------------------------------------------------------------------------------- kernel vs reference
+
+
+@pytest.mark.parametrize(
+    "b, hq, hkv, t, kind",
+    [(1, 2, 2, 1, "causal"), (2, 4, 2, 17, "causal"), (3, 2, 1, 130, "bidirectional"), (1, 2, 2, 257, "causal")],
+)
+def test_plain_masks(b, hq, hkv, t, kind):
+    check(b, hq, hkv, t, 16, AttentionMask(kind))
+
+
+def test_documents_causal_gqa():
+    docs = torch.stack([runs([40, 3, 87]), runs([1, 128, 1], first_id=7)])
+    check(2, 4, 2, 130, 16, AttentionMask("causal", doc_ids=docs))
+
+
+def test_documents_bidirectional_uneven():
+    docs = torch.stack([runs([5, 60, 33, 32]), runs([130])])
+    check(2, 2, 2, 130, 16, AttentionMask("bidirectional", doc_ids=docs))
+
+
+def test_documents_that_come_back():
+    # id 0 reappears after id 1: tile skipping must still see both pieces of document 0
+    docs = torch.cat([runs([20]), runs([30], first_id=1), runs([20]), runs([10], first_id=2)])[None]
+    check(1, 2, 1, 80, 16, AttentionMask("bidirectional", doc_ids=docs))
+
+
+def test_prefix_lengths_0_1_and_full():
+    check(3, 2, 2, 67, 16, AttentionMask("prefix", prefix_len=torch.tensor([0, 1, 67])))
+
+
+def test_prefix_with_documents():
+    docs = torch.stack([runs([50, 80]), runs([17, 100, 13])])
+    check(2, 2, 1, 130, 16, AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([40, 70])))
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_head_dims(d):
+    docs = runs([10, 23])[None]
+    check(1, 2, 1, 33, d, AttentionMask("causal", doc_ids=docs))
+
+
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+def test_fp16(kind):
+    docs = torch.stack([runs([70, 60]), runs([2, 128])])
+    check(2, 2, 1, 130, 32, AttentionMask(kind, doc_ids=docs), dtype=torch.float16)
+
+
+def test_kv_cache_offset():
+    # 5 new queries at positions 35..39 over 40 cached keys in two documents, prefix 12 (Tq != Tk)
+    docs = torch.stack([runs([12, 28]), runs([38, 2])])
+    check(2, 2, 2, 5, 16, AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([12, 3]), q_offset=35),
+          tk=40)
+    check(1, 2, 1, 7, 16, AttentionMask("causal", q_offset=30), tk=37)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["causal", "bidirectional", "prefix"])
+@pytest.mark.parametrize("t", [1, 17, 130, 257])
+def test_sweep(kind, t):
+    docs = torch.stack([runs([t // 3, t - t // 3]), runs([t])])
+    plen = torch.tensor([t // 2, 1])
+    check(2, 2, 1, t, 32, AttentionMask(kind, doc_ids=docs, prefix_len=plen if kind == "prefix" else None))
+
+
+def test_document_spans_match_brute_force():
+    g = torch.Generator().manual_seed(1)
+    docs = torch.randint(0, 4, (3, 29), generator=g)
+    lo, hi = K.document_spans(docs)
+    for b in range(3):
+        for t in range(29):
+            where = (docs[b] == docs[b, t]).nonzero().flatten()
+            assert (lo[b, t], hi[b, t]) == (where.min(), where.max() + 1)
+
+
+def test_kernel_input_errors():
+    q = torch.zeros(1, 3, 8, 16, device=DEVICE)
+    kv = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        K.flash_attention(q, kv, kv)
+    q = torch.zeros(1, 2, 8, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 24"):
+        K.flash_attention(q, q, q)
+    with pytest.raises(ValueError, match="prefix_len"):
+        x = torch.zeros(1, 1, 8, 16, device=DEVICE)
+        K.flash_attention(x, x, x, "prefix")
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+CAPS_ALL = A.Capabilities(triton=True, flash=True, flex=True, interpret=False)
+CAPS_NONE = A.Capabilities(triton=False, flash=False, flex=False, interpret=False)
+
+
+def pick(requested, mask, device="cuda", dtype=torch.bfloat16, d=64, tq=128, tk=128, caps=CAPS_ALL):
+    return A.select_backend(requested, device=device, dtype=dtype, head_dim=d, mask=mask, q_len=tq, k_len=tk,
+                            caps=caps)
+
+
+def test_auto_selection():
+    docs = torch.zeros(2, 128, dtype=torch.long)
+    assert pick("auto", AttentionMask("causal"))[0] == "flash"
+    assert pick("auto", AttentionMask("bidirectional", doc_ids=docs))[0] == "flash"
+    name, why = pick("auto", AttentionMask("prefix", prefix_len=torch.tensor([3, 4])))
+    assert name == "triton" and "prefix" in why
+    assert pick("auto", AttentionMask("causal"), dtype=torch.float32)[0] == "triton"
+    assert pick("auto", AttentionMask("causal"), d=96)[0] == "flash"  # flash-attn takes 96, Triton would not
+    assert pick("auto", AttentionMask("prefix", prefix_len=torch.tensor([1])), d=96)[0] == "sdpa"
+    assert pick("auto", AttentionMask("causal"), caps=CAPS_NONE)[0] == "sdpa"
+    caps = A.Capabilities(triton=True, flash=False, flex=True, interpret=False)
+    assert pick("auto", AttentionMask("causal"), caps=caps)[0] == "triton"
+    # on CPU auto is SDPA, even with the interpreter on and everything installed
+    assert pick("auto", AttentionMask("causal"), device="cpu",
+                caps=A.Capabilities(True, True, True, True))[0] == "sdpa"
+
+
+def test_explicit_backends_fall_back_with_a_reason():
+    prefix = AttentionMask("prefix", prefix_len=torch.tensor([5]))
+    name, why = pick("flash", prefix)
+    assert name == "triton" and "no prefix-LM mask" in why and "falling back" in why
+    name, why = pick("flash", prefix, dtype=torch.float32, d=96)
+    assert name == "sdpa"
+    name, why = pick("triton", AttentionMask("causal"), device="cpu")
+    assert name == "sdpa" and "TRITON_INTERPRET" in why
+    assert pick("triton", AttentionMask("causal"), device="cpu", caps=A.Capabilities(True, False, False, True))[0] \
+        == "triton"
+    assert pick("flex", AttentionMask("causal"), caps=CAPS_NONE)[0] == "sdpa"
+    assert pick("flex", prefix)[0] == "flex"
+    assert pick("sdpa", prefix, caps=CAPS_NONE) == ("sdpa", "attention backend sdpa on cuda")
+    # KV-cache decoding: flash-attn aligns causal masks to the last key; documents need Tq == Tk
+    assert pick("flash", AttentionMask("causal", q_offset=120), tq=8, tk=128)[0] == "flash"
+    assert pick("flash", AttentionMask("causal", q_offset=0), tq=8, tk=128)[0] == "triton"
+    docs = torch.zeros(1, 128, dtype=torch.long)
+    assert pick("flash", AttentionMask("causal", doc_ids=docs, q_offset=120), tq=8, tk=128)[0] == "triton"
+    with pytest.raises(ValueError, match="choose one of"):
+        pick("xformers", AttentionMask("causal"))
+
+
+def test_config_accepts_the_backends():
+    from megatron_dual.config import Config, ConfigError, validate
+
+    for name in A.BACKENDS:
+        validate(Config(model=ModelConfig(attention_backend=name)))
+    with pytest.raises(ConfigError, match="attention_backend"):
+        validate(Config(model=ModelConfig(attention_backend="flash2")))
+
+
+def test_fallback_notice_is_printed_once(capsys, monkeypatch):
+    monkeypatch.setattr(A, "_said", set())
+    monkeypatch.setattr(A, "capabilities", lambda: CAPS_NONE)
+    monkeypatch.setattr(A.logging.getLogger(), "handlers", [])
+    q = torch.randn(1, 2, 9, 16)
+    mask = AttentionMask("causal")
+    for _ in range(3):
+        out = attention(q, q, q, mask, backend="triton")
+    torch.testing.assert_close(out, reference_attention(q, q, q, mask))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["megatron-dual: attention backend triton cannot run this call (triton is not installed); "
+                   "falling back to sdpa"]
+
+
+def test_document_runs():
+    docs = torch.stack([runs([3, 2]), runs([1, 4], first_id=5)])
+    cu, longest = A.document_runs(docs)
+    assert cu.tolist() == [0, 3, 5, 6, 10] and longest == 4
+    assert A.document_runs(torch.tensor([[0, 0, 1, 0]])) is None
+
+
+def fake_flash_attn() -> types.ModuleType:
+    """flash-attn's two entry points written with SDPA: checks our (B, T, H, D) layouts and cu_seqlens wiring."""
+    mod = types.ModuleType("flash_attn")
+
+    def flash_attn_func(q, k, v, causal=False):
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                             v.transpose(1, 2), is_causal=causal, enable_gqa=True)
+        return o.transpose(1, 2)
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+        assert torch.equal(cu_q, cu_k) and q.dim() == 3
+        pieces = []
+        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+            assert e - s <= max_q
+            pieces.append(flash_attn_func(q[None, s:e], k[None, s:e], v[None, s:e], causal=causal)[0])
+        return torch.cat(pieces)
+
+    mod.flash_attn_func, mod.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
+    return mod
+
+
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+def test_flash_wiring_with_documents(monkeypatch, kind):
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn())
+    docs = torch.stack([runs([3, 9, 8]), runs([20], first_id=4)])
+    q, k, v = torch.randn(2, 4, 20, 16), torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    for mask in (AttentionMask(kind, doc_ids=docs), AttentionMask(kind)):
+        torch.testing.assert_close(A._flash(q, k, v, mask), reference_attention(q, k, v, mask), atol=1e-5,
+                                   rtol=1e-5)
+    assert A._flash(q, k, v, AttentionMask(kind, doc_ids=torch.tensor([[0] * 5 + [1] * 10 + [0] * 5] * 2))) is None
+
+
+@pytest.mark.parametrize("kind", ["causal", "prefix"])
+def test_flex_backend_on_cpu(kind):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    docs = torch.stack([runs([10, 14]), runs([3, 21])])
+    mask = AttentionMask(kind, doc_ids=docs, prefix_len=torch.tensor([12, 2]) if kind == "prefix" else None)
+    q, k, v = torch.randn(2, 4, 24, 16), torch.randn(2, 2, 24, 16), torch.randn(2, 2, 24, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention on CPU warns that it is the slow debugging path
+        got = A._flex(q, k, v, mask)
+    torch.testing.assert_close(got, reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ a training step end to end
+
+
+def test_tiny_model_step_triton_matches_sdpa():
+    from megatron_dual.model import DualTransformer
+    from megatron_dual.model.loss import labelled_loss
+
+    def build(backend: str) -> DualTransformer:
+        cfg = ModelConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, intermediate_size=96, vocab_size=101,
+                          max_seq_len=64, rope_theta=10_000.0, attention_backend=backend)
+        torch.manual_seed(0)
+        model = DualTransformer(cfg).to(DEVICE)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.2)
+        return model
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(16, 101, (2, 41), generator=g).to(DEVICE)
+    labels = torch.randint(16, 101, (2, 41), generator=g).to(DEVICE)
+    weights = torch.rand(2, 41, generator=g).to(DEVICE)
+    docs = torch.stack([runs([13, 28]), runs([41])]).to(DEVICE)
+    masks = [AttentionMask("causal", doc_ids=docs), AttentionMask("bidirectional", doc_ids=docs),
+             AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([5, 20], device=DEVICE))]
+    for mask in masks:
+        results = []
+        for backend in ("sdpa", "triton"):
+            model = build(backend)
+            loss = labelled_loss(model.head, model(ids, mask), labels, weights, 1e-4).weighted / labels.numel()
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        (ref_loss, ref_grads), (loss, grads) = results
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.parametrize("kind", ["causal", "bidirectional", "prefix"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16(kind, d, docs):
+    t = 1000
+    doc_ids = torch.stack([runs([300, 1, 499, 200]), runs([t])]) if docs else None
+    plen = torch.tensor([77, 500]) if kind == "prefix" else None
+    check(2, 8, 2, t, d, AttentionMask(kind, doc_ids=doc_ids, prefix_len=plen), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["flash", "flex"])
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_backend_parity(backend, kind):
+    if backend == "flash":
+        pytest.importorskip("flash_attn")
+    docs = torch.stack([runs([700, 324, 1000]), runs([2024])]).cuda()
+    mask = AttentionMask(kind, doc_ids=docs)
+    q = torch.randn(2, 8, 2024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, 2024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 2, 2024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn_like(q)
+    outs = []
+    for name in (backend, "triton"):
+        name_used, _ = A.select_backend(name, device="cuda", dtype=q.dtype, head_dim=64, mask=mask, q_len=2024,
+                                        k_len=2024)
+        assert name_used == name
+        out = attention(q, k, v, mask, backend=name)
+        outs.append((out, *torch.autograd.grad(out, (q, k, v), do)))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **TOL[torch.bfloat16])
