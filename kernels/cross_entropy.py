@@ -52,14 +52,15 @@ def _ce_stats_kernel(
     arg = 0
     for v0 in range(0, n_vocab, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)
+        ok = cols < n_vocab
+        x = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32)
         block_max = tl.max(x, axis=0)
         block_arg = tl.argmax(x, axis=0)
         new_m = tl.maximum(m, block_max)
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), axis=0)
         arg = tl.where(block_max > m, v0 + block_arg, arg)
         m = new_m
-        target += tl.sum(tl.where(cols == local_label, x, 0.0), axis=0)
+        target += tl.sum(tl.where(ok & (cols == local_label), x, 0.0), axis=0)
     tl.store(max_ptr + row, m)
     tl.store(sumexp_ptr + row, s)
     tl.store(target_ptr + row, target)

@@ -6,7 +6,7 @@ For each head vector ``x = [x1, x2]`` (halves of ``D``) and per-position ``cos``
 The backward is the inverse rotation (``sin -> -sin``) of the incoming gradient.
 
 Two entry points:
-- :func:`rotary_qkv_` rotates the q and k heads of a fused qkv projection of shape (B, T, H_total, D) *in place*
+- :func:`rotary_qkv_` rotates the q and k heads of a fused qkv projection of shape (B, T, H_total * D) *in place*
   (the v heads are left alone): no copies of q or k, the form the transformer uses.
 - :func:`apply_rotary` is an out-of-place drop-in for the reference on (B, H, T, D) tensors of any strides.
 """
@@ -108,25 +108,29 @@ class RotaryFunction(torch.autograd.Function):
 
 
 class RotaryQKVInplace(torch.autograd.Function):
-    """In-place rotary on the first ``n_rotated`` heads of a fused (B, T, H_total, D) qkv tensor."""
+    """In-place rotary on the first ``n_rotated`` heads of a fused qkv tensor (B, T, H_total * D)."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[override]
-                n_rotated: int) -> torch.Tensor:
-        _launch(qkv[:, :, :n_rotated], qkv[:, :, :n_rotated], cos, sin, backward=False)
+                n_rotated: int, head_dim: int) -> torch.Tensor:
+        heads = qkv.view(qkv.shape[0], qkv.shape[1], -1, head_dim)[:, :, :n_rotated]
+        _launch(heads, heads, cos, sin, backward=False)
         ctx.mark_dirty(qkv)
         ctx.save_for_backward(cos, sin)
-        ctx.n_rotated = n_rotated
+        ctx.n_rotated, ctx.head_dim = n_rotated, head_dim
         return qkv
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         cos, sin = ctx.saved_tensors
-        n = ctx.n_rotated
-        dqkv = torch.empty_like(grad)
-        dqkv[:, :, n:] = grad[:, :, n:]
-        _launch(grad[:, :, :n], dqkv[:, :, :n], cos, sin, backward=True)
-        return dqkv, None, None, None
+        n, d = ctx.n_rotated, ctx.head_dim
+        dqkv = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        g4 = grad.view(grad.shape[0], grad.shape[1], -1, d) if grad.stride(-1) == 1 else grad.reshape(
+            grad.shape[0], grad.shape[1], -1, d)
+        d4 = dqkv.view(g4.shape)
+        d4[:, :, n:] = g4[:, :, n:]
+        _launch(g4[:, :, :n], d4[:, :, :n], cos, sin, backward=True)
+        return dqkv, None, None, None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -134,14 +138,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return RotaryFunction.apply(x, cos, sin)
 
 
-def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int) -> torch.Tensor:
-    """Rotate heads ``[0, n_rotated)`` (q then k heads) of ``qkv`` (B, T, H_total, D) in place; returns ``qkv``.
+def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int,
+                head_dim: int) -> torch.Tensor:
+    """Rotate heads ``[0, n_rotated)`` (q then k heads) of ``qkv`` (B, T, H_total * D) in place; returns ``qkv``.
 
-    ``qkv`` must not be a leaf that requires grad nor a view of one; the output of the qkv projection
-    (``linear(x).view(B, T, H_total, D)``) is the intended input.
+    The intended input is the qkv projection's output itself (not a leaf that requires grad): rotating it rather
+    than a view of it keeps autograd from wrapping the op in a view-replay (CopySlices) node.
     """
-    if qkv.dim() != 4:
-        raise ValueError(f"rotary_qkv_ expects (B, T, H_total, D), got shape {tuple(qkv.shape)}")
-    if not 0 <= n_rotated <= qkv.shape[2]:
-        raise ValueError(f"n_rotated = {n_rotated} is outside [0, {qkv.shape[2]}] heads")
-    return RotaryQKVInplace.apply(qkv, cos, sin, n_rotated)
+    if qkv.dim() != 3 or qkv.shape[-1] % head_dim or qkv.stride(-1) != 1:
+        raise ValueError(f"rotary_qkv_ expects (B, T, H_total * {head_dim}) with unit last stride, got shape "
+                         f"{tuple(qkv.shape)}")
+    if not 0 <= n_rotated <= qkv.shape[-1] // head_dim:
+        raise ValueError(f"n_rotated = {n_rotated} is outside [0, {qkv.shape[-1] // head_dim}] heads")
+    return RotaryQKVInplace.apply(qkv, cos, sin, n_rotated, head_dim)

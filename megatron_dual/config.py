@@ -39,6 +39,7 @@ class ModelConfig:
     rope_theta: float = 160_000.0
     norm_eps: float = 1e-7
     attention_backend: str = "auto"  # auto | sdpa | triton | flash | flex (megatron_dual/model/attention.py)
+    fused_ops: str = "auto"  # fused Triton norm/rotary/SwiGLU/linear+CE: auto (triton on CUDA) | none | triton
 
     @property
     def kv_heads(self) -> int:
@@ -90,6 +91,10 @@ class DataConfig:
     seq_len: int = 2048
     valid_fraction: float = 0.01  # share of documents held out for validation
     seed: int = 1234
+    # Megatron's --data-path habit also works: "0.7 a 0.3 b" blends by weight, "a b" by tokens, globs allowed
+    repetitions: int = 0  # R: train on a unique subset of budget/R tokens seen exactly R times; 0: all documents
+    budget_tokens: int = 0  # T, the tokens training consumes; 0: train.steps x tokens per step
+    cache_dir: str = ""  # where large sample indexes are cached; "": <first prefix>_cache
 
 
 @dataclass
@@ -467,6 +472,8 @@ def validate(cfg: Config) -> None:
     _check(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "must be in (0, 1)")
     _check(m.attention_backend in ("auto", "sdpa", "triton", "flash", "flex"), "model.attention_backend",
            m.attention_backend, "one of auto, sdpa, triton, flash, flex")
+    _check(m.fused_ops in ("auto", "none", "triton"), "model.fused_ops", m.fused_ops,
+           "one of auto (triton on CUDA, none on CPU), none, triton")
 
     o = cfg.objective
     _check(0.0 <= o.alpha <= 1.0, "objective.alpha", o.alpha, "must be in [0, 1] (1 = pure AR, 0 = pure MD)")
@@ -499,6 +506,10 @@ def validate(cfg: Config) -> None:
     _check(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
            f"must not exceed model.max_seq_len = {m.max_seq_len}")
     _check(0 <= d.valid_fraction < 1, "data.valid_fraction", d.valid_fraction, "must be in [0, 1)")
+    _check(d.repetitions >= 0, "data.repetitions", d.repetitions,
+           "must be >= 0 (R >= 1: a unique subset of budget/R tokens seen R times; 0: every document)")
+    _check(d.budget_tokens >= 0, "data.budget_tokens", d.budget_tokens,
+           "must be >= 0 (0: train.steps x micro_batch_size x grad_accum x data-parallel ranks x seq_len)")
 
     t = cfg.train
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")

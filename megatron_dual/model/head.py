@@ -7,15 +7,18 @@ import math
 import torch
 from torch import nn
 
+from megatron_dual.model.fused import RMSNorm
+
 
 def trunc_normal_(weight: torch.Tensor, std: float) -> torch.Tensor:
     return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
 
 class LMHead(nn.Module):
-    def __init__(self, hidden_size: int, vocab_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, vocab_size: int, eps: float, fused_ops: str = "none") -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.fused_ops = fused_ops  # "triton"/"auto": labelled_loss uses the fused output linear + CE kernel
+        self.norm = RMSNorm(hidden_size, eps, fused_ops)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.out = nn.Linear(hidden_size, vocab_size, bias=True)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_dual.model.fused import use_triton
 from megatron_dual.model.head import LMHead
 
 IGNORE = -100
@@ -27,7 +28,8 @@ def labelled_loss(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor, weig
 
     Logits exist only for labelled positions (an MD batch at small t labels few), upcast to fp32 one chunk of
     ``chunk_size`` positions at a time. Autograd still keeps each chunk's logits for backward; the fused
-    linear + cross-entropy kernel is what removes them.
+    linear + cross-entropy kernel (used when ``head.fused_ops`` selects triton, see ``model/fused.py``) is what
+    removes them: it covers the head's output linear + bias, cross-entropy and z-loss, with its own chunking.
     """
     flat_labels = labels.reshape(-1)
     idx = (flat_labels != IGNORE).nonzero(as_tuple=True)[0]
@@ -38,6 +40,11 @@ def labelled_loss(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor, weig
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
     y = flat_labels.index_select(0, idx)
     w = weights.reshape(-1).index_select(0, idx).float()
+    if use_triton(getattr(head, "fused_ops", "none"), h):
+        from megatron_dual.kernels.cross_entropy import fused_linear_cross_entropy
+
+        fused = fused_linear_cross_entropy(head.features(h), head.out.weight, head.out.bias, y, w, z_loss)
+        return LossSums(fused.weighted, fused.nll, fused.z, fused.correct, count)
     total = h.new_zeros((), dtype=torch.float32)
     nll_sum = torch.zeros((), dtype=torch.float32, device=h.device)
     z_sum = torch.zeros((), dtype=torch.float32, device=h.device)

@@ -15,6 +15,7 @@ from torch import nn
 
 from megatron_dual.config import ModelConfig
 from megatron_dual.model.attention import AttentionMask, attention
+from megatron_dual.model.fused import RMSNorm, rotary_qkv, swiglu, use_triton
 from megatron_dual.model.head import LMHead, trunc_normal_
 from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
 
@@ -44,6 +45,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.d = cfg.n_heads, cfg.kv_heads, cfg.dim_head
         self.layer_idx = layer_idx
         self.backend = cfg.attention_backend
+        self.fused_ops = cfg.fused_ops
         self.qkv = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.d, bias=False)
         self.out = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=False)
 
@@ -54,11 +56,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
                 cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
-        q = q.view(b, t, self.n_heads, self.d).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.d).transpose(1, 2)
-        v = v.view(b, t, self.n_kv, self.d).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x)
+        if use_triton(self.fused_ops, qkv):  # q and k rotated in place on the projection's output
+            q, k, v = rotary_qkv(qkv, cos, sin, self.n_heads, self.n_kv, self.d)
+        else:
+            q, k, v = qkv.split(self.split_sizes, dim=-1)
+            q = q.view(b, t, self.n_heads, self.d).transpose(1, 2)
+            k = k.view(b, t, self.n_kv, self.d).transpose(1, 2)
+            v = v.view(b, t, self.n_kv, self.d).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             start = cache.length
             cache.k[self.layer_idx, :, :, start : start + t] = k
@@ -75,6 +81,7 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
+        self.fused_ops = cfg.fused_ops
         self.up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
@@ -83,16 +90,19 @@ class SwiGLU(nn.Module):
         return [self.intermediate, self.intermediate]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, gate = self.up(x).chunk(2, dim=-1)
+        h = self.up(x)
+        if use_triton(self.fused_ops, h):
+            return self.down(swiglu(h))
+        up, gate = h.chunk(2, dim=-1)
         return self.down(up * nn.functional.silu(gate))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.fused_ops)
         self.attn = Attention(cfg, layer_idx)
-        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.fused_ops)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
@@ -107,7 +117,7 @@ class DualTransformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.norm_eps)
+        self.head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.norm_eps, cfg.fused_ops)
         self.rope = RotaryEmbedding(cfg.dim_head, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
 

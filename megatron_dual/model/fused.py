@@ -1,0 +1,73 @@
+"""Dispatch between the plain PyTorch ops and the fused Triton kernels (``megatron_dual.kernels``).
+
+``ModelConfig.fused_ops``: ``auto`` uses the kernels on CUDA tensors (when triton imports) and PyTorch elsewhere,
+``none`` never uses them, ``triton`` always does (on CPU that needs ``TRITON_INTERPRET=1``, set before triton is
+first imported: the tests' mode). The decision is taken per call from the tensor's device, so one model moves
+between devices freely. The kernels are imported lazily: nothing here touches triton on the CPU default path.
+Parameter names are those of the unfused modules, so checkpoints load either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch import nn
+
+FUSED_OPS = ("auto", "none", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(mode: str, x: torch.Tensor) -> bool:
+    """Whether the fused kernels handle ``x`` under ``mode`` (one of :data:`FUSED_OPS`)."""
+    if mode == "none":
+        return False
+    if mode == "auto":
+        return x.is_cuda and triton_available()
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("model.fused_ops = 'triton' but triton is not installed (pip install triton)")
+        return True
+    raise ValueError(f"model.fused_ops = {mode!r}; allowed: {', '.join(FUSED_OPS)}")
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same ``weight``) that runs the fused kernel when :func:`use_triton` says so."""
+
+    def __init__(self, hidden_size: int, eps: float, fused_ops: str = "none") -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.fused_ops = fused_ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.fused_ops, x):
+            from megatron_dual.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+        return super().forward(x)
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
+               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused (B, T, (Hq + 2 Hkv) D) projection into rotated q, k and v of shape (B, H, T, D).
+
+    The rotation runs in place on the projection's output (one kernel over all q and k heads), so q and k are
+    views of ``qkv``, as in the unfused path.
+    """
+    from megatron_dual.kernels.rotary import rotary_qkv_
+
+    b, t, _ = qkv.shape
+    heads = rotary_qkv_(qkv, cos, sin, n_heads + n_kv, head_dim).view(b, t, n_heads + 2 * n_kv, head_dim)
+    q, k, v = heads.split([n_heads, n_kv, n_kv], dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """``up * silu(gate)`` of ``x = [up; gate]`` by the fused kernel."""
+    from megatron_dual.kernels.swiglu import swiglu as _swiglu
+
+    return _swiglu(x)
