@@ -25,9 +25,10 @@ import torch.distributed as dist
 import yaml
 
 from megatron_dual.config import Config, ConfigError, load_config
-from megatron_dual.data.indexed import IndexedDataset, index_file_path
+from megatron_dual.data.indexed import IndexedDataset
+from megatron_dual.data.loader import DataPathError, DataPlan, build_datasets, parse_data_path
 from megatron_dual.data.packing import PackedDataset
-from megatron_dual.data.sampler import ResumableSampler, dataset_fingerprint, split_documents
+from megatron_dual.data.sampler import ResumableSampler
 from megatron_dual.engine import checkpoint as ckpt
 from megatron_dual.engine.ddp import DDPEngine
 from megatron_dual.logging import MetricsLogger, Progress, plot_metrics
@@ -98,32 +99,51 @@ def peak_flops(device: torch.device) -> float | None:
 
 @dataclass
 class DataBundle:
-    train: PackedDataset
-    valid: PackedDataset | None
+    train: Any  # RepeatedPackedDataset or BlendedDataset: ds[i] -> {"tokens", "doc_ids"}, order already shuffled
+    valid: Any  # PackedDataset / BlendedDataset or None
     fingerprint: str
     tokenizer_vocab: int
+    plan: DataPlan | None = None
+    shuffle: bool = False  # whether the sampler should shuffle again (no: the datasets' order is the shuffle)
 
 
-def build_data(cfg: Config) -> DataBundle:
-    if not cfg.data.path:
+def build_data(cfg: Config, dp_size: int = 1) -> DataBundle:
+    """Datasets for ``cfg.data`` (megatron_dual.data.loader): blending by ``data.path`` weights, the unique subset of
+    ``budget/R`` tokens repeated exactly ``data.repetitions`` times, train/valid split by documents."""
+    d = cfg.data
+    if not d.path.strip():
         raise ConfigError("data.path is empty: set it to the prefix of a .bin/.idx pair "
                           "(e.g. --set data.path=data/corpus_text_document); see tools/preprocess_data.py")
-    if not Path(index_file_path(cfg.data.path)).exists():
-        raise ConfigError(f"data.path = {cfg.data.path!r}: {index_file_path(cfg.data.path)} does not exist")
-    indexed = IndexedDataset(cfg.data.path)
-    train_docs, valid_docs = split_documents(len(indexed), cfg.data.valid_fraction, cfg.data.seed)
-    train = PackedDataset(indexed, cfg.data.seq_len, train_docs)
+    step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * dp_size * d.seq_len
+    run_tokens = cfg.train.steps * step_tokens
+    budget = d.budget_tokens or run_tokens
+    if budget < run_tokens:
+        raise ConfigError(f"data.budget_tokens = {d.budget_tokens} is less than the {run_tokens:,} tokens training "
+                          f"consumes (train.steps {cfg.train.steps} x {step_tokens:,} tokens per step): raise it or "
+                          f"set it to 0")
+    try:
+        entries = parse_data_path(d.path)
+    except DataPathError as e:
+        raise ConfigError(str(e)) from e
+    first = entries[0][1]
+    cache_dir = d.cache_dir or f"{first}_cache"
+    try:
+        train, valid, fingerprint, plan = build_datasets(d.path, d.seq_len, d.seed, d.valid_fraction, budget,
+                                                         d.repetitions, cache_dir=cache_dir)
+    except ValueError as e:
+        raise ConfigError(f"data.path = {d.path!r}: {e}") from e
     if len(train) == 0:
-        raise ConfigError(f"data.path = {cfg.data.path!r} holds {train.num_tokens} training tokens: too few for one "
-                          f"sample of data.seq_len + 1 = {cfg.data.seq_len + 1} tokens")
-    valid = PackedDataset(indexed, cfg.data.seq_len, valid_docs) if len(valid_docs) else None
+        raise ConfigError(f"data.path = {d.path!r}: too few training tokens for one sample of data.seq_len + 1 = "
+                          f"{d.seq_len + 1} tokens")
     if valid is not None and len(valid) == 0:
         valid = None
-    max_id = int(max(indexed.get(i).max(initial=0) for i in range(min(len(indexed), 64))))
-    if max_id >= cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} but {cfg.data.path} holds token id {max_id}: "
-                          f"set model.vocab_size to the tokenizer's vocabulary size")
-    return DataBundle(train, valid, dataset_fingerprint(indexed, cfg.data.seq_len, train_docs), cfg.model.vocab_size)
+    for _, prefix in entries[:4]:
+        indexed = IndexedDataset(prefix)
+        max_id = int(max(indexed.get(i).max(initial=0) for i in range(min(len(indexed), 64))))
+        if max_id >= cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} but {prefix} holds token id {max_id}: "
+                              f"set model.vocab_size to the tokenizer's vocabulary size")
+    return DataBundle(train, valid, fingerprint, cfg.model.vocab_size, plan)
 
 
 def collate(dataset: PackedDataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +178,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
         self.precision = "bf16" if use_bf16 else "fp32"
 
-        self.data = build_data(cfg)
+        self.data = build_data(cfg, self.par.dp_size)
         torch.manual_seed(cfg.train.seed)
         self.model = DualTransformer(cfg.model).to(self.device)
         if self.par.tp_size > 1:
@@ -170,7 +190,8 @@ class Trainer:
             self.optimizers["muon"].distribute(self.par)
         self.schedulers = {k: build_scheduler(o, cfg.train.steps, cfg.schedule) for k, o in self.optimizers.items()}
         self.schedule: ObjectiveSchedule = self.par.schedule
-        self.sampler = ResumableSampler(len(self.data.train), cfg.data.seed, self.data.fingerprint)
+        self.sampler = ResumableSampler(len(self.data.train), cfg.data.seed, self.data.fingerprint,
+                                        shuffle=self.data.shuffle)
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["train"]

@@ -1,0 +1,474 @@
+"""Training data at scale: exact repetition, blending by weights, memory-mapped sample indexes.
+
+``data.path`` follows Megatron's ``--data-path`` habit: ``"prefix"``, ``"0.7 a 0.3 b"`` (weights, normalised), or
+``"a b"`` (no weights: weighted by training tokens). A prefix may be a glob pattern (``data/web_text_document_*``,
+the shards of ``--partitions``), which expands to every matching ``.idx``.
+
+Per dataset, documents are first split into train / validation (``split_documents``). Then, with a token budget T
+and a repetition factor R, the **unique subset** is the shortest prefix of a seeded permutation of the training
+documents that holds at least T/R tokens, and the training stream is R **passes** over it, pass e visiting the
+subset in its own seeded order. The stream is cut into samples of ``seq_len + 1`` tokens overlapping by one (sample
+s covers stream tokens ``[s*L, s*L + L + 1)``); samples are shuffled within their pass (again seeded per pass). So
+over the R passes every document of the subset is seen exactly R times and nothing else is seen, except that the
+last ``R*U mod L`` tokens of the stream (fewer than one sample) are dropped. R = 0 means "all training documents,
+as many passes as the budget needs". Everything is a pure function of (seed, pass, index).
+
+Several datasets are blended by weight: dataset d gets a budget of about ``w_d * T`` and its own R passes, and the
+global sample order interleaves them so that every prefix of the order holds each dataset's share to within one
+sample (dataset d's k-th sample is placed at "time" ``(k + 0.5) / w_d``; the order sorts those times).
+
+Indexes (per-pass document orders and offsets, per-pass sample permutations, the blend order) are numpy arrays
+built lazily; above ``DISK_CACHE_MIN`` entries they are written once to ``cache_dir`` as ``.npy`` files (temporary
+name, then rename) and memory-mapped, so a 10B-token corpus needs seconds and little resident memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_dual.data.indexed import IndexedDataset, index_file_path
+from megatron_dual.data.packing import PackedDataset
+from megatron_dual.data.sampler import dataset_fingerprint, split_documents
+
+__all__ = [
+    "parse_data_path",
+    "choose_subset",
+    "RepeatedPackedDataset",
+    "BlendedDataset",
+    "DataPlan",
+    "build_datasets",
+    "DISK_CACHE_MIN",
+]
+
+DISK_CACHE_MIN = 1 << 20  # arrays with at least this many entries go to the disk cache (when one is configured)
+_SUBSET_SALT = 0x5B5E7
+_PASS_SALT = 0xE90C4
+_SAMPLE_SALT = 0x5A3B1
+
+
+class DataPathError(ValueError):
+    """A ``data.path`` that cannot be parsed or resolved; the message names the value."""
+
+
+def parse_data_path(spec: str) -> list[tuple[float | None, str]]:
+    """``"0.7 a 0.3 b"`` -> ``[(0.7, "a"), (0.3, "b")]``; ``"a b"`` -> ``[(None, "a"), (None, "b")]``.
+
+    Glob patterns expand to every matching prefix (``*.idx`` files), a weighted pattern sharing its weight among
+    them in proportion to their tokens later. Raises DataPathError naming the value for a mix of weighted and
+    unweighted entries, a non-positive weight, or a prefix without ``.idx``.
+    """
+    parts = str(spec).split()
+    if not parts:
+        raise DataPathError("data.path is empty: set it to a dataset prefix, e.g. data/corpus_text_document")
+
+    def is_number(s: str) -> bool:
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    pairs: list[tuple[float | None, str]] = []
+    if is_number(parts[0]):
+        if len(parts) % 2:
+            raise DataPathError(f"data.path = {spec!r}: weighted form needs pairs 'weight prefix', got {len(parts)} "
+                                f"items")
+        for w, p in zip(parts[::2], parts[1::2], strict=True):
+            if not is_number(w):
+                raise DataPathError(f"data.path = {spec!r}: expected a weight before {p!r}, got {w!r}")
+            weight = float(w)
+            if not weight > 0 or not math.isfinite(weight):
+                raise DataPathError(f"data.path = {spec!r}: weight {w} of {p!r} must be a positive number")
+            pairs.append((weight, p))
+    else:
+        bad = [p for p in parts if is_number(p)]
+        if bad:
+            raise DataPathError(f"data.path = {spec!r}: mixes weights and prefixes ({bad[0]!r}); give a weight before "
+                                f"every prefix or none at all")
+        pairs = [(None, p) for p in parts]
+    out: list[tuple[float | None, str]] = []
+    for w, p in pairs:
+        if glob.has_magic(p):
+            found = sorted(f[: -len(".idx")] for f in glob.glob(p + ("" if p.endswith(".idx") else ".idx")))
+            if not found:
+                raise DataPathError(f"data.path = {spec!r}: pattern {p!r} matches no .idx file")
+            out += [(None if w is None else -w, f) for f in found]  # negative: a share of a group, resolved later
+        else:
+            if not os.path.exists(index_file_path(p)):
+                raise DataPathError(f"data.path = {spec!r}: {index_file_path(p)} does not exist")
+            out.append((w, p))
+    return out
+
+
+def choose_subset(train_docs: np.ndarray, lengths: np.ndarray, unique_tokens: int, seed: int) -> np.ndarray:
+    """The shortest prefix of a seeded permutation of ``train_docs`` holding at least ``unique_tokens`` tokens
+    (``lengths`` are the dataset's sequence lengths). Sorted int64. ValueError when all of them hold fewer."""
+    perm = np.random.default_rng([int(seed), _SUBSET_SALT]).permutation(train_docs.size)
+    cum = np.cumsum(lengths[train_docs[perm]], dtype=np.int64)
+    total = int(cum[-1]) if cum.size else 0
+    if total < unique_tokens:
+        raise ValueError(f"the unique subset needs {unique_tokens:,} tokens but the training documents hold only "
+                         f"{total:,}")
+    k = int(np.searchsorted(cum, unique_tokens, side="left")) + 1
+    return np.sort(train_docs[perm[:k]]).astype(np.int64)
+
+
+class _ArrayCache:
+    """Lazily built arrays keyed by name: kept in memory (LRU of ``keep``) and, when large and a directory is
+    given, saved once as ``<dir>/<name>.npy`` and memory-mapped thereafter."""
+
+    def __init__(self, directory: str | None, keep: int = 4) -> None:
+        self.directory = directory
+        self.keep = keep
+        self._mem: OrderedDict[str, tuple[np.ndarray, ...]] = OrderedDict()
+        self.built = 0  # how many entries were computed (not loaded): lets tests see the disk cache work
+
+    def get(self, name: str, build: Callable[[], tuple[np.ndarray, ...]], size_hint: int) -> tuple[np.ndarray, ...]:
+        if name in self._mem:
+            self._mem.move_to_end(name)
+            return self._mem[name]
+        arrays: tuple[np.ndarray, ...] | None = None
+        use_disk = self.directory is not None and size_hint >= DISK_CACHE_MIN
+        paths = [os.path.join(self.directory, f"{name}.{i}.npy") for i in range(8)] if use_disk else []
+        if use_disk and os.path.exists(paths[0]):
+            loaded = []
+            for p in paths:
+                if not os.path.exists(p):
+                    break
+                loaded.append(np.load(p, mmap_mode="r"))
+            arrays = tuple(loaded)
+        if arrays is None:
+            arrays = build()
+            self.built += 1
+            if use_disk:
+                assert self.directory is not None
+                os.makedirs(self.directory, exist_ok=True)
+                # later arrays first, the first one last: its presence means the entry is complete
+                for i in reversed(range(len(arrays))):
+                    tmp = f"{paths[i]}.tmp-{os.getpid()}.npy"
+                    np.save(tmp, arrays[i])
+                    os.replace(tmp, paths[i])
+                arrays = tuple(np.load(p, mmap_mode="r") for p in paths[: len(arrays)])
+        self._mem[name] = arrays
+        while len(self._mem) > self.keep:
+            self._mem.popitem(last=False)
+        return arrays
+
+
+class RepeatedPackedDataset:
+    """R passes over ``documents`` of ``dataset`` (see the module docstring), cut into samples of ``seq_len + 1``
+    tokens; ``ds[p]`` is the sample at position p of the (per-pass shuffled) order: ``{"tokens", "doc_ids"}``."""
+
+    def __init__(self, dataset: IndexedDataset, documents: np.ndarray, seq_len: int, passes: int, seed: int,
+                 cache_dir: str | None = None, shuffle: bool = True) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len = {seq_len}: must be >= 1")
+        if passes < 1:
+            raise ValueError(f"passes = {passes}: must be >= 1")
+        self.dataset = dataset
+        self.documents = np.asarray(documents, dtype=np.int64)
+        self.seq_len = int(seq_len)
+        self.passes = int(passes)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self._lengths = dataset.sequence_lengths[self.documents].astype(np.int64)
+        self.unique_tokens = int(self._lengths.sum())
+        if self.unique_tokens < 1:
+            raise ValueError(f"{dataset.prefix}: the chosen documents hold no tokens")
+        # the last sample may read one token of pass R (a label across a document boundary: never trained on)
+        self.num_samples = self.passes * self.unique_tokens // self.seq_len
+        key = hashlib.sha256()
+        key.update(dataset.prefix.encode())
+        key.update(struct.pack("<qqqq", self.seq_len, self.seed, self.unique_tokens, int(self.shuffle)))
+        key.update(self.documents.tobytes())
+        self.key = key.hexdigest()[:16]
+        self._cache = _ArrayCache(cache_dir)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    # --------------------------------------------------------------------------------------------- pass indexes
+    def pass_index(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document order, offsets) of pass ``e``: the subset in pass e's order and the stream offset (within the
+        pass) where each starts, plus the pass's total at the end."""
+
+        def build() -> tuple[np.ndarray, np.ndarray]:
+            n = self.documents.size
+            order = np.random.default_rng([self.seed, _PASS_SALT, e]).permutation(n) if self.shuffle else np.arange(n)
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(self._lengths[order], out=offsets[1:])
+            idx_dtype = np.uint32 if len(self.dataset) < 2**32 else np.int64
+            return self.documents[order].astype(idx_dtype), offsets
+
+        return self._cache.get(f"{self.key}_pass{e}", build, self.documents.size)  # type: ignore[return-value]
+
+    def pass_documents(self, e: int) -> np.ndarray:
+        return np.asarray(self.pass_index(e)[0], dtype=np.int64)
+
+    def _block_start(self, e: int) -> int:
+        """First sample whose start token lies in pass e."""
+        return min(self.num_samples, -(-e * self.unique_tokens // self.seq_len))
+
+    def _sample_perm(self, e: int) -> np.ndarray:
+        lo, hi = self._block_start(e), self._block_start(e + 1)
+
+        def build() -> tuple[np.ndarray]:
+            n = hi - lo
+            if not self.shuffle:
+                return (np.arange(n, dtype=np.int64),)
+            return (np.random.default_rng([self.seed, _SAMPLE_SALT, e]).permutation(n).astype(np.int64),)
+
+        return self._cache.get(f"{self.key}_samples{e}_{self.num_samples}", build, hi - lo)[0]
+
+    def sample_at(self, position: int) -> int:
+        """The stream sample index at ``position`` of the order."""
+        U, L = self.unique_tokens, self.seq_len
+        e = min(position * L // U, self.passes - 1)
+        while e > 0 and self._block_start(e) > position:
+            e -= 1
+        while self._block_start(e + 1) <= position:
+            e += 1
+        lo = self._block_start(e)
+        return lo + int(self._sample_perm(e)[position - lo])
+
+    # ------------------------------------------------------------------------------------------------ samples
+    def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stream tokens ``[start, start + count)`` and, per token, whether a document starts there."""
+        U = self.unique_tokens
+        pieces: list[np.ndarray] = []
+        starts: list[np.ndarray] = []
+        pos, end = start, start + count
+        while pos < end:
+            e, local = divmod(pos, U)
+            take = min(end - pos, U - local)
+            docs, offsets = self.pass_index(e)
+            first = int(np.searchsorted(offsets, local, side="right")) - 1
+            last = int(np.searchsorted(offsets, local + take - 1, side="right")) - 1
+            for k in range(first, last + 1):
+                lo = max(local, int(offsets[k]))
+                hi = min(local + take, int(offsets[k + 1]))
+                if hi > lo:
+                    pieces.append(self.dataset.get(int(docs[k]), lo - int(offsets[k]), hi - lo))
+                    mark = np.zeros(hi - lo, dtype=bool)
+                    mark[0] = lo == int(offsets[k])
+                    starts.append(mark)
+            pos += take
+        return np.concatenate(pieces), np.concatenate(starts)
+
+    def __getitem__(self, position: int) -> dict[str, np.ndarray]:
+        n = self.num_samples
+        if not isinstance(position, (int, np.integer)):
+            raise TypeError(f"sample index must be an integer, got {type(position).__name__}")
+        p = int(position)
+        if p < 0:
+            p += n
+        if not 0 <= p < n:
+            raise IndexError(f"sample index {p} out of range for {n} samples")
+        s = self.sample_at(p)
+        tokens, is_start = self.read(s * self.seq_len, self.seq_len + 1)
+        is_start[0] = False  # ids are local to the sample: the first (partial) document is 0
+        return {"tokens": tokens.astype(np.int64), "doc_ids": np.cumsum(is_start, dtype=np.int64)}
+
+    def __repr__(self) -> str:
+        return (f"RepeatedPackedDataset({self.dataset.prefix!r}, documents={self.documents.size}, "
+                f"unique_tokens={self.unique_tokens}, passes={self.passes}, samples={self.num_samples})")
+
+
+class BlendedDataset:
+    """Interleaves ``datasets`` by ``weights`` into ``size`` samples; ``ds[p]`` is sample ``p`` of the blend.
+
+    Dataset d's k-th sample sits at time ``(k + 0.5) / w_d``; the order sorts the times (ties by dataset), so every
+    prefix of n samples holds ``w_d * n`` of dataset d to within one. ``source(p)`` -> (dataset, its index)."""
+
+    def __init__(self, datasets: list, weights: list[float], size: int, cache_dir: str | None = None,
+                 name: str = "blend") -> None:
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
+        w = np.asarray(weights, dtype=np.float64)
+        if np.any(w <= 0):
+            raise ValueError(f"weights {weights}: must be positive")
+        self.datasets = datasets
+        self.weights = w / w.sum()
+        self.size = int(size)
+        key = hashlib.sha256(repr((name, self.weights.tolist(), self.size)).encode()).hexdigest()[:16]
+        self._key = f"blend_{key}"
+        self._cache = _ArrayCache(cache_dir, keep=1)
+        counts = self.counts()
+        for d, (ds, c) in enumerate(zip(datasets, counts, strict=True)):
+            if c > len(ds):
+                raise ValueError(f"dataset {d} ({getattr(ds, 'dataset', ds)!r}) has {len(ds)} samples but the blend "
+                                 f"needs {c}")
+
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        def build() -> tuple[np.ndarray, np.ndarray]:
+            times, which, local = [], [], []
+            for d, wd in enumerate(self.weights):
+                n = int(math.ceil(wd * self.size)) + 1
+                k = np.arange(n, dtype=np.int64)
+                times.append((k + 0.5) / wd)
+                which.append(np.full(n, d, dtype=np.int16))
+                local.append(k)
+            t = np.concatenate(times)
+            order = np.lexsort((np.concatenate(which), t))[: self.size]
+            return np.concatenate(which)[order], np.concatenate(local)[order]
+
+        return self._cache.get(self._key, build, self.size)  # type: ignore[return-value]
+
+    def counts(self) -> list[int]:
+        which, _ = self._index()
+        return np.bincount(np.asarray(which), minlength=len(self.datasets)).tolist()
+
+    def source(self, p: int) -> tuple[int, int]:
+        which, local = self._index()
+        return int(which[p]), int(local[p])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, p: int) -> dict[str, np.ndarray]:
+        if not isinstance(p, (int, np.integer)):
+            raise TypeError(f"sample index must be an integer, got {type(p).__name__}")
+        p = int(p)
+        if p < 0:
+            p += self.size
+        if not 0 <= p < self.size:
+            raise IndexError(f"sample index {p} out of range for {self.size} samples")
+        d, k = self.source(p)
+        return self.datasets[d][k]
+
+
+@dataclass
+class DataPlan:
+    """What ``build_datasets`` decided, for logs and checks."""
+
+    prefixes: list[str]
+    weights: list[float]
+    budget_tokens: int
+    repetitions: int  # 0: as many passes as needed over all training documents
+    unique_tokens: list[int] = field(default_factory=list)
+    passes: list[int] = field(default_factory=list)
+    train_documents: list[int] = field(default_factory=list)
+    subset_documents: list[int] = field(default_factory=list)
+
+    def describe(self) -> str:
+        rows = []
+        for p, w, u, r, n in zip(self.prefixes, self.weights, self.unique_tokens, self.passes, self.subset_documents,
+                                 strict=True):
+            rows.append(f"{p} (weight {w:.3f}): {n:,} documents, {u:,} unique tokens x {r} passes")
+        return f"budget {self.budget_tokens:,} tokens, R = {self.repetitions or 'auto'}; " + "; ".join(rows)
+
+
+def _fingerprint(parts: list[str], plan: DataPlan, seq_len: int, seed: int) -> str:
+    h = hashlib.sha256(b"megatron-dual/blend/v1")
+    h.update(repr((plan.weights, plan.budget_tokens, plan.repetitions, plan.passes, seq_len, seed)).encode())
+    for p in parts:
+        h.update(p.encode())
+    return h.hexdigest()
+
+
+def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, budget_tokens: int, repetitions: int,
+                   cache_dir: str | None = None) -> tuple[BlendedDataset | RepeatedPackedDataset,
+                                                         BlendedDataset | PackedDataset | None, str, DataPlan]:
+    """Train dataset, validation dataset (or None), fingerprint and plan for ``data.path`` (see module docstring).
+
+    ``budget_tokens`` (> 0): the tokens training will consume; ``repetitions`` R >= 1 picks a unique subset of
+    budget/R tokens per dataset (its share of the budget), R = 0 uses every training document. ``cache_dir``: where
+    large indexes go (``None``: memory only). Raises ValueError naming the dataset when it cannot hold its share.
+    """
+    if budget_tokens < 1:
+        raise ValueError(f"budget_tokens = {budget_tokens}: must be >= 1")
+    if repetitions < 0:
+        raise ValueError(f"repetitions = {repetitions}: must be >= 0")
+    entries = parse_data_path(path)
+    datasets = [IndexedDataset(p) for _, p in entries]
+    splits = [split_documents(len(ds), valid_fraction, seed) for ds in datasets]
+    train_tokens = [int(ds.sequence_lengths[tr].sum(dtype=np.int64)) for ds, (tr, _) in zip(datasets, splits,
+                                                                                          strict=True)]
+    # weights: explicit, a group's weight shared by tokens (negative marks), or all by tokens when none given
+    raw = [w for w, _ in entries]
+    weights = [0.0] * len(entries)
+    group_total: dict[float, int] = {}
+    for w, t in zip(raw, train_tokens, strict=True):
+        if w is not None and w < 0:
+            group_total[w] = group_total.get(w, 0) + t
+    for i, (w, t) in enumerate(zip(raw, train_tokens, strict=True)):
+        if w is None:
+            weights[i] = float(t)
+        elif w < 0:
+            weights[i] = -w * t / max(group_total[w], 1)
+        else:
+            weights[i] = w
+    if all(w is None for w in raw) and sum(weights) == 0:
+        raise ValueError(f"data.path = {path!r}: the datasets hold no training tokens")
+    total_w = sum(weights)
+    weights = [w / total_w for w in weights]
+
+    L = seq_len
+    n_total = max(1, budget_tokens // L)
+    plan = DataPlan([p for _, p in entries], weights, budget_tokens, repetitions)
+    trains: list[RepeatedPackedDataset] = []
+    valids: list[tuple[PackedDataset, float]] = []
+    parts: list[str] = []
+    for (_, prefix), ds, (tr, va), w in zip(entries, datasets, splits, weights, strict=True):
+        if w == 0:
+            raise ValueError(f"{prefix}: holds no training tokens (data.path = {path!r})")
+        # this dataset's share: enough samples for any blend prefix (+2 for rounding), in tokens
+        need_tokens = (int(math.ceil(w * n_total)) + 2) * L
+        if repetitions > 0:
+            unique = -(-need_tokens // repetitions)
+            try:
+                subset = choose_subset(tr, ds.sequence_lengths, unique, seed)
+            except ValueError as e:
+                raise ValueError(
+                    f"{prefix}: data.repetitions = {repetitions} with a budget of {budget_tokens:,} tokens gives this "
+                    f"dataset (weight {w:.3f}) {need_tokens:,} tokens, so {unique:,} unique ones, but {e.args[0]}: "
+                    f"lower data.repetitions, the budget or the weight, or add data"
+                ) from e
+            passes = repetitions
+        else:
+            subset = tr
+            total = int(ds.sequence_lengths[tr].sum(dtype=np.int64))
+            if total < 1:
+                raise ValueError(f"{prefix}: the training documents hold no tokens")
+            passes = max(1, -(-(need_tokens + L) // total))
+        rp = RepeatedPackedDataset(ds, subset, L, passes, seed, cache_dir=cache_dir)
+        trains.append(rp)
+        plan.unique_tokens.append(rp.unique_tokens)
+        plan.passes.append(passes)
+        plan.train_documents.append(int(tr.size))
+        plan.subset_documents.append(int(subset.size))
+        parts.append(dataset_fingerprint(ds, L, subset))
+        if va.size:
+            v = PackedDataset(ds, L, va)
+            if len(v):
+                valids.append((v, w))
+    fingerprint = _fingerprint(parts, plan, L, seed)
+    if len(trains) == 1:
+        train: BlendedDataset | RepeatedPackedDataset = trains[0]
+    else:
+        size = min(n_total, min(int(len(t) / w) for t, w in zip(trains, weights, strict=True)))
+        train = BlendedDataset(trains, weights, size, cache_dir=cache_dir, name=fingerprint)
+    valid: BlendedDataset | PackedDataset | None = None
+    if len(valids) == 1:
+        valid = valids[0][0]
+    elif valids:
+        vw = [w for _, w in valids]
+        size = min(int(len(v) * sum(vw) / w) for v, w in valids)
+        for _ in range(3):  # the interleave may ask one sample more of a dataset than the ratio: shrink until it fits
+            try:
+                valid = BlendedDataset([v for v, _ in valids], vw, size, name="valid")
+                break
+            except ValueError:
+                size -= len(valids)
+        if valid is None:
+            valid = valids[0][0]
+    return train, valid, fingerprint, plan
