@@ -36,6 +36,7 @@ __all__ = [
     "best_dtype",
     "IndexedDatasetWriter",
     "IndexedDataset",
+    "merge_datasets",
 ]
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -368,3 +369,65 @@ class IndexedDataset:
             f"IndexedDataset({self.prefix!r}, sequences={len(self)}, tokens={self.num_tokens}, "
             f"dtype={np.dtype(self.dtype).name})"
         )
+
+
+def merge_datasets(prefixes: Sequence[str], output_prefix: str, chunk_sequences: int = 1 << 22) -> dict[str, int]:
+    """Concatenate the datasets at ``prefixes`` into ``output_prefix`` (sequences and document boundaries kept, in
+    order), streaming: ``.bin`` files are copied in blocks and the index written in chunks of ``chunk_sequences``,
+    so memory does not grow with the corpus. All inputs must share a dtype (ValueError naming the first that does
+    not). Written to temporary names and renamed at the end (``.idx`` last). Returns sequence/document/token counts.
+    """
+    if not prefixes:
+        raise ValueError("merge_datasets: no input prefixes")
+    if any(os.path.abspath(p) == os.path.abspath(output_prefix) for p in prefixes):
+        raise ValueError(f"merge_datasets: output prefix {output_prefix} is also an input")
+    dss = [IndexedDataset(p) for p in prefixes]
+    dtype = np.dtype(dss[0].dtype)
+    for ds in dss[1:]:
+        if np.dtype(ds.dtype) != dtype:
+            raise ValueError(f"{ds.prefix}: dtype {np.dtype(ds.dtype).name} differs from {dss[0].prefix}'s "
+                             f"{dtype.name}; re-tokenize with the same tokenizer")
+    n_seq = sum(len(ds) for ds in dss)
+    n_doc = sum(len(ds.document_indices) - 1 for ds in dss) + 1
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
+    suffix = f".tmp-{os.getpid()}"
+    bin_tmp, idx_tmp = data_file_path(output_prefix) + suffix, index_file_path(output_prefix) + suffix
+    try:
+        with open(bin_tmp, "wb") as out:
+            for ds in dss:
+                with open(data_file_path(ds.prefix), "rb") as f:
+                    while block := f.read(1 << 24):
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        with open(idx_tmp, "wb") as out:
+            out.write(INDEX_HEADER + struct.pack("<Q", _VERSION) + struct.pack("<B", _dtype_code(dtype)))
+            out.write(struct.pack("<QQ", n_seq, n_doc))
+            for ds in dss:
+                for lo in range(0, len(ds), chunk_sequences):
+                    out.write(np.ascontiguousarray(ds.sequence_lengths[lo : lo + chunk_sequences], "<i4").tobytes())
+            base = 0
+            for ds in dss:
+                for lo in range(0, len(ds), chunk_sequences):
+                    out.write((ds.sequence_pointers[lo : lo + chunk_sequences] + base).astype("<i8").tobytes())
+                base += ds.num_tokens * dtype.itemsize
+            out.write(struct.pack("<q", 0))
+            seq_base = 0
+            for ds in dss:
+                doc = ds.document_indices
+                for lo in range(1, len(doc), chunk_sequences):
+                    out.write((doc[lo : lo + chunk_sequences] + seq_base).astype("<i8").tobytes())
+                seq_base += len(ds)
+            out.flush()
+            os.fsync(out.fileno())
+        idx = index_file_path(output_prefix)
+        if os.path.exists(idx):
+            os.unlink(idx)
+        os.replace(bin_tmp, data_file_path(output_prefix))
+        os.replace(idx_tmp, idx)
+    except BaseException:
+        for p in (bin_tmp, idx_tmp):
+            if os.path.exists(p):
+                os.unlink(p)
+        raise
+    return {"sequences": n_seq, "documents": n_doc - 1, "tokens": sum(ds.num_tokens for ds in dss)}
