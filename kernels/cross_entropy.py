@@ -189,8 +189,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                                          2.0 * z_loss, BLOCK_V=block_v)
                 if dh is not None:
                     torch.mm(logits, wc, out=dh[start:end])
-                if dw is not None:
-                    dw += (logits.t() @ h_c).float()
+                if dw is not None:  # fp32 accumulation over chunks (bf16 products, as the unfused linear's)
+                    if cdt == torch.float32:
+                        dw.addmm_(logits.t(), h_c)
+                    else:
+                        dw += (logits.t() @ h_c).float()
                 if db is not None:
                     db += logits.sum(0, dtype=torch.float32)
             weighted = nll_sum + z_loss * z_sum

