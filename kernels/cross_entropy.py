@@ -16,7 +16,9 @@ Vocab-parallel variant: pass ``group`` (a tensor-parallel process group) and the
 ``b`` (V / tp,), shard r holding vocabulary ids ``[r * V / tp, (r + 1) * V / tp)``; per chunk the max is
 all-reduced (MAX), then the rescaled sum-exp and the target logit (SUM), and the argmax (MIN over shards that hold
 the global max). Every rank returns the same sums; dW and db are local shards; dh is the sum over shards
-(all-reduced here when ``reduce_input_grad``; pass False when the caller's own TP mapping reduces it).
+(all-reduced here when ``reduce_input_grad``; pass False when the caller's own TP mapping reduces it). ``h``,
+labels and weights must be the same on every rank of the group (tokens are not sharded: gather a sequence-parallel
+input first).
 
 Labels equal to ``ignore_index`` contribute nothing. Under autocast the matmuls run in the autocast dtype (as the
 unfused ``nn.Linear`` would) and the statistics in fp32.
@@ -120,7 +122,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
         token_weights: torch.Tensor | None, z_loss: float, chunk_size: int | None,
-        group: dist.ProcessGroup | None, ignore_index: int, reduce_input_grad: bool,
+        group: dist.ProcessGroup | None, ignore_index: int, reduce_input_grad: bool, grad_enabled: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
             raise ValueError(f"features {tuple(h.shape)} and weight {tuple(weight.shape)} do not form (N, H) x (V, H)")
@@ -132,7 +134,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         tp = dist.get_world_size(group) if group is not None else 1
         vocab_start = dist.get_rank(group) * v_local if group is not None else 0
         cdt = _compute_dtype(h)
-        need_grad = any(ctx.needs_input_grad[:3])
+        # needs_input_grad stays True under no_grad (e.g. validation): the caller's grad mode decides
+        wants = [grad_enabled and bool(x) for x in ctx.needs_input_grad[:3]]
+        need_grad = any(wants)
         labels = labels.contiguous()
         valid = labels != ignore_index
         scale = valid.float() if token_weights is None else torch.where(valid, token_weights.float(), 0.0)
@@ -141,10 +145,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         hc = h.to(cdt)
         wc = weight.to(cdt)
         bc = bias.to(cdt) if bias is not None else None
-        dh = torch.empty((n, hidden), dtype=cdt, device=device) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros((v_local, hidden), dtype=torch.float32, device=device) if ctx.needs_input_grad[1] else None
-        db = (torch.zeros(v_local, dtype=torch.float32, device=device)
-              if bias is not None and ctx.needs_input_grad[2] else None)
+        dh = torch.empty((n, hidden), dtype=cdt, device=device) if wants[0] else None
+        dw = torch.zeros((v_local, hidden), dtype=torch.float32, device=device) if wants[1] else None
+        db = torch.zeros(v_local, dtype=torch.float32, device=device) if bias is not None and wants[2] else None
         weighted = torch.zeros((), dtype=torch.float32, device=device)
         nll_sum = torch.zeros((), dtype=torch.float32, device=device)
         z_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -211,7 +214,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         gh = (dh * g).to(h_dtype) if dh is not None else None
         gw = (dw * g).to(w_dtype) if dw is not None else None
         gb = (db * g).to(b_dtype) if db is not None and b_dtype is not None else None
-        return gh, gw, gb, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -229,5 +232,5 @@ def fused_linear_cross_entropy(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     weighted, nll, z, correct = FusedLinearCrossEntropy.apply(
         h, weight, bias, labels, token_weights, float(z_loss), chunk_size, group, int(ignore_index),
-        bool(reduce_input_grad))
+        bool(reduce_input_grad), torch.is_grad_enabled())
     return FusedCESums(weighted, nll, z, correct)

@@ -8,6 +8,8 @@ masked), e.g. 100, 1024 or 3554.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -72,10 +74,15 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_programs(n_rows: int, device: torch.device) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, 4 * sms))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return max(1, min(n_rows, 4 * _sm_count(index)))
     return max(1, min(n_rows, 4))  # the interpreter: few programs, rows looped inside each
 
 

@@ -221,6 +221,20 @@ def test_fused_ce_all_ignored_no_bias_and_grad_scale():
         torch.testing.assert_close(c, -3.0 * a)
 
 
+def test_fused_ce_no_grad_matches(monkeypatch):
+    import megatron_dual.kernels.cross_entropy as ce
+
+    h, w, b, y, tw = ce_inputs(17, 16, 60, torch.float32, seed=9)
+    with_grad = fused_linear_cross_entropy(h, w, b, y, tw, z_loss=1e-3, chunk_size=8)
+    launches = []
+    monkeypatch.setattr(ce, "_ce_grad_kernel", type("Spy", (), {"__getitem__": lambda self, g: launches.append(g)})())
+    with torch.no_grad():  # validation: sums only, no gradient kernels
+        got = fused_linear_cross_entropy(h, w, b, y, tw, z_loss=1e-3, chunk_size=8)
+    assert not got.weighted.requires_grad and launches == []
+    for f in ("weighted", "nll", "z", "correct"):
+        torch.testing.assert_close(getattr(got, f), getattr(with_grad, f).detach())
+
+
 def test_fused_ce_under_cpu_autocast_matches_unfused_path():
     if DEV != "cpu":
         pytest.skip("CPU autocast variant")
