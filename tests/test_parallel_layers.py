@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_dual.config import ConfigError, ModelConfig, load_config
+from megatron_dual.config import ConfigError, ModelConfig, OptimizerConfig, load_config
 from megatron_dual.model.loss import IGNORE, labelled_loss, reference_loss
 from megatron_dual.model.transformer import DualTransformer
 from megatron_dual.objectives import ar_batch, md_batch
+from megatron_dual.optim.muon import build_optimizers
 from megatron_dual.parallel.layers import (
     check_tp_divisibility,
     gather_state_dict,
@@ -92,6 +93,7 @@ def _ce_inputs():
 # ------------------------------------------------------------------------------------------------ worker
 def _tp_worker(rank: int, world: int, tps: list[int]) -> dict:
     from megatron_dual.parallel.cross_entropy import parallel_labelled_loss, vocab_parallel_loss_sums
+    from megatron_dual.parallel.layers import ColumnParallelLinear
     from megatron_dual.parallel.mappings import all_gather_along
     from megatron_dual.parallel.state import ParallelState
     from megatron_dual.parallel.tensor_parallel import parallelize_model, sync_sequence_parallel_grads
@@ -110,6 +112,9 @@ def _tp_worker(rank: int, world: int, tps: list[int]) -> dict:
                                            getattr(p, "tensor_parallel_splits", None),
                                            getattr(p, "sequence_parallel", False))
                                        for n, p in model.named_parameters()}
+            ar = _batches()["ar"]
+            with torch.no_grad():  # inference path: full logits gathered over the vocabulary (and sequence)
+                out[(tp, key, "logits")] = model.logits(ar.input_ids, ar.mask)
             for obj, batch in _batches().items():
                 hidden, sums = _step(model, batch, parallel_labelled_loss)
                 if sp:
@@ -120,6 +125,17 @@ def _tp_worker(rank: int, world: int, tps: list[int]) -> dict:
                     "correct": sums.correct, "count": sums.count,
                     "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
                 }
+            # one optimizer step on the MD gradients: distributed Muon (TP shards gathered, owners over DP) + AdamW
+            optimizers = build_optimizers(model, OptimizerConfig(lr=0.02))
+            optimizers["muon"].distribute(par)
+            for o in optimizers.values():
+                o.step()
+            out[(tp, key, "params")] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        # a column-parallel layer with row blocks and gather_output returns the full layer's output
+        full_qkv = _model(_cfg(True)).layers[0].attn.qkv
+        layer = ColumnParallelLinear.from_linear(full_qkv, group, splits=[32, 16, 16], gather_output=True)
+        x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(4))
+        out[(tp, "gather_output")] = (layer(x) - full_qkv(x)).abs().max().item()
         logits, labels, weights = _ce_inputs()
         local = logits.chunk(tp, dim=-1)[par.tp_rank].clone().requires_grad_()
         sums = vocab_parallel_loss_sums(local, labels, weights, Z, group)
@@ -147,6 +163,13 @@ def reference() -> dict:
             ref[(key, obj)] = {"hidden": hidden, "weighted": sums.weighted.detach(), "nll": sums.nll, "z": sums.z,
                                "correct": sums.correct, "count": sums.count,
                                "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
+        ar = _batches()["ar"]
+        with torch.no_grad():
+            ref[(key, "logits")] = model.logits(ar.input_ids, ar.mask)
+        optimizers = build_optimizers(model, OptimizerConfig(lr=0.02))
+        for o in optimizers.values():
+            o.step()
+        ref[(key, "params")] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return ref
 
 
@@ -164,6 +187,9 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     diff = (got - want).abs().max().item() if got.numel() else 0.0
     kind = name.split(":")[0]
     MAX_DIFF[kind] = max(MAX_DIFF.get(kind, 0.0), diff)
+    if got.numel():
+        rel = diff / max(want.abs().max().item(), 1e-12)
+        MAX_DIFF[kind + "_rel"] = max(MAX_DIFF.get(kind + "_rel", 0.0), rel)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=lambda s: f"{name}: {s}")
 
 
@@ -177,6 +203,9 @@ def test_tensor_parallel_equals_single_process(runs, reference, world, tp, key):
     cfg = _cfg(dict((c[0], c[1]) for c in CASES)[key])
     for r, res in enumerate(results):
         assert res[(tp, key, "shards_exact")], f"rank {r}: parallelize_model's shards differ from shard_state_dict"
+    for r, res in enumerate(results):
+        _close(f"logits:{key}/tp{tp}/rank{r}", res[(tp, key, "logits")], reference[(key, "logits")])
+        assert res[(tp, "gather_output")] < 1e-5
     for obj in ("ar", "md"):
         want = reference[(key, obj)]
         for r, res in enumerate(results):
@@ -194,6 +223,18 @@ def test_tensor_parallel_equals_single_process(runs, reference, world, tp, key):
             for n, g in want["grads"].items():
                 assert full[n].shape == g.shape, n
                 _close(f"grad:{key}/{obj}/tp{tp}/{n}", full[n], g)
+
+
+@pytest.mark.parametrize("world,tp", LAYOUTS, ids=lambda x: str(x))
+@pytest.mark.parametrize("key", [c[0] for c in CASES])
+def test_optimizer_step_equals_single_process(runs, reference, world, tp, key):
+    """Distributed Muon (megatron_dual.optim.muon) reassembles the TP shards through their attributes."""
+    results = runs[world]
+    cfg = _cfg(dict((c[0], c[1]) for c in CASES)[key])
+    for d in range(world // tp):
+        full = gather_state_dict([results[d * tp + t][(tp, key, "params")] for t in range(tp)], cfg)
+        for n, p in reference[(key, "params")].items():
+            _close(f"param:{key}/tp{tp}/{n}", full[n], p)
 
 
 @pytest.mark.parametrize("world,tp", LAYOUTS, ids=lambda x: str(x))
@@ -352,7 +393,6 @@ def test_convert_checkpoint_round_trip(tmp_path):
     from safetensors.torch import load_file
 
     from megatron_dual.engine.checkpoint import save_checkpoint
-    from megatron_dual.optim.muon import build_optimizers
     from megatron_dual.parallel.resharding import read_checkpoint
 
     tool = _load_tool()
