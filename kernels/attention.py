@@ -81,6 +81,18 @@ def _pos_mask(q_pos, k_pos, plen, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _pos_mask_t(k_pos, q_pos, plen, MASK_KIND: tl.constexpr):
+    """The transpose of :func:`_pos_mask`, (BLOCK_N, BLOCK_M), built directly in the key-major layout."""
+    if MASK_KIND == 1:
+        ok = k_pos[:, None] <= q_pos[None, :]
+    elif MASK_KIND == 2:
+        ok = (k_pos[:, None] <= q_pos[None, :]) | (k_pos[:, None] < plen)
+    else:
+        ok = (k_pos[:, None] >= 0) & (q_pos[None, :] >= 0)
+    return ok
+
+
+@triton.jit
 def _query_tile_key_range(start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI, sdoc,
                           MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
@@ -153,7 +165,7 @@ def _fwd_kernel(Q, K, V, O, LSE, DOCS, DOC_LO, DOC_HI, PREFIX, scale_log2,
                 H, GROUP, T_Q, T_K, Q_OFFSET, SEQ_BUCKET, GROUP_KEY,
                 HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, under a causal mask) query tiles first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -209,7 +221,7 @@ def _bwd_kv_tiles(dk, dv, k, v, k_pos, k_doc, plen, q_base, do_base, lse_base, d
         p_t = tl.math.exp2(qk_t - lse2[None, :])
         q_pos = offs_m + Q_OFFSET
         if POS_MASK:
-            ok = tl.trans(_pos_mask(q_pos, k_pos, plen, MASK_KIND))
+            ok = _pos_mask_t(k_pos, q_pos, plen, MASK_KIND)
             if HAS_DOCS:
                 q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
                 ok = ok & (k_doc[:, None] == q_doc[None, :])
@@ -324,7 +336,7 @@ def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOCS, DOC_LO, DOC_HI, PREFIX, sca
                   H, GROUP, T_Q, T_K, Q_OFFSET, SEQ_BUCKET, GROUP_KEY,
                   HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, under a causal mask) query tiles first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
