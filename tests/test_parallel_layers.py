@@ -149,6 +149,7 @@ def _tp_worker(rank: int, world: int, tps: list[int]) -> dict:
 def _failing_worker(rank: int, world: int) -> int:
     if rank == 1:
         raise ValueError("boom on purpose")
+    torch.distributed.barrier()  # blocks for good: run_distributed must terminate this rank
     return rank
 
 

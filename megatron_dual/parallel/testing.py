@@ -8,7 +8,8 @@ directory (no port to race for), sets the torchrun variables (``RANK``, ``LOCAL_
 be picklable (a module-level function). Results travel through ``torch.save`` (tensors welcome).
 
 A failing rank's exception is re-raised in the caller as :class:`DistributedTestError` naming the rank, with the
-worker's traceback; other ranks blocked in a collective are terminated. ``timeout`` bounds the whole run.
+worker's traceback (when several ranks fail, the earliest failure: peers of a crashed rank fail in collectives
+after it); other ranks blocked in a collective are terminated. ``timeout`` bounds the whole run.
 """
 
 from __future__ import annotations
@@ -51,14 +52,17 @@ def _worker(rank: int, world_size: int, fn: Callable[..., Any], args: tuple, tmp
         store = dist.FileStore(os.path.join(tmp, "store"), world_size)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=120))
-        try:
-            result = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
-        torch.save({"ok": True, "result": result}, out_path)
+        result = fn(rank, world_size, *args)
     except BaseException as e:  # report every failure, including KeyboardInterrupt/SystemExit in the worker
-        torch.save({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, out_path)
+        # the time of failure, taken before the group is torn down: peers then fail in collectives, later
+        report = {"ok": False, "time": time.time(), "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc()}
+        torch.save(report, out_path)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         raise SystemExit(1) from None
+    dist.destroy_process_group()
+    torch.save({"ok": True, "result": result}, out_path)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, threads: int = 1,
@@ -102,18 +106,18 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         for r, p in enumerate(procs):
             path = os.path.join(tmp, f"result_{r}.pt")
             if not os.path.exists(path):
-                if p.exitcode != 0 and r == failed:
-                    errors.append((r, f"exited with code {p.exitcode} without a result", ""))
+                if p.exitcode != 0 and r == failed:  # died without reporting (killed, segfault)
+                    errors.append((0.0, r, f"exited with code {p.exitcode} without a result", ""))
                 results.append(None)
                 continue
             blob = torch.load(path, weights_only=False)
             if not blob["ok"]:
-                errors.append((r, blob["error"], blob["traceback"]))
+                errors.append((blob["time"], r, blob["error"], blob["traceback"]))
             results.append(blob.get("result"))
-        if errors:  # the rank that died first is most likely the cause; others fail in collectives after it
-            errors.sort(key=lambda e: (e[0] != failed, e[0]))
-            r, msg, tb = errors[0]
-            others = f" (ranks failing: {[e[0] for e in errors]})" if len(errors) > 1 else ""
+        if errors:  # the first failure is the cause; the others fail in collectives after it
+            errors.sort()
+            _, r, msg, tb = errors[0]
+            others = f" (ranks failing: {sorted(e[1] for e in errors)})" if len(errors) > 1 else ""
             raise DistributedTestError(f"rank {r} of {world_size} failed: {msg}{others}\n--- traceback of rank {r} "
                                        f"---\n{tb}")
         missing = [r for r, p in enumerate(procs) if p.exitcode != 0]
