@@ -123,6 +123,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
         token_weights: torch.Tensor | None, z_loss: float, chunk_size: int | None,
         group: dist.ProcessGroup | None, ignore_index: int, reduce_input_grad: bool, grad_enabled: bool,
+        vocab_start: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
             raise ValueError(f"features {tuple(h.shape)} and weight {tuple(weight.shape)} do not form (N, H) x (V, H)")
@@ -132,7 +133,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             raise ValueError(f"labels of shape {tuple(labels.shape)}; expected ({n},)")
         device = h.device
         tp = dist.get_world_size(group) if group is not None else 1
-        vocab_start = dist.get_rank(group) * v_local if group is not None else 0
+        if vocab_start is None:
+            vocab_start = dist.get_rank(group) * v_local if group is not None else 0
         cdt = _compute_dtype(h)
         # needs_input_grad stays True under no_grad (e.g. validation): the caller's grad mode decides
         wants = [grad_enabled and bool(x) for x in ctx.needs_input_grad[:3]]
@@ -214,23 +216,25 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         gh = (dh * g).to(h_dtype) if dh is not None else None
         gw = (dw * g).to(w_dtype) if dw is not None else None
         gb = (db * g).to(b_dtype) if db is not None and b_dtype is not None else None
-        return gh, gw, gb, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     token_weights: torch.Tensor | None = None, z_loss: float = 0.0, chunk_size: int | None = None,
     group: dist.ProcessGroup | None = None, ignore_index: int = IGNORE_INDEX, reduce_input_grad: bool = True,
+    vocab_start: int | None = None,
 ) -> FusedCESums:
     """Weighted CE + z-loss sums of ``h @ weight.T + bias`` against ``labels`` without materialising the logits.
 
     ``h`` (N, H), ``weight`` (V, H) (the local vocabulary shard when ``group`` is given), ``bias`` (V,) or None,
     ``labels`` (N,) int64 with ``ignore_index`` for unlabelled rows, ``token_weights`` (N,) or None (all ones).
+    ``vocab_start``: first vocabulary id of this rank's shard (default: group rank x shard size, equal shards).
     Only ``weighted`` carries a gradient (to ``h``, ``weight`` and ``bias``).
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     weighted, nll, z, correct = FusedLinearCrossEntropy.apply(
         h, weight, bias, labels, token_weights, float(z_loss), chunk_size, group, int(ignore_index),
-        bool(reduce_input_grad), torch.is_grad_enabled())
+        bool(reduce_input_grad), torch.is_grad_enabled(), vocab_start)
     return FusedCESums(weighted, nll, z, correct)

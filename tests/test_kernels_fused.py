@@ -287,11 +287,17 @@ def _vocab_parallel_worker(rank: int, world: int, store_path: str) -> None:
         torch.testing.assert_close(gb, ref[2][shard], atol=1e-5, rtol=1e-5)
         # without the input-grad reduction each rank holds its shard's partial dh; their sum is the full dh
         part = fused_linear_cross_entropy(hs, ws, bs, y, tw, z_loss=z, chunk_size=5, group=group,
-                                          reduce_input_grad=False)
+                                          reduce_input_grad=False, vocab_start=shard.start)
         (ph,) = grads(part.weighted, (hs,))
         assert not torch.allclose(ph, ref[0], atol=1e-3)
         dist.all_reduce(ph, group=group)
         torch.testing.assert_close(ph, ref[0], atol=1e-5, rtol=1e-5)
+        # shards in the other order (rank 0 holds the upper half): vocab_start says where each begins
+        other = slice((1 - rank) * vocab // world, (2 - rank) * vocab // world)
+        swapped = fused_linear_cross_entropy(hs, w.detach()[other], b.detach()[other], y, tw, z_loss=z, chunk_size=5,
+                                             group=group, vocab_start=other.start)
+        for f in fields:
+            torch.testing.assert_close(getattr(swapped, f), getattr(full, f).detach(), atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()
 
