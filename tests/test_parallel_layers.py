@@ -394,7 +394,7 @@ def test_convert_checkpoint_round_trip(tmp_path):
     from safetensors.torch import load_file
 
     from megatron_dual.engine.checkpoint import save_checkpoint
-    from megatron_dual.parallel.resharding import read_checkpoint
+    from megatron_dual.parallel.resharding import load_model_shard, read_checkpoint
 
     tool = _load_tool()
     cfg = load_config(overrides=["model.n_layers=2", "model.hidden_size=32", "model.n_heads=8",
@@ -427,6 +427,10 @@ def test_convert_checkpoint_round_trip(tmp_path):
     assert json.loads((back / "meta.json").read_text())["trainer_state"] == {"consumed": 4}
     full, optim, meta = read_checkpoint(tp4)
     assert all(torch.equal(full[k], a[k]) for k in a)
+    for where in (src, tp4):  # a rank of a TP-2 run reads its shard from a checkpoint of any TP size
+        got = load_model_shard(where, 1, 2)
+        want = shard_state_dict(a, 1, 2, cfg.model)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(SystemExit, match="exists"):
         tool.main([str(src), str(tp2), "--tp", "2"])
     with pytest.raises(SystemExit, match="model.n_kv_heads = 4 is not divisible by parallel.tp = 8"):

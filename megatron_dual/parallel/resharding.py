@@ -65,6 +65,8 @@ __all__ = [
     "checkpoint_tp",
     "read_checkpoint",
     "write_checkpoint",
+    "layout_manifest",
+    "load_model_shard",
     "convert_checkpoint",
     "optimizer_param_names",
     "shard_optimizer_state",
@@ -181,6 +183,31 @@ def gather_optimizer_state(shards: list[Mapping[str, Any]], names: Mapping[str, 
 
 
 # ------------------------------------------------------------------------------------------------ read / write
+def layout_manifest(full_shapes: Mapping[str, tuple[int, ...] | list[int]], cfg: ModelConfig, tp: int,
+                    with_optim: bool = True) -> dict[str, Any]:
+    """The ``layout.json`` content of a TP-``tp`` checkpoint of a model with these full tensor shapes (for a trainer
+    writing its own TP checkpoints: each TP rank saves ``model_file(tp_rank, tp)``, one rank this manifest)."""
+    tensors = {}
+    for k, shape in full_shapes.items():
+        dim, splits = sharding_of(k, cfg) or (None, None)
+        tensors[k] = {"shape": list(shape), "dim": dim, "splits": splits}
+    return {"format": TP_FORMAT, "tp": tp,
+            "files": {"model": [model_file(r, tp) for r in range(tp)],
+                      "optim": [optim_file(r, tp) for r in range(tp)] if with_optim else []},
+            "tensors": tensors}
+
+
+def load_model_shard(path: str | Path, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    """TP rank ``tp_rank``'s model state dict for a run with TP size ``tp_size`` from a checkpoint of any TP size
+    (its own file when the sizes agree, else resharded on the fly)."""
+    path = Path(path)
+    if checkpoint_tp(path) == tp_size:
+        return _load_weights(path / model_file(tp_rank, tp_size))
+    full, _, meta = read_checkpoint(path, with_optim=False)
+    cfg = config_from_dict(copy.deepcopy(meta["config"]))
+    return shard_state_dict(full, tp_rank, tp_size, cfg.model)
+
+
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ReshardError(f"{path} does not exist")
@@ -253,14 +280,7 @@ def write_checkpoint(path: str | Path, full: Mapping[str, torch.Tensor], optim: 
         new_meta = dict(meta)
         new_meta["tensors"] = {k: list(v) for k, v in shapes.items()}
         if tp > 1:
-            _write_json(tmp / LAYOUT, {
-                "format": TP_FORMAT, "tp": tp,
-                "files": {"model": [model_file(r, tp) for r in range(tp)],
-                          "optim": [optim_file(r, tp) for r in range(tp)] if optim is not None else []},
-                "tensors": {k: {"shape": list(shapes[k]),
-                                "dim": (sharding_of(k, cfg.model) or (None, None))[0],
-                                "splits": (sharding_of(k, cfg.model) or (None, None))[1]} for k in full},
-            })
+            _write_json(tmp / LAYOUT, layout_manifest(shapes, cfg.model, tp, optim is not None))
             new_meta["tensor_parallel"] = {"tp": tp}
         else:
             new_meta.pop("tensor_parallel", None)
