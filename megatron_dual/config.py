@@ -154,8 +154,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
 
-    def validate(self) -> Config:
-        validate(self)
+    def validate(self, world_size: int | None = None) -> Config:
+        validate(self, world_size)
         return self
 
 
@@ -402,13 +402,16 @@ def load_config(
         tree["preset"] = name
     cfg = Config()
     _apply(cfg, tree)
-    return cfg.validate()
+    return cfg.validate(launch_world_size())
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
+def config_from_dict(tree: dict[str, Any], world_size: int | None = None) -> Config:
+    """A config from a plain tree (e.g. a checkpoint's ``meta.json``). The checks that depend on the launch (TP
+    size and alpha against the world size) run only when ``world_size`` is given: a checkpoint written by 8 ranks
+    must still be readable by one process."""
     cfg = Config()
     _apply(cfg, tree)
-    return cfg.validate()
+    return cfg.validate(world_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,7 +450,7 @@ def launch_world_size() -> int:
     return 1
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, world_size: int | None = None) -> None:
     m = cfg.model
     for name in ("n_layers", "hidden_size", "n_heads", "intermediate_size", "vocab_size", "max_seq_len"):
         _check(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "must be a positive integer")
@@ -528,6 +531,9 @@ def validate(cfg: Config) -> None:
     _check(par.tp >= 1, "parallel.tp", par.tp, "must be >= 1")
     _check(par.backend in ("auto", "nccl", "gloo"), "parallel.backend", par.backend, "one of auto, nccl, gloo")
     _check(par.bucket_mb > 0, "parallel.bucket_mb", par.bucket_mb, "must be positive")
+    _check(par.tp == 1 or par.distributed_muon or cfg.optimizer.name != "muon", "parallel.distributed_muon",
+           par.distributed_muon, "must be true with parallel.tp > 1 (Muon must orthogonalise whole matrices, "
+           "not TP shards)")
     if par.tp > 1:
         _check(m.n_heads % par.tp == 0 and m.kv_heads % par.tp == 0, "parallel.tp", par.tp,
                f"must divide model.n_heads = {m.n_heads} and the key/value heads = {m.kv_heads}")
@@ -538,7 +544,9 @@ def validate(cfg: Config) -> None:
     _check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: only at the end)")
 
     # The mix must be realisable on the job's global slots: data-parallel ranks x micro-batch slots.
-    world = launch_world_size()
+    if world_size is None:
+        return
+    world = world_size
     if world % par.tp:
         raise ConfigError(f"parallel.tp = {par.tp} does not divide the world size {world} of this launch")
     dp = world // par.tp

@@ -46,7 +46,9 @@ from megatron_dual.objectives import (
 )
 from megatron_dual.optim.muon import build_optimizers
 from megatron_dual.optim.schedules import build_scheduler
+from megatron_dual.parallel.cross_entropy import parallel_labelled_loss
 from megatron_dual.parallel.state import ParallelState, dist_env
+from megatron_dual.parallel.tensor_parallel import parallelize_model, sync_sequence_parallel_grads
 
 # Dense bf16 peak FLOP/s per device, for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 191.5e12, "MI300X": 1307e12}
@@ -182,8 +184,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = DualTransformer(cfg.model).to(self.device)
         if self.par.tp_size > 1:
-            raise ConfigError("parallel.tp > 1 needs the tensor-parallel layers (megatron_dual.parallel.layers), "
-                              "which are not wired into the trainer yet")
+            # Built whole with the same seed on every rank, then sharded: initialisation equals the single-process
+            # model's for any TP size.
+            parallelize_model(self.model, self.par.tp_group, cfg.parallel.sequence_parallel)
         self.engine = DDPEngine(self.model, self.par, cfg.parallel.bucket_mb)
         self.optimizers = build_optimizers(self.model, cfg.optimizer)
         if cfg.parallel.distributed_muon and "muon" in self.optimizers:
@@ -206,11 +209,15 @@ class Trainer:
     def save(self) -> Path:
         # Data-parallel replicas hold identical state: rank 0 writes, the others wait until it is on disk.
         path = self.ckpt_dir / ckpt.step_dir_name(self.step)
+        extra = {"layout": self.par.describe()}
+        if self.par.tp_size > 1:
+            return ckpt.save_tp_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizers, self.schedulers,
+                                           self.trainer_state(), self.cfg.to_dict(), self.par,
+                                           keep_last=self.cfg.checkpoint.keep_last, extra=extra)
         if self.is_main:
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizers, self.schedulers,
                                         self.trainer_state(), self.cfg.to_dict(),
-                                        keep_last=self.cfg.checkpoint.keep_last,
-                                        extra={"layout": self.par.describe()})
+                                        keep_last=self.cfg.checkpoint.keep_last, extra=extra)
         self._barrier()
         return path
 
@@ -223,7 +230,7 @@ class Trainer:
         if path is None:
             return None
         meta = ckpt.load_checkpoint(path, self.model, self.optimizers, self.schedulers,
-                                    model_config=self.cfg.to_dict()["model"])
+                                    model_config=self.cfg.to_dict()["model"], parallel=self.par)
         state = meta["trainer_state"]
         try:
             self.sampler.load_state_dict(state["sampler"])
@@ -242,6 +249,9 @@ class Trainer:
     def _forward_loss(self, batch: ObjectiveBatch):
         with self.autocast:
             hidden = self.model(batch.input_ids, batch.mask)
+            if self.par.tp_size > 1:
+                return parallel_labelled_loss(self.model.head, hidden, batch.labels, batch.weights,
+                                              self.cfg.objective.z_loss, tp_group=self.par.tp_group)
             return labelled_loss(self.model.head, hidden, batch.labels, batch.weights, self.cfg.objective.z_loss)
 
     def train_step(self) -> dict[str, float]:
@@ -287,6 +297,8 @@ class Trainer:
             stats[o + 3] += sums.count
             stats[8] += loss.item()
         self.engine.finish_grad_sync()
+        if self.par.tp_size > 1 and cfg.parallel.sequence_parallel:
+            sync_sequence_parallel_grads(self.model, self.par.tp_group)  # sums over TP and DP commute
         stats[9] = 1.0 if bad else 0.0
         par.all_reduce_dp(stats)
         if stats[9] > 0:

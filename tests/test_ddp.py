@@ -107,3 +107,59 @@ def test_data_parallel_equals_single_process(corpus, tmp_path, monkeypatch, dp, 
     for other in results[1:]:  # replicas stay bit-identical
         for name, p in other[2].items():
             assert torch.equal(p, params[name]), name
+
+
+def test_tensor_x_data_parallel_equals_single_process_and_checkpoint_reshards(corpus, tmp_path):
+    """TP 2 x DP 2 (4 gloo ranks, Muon distributed over DP with TP shards gathered) equals one process with 2 slots;
+    the TP-sharded checkpoint it writes resumes in a single process with the same parameters."""
+    from megatron_dual.parallel.layers import gather_state_dict
+
+    extra = ["objective.alpha=1/2", "checkpoint.interval=3"]
+    ref_cfg = load_config(overrides=_overrides(corpus, tmp_path / "ref", 2, extra))
+    ref_metrics, ref_grads, ref_params = _run_steps(ref_cfg)
+    overrides = _overrides(corpus, tmp_path / "tp", 1, [*extra, "parallel.tp=2"])
+    mp.start_processes(_fit_worker, args=(4, _free_port(), overrides, str(tmp_path)), nprocs=4, join=True,
+                       start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    metrics = results[0][0]
+    for step, (m, r) in enumerate(zip(metrics, ref_metrics, strict=True)):
+        for k in KEYS:
+            if k in r:
+                assert m[k] == pytest.approx(r[k], rel=1e-5, abs=1e-6), (step, k, m[k], r[k])
+        full = gather_state_dict([results[0][1][step], results[1][1][step]], ref_cfg.model)
+        for name, g in ref_grads[step].items():
+            torch.testing.assert_close(full[name], g, rtol=1e-4, atol=1e-6, msg=lambda s, n=name: f"{n}: {s}")
+    for dp_rank in (0, 1):
+        full = gather_state_dict([results[2 * dp_rank][2], results[2 * dp_rank + 1][2]], ref_cfg.model)
+        for name, p in ref_params.items():
+            torch.testing.assert_close(full[name], p, rtol=1e-4, atol=1e-6, msg=lambda s, n=name: f"{n}: {s}")
+    ckpt_dir = tmp_path / "tp" / "checkpoints" / "step_00000003"
+    assert (ckpt_dir / "layout.json").is_file() and (ckpt_dir / "model_tp1of2.safetensors").is_file()
+    single = Trainer(load_config(overrides=_overrides(corpus, tmp_path / "tp", 2, [*extra, "checkpoint.resume=auto"])),
+                     quiet=True)
+    assert single.maybe_resume() == ckpt_dir and single.step == 3
+    for name, p in single.model.named_parameters():
+        torch.testing.assert_close(p.detach(), ref_params[name], rtol=1e-4, atol=1e-6)
+
+
+def _fit_worker(rank, world, port, overrides, result_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tr = Trainer(load_config(overrides=overrides), quiet=True)
+    grads: list[dict[str, torch.Tensor]] = []
+    first = next(iter(tr.optimizers.values()))
+    orig = first.step
+
+    def capture(*a, **k):
+        grads.append({n: p.grad.detach().clone() for n, p in tr.model.named_parameters()})
+        return orig(*a, **k)
+
+    first.step = capture
+    metrics = []
+    for _ in range(STEPS):
+        metrics.append(tr.train_step())
+    tr.save()
+    params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    torch.save((metrics, grads, params), os.path.join(result_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()

@@ -44,6 +44,7 @@ __all__ = [
     "read_meta",
     "load_model_weights",
     "load_checkpoint",
+    "save_tp_checkpoint",
 ]
 
 FORMAT = "megatron-dual-checkpoint/1"
@@ -270,21 +271,25 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, strict: bool = 
     saved_cfg = None
     if (path / META).is_file():
         saved_cfg = (read_meta(path).get("config") or {}).get("model")
-    hint = _config_diff(saved_cfg, model_config)
+    _load_state(model, state, weights, strict, _config_diff(saved_cfg, model_config))
+
+
+def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Any, strict: bool = True,
+                hint: str = "") -> None:
     own = model.state_dict()
     for name, tensor in own.items():
         if name not in state:
             if strict:
-                raise CheckpointMismatchError(f"{weights} is from another model: it has no tensor {name!r} "
+                raise CheckpointMismatchError(f"{source} is from another model: it has no tensor {name!r} "
                                               f"(model shape {tuple(tensor.shape)}){hint}")
             continue
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise CheckpointMismatchError(
-                f"{weights} is from another model: tensor {name!r} has shape {tuple(state[name].shape)} in the "
+                f"{source} is from another model: tensor {name!r} has shape {tuple(state[name].shape)} in the "
                 f"checkpoint but {tuple(tensor.shape)} in the model{hint}")
     unexpected = sorted(set(state) - set(own))
     if unexpected and strict:
-        raise CheckpointMismatchError(f"{weights} is from another model: it has tensor {unexpected[0]!r} "
+        raise CheckpointMismatchError(f"{source} is from another model: it has tensor {unexpected[0]!r} "
                                       f"(shape {tuple(state[unexpected[0]].shape)}) that the model lacks{hint}")
     with torch.no_grad():
         for name, tensor in own.items():
@@ -298,22 +303,53 @@ def load_checkpoint(
     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
     schedulers: Mapping[str, Any] | None = None,
     model_config: Mapping[str, Any] | None = None,
+    parallel: Any = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer and scheduler state in place; return ``{"step", "trainer_state", "config", "rng",
-    "extra", "path"}`` (the caller restores RNG streams once everything else is set up)."""
+    "extra", "path"}`` (the caller restores RNG streams once everything else is set up).
+
+    With ``parallel`` (a ParallelState) of TP size n, the model and optimizer hold TP rank r's shards; a checkpoint
+    written with another TP size (or in single-file form) is resharded on the fly."""
     path = Path(path)
     meta = read_meta(path)
-    load_model_weights(path, model, strict=True, model_config=model_config)
-    optim_file = path / OPTIM
-    if optimizers or schedulers:
+    from megatron_dual.parallel import resharding as rs
+
+    try:
+        src_tp = rs.checkpoint_tp(path)
+    except (rs.ReshardError, json.JSONDecodeError) as e:
+        raise CheckpointError(str(e)) from e
+    tp, tp_rank = (parallel.tp_size, parallel.tp_rank) if parallel is not None else (1, 0)
+    hint = _config_diff((meta.get("config") or {}).get("model"), model_config)
+    blob: Any = None
+    if src_tp == 1 and tp == 1:
+        load_model_weights(path, model, strict=True, model_config=model_config)
+        optim_file = path / OPTIM
+    else:
+        _check_model_config(path, meta, model_config, hint)
+        try:
+            _load_state(model, rs.load_model_shard(path, tp_rank, tp), path / rs.model_file(tp_rank, src_tp),
+                        True, hint)
+            optim_file = path / rs.optim_file(tp_rank, src_tp)
+            if (optimizers or schedulers) and src_tp != tp:
+                full, full_optim, _ = rs.read_checkpoint(path, with_optim=True)
+                if full_optim is None:
+                    raise CheckpointError(f"{path} holds no optimizer state to reshard")
+                names = rs.optimizer_param_names(meta["config"])
+                shapes = {k: tuple(v.shape) for k, v in full.items()}
+                blob = (rs.shard_optimizer_state(full_optim, names, shapes, tp_rank, tp,
+                                                 _model_cfg(meta["config"])) if tp > 1 else full_optim)
+        except rs.ReshardError as e:
+            raise CheckpointError(str(e)) from e
+    if (optimizers or schedulers) and blob is None:
         try:
             blob = torch.load(optim_file, map_location="cpu", weights_only=True)
         except FileNotFoundError as e:
             raise CheckpointError(f"{optim_file} does not exist: cannot restore optimizer state") from e
         except Exception as e:  # torch raises several types for truncated zip archives
             raise CheckpointError(f"{optim_file} is corrupt or truncated: {e}") from e
+    if optimizers or schedulers:
         for kind, live in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
-            saved = blob.get(kind, {})
+            saved = blob.get(kind, {})  # noqa: F821 - set above whenever optimizers or schedulers are given
             missing = sorted(set(live) - set(saved))
             if missing:
                 raise CheckpointError(f"{optim_file} has no state for {kind[:-1]} {missing[0]!r} "
@@ -331,3 +367,88 @@ def load_checkpoint(
         raise CheckpointError(f"{rng_file} is corrupt or truncated: {e}") from e
     return {"step": int(meta["step"]), "trainer_state": meta.get("trainer_state", {}), "config": meta.get("config"),
             "rng": rng, "extra": meta.get("extra", {}), "path": path}
+
+
+def _model_cfg(config: Mapping[str, Any]) -> Any:
+    from megatron_dual.config import config_from_dict
+
+    return config_from_dict(json.loads(json.dumps(dict(config)))).model
+
+
+def _check_model_config(path: Path, meta: Mapping[str, Any], model_config: Mapping[str, Any] | None,
+                        hint: str) -> None:
+    """Before resharding: the checkpoint's model must be the configured one (resharding another shape would fail
+    obscurely inside the slicing)."""
+    saved = (meta.get("config") or {}).get("model")
+    if model_config and saved:
+        for key in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+                    "vocab_size"):
+            if saved.get(key) != model_config.get(key):
+                raise CheckpointMismatchError(f"{path} is from another model{hint}")
+
+
+def save_tp_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
+                       optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any],
+                       trainer_state: Mapping[str, Any], config: Mapping[str, Any], parallel: Any,
+                       keep_last: int = 0, extra: Mapping[str, Any] | None = None) -> Path:
+    """Collective over all ranks: the TP group of DP rank 0 writes its shards (``model_tp{r}of{n}.safetensors``,
+    ``optim_tp{r}of{n}.pt``), rank 0 the replicated RNG state, ``layout.json`` and ``meta.json`` last, then renames
+    the directory into place (the format of :mod:`megatron_dual.parallel.resharding`)."""
+    import torch.distributed as dist
+
+    from megatron_dual.model.transformer import DualTransformer
+    from megatron_dual.parallel import resharding as rs
+
+    root = Path(root)
+    tp, tp_rank = parallel.tp_size, parallel.tp_rank
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}"
+    if parallel.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    failed = torch.zeros(1)
+    try:
+        if parallel.dp_rank == 0:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / rs.model_file(tp_rank, tp)),
+                      metadata={"format": FORMAT, "step": str(step), "tp": f"{tp_rank}/{tp}"})
+            torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                        "schedulers": {k: s.state_dict() for k, s in schedulers.items()}},
+                       tmp / rs.optim_file(tp_rank, tp))
+    except Exception:
+        failed += 1
+        raise
+    finally:
+        dist.all_reduce(failed)  # every rank learns whether a shard failed to write
+    if failed.item():
+        raise CheckpointError(f"a tensor-parallel rank failed to write its shard of {final}")
+    if parallel.rank == 0:
+        try:
+            cfg = _model_cfg(config)
+            with torch.device("meta"):
+                shapes = {k: tuple(v.shape) for k, v in DualTransformer(cfg).state_dict().items()}
+            torch.save(capture_rng_state(), tmp / RNG)
+            _write_atomic_text(tmp / rs.LAYOUT, json.dumps(rs.layout_manifest(shapes, cfg, tp), indent=1))
+            meta = {"format": FORMAT, "step": int(step), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "torch": torch.__version__, "trainer_state": dict(trainer_state), "config": dict(config),
+                    "tensors": {k: list(v) for k, v in shapes.items()}, "tensor_parallel": {"tp": tp},
+                    "extra": dict(extra or {})}
+            _write_atomic_text(tmp / META, json.dumps(meta, indent=1))
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            _write_atomic_text(root / LATEST, final.name + "\n")
+            if keep_last > 0:
+                for old in list_checkpoints(root)[:-keep_last]:
+                    if old != final:
+                        shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dist.barrier()
+    return final
