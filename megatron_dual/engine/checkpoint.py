@@ -45,6 +45,7 @@ __all__ = [
     "load_model_weights",
     "load_checkpoint",
     "save_tp_checkpoint",
+    "load_state_checked",
 ]
 
 FORMAT = "megatron-dual-checkpoint/1"
@@ -271,11 +272,13 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, strict: bool = 
     saved_cfg = None
     if (path / META).is_file():
         saved_cfg = (read_meta(path).get("config") or {}).get("model")
-    _load_state(model, state, weights, strict, _config_diff(saved_cfg, model_config))
+    load_state_checked(model, state, weights, strict, _config_diff(saved_cfg, model_config))
 
 
-def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Any, strict: bool = True,
-                hint: str = "") -> None:
+def load_state_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Any, strict: bool = True,
+                       hint: str = "") -> None:
+    """Copy ``state`` into ``model``; CheckpointMismatchError naming ``source`` and the first tensor whose name or
+    shape differs."""
     own = model.state_dict()
     for name, tensor in own.items():
         if name not in state:
@@ -327,7 +330,7 @@ def load_checkpoint(
     else:
         _check_model_config(path, meta, model_config, hint)
         try:
-            _load_state(model, rs.load_model_shard(path, tp_rank, tp), path / rs.model_file(tp_rank, src_tp),
+            load_state_checked(model, rs.load_model_shard(path, tp_rank, tp), path / rs.model_file(tp_rank, src_tp),
                         True, hint)
             optim_file = path / rs.optim_file(tp_rank, src_tp)
             if (optimizers or schedulers) and src_tp != tp:

@@ -69,6 +69,14 @@ def read_checkpoint_config(ckpt_dir: str | Path) -> Config:
 
 
 def _load_weights(ckpt_dir: Path, model: DualTransformer) -> None:
+    from megatron_dual.parallel import resharding
+
+    if resharding.checkpoint_tp(ckpt_dir) > 1:  # a tensor-parallel checkpoint: gather the shards into one model
+        from megatron_dual.engine.checkpoint import load_state_checked
+
+        full, _, _ = resharding.read_checkpoint(ckpt_dir, with_optim=False)
+        load_state_checked(model, full, ckpt_dir, strict=True)
+        return
     weights = ckpt_dir / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint weights {weights} do not exist")
