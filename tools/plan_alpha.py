@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layout: {args.devices} device(s) x {args.slots} slot(s) = {plan.total} objective slots; alpha must "
               f"be k/{plan.total}")
         status = "exactly" if plan.exact else f"nearest; |error| = {abs(float(plan.alpha) - target):.4g}"
-        print(f"  realised alpha = {plan.ar_slots}/{plan.total} = {plan.alpha} = {float(plan.alpha):.6g} ({status})")
+        reduced = f" = {plan.alpha}" if plan.alpha.denominator != plan.total else ""
+        print(f"  realised alpha = {plan.ar_slots}/{plan.total}{reduced} = {float(plan.alpha):.6g} ({status})")
         if not plan.exact:
             need = slots_for_exact(Fraction(target).limit_denominator(1 << 16), args.devices)
             print(f"  realisable neighbours: {', '.join(f'{a} = {float(a):.4g}' for a in plan.neighbours)}; "

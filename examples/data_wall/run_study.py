@@ -97,7 +97,7 @@ def plot_curves(rows: list[dict], png: Path, title: str) -> None:
     alphas = sorted({r["alpha"] for r in rows}, key=lambda a: -float(Fraction(a)))
     colours = dict(zip(alphas, plt.cm.viridis([i / max(1, len(alphas) - 1) for i in range(len(alphas))]),
                        strict=True))
-    fig, axes = plt.subplots(1, len(reps), figsize=(4.2 * len(reps), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(reps), figsize=(4.2 * len(reps), 3.8), squeeze=False)
     for ax, r in zip(axes[0], reps, strict=True):
         for a in alphas:
             pts = sorted((int(x["step"]), float(x["val_ar_loss"])) for x in rows
@@ -105,12 +105,12 @@ def plot_curves(rows: list[dict], png: Path, title: str) -> None:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=colours[a],
                         label=f"alpha={Fraction(a)}")
-        ax.set_title(f"R = {r:g} ({r:g} epochs of budget/{r:g} tokens)")
+        ax.set_title(f"R = {r:g} ({r:g} epoch{'s' if r != 1 else ''} over budget/{r:g} unique tokens)", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out AR loss (nats/token)")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -143,7 +143,7 @@ def plot_final(rows: list[dict], png: Path, title: str) -> None:
     axes[1].set_ylabel("final - best held-out AR loss")
     axes[1].set_title("overfitting: rise above the run's best")
     axes[0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -229,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"wall_s": round(time.perf_counter() - t0, 1), "runs": len(rows), "missing": missing,
                "steps": manifest["steps"], "tokens_per_step": manifest["tokens_per_step"], "quick": args.quick,
                "command": " ".join(sys.argv)}
-    (out / "study_summary.json").write_text(json.dumps(summary, indent=2))
+    previous = out / "study_summary.json"
+    if args.collect_only and previous.exists():  # keep the training run's wall time and command
+        old = json.loads(previous.read_text())
+        summary.update({k: old[k] for k in ("wall_s", "command") if k in old})
+        summary["recollected_by"] = " ".join(sys.argv)
+    previous.write_text(json.dumps(summary, indent=2))
     if args.publish:
         dst = Path(args.publish)
         dst.mkdir(parents=True, exist_ok=True)

@@ -199,7 +199,8 @@ class BestAlpha:
     mean_curve: np.ndarray  # posterior mean score over alpha_grid
     expected_gain: float  # E[max f - f(alpha=1)]
     gain_std: float
-    map_alpha: float  # most probable best alpha
+    map_alpha: float  # most probable best alpha, at 1/16 resolution (bins centred on k/16)
+    median: float  # median of the best-alpha distribution
     mean_best_alpha: float  # argmax of the posterior mean
     interval: tuple[float, float]  # central 80% of the best-alpha distribution
 
@@ -229,9 +230,13 @@ def best_alpha_posterior(fit: SurfaceFit, repetitions: float, *, samples: int = 
     gains = draws.max(axis=1) - draws[:, one]
     cdf = np.cumsum(prob)
     lo = float(grid[int(np.searchsorted(cdf, 0.1))])
+    med = float(grid[min(grid.size - 1, int(np.searchsorted(cdf, 0.5)))])
     hi = float(grid[min(grid.size - 1, int(np.searchsorted(cdf, 0.9)))])
+    # the single most probable grid point is noisy (and piles up at the edges); take the mode of 1/16-wide bins
+    centres = np.arange(17) / 16.0
+    binned = np.bincount(np.rint(grid * 16).astype(int), weights=prob, minlength=17)
     return BestAlpha(float(repetitions), grid, prob, mean, float(gains.mean()), float(gains.std()),
-                     float(grid[int(prob.argmax())]), float(grid[int(mean.argmax())]), (lo, hi))
+                     float(centres[int(binned.argmax())]), med, float(grid[int(mean.argmax())]), (lo, hi))
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -266,10 +271,9 @@ def plot_surface(fit: SurfaceFit, results: Results, png: str | Path, title: str 
     best_i = z.argmax(axis=0)
     ax.plot(lr, al[best_i], color="red", lw=1.5, label="argmax of posterior mean")
     if best:
-        ax.errorbar([math.log2(b.repetitions) for b in best], [b.map_alpha for b in best],
-                    yerr=[[max(0.0, b.map_alpha - b.interval[0]) for b in best],
-                          [max(0.0, b.interval[1] - b.map_alpha) for b in best]],
-                    fmt="o", color="orange", capsize=3, label="best alpha: mode, 80% interval")
+        ax.errorbar([math.log2(b.repetitions) for b in best], [b.median for b in best],
+                    yerr=[[b.median - b.interval[0] for b in best], [b.interval[1] - b.median for b in best]],
+                    fmt="o", color="orange", capsize=3, label="best alpha: median, 80% interval")
     if rule:
         from megatron_dual.planning.rules import recommend_alpha
 
@@ -279,8 +283,8 @@ def plot_surface(fit: SurfaceFit, results: Results, png: str | Path, title: str 
     ax.set_xlabel("log2 repetitions R")
     ax.set_ylabel("alpha (AR share)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title(title or "GP surface (Matern 1.5 + white noise)")
+    ax.legend(fontsize=7, loc="best", framealpha=0.6)
+    ax.set_title(title or "GP surface (Matern 1.5 + white noise)", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -304,7 +308,7 @@ def plot_best_alpha(best: list[BestAlpha], png: str | Path, title: str = "", bin
     ax.set_ylabel("posterior density")
     ax.set_xlim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title(title or "posterior distribution of the best alpha per R")
+    ax.set_title(title or "posterior distribution of the best alpha per R", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -331,12 +335,13 @@ def planner_report(csv_path: str | Path, out_dir: str | Path, *, extra_repetitio
     plot_surface(fit, res, out / "alpha_surface.png", title=title, best=best)
     plot_best_alpha(best, out / "best_alpha.png", title=title)
     lines = [format_fit(fit), "best alpha per R (posterior sampling, alpha on the k/256 grid):",
-             f"  {'R':>6}  {'mode':>7}  {'80% interval':>15}  {'argmax mean':>11}  {'P(mode+-1/16)':>13}  "
-             f"{'E[gain over alpha=1]':>22}"]
+             f"  {'R':>6}  {'mode':>6}  {'median':>6}  {'80% interval':>15}  {'argmax mean':>11}  "
+             f"{'P(mode+-1/16)':>13}  {'E[gain over alpha=1]':>22}"]
     for b in best:
         lo, hi = fit.log_r_range
         extrapolated = not lo - 1e-9 <= math.log2(b.repetitions) <= hi + 1e-9
-        lines.append(f"  {b.repetitions:>6g}  {b.map_alpha:>7.3f}  [{b.interval[0]:.3f}, {b.interval[1]:.3f}]  "
+        lines.append(f"  {b.repetitions:>6g}  {b.map_alpha:>6.3f}  {b.median:>6.3f}  "
+                     f"[{b.interval[0]:.3f}, {b.interval[1]:.3f}]  "
                      f"{b.mean_best_alpha:>11.3f}  {b.prob_within(b.map_alpha - 1 / 16, b.map_alpha + 1 / 16):>13.2f}"
                      f"  {b.expected_gain:>+13.4g} +- {b.gain_std:.2g}"
                      + ("  (outside the observed R range: extrapolated)" if extrapolated else ""))
