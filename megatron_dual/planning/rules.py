@@ -181,8 +181,7 @@ def config_lines(plan: LayoutPlan, preset: str | None = None, repetitions: float
         rep_field, tok_field = data_fields
         lines.append(f"data.{rep_field}={int(repetitions)}")
         if budget_tokens is not None:
-            value = budget_tokens / repetitions if tok_field == "unique_tokens" else budget_tokens
-            lines.append(f"data.{tok_field}={int(value)}")
+            lines.append(f"data.{tok_field}={int(budget_tokens)}")
     sets = " ".join(f"--set {line}" for line in lines)
     if plan.devices == 1:
         launch = "megatron-dual train"

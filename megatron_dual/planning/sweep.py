@@ -10,8 +10,9 @@ A sweep directory holds::
     runs/task_NNN/         each run's output_dir (metrics.jsonl, summary.json, checkpoints)
 
 **How R is realised.** The paper's R: a budget of T training tokens drawn from a unique subset of T/R tokens,
-repeated R times. When ``DataConfig`` has repetition fields (:data:`REPETITION_FIELD_SETS`), the sweep sets them and
-the trainer's sampler does the rest. Until then, the sweep writes, per R, a Megatron ``.bin/.idx`` holding exactly
+repeated R times. For a whole-number R the sweep sets the trainer's ``data.repetitions`` and ``data.budget_tokens``
+(:data:`REPETITION_FIELD_SETS`) and the trainer's data loader does the rest. For a fractional R (or a trainer without
+those fields, or ``force_subset``) the sweep writes, per R, a Megatron ``.bin/.idx`` holding exactly
 ``n = steps x sequences_per_step / R`` packed training samples (documents taken in a seeded random order from the
 source's training split, the last one truncated) plus the source's held-out documents, laid out so the trainer's own
 ``split_documents(N, valid_fraction, seed)`` recovers exactly those held-out documents: every R is evaluated on the
@@ -54,12 +55,9 @@ __all__ = [
     "collect_results",
 ]
 
-# Field names the trainer may grow for the token budget / repetition count (checked against DataConfig at run time).
-REPETITION_FIELD_SETS: tuple[tuple[str, str], ...] = (
-    ("repetitions", "unique_tokens"),
-    ("repetitions", "budget_tokens"),
-    ("n_reps", "unique_tokens"),
-)
+# The trainer's repetition fields (DataConfig.repetitions: integer R; DataConfig.budget_tokens: T). Checked against
+# DataConfig at run time, so configs stay valid against an older trainer without them (the subset path is used then).
+REPETITION_FIELD_SETS: tuple[tuple[str, str], ...] = (("repetitions", "budget_tokens"),)
 
 
 def parse_fraction(text: str | float | Fraction, what: str = "alpha") -> Fraction:
@@ -259,9 +257,9 @@ def generate_sweep(out_dir: str | Path, *, preset: str, data_path: str, repetiti
             unique = info.unique_tokens
         else:
             rep_field, tok_field = native
-            unique = int(budget // r)
+            unique = int(budget // r)  # the trainer rounds its subset up to whole samples (+2 for blend rounding)
             data_fields = {"data.path": os.path.abspath(data_path), f"data.{rep_field}": int(r),
-                           f"data.{tok_field}": unique if tok_field == "unique_tokens" else budget}
+                           f"data.{tok_field}": budget}
         for a in alpha_fracs:
             k = check_alpha(float(a), devices, slots)
             total = devices * slots
