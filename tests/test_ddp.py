@@ -109,15 +109,17 @@ def test_data_parallel_equals_single_process(corpus, tmp_path, monkeypatch, dp, 
             assert torch.equal(p, params[name]), name
 
 
-def test_tensor_x_data_parallel_equals_single_process_and_checkpoint_reshards(corpus, tmp_path):
-    """TP 2 x DP 2 (4 gloo ranks, Muon distributed over DP with TP shards gathered) equals one process with 2 slots;
-    the TP-sharded checkpoint it writes resumes in a single process with the same parameters."""
+@pytest.mark.parametrize("slots,extra", [(1, ["objective.alpha=1/2"]),
+                                         (2, ["objective.alpha=3/4", "optimizer.name=adamw"])], ids=str)
+def test_tensor_x_data_parallel_equals_single_process_and_checkpoint_reshards(corpus, tmp_path, slots, extra):
+    """TP 2 x DP 2 (4 gloo ranks; Muon distributed over DP with TP shards gathered, or AdamW) equals one process with
+    2 x slots slots; the TP-sharded checkpoint it writes resumes in a single process with the same parameters."""
     from megatron_dual.parallel.layers import gather_state_dict
 
-    extra = ["objective.alpha=1/2", "checkpoint.interval=3"]
-    ref_cfg = load_config(overrides=_overrides(corpus, tmp_path / "ref", 2, extra))
+    extra = [*extra, "checkpoint.interval=3"]
+    ref_cfg = load_config(overrides=_overrides(corpus, tmp_path / "ref", 2 * slots, extra))
     ref_metrics, ref_grads, ref_params = _run_steps(ref_cfg)
-    overrides = _overrides(corpus, tmp_path / "tp", 1, [*extra, "parallel.tp=2"])
+    overrides = _overrides(corpus, tmp_path / "tp", slots, [*extra, "parallel.tp=2"])
     mp.start_processes(_fit_worker, args=(4, _free_port(), overrides, str(tmp_path)), nprocs=4, join=True,
                        start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
@@ -132,14 +134,16 @@ def test_tensor_x_data_parallel_equals_single_process_and_checkpoint_reshards(co
     for dp_rank in (0, 1):
         full = gather_state_dict([results[2 * dp_rank][2], results[2 * dp_rank + 1][2]], ref_cfg.model)
         for name, p in ref_params.items():
-            torch.testing.assert_close(full[name], p, rtol=1e-4, atol=1e-6, msg=lambda s, n=name: f"{n}: {s}")
+            # AdamW's m / sqrt(v) turns reduction-order noise in near-zero gradients into updates of up to lr:
+            # parameters get an absolute tolerance of a few 1e-5 (a wrong shard is off by ~1e-2).
+            torch.testing.assert_close(full[name], p, rtol=1e-4, atol=5e-5, msg=lambda s, n=name: f"{n}: {s}")
     ckpt_dir = tmp_path / "tp" / "checkpoints" / "step_00000003"
     assert (ckpt_dir / "layout.json").is_file() and (ckpt_dir / "model_tp1of2.safetensors").is_file()
-    single = Trainer(load_config(overrides=_overrides(corpus, tmp_path / "tp", 2, [*extra, "checkpoint.resume=auto"])),
-                     quiet=True)
+    single = Trainer(load_config(overrides=_overrides(corpus, tmp_path / "tp", 2 * slots,
+                                                      [*extra, "checkpoint.resume=auto"])), quiet=True)
     assert single.maybe_resume() == ckpt_dir and single.step == 3
     for name, p in single.model.named_parameters():
-        torch.testing.assert_close(p.detach(), ref_params[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.detach(), ref_params[name], rtol=1e-4, atol=5e-5)
 
 
 def _fit_worker(rank, world, port, overrides, result_dir):
