@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -228,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         print(report, flush=True)
     summary = {"wall_s": round(time.perf_counter() - t0, 1), "runs": len(rows), "missing": missing,
                "steps": manifest["steps"], "tokens_per_step": manifest["tokens_per_step"], "quick": args.quick,
-               "command": " ".join(sys.argv)}
+               "command": f"nice -n {os.nice(0)} " + shlex.join([sys.executable, *sys.argv])}
     previous = out / "study_summary.json"
     if args.collect_only and previous.exists():  # keep the training run's wall time and command
         old = json.loads(previous.read_text())
         summary.update({k: old[k] for k in ("wall_s", "command") if k in old})
-        summary["recollected_by"] = " ".join(sys.argv)
+        summary["recollected_by"] = shlex.join([sys.executable, *sys.argv])
     previous.write_text(json.dumps(summary, indent=2))
     if args.publish:
         dst = Path(args.publish)
