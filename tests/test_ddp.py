@@ -43,8 +43,9 @@ def _overrides(corpus, out, slots, extra):
     ]
 
 
-def _run_steps(cfg):
-    """Run STEPS optimizer steps; return (metrics per step, grads per step, final params)."""
+def _run_steps(cfg, save=False):
+    """Run STEPS optimizer steps (then checkpoint when ``save``); return (metrics per step, grads per step, final
+    params)."""
     tr = Trainer(cfg, quiet=True)
     grads: list[dict[str, torch.Tensor]] = []
     first = next(iter(tr.optimizers.values()))
@@ -56,15 +57,17 @@ def _run_steps(cfg):
 
     first.step = capture
     metrics = [tr.train_step() for _ in range(STEPS)]
+    if save:
+        tr.save()
     params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     return metrics, grads, params
 
 
-def _worker(rank, world, port, overrides, result_dir):
+def _worker(rank, world, port, overrides, result_dir, save=False):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    out = _run_steps(load_config(overrides=overrides))
+    out = _run_steps(load_config(overrides=overrides), save=save)
     torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -120,7 +123,7 @@ def test_tensor_x_data_parallel_equals_single_process_and_checkpoint_reshards(co
     ref_cfg = load_config(overrides=_overrides(corpus, tmp_path / "ref", 2 * slots, extra))
     ref_metrics, ref_grads, ref_params = _run_steps(ref_cfg)
     overrides = _overrides(corpus, tmp_path / "tp", slots, [*extra, "parallel.tp=2"])
-    mp.start_processes(_fit_worker, args=(4, _free_port(), overrides, str(tmp_path)), nprocs=4, join=True,
+    mp.start_processes(_worker, args=(4, _free_port(), overrides, str(tmp_path), True), nprocs=4, join=True,
                        start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
     metrics = results[0][0]
@@ -144,26 +147,3 @@ def test_tensor_x_data_parallel_equals_single_process_and_checkpoint_reshards(co
     assert single.maybe_resume() == ckpt_dir and single.step == 3
     for name, p in single.model.named_parameters():
         torch.testing.assert_close(p.detach(), ref_params[name], rtol=1e-4, atol=5e-5)
-
-
-def _fit_worker(rank, world, port, overrides, result_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    tr = Trainer(load_config(overrides=overrides), quiet=True)
-    grads: list[dict[str, torch.Tensor]] = []
-    first = next(iter(tr.optimizers.values()))
-    orig = first.step
-
-    def capture(*a, **k):
-        grads.append({n: p.grad.detach().clone() for n, p in tr.model.named_parameters()})
-        return orig(*a, **k)
-
-    first.step = capture
-    metrics = []
-    for _ in range(STEPS):
-        metrics.append(tr.train_step())
-    tr.save()
-    params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-    torch.save((metrics, grads, params), os.path.join(result_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()

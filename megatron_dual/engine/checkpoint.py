@@ -158,21 +158,27 @@ def save_checkpoint(
             "tensors": {k: list(v.shape) for k, v in state.items()},
             "extra": dict(extra or {}),
         }
-        _write_atomic_text(tmp / META, json.dumps(meta, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. the divergence guard after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _commit(tmp, final, meta, keep_last)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def _commit(tmp: Path, final: Path, meta: Mapping[str, Any], keep_last: int) -> None:
+    """Write ``meta.json`` last, rename ``tmp`` to ``final``, point ``latest`` at it, prune to ``keep_last``."""
+    _write_atomic_text(tmp / META, json.dumps(meta, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. the divergence guard after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    root = final.parent
     _fsync_dir(root)
     _write_atomic_text(root / LATEST, final.name + "\n")
     if keep_last > 0:
         for old in list_checkpoints(root)[:-keep_last]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 # --------------------------------------------------------------------------------------------------------------- find
@@ -439,17 +445,7 @@ def save_tp_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
                     "torch": torch.__version__, "trainer_state": dict(trainer_state), "config": dict(config),
                     "tensors": {k: list(v) for k, v in shapes.items()}, "tensor_parallel": {"tp": tp},
                     "extra": dict(extra or {})}
-            _write_atomic_text(tmp / META, json.dumps(meta, indent=1))
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            _write_atomic_text(root / LATEST, final.name + "\n")
-            if keep_last > 0:
-                for old in list_checkpoints(root)[:-keep_last]:
-                    if old != final:
-                        shutil.rmtree(old, ignore_errors=True)
+            _commit(tmp, final, meta, keep_last)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
