@@ -254,3 +254,23 @@ def test_generate_rejects_unrealisable_alpha(tmp_path):
     src = make_corpus(tmp_path / "c_text_document")
     with pytest.raises(ConfigError, match="cannot be realised exactly"):
         generate_sweep(tmp_path / "s", preset="tiny", data_path=src, repetitions=[1], alphas=["1/3"], steps=2)
+
+
+def test_sweep_end_to_end_trains_collects_and_fits(tmp_path):
+    """generate -> run (in process, 2 steps per run) -> collect -> the planner reads what the trainer wrote."""
+    src = make_corpus(tmp_path / "c_text_document", n_docs=300)
+    out = tmp_path / "sweep"
+    generate_sweep(out, preset="tiny", data_path=src, repetitions=[1, 4], alphas=["1", "1/2"], steps=2,
+                   overrides=["train.micro_batch_size=1", "train.grad_accum=2", "train.eval_interval=2",
+                              "train.eval_batches=1", "train.threads=1", "checkpoint.interval=0",
+                              "logging.plot=false", "model.n_layers=1"])
+    from megatron_dual.planning.sweep import run_local
+
+    records = run_local(out, in_process=True)
+    assert [r["status"] for r in records] == ["done"] * 4, [Path(r["log"]).read_text()[-2000:] for r in records]
+    assert [r["status"] for r in run_local(out, in_process=True)] == ["skipped"] * 4  # finished runs are skipped
+    rows, missing = collect_results(out, tmp_path / "results.csv")
+    assert not missing and len(rows) == 4
+    assert all(math.isfinite(r["score"]) and r["score"] == -r["val_ar_loss"] for r in rows)
+    res = load_results(tmp_path / "results.csv")
+    assert sorted(set(res.repetitions.tolist())) == [1.0, 4.0] and sorted(set(res.alpha.tolist())) == [0.5, 1.0]

@@ -219,7 +219,8 @@ def generate_sweep(out_dir: str | Path, *, preset: str, data_path: str, repetiti
         raise ValueError(f"devices = {devices}: must be >= 1")
     if not 0 <= decay_fraction <= 1:
         raise ValueError(f"decay_fraction = {decay_fraction}: must be in [0, 1]")
-    base = load_config(preset=preset, overrides=[f"data.path={data_path}", *overrides])
+    # the preset's own alpha is irrelevant (every task sets one) and may not fit the overridden slot count
+    base = load_config(preset=preset, overrides=[f"data.path={data_path}", *overrides, "objective.alpha=1"])
     per_step = _tokens_per_step(base, devices)
     seqs_per_step = per_step // base.data.seq_len
     if steps is None:
