@@ -197,6 +197,8 @@ class Trainer:
                                         shuffle=self.data.shuffle)
         self.step = 0
         self.tokens_seen = 0
+        # tokens of one optimizer step over the whole job (all data-parallel ranks)
+        self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * self.par.dp_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
         self.peak = peak_flops(self.device)
         self.last_eval: dict[str, float] = {}
@@ -314,8 +316,7 @@ class Trainer:
         for sch in self.schedulers.values():
             sch.step()
         self.step += 1
-        step_tokens = mbs * slots * par.dp_size * cfg.data.seq_len
-        self.tokens_seen += step_tokens
+        self.tokens_seen += self.tokens_per_step
         metrics: dict[str, float] = {"loss": stats[8].item(), "lr": lr, "grad_norm": grad_norm.item(),
                                      "tokens": self.tokens_seen}
         for k, obj in enumerate((AR, MD)):
@@ -396,8 +397,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 m = self.train_step()
                 dt = time.perf_counter() - t0
-                step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * self.par.dp_size * cfg.data.seq_len
-                m["tokens_per_s"] = step_tokens / dt
+                m["tokens_per_s"] = self.tokens_per_step / dt
                 m["step_time"] = dt
                 if self.peak:
                     m["mfu"] = m["tokens_per_s"] * self.flops_per_token / (self.peak * self.par.world_size)
@@ -421,7 +421,7 @@ class Trainer:
                 logger.close()
         wall = time.perf_counter() - t_start
         steps_run = self.step - start_step
-        tokens_run = steps_run * cfg.train.micro_batch_size * cfg.train.grad_accum * self.par.dp_size * cfg.data.seq_len
+        tokens_run = steps_run * self.tokens_per_step
         summary = {"steps": self.step, "steps_this_run": steps_run, "wall_s": wall,
                    "tokens_per_s": tokens_run / wall if wall > 0 else 0.0, "tokens_seen": self.tokens_seen,
                    "alpha": str(self.schedule.alpha), **self.last_eval}

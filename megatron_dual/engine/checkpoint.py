@@ -358,7 +358,7 @@ def load_checkpoint(
             raise CheckpointError(f"{optim_file} is corrupt or truncated: {e}") from e
     if optimizers or schedulers:
         for kind, live in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
-            saved = blob.get(kind, {})  # noqa: F821 - set above whenever optimizers or schedulers are given
+            saved = blob.get(kind, {})
             missing = sorted(set(live) - set(saved))
             if missing:
                 raise CheckpointError(f"{optim_file} has no state for {kind[:-1]} {missing[0]!r} "

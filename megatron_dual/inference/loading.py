@@ -9,28 +9,16 @@ model is rebuilt from the config stored in ``meta.json``, so no config file is n
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_dual.config import Config, ConfigError, config_from_dict
+from megatron_dual.engine.checkpoint import find_latest_checkpoint, load_model_weights, load_state_checked
 from megatron_dual.model.transformer import DualTransformer
 
 __all__ = ["find_checkpoint", "read_checkpoint_config", "load_model"]
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _latest_step_dir(root: Path) -> Path | None:
-    found = []
-    for d in root.iterdir() if root.is_dir() else []:
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and (d / "meta.json").is_file():
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
-
 
 def find_checkpoint(checkpoint: str | Path) -> Path:
     """The checkpoint directory that ``checkpoint`` names (see the module docstring); FileNotFoundError otherwise."""
@@ -42,7 +30,7 @@ def find_checkpoint(checkpoint: str | Path) -> Path:
     if (path / "meta.json").is_file():
         return path
     for root in (path, path / "checkpoints"):
-        latest = _latest_step_dir(root)
+        latest = find_latest_checkpoint(root)
         if latest is not None:
             return latest
     raise FileNotFoundError(
@@ -72,30 +60,13 @@ def _load_weights(ckpt_dir: Path, model: DualTransformer) -> None:
     from megatron_dual.parallel import resharding
 
     if resharding.checkpoint_tp(ckpt_dir) > 1:  # a tensor-parallel checkpoint: gather the shards into one model
-        from megatron_dual.engine.checkpoint import load_state_checked
-
         full, _, _ = resharding.read_checkpoint(ckpt_dir, with_optim=False)
         load_state_checked(model, full, ckpt_dir, strict=True)
         return
     weights = ckpt_dir / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint weights {weights} do not exist")
-    try:
-        from megatron_dual.engine.checkpoint import load_model_weights
-    except ImportError:
-        load_model_weights = None
-    if load_model_weights is not None:
-        load_model_weights(ckpt_dir, model, strict=True)
-        return
-    # Fallback while the engine's checkpoint module is unavailable: the same file layout, read directly.
-    from safetensors.torch import load_file
-
-    device = next(model.parameters()).device
-    state = load_file(str(weights), device=str(device))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint weights {weights} do not match the model: {e}") from e
+    load_model_weights(ckpt_dir, model, strict=True)
 
 
 def _load_tokenizer(spec: str, origin: str) -> Any:

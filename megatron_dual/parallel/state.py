@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_dual.config import ConfigError, alpha_to_slots
+from megatron_dual.config import ConfigError, alpha_to_slots, launch_world_size
 from megatron_dual.objectives import AR, MD, ObjectiveSchedule
 
 __all__ = [
@@ -121,12 +121,13 @@ def group_rank(group: Any) -> int:
 
 def dist_env() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's or SLURM's environment; (0, 0, 1) when neither is set."""
+    world = launch_world_size()
+    if world == 1:
+        return 0, 0, 1
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-    return 0, 0, 1
+    if env.get("WORLD_SIZE", "").isdigit():
+        return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), world
+    return int(env.get("SLURM_PROCID", 0)), int(env.get("SLURM_LOCALID", 0)), world
 
 
 class ParallelState:
