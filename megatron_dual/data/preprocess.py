@@ -153,59 +153,39 @@ class _Source:
                     yield chunk
                 return
             if self.compression == "gz":
-                yield from self._gzip(f)
+                # wbits=47: gzip header; members concatenated one after another are read in turn
+                yield from self._decompress(f, lambda: zlib.decompressobj(wbits=47), zlib.error, "gz",
+                                            "compressed data ended before the end-of-stream marker")
             else:
-                yield from self._zstd(f)
+                import zstandard
 
-    def _gzip(self, f) -> Iterator[bytes]:
-        d = zlib.decompressobj(wbits=47)  # gzip header; members concatenated one after another are read in turn
+                dctx = zstandard.ZstdDecompressor()
+                yield from self._decompress(f, dctx.decompressobj, zstandard.ZstdError, "zst",
+                                            "compressed data ended inside a frame")
+
+    def _decompress(self, f, new_decompressor, error: type[Exception], name: str, truncated: str
+                    ) -> Iterator[bytes]:
+        """Streamed decompression of concatenated frames/members with a fresh decompressor per frame."""
+        d = new_decompressor()
         started = False
         while True:
             raw = f.read(_READ_CHUNK)
             self.raw_pos += len(raw)
             if not raw:
                 if started and not d.eof:
-                    raise EOFError("truncated .gz stream (compressed data ended before the end-of-stream marker)")
+                    raise EOFError(f"truncated .{name} stream ({truncated})")
                 return
             while raw:
                 started = True
                 try:
                     out = d.decompress(raw)
-                except zlib.error as e:
-                    raise ValueError(f"corrupt .gz stream ({e})") from e
+                except error as e:
+                    raise ValueError(f"corrupt .{name} stream ({e})") from e
                 if out:
                     yield out
                 if d.eof:
                     raw = d.unused_data
-                    d = zlib.decompressobj(wbits=47)
-                    started = bool(raw)
-                else:
-                    raw = b""
-
-    def _zstd(self, f) -> Iterator[bytes]:
-        import zstandard
-
-        dctx = zstandard.ZstdDecompressor()
-        d = dctx.decompressobj()
-        started = False
-        while True:
-            raw = f.read(_READ_CHUNK)
-            self.raw_pos += len(raw)
-            if not raw:
-                if started and not d.eof:
-                    raise EOFError("truncated .zst stream (compressed data ended inside a frame)")
-                return
-            while raw:
-                started = True
-                try:
-                    out = d.decompress(raw)
-                except zstandard.ZstdError as e:
-                    raise ValueError(f"corrupt .zst stream ({e})") from e
-                if out:
-                    yield out
-                if d.eof:
-                    raw = d.unused_data
-                    d = dctx.decompressobj()
+                    d = new_decompressor()
                     started = bool(raw)
                 else:
                     raw = b""
