@@ -73,7 +73,7 @@ def _count_worker(rank: int, world: int, port: int, result: str) -> None:
 
     dist.all_reduce = wrap(dist.all_reduce, 2 * (ws - 1) / ws)
     dist.broadcast = wrap(dist.broadcast, (ws - 1) / ws)
-    from megatron_dual.train import Trainer
+    from megatron_dual.trainer import Trainer
 
     tmp = tempfile.mkdtemp()
     cfg_over = [f"output_dir={tmp}/run", f"data.path={result}_data", "train.grad_accum=1", "objective.alpha=1/2",
@@ -81,9 +81,9 @@ def _count_worker(rank: int, world: int, port: int, result: str) -> None:
                 "checkpoint.resume=none", "logging.plot=false", "train.threads=1"]
     cfg = load_config(preset="tiny", overrides=cfg_over)
     tr = Trainer(cfg, quiet=True)
-    tr.train_step()
+    tr.train_step(tr.loader.batches(0))
     counted["bytes"] = 0.0
-    tr.train_step()
+    tr.train_step(tr.loader.batches(1))
     if rank == 0:
         with open(result, "w") as f:
             f.write(str(counted["bytes"]))
@@ -112,7 +112,7 @@ def gpu_overhead(preset: str, steps: int) -> None:
     if not torch.cuda.is_available():
         print("GPU part skipped: no CUDA device (run on a GPU machine with --gpu-steps N)")
         return
-    from megatron_dual.engine.ddp import DDPEngine
+    from megatron_dual.engine.ddp import GradientBuckets
     from megatron_dual.parallel.state import ParallelState
 
     cfg = load_config(preset=preset, overrides=["objective.alpha=1", "train.grad_accum=1"])
@@ -123,7 +123,7 @@ def gpu_overhead(preset: str, steps: int) -> None:
 
     mask = AttentionMask("causal")
 
-    def run(engine: DDPEngine | None) -> float:
+    def run(engine: GradientBuckets | None) -> float:
         times = []
         for i in range(steps + 3):
             torch.cuda.synchronize()
@@ -143,7 +143,7 @@ def gpu_overhead(preset: str, steps: int) -> None:
         return sorted(times)[len(times) // 2]
 
     plain = run(None)
-    engine = DDPEngine(model, ParallelState(1, 0), cfg.parallel.bucket_mb)
+    engine = GradientBuckets(model, ParallelState(1, 0), cfg.parallel.bucket_mb)
     wrapped = run(engine)
     print(f"{preset} fwd+bwd on {torch.cuda.get_device_name()}: plain {plain * 1e3:.1f} ms, DDP engine "
           f"{wrapped * 1e3:.1f} ms, overhead {100 * (wrapped / plain - 1):+.2f}% (goal < 3%)")

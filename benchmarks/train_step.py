@@ -78,12 +78,12 @@ def main() -> int:
               "agree.", file=sys.stderr)
         return 2
 
+    from megatron_dual.callbacks.monitoring import PEAK_BF16_FLOPS
     from megatron_dual.config import load_config
     from megatron_dual.model.loss import labelled_loss
     from megatron_dual.model.transformer import DualTransformer, flops_per_token
     from megatron_dual.objectives import AR, MD
     from megatron_dual.optim.muon import build_optimizers
-    from megatron_dual.train import PEAK_BF16_FLOPS
 
     if a.smoke:
         cfg = load_config(preset="tiny", overrides=["model.hidden_size=100", "model.n_heads=2",

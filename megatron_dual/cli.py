@@ -75,20 +75,9 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from megatron_dual import train
+    from megatron_dual.train import run
 
-    argv = []
-    if args.config:
-        argv += ["--config", args.config]
-    if args.preset:
-        argv += ["--preset", args.preset]
-    for o in args.overrides:
-        argv += ["--set", o]
-    if args.resume:
-        argv += ["--resume", args.resume]
-    if args.quiet:
-        argv.append("--quiet")
-    return train.main(argv)
+    return run(args)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -108,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-dual", description="dual-objective (AR + masked diffusion) LM stack")
     sub = p.add_subparsers(dest="command", required=True)
 
+    from megatron_dual.train import add_train_args
+
     t = sub.add_parser("train", help="train a model")
-    _config_args(t)
-    t.add_argument("--resume", help="auto | none | checkpoint path")
-    t.add_argument("--quiet", action="store_true")
+    add_train_args(t)
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="parameter counts and FLOPs per token of a preset/config")

@@ -108,6 +108,8 @@ class TrainConfig:
     eval_interval: int = 200
     eval_batches: int = 8
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    # extra callbacks by import path ("package.module:Class"), instantiated without arguments (megatron_dual.callbacks)
+    callbacks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -266,6 +268,12 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             except ConfigError as e:
                 errors.append(e)
         raise errors[0] if errors else ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{path}: got {value!r}, expected a list")
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(items)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, list | tuple) or len(value) != len(args):

@@ -10,7 +10,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["MetricsLogger", "Progress", "format_duration", "format_count", "read_metrics", "plot_metrics"]
+from megatron_dual.config import ConfigError
+
+__all__ = ["JSONLSink", "WandbSink", "TensorBoardSink", "Progress", "format_duration", "format_count", "read_metrics",
+           "plot_metrics"]
 
 
 def format_duration(seconds: float) -> str:
@@ -41,17 +44,20 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-class MetricsLogger:
-    """One JSON object per step in ``jsonl_path``.
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class JSONLSink:
+    """One JSON object per step in ``path``.
 
     A fresh run (``resume_step == 0``) starts the file anew; a resumed run keeps the records up to ``resume_step``
     and drops later ones (they belong to the steps that are about to be redone), so the file always reads as one
     uninterrupted run.
     """
 
-    def __init__(self, jsonl_path: str | Path, resume_step: int = 0, wandb: Mapping[str, Any] | None = None,
-                 tensorboard_dir: str | Path | None = None, config: Mapping[str, Any] | None = None) -> None:
-        self.path = Path(jsonl_path)
+    def __init__(self, path: str | Path, resume_step: int = 0) -> None:
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
         if resume_step > 0 and self.path.exists():
@@ -66,45 +72,59 @@ class MetricsLogger:
         for line in kept:
             self._file.write(line + "\n")
         self._file.flush()
-        self._wandb = None
-        self._tb = None
-        if wandb:
-            try:
-                import wandb as wandb_mod
-            except ImportError as e:
-                raise ImportError("logging.wandb_project is set but wandb is not installed: "
-                                  "pip install 'megatron-dual[wandb]'") from e
-            self._wandb = wandb_mod.init(project=wandb["project"], mode=wandb.get("mode", "offline"),
-                                         dir=wandb.get("dir"), config=dict(config or {}), resume="allow")
-        if tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("logging.tensorboard is true but tensorboard is not installed: "
-                                  "pip install 'megatron-dual[wandb]'") from e
-            self._tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         rec = {"step": int(step), "time": round(time.time(), 3)}
         rec.update({k: _jsonable(v) for k, v in metrics.items()})
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
-        numeric = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
-        if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
-        if self._tb is not None:
-            for k, v in numeric.items():
-                self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+
+
+class WandbSink:
+    """Numeric metrics to a wandb run (``mode`` offline by default; resumed runs continue the same run)."""
+
+    def __init__(self, project: str, mode: str = "offline", directory: str | Path | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("logging.wandb_project is set but wandb is not installed: "
+                              "pip install 'megatron-dual[wandb]'") from e
+        self._run = wandb.init(project=project, mode=mode, dir=None if directory is None else str(directory),
+                               config=dict(config or {}), resume="allow")
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._run.log(_numeric(metrics), step=step)
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+class TensorBoardSink:
+    """Numeric metrics as tensorboard scalars; a resumed run purges the events after ``resume_step``."""
+
+    def __init__(self, directory: str | Path, resume_step: int = 0) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError("logging.tensorboard is true but tensorboard is not installed: "
+                              "pip install 'megatron-dual[wandb]'") from e
+        self._writer = SummaryWriter(str(directory), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for k, v in _numeric(metrics).items():
+            self._writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 class Progress:

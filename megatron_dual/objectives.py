@@ -25,11 +25,12 @@ from fractions import Fraction
 
 import torch
 
-from megatron_dual.config import alpha_to_slots
+from megatron_dual.config import ObjectiveConfig, alpha_to_slots
 from megatron_dual.model.attention import AttentionMask
+from megatron_dual.model.loss import IGNORE
 
-IGNORE = -100
 AR, MD = "ar", "md"
+OBJECTIVES = (AR, MD)
 
 
 @dataclass
@@ -41,15 +42,19 @@ class ObjectiveBatch:
     mask: AttentionMask
     n_tokens: int  # this objective's normaliser contribution (see module docstring)
 
-    def to(self, device: torch.device | str) -> ObjectiveBatch:
-        mask = AttentionMask(
-            self.mask.kind,
-            None if self.mask.doc_ids is None else self.mask.doc_ids.to(device),
-            None if self.mask.prefix_len is None else self.mask.prefix_len.to(device),
-            self.mask.q_offset,
-        )
-        return ObjectiveBatch(self.objective, self.input_ids.to(device), self.labels.to(device),
-                              self.weights.to(device), mask, self.n_tokens)
+    def map_tensors(self, fn) -> ObjectiveBatch:
+        """A copy with ``fn`` applied to every tensor (ids, labels, weights and the mask's tensors)."""
+        m = self.mask
+        mask = AttentionMask(m.kind, None if m.doc_ids is None else fn(m.doc_ids),
+                             None if m.prefix_len is None else fn(m.prefix_len), m.q_offset)
+        return ObjectiveBatch(self.objective, fn(self.input_ids), fn(self.labels), fn(self.weights), mask,
+                              self.n_tokens)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ObjectiveBatch:
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> ObjectiveBatch:
+        return self.map_tensors(lambda t: t.pin_memory())
 
 
 def _same_doc(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -90,13 +95,39 @@ def _check_shapes(tokens: torch.Tensor, doc_ids: torch.Tensor) -> None:
                          f"{tuple(tokens.shape)} and {tuple(doc_ids.shape)}")
 
 
-def masking_generator(seed: int, rank: int, step: int, slot: int) -> torch.Generator:
-    """MD masking randomness as a pure function of (seed, data-parallel rank, step, slot): resume needs no state,
-    and tensor-parallel peers (same dp rank) draw identical masks."""
-    digest = hashlib.sha256(f"md-mask/{seed}/{rank}/{step}/{slot}".encode()).digest()
+def masking_generator(seed: int, step: int, slot: int) -> torch.Generator:
+    """MD masking randomness as a pure function of (seed, step, global slot): resume needs no state, the masks do
+    not depend on how the global slots are spread over data-parallel ranks, and tensor-parallel peers draw identical
+    masks. (The ``/0/`` in the key is a former rank field, kept so that masks stay what they were.)"""
+    digest = hashlib.sha256(f"md-mask/{seed}/0/{step}/{slot}".encode()).digest()
     g = torch.Generator()
     g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return g
+
+
+def make_objective_batch(objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, cfg: ObjectiveConfig,
+                         generator: torch.Generator) -> ObjectiveBatch:
+    """The :class:`ObjectiveBatch` of ``objective`` (AR or MD) for packed ``tokens``/``doc_ids`` (B, T + 1)."""
+    if objective == AR:
+        return ar_batch(tokens, doc_ids)
+    if objective == MD:
+        return md_batch(tokens, doc_ids, generator, mask_token_id=cfg.mask_token_id, n_special=cfg.n_special,
+                        t_min=cfg.t_min)
+    raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+
+
+class ObjectiveBatcher:
+    """Turns the packed samples of a global slot at a step into that slot's objective batch: MD masks are drawn
+    from :func:`masking_generator` ``(seed, step, global_slot)``, so any process computes the same batch."""
+
+    def __init__(self, cfg: ObjectiveConfig, seed: int) -> None:
+        self.cfg = cfg
+        self.seed = seed
+
+    def __call__(self, objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, step: int,
+                 global_slot: int) -> ObjectiveBatch:
+        gen = masking_generator(self.seed, step, global_slot)
+        return make_objective_batch(objective, tokens, doc_ids, self.cfg, gen)
 
 
 class ObjectiveSchedule:

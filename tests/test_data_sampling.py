@@ -196,7 +196,7 @@ def test_disk_cache_is_reused(tmp_path, monkeypatch):
 
 
 def test_config_fields_and_build_data_errors(tmp_path):
-    from megatron_dual.train import build_data
+    from megatron_dual.data.dataloader import build_data
 
     a, b = _corpus(tmp_path, "a", 200, 100), _corpus(tmp_path, "b", 200, 1000)
     cfg = Config()
@@ -208,7 +208,7 @@ def test_config_fields_and_build_data_errors(tmp_path):
     cfg.data.path = f"0.6 {a} 0.4 {b}"
     cfg.data.repetitions = 2
     bundle = build_data(cfg)
-    assert len(bundle.train) == 10 * 2 * 2 and bundle.plan.passes == [2, 2] and bundle.shuffle is False
+    assert len(bundle.train) == 10 * 2 * 2 and bundle.plan.passes == [2, 2]
     cfg.data.budget_tokens = 100
     with pytest.raises(ConfigError, match="data.budget_tokens = 100 is less than the 640 tokens"):
         build_data(cfg)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from megatron_dual.config import load_config
 from megatron_dual.data.indexed import IndexedDatasetWriter
-from megatron_dual.train import Trainer
+from megatron_dual.trainer import Trainer
 
 VOCAB = 64
 STEPS = 3
@@ -48,7 +48,7 @@ def _run_steps(cfg, save=False):
     params)."""
     tr = Trainer(cfg, quiet=True)
     grads: list[dict[str, torch.Tensor]] = []
-    first = next(iter(tr.optimizers.values()))
+    first = next(iter(tr.engine.optimizers.values()))
     orig = first.step
 
     def capture(*a, **k):
@@ -56,7 +56,7 @@ def _run_steps(cfg, save=False):
         return orig(*a, **k)
 
     first.step = capture
-    metrics = [tr.train_step() for _ in range(STEPS)]
+    metrics = [tr.train_step(tr.loader.batches(s)) for s in range(STEPS)]
     if save:
         tr.save()
     params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}

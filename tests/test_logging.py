@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from megatron_dual.logging import MetricsLogger, Progress, format_duration, plot_metrics, read_metrics
+from megatron_dual.logging import JSONLSink, Progress, format_duration, plot_metrics, read_metrics
 
 
 def test_metrics_logger_fresh_and_resumed(tmp_path):
     path = tmp_path / "m.jsonl"
-    log = MetricsLogger(path)
+    log = JSONLSink(path)
     for step in range(1, 6):
         log.log(step, {"ar_loss": 1.0 / step, "grad_norm": float("nan") if step == 5 else 0.5})
     log.close()
@@ -17,12 +17,12 @@ def test_metrics_logger_fresh_and_resumed(tmp_path):
     with open(path, "a") as f:
         f.write('{"step": 6, "ar_lo')  # a line cut by a kill
     # resuming from the step-3 checkpoint drops the records of steps that will be redone
-    log = MetricsLogger(path, resume_step=3)
+    log = JSONLSink(path, resume_step=3)
     log.log(4, {"ar_loss": 0.2})
     log.close()
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
     # a fresh run starts the file anew
-    MetricsLogger(path).close()
+    JSONLSink(path).close()
     assert read_metrics(path) == []
 
 
@@ -74,3 +74,51 @@ def test_plot_metrics_draws_both_objectives(tmp_path):
     with pytest.raises(ValueError, match="no metrics"):
         (tmp_path / "e.jsonl").write_text("")
         plot_metrics(tmp_path / "e.jsonl", tmp_path / "e.png")
+
+
+def test_wandb_and_tensorboard_sinks_send_numeric_metrics(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from megatron_dual.logging import TensorBoardSink, WandbSink
+
+    calls = []
+
+    class Run:
+        def log(self, metrics, step):
+            calls.append(("wandb", step, metrics))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw["project"], kw["mode"], kw["resume"])) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    sink = WandbSink("proj", "offline", tmp_path, {"a": 1})
+    sink.log(3, {"ar_loss": 2.5, "note": "text", "ok": True})
+    sink.close()
+    assert calls == [("init", "proj", "offline", "allow"), ("wandb", 3, {"ar_loss": 2.5}), ("finish",)]
+
+    class Writer:
+        def __init__(self, directory, purge_step=None):
+            calls.append(("tb", directory, purge_step))
+
+        def add_scalar(self, k, v, step):
+            calls.append(("scalar", k, v, step))
+
+        def close(self):
+            calls.append(("tb-close",))
+
+    tb = types.ModuleType("torch.utils.tensorboard")
+    tb.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tb)
+    calls.clear()
+    sink = TensorBoardSink(tmp_path / "tb", resume_step=4)
+    sink.log(5, {"md_loss": 1.5, "s": "x"})
+    sink.close()
+    assert calls == [("tb", str(tmp_path / "tb"), 5), ("scalar", "md_loss", 1.5, 5), ("tb-close",)]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    from megatron_dual.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"wandb is not installed: pip install 'megatron-dual\[wandb\]'"):
+        WandbSink("proj")

@@ -2,7 +2,7 @@
 
 One spawned run of 4 processes (TP=4, then TP=2 x DP=2) builds the tiny model with the reference seed on every
 rank, shards it with ``parallelize_model`` and runs an AR batch (causal) and an MD batch (bidirectional), both with
-document ids, through the model and ``parallel_labelled_loss``; this process compares hidden states, the loss sums
+document ids, through the model and ``labelled_loss``; this process compares hidden states, the loss sums
 and every parameter gradient (gathered back to full with ``gather_state_dict``) with the single-process model.
 Cases: plain heads, GQA, sequence parallelism. The vocab-parallel cross-entropy is also checked on its own (z-loss,
 weights, ignored labels, argmax ties across shards). The pure parts (sharding, errors, RNG tracker, checkpoint
@@ -92,7 +92,7 @@ def _ce_inputs():
 
 # ------------------------------------------------------------------------------------------------ worker
 def _tp_worker(rank: int, world: int, tps: list[int]) -> dict:
-    from megatron_dual.parallel.cross_entropy import parallel_labelled_loss, vocab_parallel_loss_sums
+    from megatron_dual.parallel.cross_entropy import vocab_parallel_loss_sums
     from megatron_dual.parallel.layers import ColumnParallelLinear
     from megatron_dual.parallel.mappings import all_gather_along
     from megatron_dual.parallel.state import ParallelState
@@ -116,7 +116,7 @@ def _tp_worker(rank: int, world: int, tps: list[int]) -> dict:
             with torch.no_grad():  # inference path: full logits gathered over the vocabulary (and sequence)
                 out[(tp, key, "logits")] = model.logits(ar.input_ids, ar.mask)
             for obj, batch in _batches().items():
-                hidden, sums = _step(model, batch, parallel_labelled_loss)
+                hidden, sums = _step(model, batch, labelled_loss)
                 if sp:
                     sync_sequence_parallel_grads(model)
                     hidden = all_gather_along(hidden, group, dim=1)
@@ -319,7 +319,6 @@ def test_shard_gather_round_trip_bit_exact(gqa):
 
 
 def test_tp1_parallelize_is_identity():
-    from megatron_dual.parallel.cross_entropy import parallel_labelled_loss
     from megatron_dual.parallel.tensor_parallel import parallelize_model
 
     cfg = _cfg(gqa=True)
@@ -327,7 +326,7 @@ def test_tp1_parallelize_is_identity():
     ref = _model(cfg)
     h_ref, s_ref = _step(ref, batch, labelled_loss)
     model = parallelize_model(_model(cfg), None)
-    h, s = _step(model, batch, parallel_labelled_loss)
+    h, s = _step(model, batch, labelled_loss)
     torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
     torch.testing.assert_close(s.weighted, s_ref.weighted, atol=1e-6, rtol=1e-6)
     for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
@@ -407,7 +406,8 @@ def test_convert_checkpoint_round_trip(tmp_path):
         _step(model, batch, labelled_loss)
         for o in optimizers.values():
             o.step()
-    src = save_checkpoint(tmp_path / "tp1", 2, model, optimizers, {}, {"consumed": 4}, cfg.to_dict())
+    state = {"optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "schedulers": {}}
+    src = save_checkpoint(tmp_path / "tp1", 2, model, state, {"consumed": 4}, cfg.to_dict())
     tp2 = tmp_path / "tp2" / src.name
     tp4 = tmp_path / "tp4" / src.name
     back = tmp_path / "back" / src.name

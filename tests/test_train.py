@@ -5,12 +5,22 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_dual.callbacks import validation_losses
 from megatron_dual.config import load_config
+from megatron_dual.data.dataloader import collate
 from megatron_dual.data.indexed import IndexedDatasetWriter
 from megatron_dual.engine.checkpoint import CheckpointError, CheckpointMismatchError, find_latest_checkpoint
 from megatron_dual.model.loss import labelled_loss
-from megatron_dual.objectives import AR, MD, ObjectiveSchedule, loss_coefficients, masking_generator
-from megatron_dual.train import Trainer, TrainingDivergedError, collate, main, make_objective_batch
+from megatron_dual.objectives import (
+    AR,
+    MD,
+    ObjectiveSchedule,
+    loss_coefficients,
+    make_objective_batch,
+    masking_generator,
+)
+from megatron_dual.train import main
+from megatron_dual.trainer import Trainer, TrainingDivergedError
 
 VOCAB = 64
 
@@ -73,15 +83,13 @@ def test_gradient_is_the_alpha_mixture(corpus, tmp_path):
         for p in tr.model.parameters():
             p.normal_(0, 0.1)
     # Reference: recompute the same step's batches directly and build alpha*grad(L_AR) + (1-alpha)*grad(L_MD).
-    sampler_state = tr.sampler.state_dict()
-    indices = tr.sampler.next_indices(cfg.train.micro_batch_size * 4)
-    tr.sampler.load_state_dict(sampler_state)
+    indices = tr.loader.sampler.indices(0, cfg.train.micro_batch_size * 4)
     sched = ObjectiveSchedule(0.25, 1, 4)
     losses = {AR: [], MD: []}
     tokens = {AR: 0, MD: 0}
     for s, obj in enumerate(sched.slots(0, 0)):
         t, d = collate(tr.data.train, indices[s * 2 : (s + 1) * 2])
-        b = make_objective_batch(obj, t, d, cfg, masking_generator(cfg.train.seed, 0, 0, s))
+        b = make_objective_batch(obj, t, d, cfg.objective, masking_generator(cfg.train.seed, 0, s))
         out = labelled_loss(tr.model.head, tr.model(b.input_ids, b.mask), b.labels, b.weights, cfg.objective.z_loss)
         losses[obj].append(out.weighted)
         tokens[obj] += b.n_tokens
@@ -93,7 +101,7 @@ def test_gradient_is_the_alpha_mixture(corpus, tmp_path):
     assert loss_coefficients(0.25, tokens[AR], tokens[MD])[AR] == pytest.approx(0.25 / tokens[AR])
     # the trainer's accumulated gradient, captured just before the optimizer step
     grads = {}
-    opt = tr.optimizers["muon"]
+    opt = tr.engine.optimizers["muon"]
     orig = opt.step
 
     def capture(*a, **k):
@@ -101,7 +109,7 @@ def test_gradient_is_the_alpha_mixture(corpus, tmp_path):
         return orig(*a, **k)
 
     opt.step = capture
-    tr.train_step()
+    tr.train_step(tr.loader.batches(0))
     for p, g in zip(params, ref, strict=True):
         torch.testing.assert_close(grads[id(p)], g, atol=1e-6, rtol=1e-5)
 
@@ -111,15 +119,15 @@ def test_tiny_model_overfits_a_tiny_batch(corpus, tmp_path):
                "train.steps=150", "schedule.decay_steps=30", "schedule.name=constant")
     tr = Trainer(cfg, quiet=True)
     t, d = collate(tr.data.train, [0, 1])
-    b = make_objective_batch(AR, t, d, cfg, masking_generator(0, 0, 0, 0))
+    b = make_objective_batch(AR, t, d, cfg.objective, masking_generator(0, 0, 0))
     first = None
     for _ in range(150):
-        for o in tr.optimizers.values():
+        for o in tr.engine.optimizers.values():
             o.zero_grad()
         out = labelled_loss(tr.model.head, tr.model(b.input_ids, b.mask), b.labels, b.weights, 0.0)
         loss = out.weighted / out.count
         loss.backward()
-        for o in tr.optimizers.values():
+        for o in tr.engine.optimizers.values():
             o.step()
         first = first if first is not None else loss.item()
     assert first > 3.0 and loss.item() < 0.05, (first, loss.item())
@@ -129,7 +137,7 @@ def test_training_reduces_validation_loss_of_both_objectives(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path / "v", "train.steps=40", "schedule.decay_steps=10", "train.eval_interval=20",
                "optimizer.lr=0.02", "logging.plot=true")
     tr = Trainer(cfg, quiet=True)
-    before = tr.evaluate()
+    before = validation_losses(tr)
     summary = tr.fit()
     assert summary["val_ar_loss"] < before["val_ar_loss"] - 0.5
     assert summary["val_md_loss"] < before["val_md_loss"] - 0.3
@@ -142,14 +150,14 @@ def test_nan_guard_stops_with_last_good_checkpoint(corpus, tmp_path, monkeypatch
     tr = Trainer(tiny(corpus, tmp_path / "n"), quiet=True)
     tr.fit(max_steps=2)
     good = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-    real = Trainer._forward_loss
+    real = Trainer.forward_loss
 
     def poisoned(self, batch):
         out = real(self, batch)
         out.weighted = out.weighted * float("nan")
         return out
 
-    monkeypatch.setattr(Trainer, "_forward_loss", poisoned)
+    monkeypatch.setattr(Trainer, "forward_loss", poisoned)
     with pytest.raises(TrainingDivergedError) as e:
         tr.fit()
     msg = str(e.value)

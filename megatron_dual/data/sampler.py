@@ -110,15 +110,22 @@ class ResumableSampler:
         epoch, pos = divmod(int(position), self.num_samples)
         return int(self._order(epoch)[pos])
 
-    def next_indices(self, n: int) -> list[int]:
-        if n < 0:
-            raise ValueError(f"n = {n}: must be >= 0")
+    def indices(self, start: int, n: int) -> list[int]:
+        """The ``n`` samples at global positions ``start, start + 1, ...`` (pure: the position is not moved)."""
+        if n < 0 or start < 0:
+            raise ValueError(f"start = {start}, n = {n}: both must be >= 0")
         out: list[int] = []
+        position = int(start)
         while len(out) < n:
-            epoch, pos = divmod(self.consumed_samples, self.num_samples)
+            epoch, pos = divmod(position, self.num_samples)
             take = min(n - len(out), self.num_samples - pos)
             out.extend(self._order(epoch)[pos : pos + take].tolist())
-            self.consumed_samples += take
+            position += take
+        return out
+
+    def next_indices(self, n: int) -> list[int]:
+        out = self.indices(self.consumed_samples, n)
+        self.consumed_samples += n
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -44,7 +44,10 @@ __all__ = [
     "read_meta",
     "load_model_weights",
     "load_checkpoint",
-    "save_tp_checkpoint",
+    "load_model_state",
+    "read_engine_state",
+    "restore_optimizers",
+    "read_rng_state",
     "load_state_checked",
 ]
 
@@ -124,45 +127,94 @@ def save_checkpoint(
     root: str | Path,
     step: int,
     model: torch.nn.Module,
-    optimizers: Mapping[str, torch.optim.Optimizer],
-    schedulers: Mapping[str, Any],
+    engine_state: Mapping[str, Any],
     trainer_state: Mapping[str, Any],
     config: Mapping[str, Any],
+    parallel: Any = None,
     keep_last: int = 0,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep_last`` (0 keeps all).
 
-    ``trainer_state`` and ``extra`` must be JSON-serialisable (they go into ``meta.json``).
+    The parts: the model's ``state_dict`` (``model.safetensors``, or one shard per TP rank, see
+    :mod:`megatron_dual.parallel.resharding`), ``engine_state`` (``{"optimizers", "schedulers"}``, ``optim.pt`` or
+    one per TP rank), the RNG streams, and ``meta.json`` (``trainer_state`` and ``extra`` must be JSON-serialisable),
+    written last. With ``parallel`` (a ParallelState of several ranks) this is collective: data-parallel replicas
+    hold identical state, so the TP group of DP rank 0 writes the shards, rank 0 the rest, and every rank returns
+    once the checkpoint is in place.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp_*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    world = parallel.world_size if parallel is not None else 1
+    rank, dp_rank = (parallel.rank, parallel.dp_rank) if parallel is not None else (0, 0)
+    tp, tp_rank = (parallel.tp_size, parallel.tp_rank) if parallel is not None else (1, 0)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
-    tmp.mkdir()
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "step": str(step)})
-        torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                    "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}, tmp / OPTIM)
-        torch.save(capture_rng_state(), tmp / RNG)
-        meta = {
-            "format": FORMAT,
-            "step": int(step),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "torch": torch.__version__,
-            "trainer_state": dict(trainer_state),
-            "config": dict(config),
-            "tensors": {k: list(v.shape) for k, v in state.items()},
-            "extra": dict(extra or {}),
-        }
-        _commit(tmp, final, meta, keep_last)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp = root / f".tmp_{step_dir_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _collective(world, lambda: None)
+    shapes = _collective(world, lambda: _write_shard(tmp, step, model, engine_state, tp_rank, tp)
+                         if dp_rank == 0 else None, f"a tensor-parallel rank failed to write its shard of {final}")
+    if rank == 0:
+        try:
+            meta = {"format": FORMAT, "step": int(step), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "torch": torch.__version__, "trainer_state": dict(trainer_state), "config": dict(config),
+                    "tensors": _full_shapes(shapes, config, tp), "extra": dict(extra or {})}
+            torch.save(capture_rng_state(), tmp / RNG)
+            if tp > 1:
+                from megatron_dual.parallel import resharding as rs
+
+                meta["tensor_parallel"] = {"tp": tp}
+                layout = rs.layout_manifest(meta["tensors"], _model_cfg(config), tp)
+                _write_atomic_text(tmp / rs.LAYOUT, json.dumps(layout, indent=1))
+            _commit(tmp, final, meta, keep_last)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _collective(world, lambda: None)
     return final
+
+
+def _collective(world: int, fn: Any, failure: str = "") -> Any:
+    """Run ``fn`` on this rank; with several ranks, every rank learns whether any failed (then all raise)."""
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    failed = torch.zeros(1)
+    try:
+        out = fn()
+    except Exception:
+        failed += 1
+        raise
+    finally:
+        dist.all_reduce(failed)
+    if failed.item():
+        raise CheckpointError(failure or "a rank failed while saving a checkpoint")
+    return out
+
+
+def _write_shard(tmp: Path, step: int, model: torch.nn.Module, engine_state: Mapping[str, Any], tp_rank: int,
+                 tp: int) -> dict[str, list[int]]:
+    from megatron_dual.parallel import resharding as rs
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "step": str(step)} | ({"tp": f"{tp_rank}/{tp}"} if tp > 1 else {})
+    save_file(state, str(tmp / rs.model_file(tp_rank, tp)), metadata=metadata)
+    torch.save(dict(engine_state), tmp / rs.optim_file(tp_rank, tp))
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+def _full_shapes(local: dict[str, list[int]] | None, config: Mapping[str, Any], tp: int) -> dict[str, list[int]]:
+    """Tensor shapes of the whole (unsharded) model: this rank's own shapes when it is not sharded."""
+    if tp == 1 and local is not None:
+        return local
+    from megatron_dual.model.transformer import DualTransformer
+
+    with torch.device("meta"):
+        return {k: list(v.shape) for k, v in DualTransformer(_model_cfg(config)).state_dict().items()}
 
 
 def _commit(tmp: Path, final: Path, meta: Mapping[str, Any], keep_last: int) -> None:
@@ -306,6 +358,94 @@ def load_state_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
                 tensor.copy_(state[name])
 
 
+def load_model_state(path: str | Path, model: torch.nn.Module, parallel: Any = None,
+                     model_config: Mapping[str, Any] | None = None) -> None:
+    """Load the weights of checkpoint ``path`` into ``model`` in place. With ``parallel`` (a ParallelState) of TP size
+    n the model holds TP rank r's shards; a checkpoint of another TP size (or single-file) is resharded on the fly."""
+    path = Path(path)
+    meta = read_meta(path)
+    from megatron_dual.parallel import resharding as rs
+
+    src_tp = _checkpoint_tp(path)
+    tp, tp_rank = (parallel.tp_size, parallel.tp_rank) if parallel is not None else (1, 0)
+    if src_tp == 1 and tp == 1:
+        load_model_weights(path, model, strict=True, model_config=model_config)
+        return
+    hint = _config_diff((meta.get("config") or {}).get("model"), model_config)
+    _check_model_config(path, meta, model_config, hint)
+    try:
+        shard = rs.load_model_shard(path, tp_rank, tp)
+    except rs.ReshardError as e:
+        raise CheckpointError(str(e)) from e
+    load_state_checked(model, shard, path / rs.model_file(tp_rank, src_tp), True, hint)
+
+
+def _checkpoint_tp(path: Path) -> int:
+    from megatron_dual.parallel import resharding as rs
+
+    try:
+        return rs.checkpoint_tp(path)
+    except (rs.ReshardError, json.JSONDecodeError) as e:
+        raise CheckpointError(str(e)) from e
+
+
+def read_engine_state(path: str | Path, parallel: Any = None) -> tuple[dict[str, Any], Path]:
+    """``({"optimizers", "schedulers"}, file)`` of this rank (resharded when the checkpoint's TP size differs)."""
+    path = Path(path)
+    from megatron_dual.parallel import resharding as rs
+
+    src_tp = _checkpoint_tp(path)
+    tp, tp_rank = (parallel.tp_size, parallel.tp_rank) if parallel is not None else (1, 0)
+    optim_file = path / rs.optim_file(tp_rank, src_tp)
+    if src_tp != tp:
+        meta = read_meta(path)
+        try:
+            full, full_optim, _ = rs.read_checkpoint(path, with_optim=True)
+            if full_optim is None:
+                raise CheckpointError(f"{path} holds no optimizer state to reshard")
+            if tp == 1:
+                return full_optim, optim_file
+            names = rs.optimizer_param_names(meta["config"])
+            shapes = {k: tuple(v.shape) for k, v in full.items()}
+            return rs.shard_optimizer_state(full_optim, names, shapes, tp_rank, tp, _model_cfg(meta["config"])), \
+                optim_file
+        except rs.ReshardError as e:
+            raise CheckpointError(str(e)) from e
+    try:
+        return torch.load(optim_file, map_location="cpu", weights_only=True), optim_file
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{optim_file} does not exist: cannot restore optimizer state") from e
+    except Exception as e:  # torch raises several types for truncated zip archives
+        raise CheckpointError(f"{optim_file} is corrupt or truncated: {e}") from e
+
+
+def restore_optimizers(state: Mapping[str, Any], optimizers: Mapping[str, torch.optim.Optimizer],
+                       schedulers: Mapping[str, Any], source: Any = "checkpoint") -> None:
+    """Load ``state`` (``{"optimizers": {name: ...}, "schedulers": {name: ...}}``) into the live objects; errors name
+    ``source`` and the optimizer or scheduler that is missing or does not fit."""
+    for kind, live in (("optimizers", optimizers), ("schedulers", schedulers)):
+        saved = state.get(kind, {})
+        missing = sorted(set(live) - set(saved))
+        if missing:
+            raise CheckpointError(f"{source} has no state for {kind[:-1]} {missing[0]!r} (it holds {sorted(saved)})")
+        for name, obj in live.items():
+            try:
+                obj.load_state_dict(saved[name])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise CheckpointMismatchError(f"{source}: state of {kind[:-1]} {name!r} does not fit: {e}") from e
+
+
+def read_rng_state(path: str | Path) -> dict[str, Any] | None:
+    """The RNG streams saved with checkpoint ``path`` (None when it has no ``rng.pt``)."""
+    rng_file = Path(path) / RNG
+    if not rng_file.is_file():
+        return None
+    try:
+        return torch.load(rng_file, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{rng_file} is corrupt or truncated: {e}") from e
+
+
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -315,67 +455,16 @@ def load_checkpoint(
     parallel: Any = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer and scheduler state in place; return ``{"step", "trainer_state", "config", "rng",
-    "extra", "path"}`` (the caller restores RNG streams once everything else is set up).
-
-    With ``parallel`` (a ParallelState) of TP size n, the model and optimizer hold TP rank r's shards; a checkpoint
-    written with another TP size (or in single-file form) is resharded on the fly."""
+    "extra", "path"}`` (the caller restores RNG streams once everything else is set up). The composition of
+    :func:`load_model_state`, :func:`read_engine_state` + :func:`restore_optimizers` and :func:`read_rng_state`."""
     path = Path(path)
     meta = read_meta(path)
-    from megatron_dual.parallel import resharding as rs
-
-    try:
-        src_tp = rs.checkpoint_tp(path)
-    except (rs.ReshardError, json.JSONDecodeError) as e:
-        raise CheckpointError(str(e)) from e
-    tp, tp_rank = (parallel.tp_size, parallel.tp_rank) if parallel is not None else (1, 0)
-    hint = _config_diff((meta.get("config") or {}).get("model"), model_config)
-    blob: Any = None
-    if src_tp == 1 and tp == 1:
-        load_model_weights(path, model, strict=True, model_config=model_config)
-        optim_file = path / OPTIM
-    else:
-        _check_model_config(path, meta, model_config, hint)
-        try:
-            load_state_checked(model, rs.load_model_shard(path, tp_rank, tp), path / rs.model_file(tp_rank, src_tp),
-                        True, hint)
-            optim_file = path / rs.optim_file(tp_rank, src_tp)
-            if (optimizers or schedulers) and src_tp != tp:
-                full, full_optim, _ = rs.read_checkpoint(path, with_optim=True)
-                if full_optim is None:
-                    raise CheckpointError(f"{path} holds no optimizer state to reshard")
-                names = rs.optimizer_param_names(meta["config"])
-                shapes = {k: tuple(v.shape) for k, v in full.items()}
-                blob = (rs.shard_optimizer_state(full_optim, names, shapes, tp_rank, tp,
-                                                 _model_cfg(meta["config"])) if tp > 1 else full_optim)
-        except rs.ReshardError as e:
-            raise CheckpointError(str(e)) from e
-    if (optimizers or schedulers) and blob is None:
-        try:
-            blob = torch.load(optim_file, map_location="cpu", weights_only=True)
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{optim_file} does not exist: cannot restore optimizer state") from e
-        except Exception as e:  # torch raises several types for truncated zip archives
-            raise CheckpointError(f"{optim_file} is corrupt or truncated: {e}") from e
+    load_model_state(path, model, parallel, model_config)
     if optimizers or schedulers:
-        for kind, live in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
-            saved = blob.get(kind, {})
-            missing = sorted(set(live) - set(saved))
-            if missing:
-                raise CheckpointError(f"{optim_file} has no state for {kind[:-1]} {missing[0]!r} "
-                                      f"(it holds {sorted(saved)})")
-            for name, obj in live.items():
-                try:
-                    obj.load_state_dict(saved[name])
-                except (ValueError, KeyError, RuntimeError) as e:
-                    raise CheckpointMismatchError(f"{optim_file}: state of {kind[:-1]} {name!r} does not fit: {e}"
-                                                  ) from e
-    rng_file = path / RNG
-    try:
-        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
-    except Exception as e:
-        raise CheckpointError(f"{rng_file} is corrupt or truncated: {e}") from e
+        state, source = read_engine_state(path, parallel)
+        restore_optimizers(state, optimizers or {}, schedulers or {}, source)
     return {"step": int(meta["step"]), "trainer_state": meta.get("trainer_state", {}), "config": meta.get("config"),
-            "rng": rng, "extra": meta.get("extra", {}), "path": path}
+            "rng": read_rng_state(path), "extra": meta.get("extra", {}), "path": path}
 
 
 def _model_cfg(config: Mapping[str, Any]) -> Any:
@@ -394,60 +483,3 @@ def _check_model_config(path: Path, meta: Mapping[str, Any], model_config: Mappi
                     "vocab_size"):
             if saved.get(key) != model_config.get(key):
                 raise CheckpointMismatchError(f"{path} is from another model{hint}")
-
-
-def save_tp_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
-                       optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any],
-                       trainer_state: Mapping[str, Any], config: Mapping[str, Any], parallel: Any,
-                       keep_last: int = 0, extra: Mapping[str, Any] | None = None) -> Path:
-    """Collective over all ranks: the TP group of DP rank 0 writes its shards (``model_tp{r}of{n}.safetensors``,
-    ``optim_tp{r}of{n}.pt``), rank 0 the replicated RNG state, ``layout.json`` and ``meta.json`` last, then renames
-    the directory into place (the format of :mod:`megatron_dual.parallel.resharding`)."""
-    import torch.distributed as dist
-
-    from megatron_dual.model.transformer import DualTransformer
-    from megatron_dual.parallel import resharding as rs
-
-    root = Path(root)
-    tp, tp_rank = parallel.tp_size, parallel.tp_rank
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp_{step_dir_name(step)}"
-    if parallel.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    failed = torch.zeros(1)
-    try:
-        if parallel.dp_rank == 0:
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / rs.model_file(tp_rank, tp)),
-                      metadata={"format": FORMAT, "step": str(step), "tp": f"{tp_rank}/{tp}"})
-            torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                        "schedulers": {k: s.state_dict() for k, s in schedulers.items()}},
-                       tmp / rs.optim_file(tp_rank, tp))
-    except Exception:
-        failed += 1
-        raise
-    finally:
-        dist.all_reduce(failed)  # every rank learns whether a shard failed to write
-    if failed.item():
-        raise CheckpointError(f"a tensor-parallel rank failed to write its shard of {final}")
-    if parallel.rank == 0:
-        try:
-            cfg = _model_cfg(config)
-            with torch.device("meta"):
-                shapes = {k: tuple(v.shape) for k, v in DualTransformer(cfg).state_dict().items()}
-            torch.save(capture_rng_state(), tmp / RNG)
-            _write_atomic_text(tmp / rs.LAYOUT, json.dumps(rs.layout_manifest(shapes, cfg, tp), indent=1))
-            meta = {"format": FORMAT, "step": int(step), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "torch": torch.__version__, "trainer_state": dict(trainer_state), "config": dict(config),
-                    "tensors": {k: list(v) for k, v in shapes.items()}, "tensor_parallel": {"tp": tp},
-                    "extra": dict(extra or {})}
-            _commit(tmp, final, meta, keep_last)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    dist.barrier()
-    return final

@@ -1,4 +1,5 @@
-"""Plain-torch data parallelism: bucketed gradient all-reduce overlapped with backward, global-norm clipping.
+"""Plain-torch data parallelism: bucketed gradient all-reduce overlapped with backward, global-norm clipping, and
+:class:`DDPEngine`, the engine of the training loop built on it (TP layers, Muon + AdamW, schedules, autocast).
 
 Gradients live in flat per-bucket buffers (``param.grad`` is a view into its bucket), so a bucket's all-reduce is
 one collective over contiguous memory. Buckets hold parameters in reverse registration order, roughly the order in
@@ -15,14 +16,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megatron_dual.config import Config
+from megatron_dual.engine.base import Engine
+from megatron_dual.optim.muon import build_optimizers
+from megatron_dual.optim.schedules import build_scheduler
 from megatron_dual.parallel.state import ParallelState
+from megatron_dual.parallel.tensor_parallel import parallelize_model, sync_sequence_parallel_grads
 
-__all__ = ["DDPEngine", "global_grad_norm", "clip_grad_norm_"]
+__all__ = ["GradientBuckets", "DDPEngine", "global_grad_norm", "clip_grad_norm_"]
 
 
 class _Bucket:
@@ -37,20 +44,18 @@ class _Bucket:
             offset += p.numel()
         self.ready: set[int] = set()
         self.handle: dist.Work | None = None
-        self.launched = False
 
     def reset(self) -> None:
         self.ready.clear()
         self.handle = None
-        self.launched = False
 
 
-class DDPEngine:
+class GradientBuckets:
     """Data-parallel gradient synchronisation for ``model`` over ``state.dp_group``.
 
-    Usage per optimizer step: ``engine.zero_grad()``; for every micro-batch but the last ``with engine.no_sync():
-    loss.backward()``; the last ``loss.backward()``; then ``engine.finish_grad_sync()`` before clipping and the
-    optimizer step. Use ``engine.zero_grad()`` rather than the optimizers' (they would detach the bucket views).
+    Usage per optimizer step: ``buckets.zero_grad()``; for every micro-batch but the last ``with buckets.no_sync():
+    loss.backward()``; the last ``loss.backward()``; then ``buckets.finish_grad_sync()`` before clipping and the
+    optimizer step. Use ``buckets.zero_grad()`` rather than the optimizers' (they would detach the bucket views).
     """
 
     def __init__(self, model: torch.nn.Module, state: ParallelState, bucket_mb: float = 25.0) -> None:
@@ -103,7 +108,6 @@ class DDPEngine:
 
     def _launch(self, b: _Bucket) -> None:
         b.handle = dist.all_reduce(b.buffer, group=self.group, async_op=True)
-        b.launched = True
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets):
@@ -134,13 +138,75 @@ class DDPEngine:
             b.reset()
         self._next = 0
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(list(self.model.parameters()), max_norm, self.state)
-
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+class DDPEngine(Engine):
+    """The plain-torch engine: ``model`` (built whole with the job's seed) sharded over the TP group when
+    ``parallel.tp > 1``, gradients in all-reduce buckets over the DP group, Muon (distributed over DP) + AdamW with
+    their schedules, bf16 autocast on request."""
+
+    def __init__(self, model: torch.nn.Module, parallel: ParallelState, cfg: Config, device: torch.device) -> None:
+        if parallel.tp_size > 1:
+            # Sharding a model initialised identically on every rank keeps initialisation equal to one process's.
+            parallelize_model(model, parallel.tp_group, cfg.parallel.sequence_parallel)
+        self.model = model
+        self.parallel = parallel
+        self.sequence_parallel = parallel.tp_size > 1 and cfg.parallel.sequence_parallel
+        self.buckets = GradientBuckets(model, parallel, cfg.parallel.bucket_mb)
+        self.optimizers = build_optimizers(model, cfg.optimizer)
+        if cfg.parallel.distributed_muon and "muon" in self.optimizers:
+            self.optimizers["muon"].distribute(parallel)
+        self.schedulers = {k: build_scheduler(o, cfg.train.steps, cfg.schedule) for k, o in self.optimizers.items()}
+        p = cfg.train.precision
+        use_bf16 = p == "bf16" or (p == "auto" and device.type == "cuda")
+        self.precision = "bf16" if use_bf16 else "fp32"
+        self._device_type = device.type
+
+    def autocast(self) -> AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self._device_type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def zero_grad(self) -> None:
+        self.buckets.zero_grad()
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        with nullcontext() if last else self.buckets.no_sync():
+            loss.backward()
+
+    def reduce_gradients(self) -> None:
+        self.buckets.finish_grad_sync()
+        if self.sequence_parallel:
+            sync_sequence_parallel_grads(self.model, self.parallel.tp_group)  # sums over TP and DP commute
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(list(self.model.parameters()), max_norm, self.parallel)
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+        for sch in self.schedulers.values():
+            sch.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[next(iter(self.optimizers))].param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        from megatron_dual.engine.checkpoint import restore_optimizers
+
+        restore_optimizers(state, self.optimizers, self.schedulers, source)
+
+    def close(self) -> None:
+        self.buckets.close()
 
 
 def global_grad_norm(params: list[torch.nn.Parameter], state: ParallelState | None = None) -> torch.Tensor:

@@ -1,16 +1,23 @@
-"""Loss at labelled positions only: the head runs on the selected hidden states, never on the whole sequence."""
+"""Loss at labelled positions only: the head runs on the selected hidden states, never on the whole sequence.
+
+:func:`labelled_loss` is the one loss entry point of training and validation, for the plain head and for the
+vocab-parallel head alike (``megatron_dual.parallel.layers.VocabParallelLMHead``): row selection, the empty case,
+the fused-kernel dispatch and chunking are shared; what differs per head is one chunk's sums, which a head may
+provide as ``chunk_sums(h, y, w, z_loss)`` (the vocab-parallel head does; the plain head uses
+:func:`plain_chunk_sums`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from megatron_dual.model.fused import use_triton
-from megatron_dual.model.head import LMHead
 
-IGNORE = -100
+IGNORE = -100  # label of a position that predicts nothing (PyTorch's cross-entropy default)
 
 
 @dataclass
@@ -22,45 +29,86 @@ class LossSums:
     count: int  # number of labelled positions
 
 
-def labelled_loss(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                  z_loss: float, chunk_size: int = 8192) -> LossSums:
-    """Weighted cross-entropy + z-loss summed over positions with ``labels != -100``.
+def _group_size(group: Any) -> int:
+    import torch.distributed as dist
 
-    Logits exist only for labelled positions (an MD batch at small t labels few), upcast to fp32 one chunk of
-    ``chunk_size`` positions at a time. Autograd still keeps each chunk's logits for backward; the fused
-    linear + cross-entropy kernel (used when ``head.fused_ops`` selects triton, see ``model/fused.py``) is what
-    removes them: it covers the head's output linear + bias, cross-entropy and z-loss, with its own chunking.
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def plain_chunk_sums(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                     z_loss: float) -> LossSums:
+    """Sums of one chunk of selected rows through the whole (unsharded) head, logits upcast to fp32."""
+    logits = head(h).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    nll = lse - logits.gather(1, y[:, None]).squeeze(1)
+    weighted = (w * (nll + z_loss * lse.square())).sum()
+    with torch.no_grad():
+        return LossSums(weighted, (w * nll).sum(), (w * lse.square()).sum(), (logits.argmax(-1) == y).sum(),
+                        int(y.numel()))
+
+
+def select_labelled(hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(h, y, w)``: the hidden rows, labels and fp32 weights of the labelled positions; None when there are none."""
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
+    flat = labels.reshape(-1)
+    idx = (flat != IGNORE).nonzero(as_tuple=True)[0]
+    if idx.numel() == 0:
+        return None
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
+    return h, flat.index_select(0, idx), weights.reshape(-1).index_select(0, idx).float()
+
+
+def labelled_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                  z_loss: float, tp_group: Any = None, chunk_size: int = 8192) -> LossSums:
+    """Weighted cross-entropy + z-loss summed over positions with ``labels != -100`` (same sums on every TP rank).
+
+    ``head``: an ``LMHead`` or a ``VocabParallelLMHead`` (``tp_group`` defaults to the head's own group; a plain
+    head with a TP group of more than one rank is an error). ``hidden`` (B, T, H), or (B, T/tp, H) for a sequence-
+    parallel head (gathered here); ``labels``/``weights`` (B, T). Logits exist only for labelled positions, one chunk
+    of ``chunk_size`` rows at a time; the fused linear + cross-entropy kernel (when ``head.fused_ops`` selects
+    triton, see ``model/fused.py``) replaces the chunk loop and keeps no logits for backward.
     """
-    flat_labels = labels.reshape(-1)
-    idx = (flat_labels != IGNORE).nonzero(as_tuple=True)[0]
-    count = int(idx.numel())
-    if count == 0:
+    group = tp_group if tp_group is not None else getattr(head, "tp_group", None)
+    tp = _group_size(group)
+    if tp > 1 and not hasattr(head, "chunk_sums"):
+        raise TypeError("labelled_loss with a tensor-parallel group needs a VocabParallelLMHead "
+                        f"(megatron_dual.parallel.layers); got {type(head).__name__}")
+    if hasattr(head, "gather_hidden"):
+        hidden = head.gather_hidden(hidden)
+    rows = select_labelled(hidden, labels, weights)
+    if rows is None:
         zero = hidden.sum() * 0.0
         return LossSums(zero, zero.detach(), zero.detach(), zero.detach(), 0)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-    y = flat_labels.index_select(0, idx)
-    w = weights.reshape(-1).index_select(0, idx).float()
+    h, y, w = rows
     if use_triton(getattr(head, "fused_ops", "none"), h):
         from megatron_dual.kernels.cross_entropy import fused_linear_cross_entropy
 
-        fused = fused_linear_cross_entropy(head.features(h), head.out.weight, head.out.bias, y, w, z_loss)
-        return LossSums(fused.weighted, fused.nll, fused.z, fused.correct, count)
-    total = h.new_zeros((), dtype=torch.float32)
-    nll_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-    z_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        fused = fused_linear_cross_entropy(head.features(h), head.out.weight, head.out.bias, y, w, z_loss,
+                                           group=group if tp > 1 else None)
+        return LossSums(fused.weighted, fused.nll, fused.z, fused.correct, int(y.numel()))
+    return _chunked(head, h, y, w, z_loss, chunk_size)
+
+
+def _chunked(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, z_loss: float,
+             chunk_size: int) -> LossSums:
+    chunk = getattr(head, "chunk_sums", None) or (lambda *a: plain_chunk_sums(head, *a))
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    nll = torch.zeros((), dtype=torch.float32, device=h.device)
+    z = torch.zeros((), dtype=torch.float32, device=h.device)
     correct = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start in range(0, count, chunk_size):
+    for start in range(0, h.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        logits = head(h[sl]).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        nll = lse - logits.gather(1, y[sl, None]).squeeze(1)
-        per_token = nll + z_loss * lse.square()
-        total = total + (w[sl] * per_token).sum()
+        sums = chunk(h[sl], y[sl], w[sl], z_loss)
+        total = total + sums.weighted
         with torch.no_grad():
-            nll_sum += (w[sl] * nll).sum()
-            z_sum += (w[sl] * lse.square()).sum()
-            correct += (logits.argmax(-1) == y[sl]).sum()
-    return LossSums(total, nll_sum, z_sum, correct, count)
+            nll += sums.nll
+            z += sums.z
+            correct += sums.correct
+    return LossSums(total, nll, z, correct, int(y.numel()))
 
 
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, z_loss: float) -> torch.Tensor:

@@ -11,10 +11,11 @@ Backward needs no communication: d nll / d logit_j = softmax_j - [j == y], d lse
 for its own j. ``correct`` (argmax == label) takes the global argmax with torch's tie rule (first index): the
 smallest global index whose logit equals the global max (all-reduce MIN).
 
-:func:`parallel_labelled_loss` is :func:`megatron_dual.model.loss.labelled_loss` for a
-:class:`~megatron_dual.parallel.layers.VocabParallelLMHead` (and falls back to it for the plain head). The fused
-Triton linear + CE kernel (``kernels/cross_entropy.py``, vocab-parallel variant) is used instead when the head's
-``fused_ops`` selects triton; this module is the reference it is tested against.
+:func:`vocab_parallel_loss_sums` is one chunk's sums for
+:class:`~megatron_dual.parallel.layers.VocabParallelLMHead` (its ``chunk_sums``), run by the one loss entry point
+:func:`megatron_dual.model.loss.labelled_loss`. The fused Triton linear + CE kernel (``kernels/cross_entropy.py``,
+vocab-parallel variant) is used instead when the head's ``fused_ops`` selects triton; this module is the reference
+it is tested against.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_dual.model.fused import use_triton
-from megatron_dual.model.loss import IGNORE, LossSums, labelled_loss
+from megatron_dual.model.loss import IGNORE, LossSums
 from megatron_dual.parallel.mappings import all_reduce
 from megatron_dual.parallel.state import group_rank, group_size
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_argmax", "vocab_parallel_loss_sums",
-           "parallel_labelled_loss"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_argmax", "vocab_parallel_loss_sums"]
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -106,50 +105,3 @@ def vocab_parallel_loss_sums(logits: torch.Tensor, labels: torch.Tensor, weights
         pred = vocab_parallel_argmax(logits.detach(), tp_group, vocab_start)
         correct = ((pred == labels) & keep).sum().float()
         return LossSums(total, (w * nll).sum().detach(), (w * z_term).sum().detach(), correct, int(keep.sum()))
-
-
-def parallel_labelled_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                           z_loss: float, tp_group: Any = None, chunk_size: int = 8192) -> LossSums:
-    """:func:`~megatron_dual.model.loss.labelled_loss` for the vocab-parallel head (same sums on every TP rank).
-
-    ``head`` a :class:`~megatron_dual.parallel.layers.VocabParallelLMHead` (``tp_group`` defaults to its group;
-    a plain ``LMHead`` runs :func:`labelled_loss`). ``hidden`` (B, T, H), or (B, T/tp, H) when the head is
-    sequence parallel (gathered here); ``labels``/``weights`` (B, T). Only labelled positions reach the head.
-    """
-    group = tp_group if tp_group is not None else getattr(head, "tp_group", None)
-    if not hasattr(head, "local_logits"):
-        if group_size(group) > 1:
-            raise TypeError("parallel_labelled_loss with a tensor-parallel group needs a VocabParallelLMHead "
-                            f"(megatron_dual.parallel.layers); got {type(head).__name__}")
-        return labelled_loss(head, hidden, labels, weights, z_loss, chunk_size)
-    hidden = head.gather_hidden(hidden)
-    if hidden.shape[:2] != labels.shape:
-        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
-    flat = labels.reshape(-1)
-    idx = (flat != IGNORE).nonzero(as_tuple=True)[0]
-    count = int(idx.numel())
-    if count == 0:
-        zero = hidden.sum() * 0.0
-        return LossSums(zero, zero.detach(), zero.detach(), zero.detach(), 0)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-    y = flat.index_select(0, idx)
-    w = weights.reshape(-1).index_select(0, idx).float()
-    if use_triton(getattr(head, "fused_ops", "none"), h):
-        from megatron_dual.kernels.cross_entropy import fused_linear_cross_entropy
-
-        fused = fused_linear_cross_entropy(head.features(h), head.out.weight, head.out.bias, y, w, z_loss,
-                                           group=group if group_size(group) > 1 else None, reduce_input_grad=True)
-        return LossSums(fused.weighted, fused.nll, fused.z, fused.correct, count)
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    nll = torch.zeros((), dtype=torch.float32, device=h.device)
-    z = torch.zeros((), dtype=torch.float32, device=h.device)
-    correct = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start in range(0, count, chunk_size):
-        sl = slice(start, start + chunk_size)
-        logits = head.local_logits(head.features(h[sl]))
-        sums = vocab_parallel_loss_sums(logits, y[sl], w[sl], z_loss, group, head.vocab_start)
-        total = total + sums.weighted
-        nll += sums.nll
-        z += sums.z
-        correct += sums.correct
-    return LossSums(total, nll, z, correct, count)

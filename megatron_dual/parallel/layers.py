@@ -35,6 +35,8 @@ from torch import nn
 
 from megatron_dual.config import ConfigError, ModelConfig
 from megatron_dual.model.fused import RMSNorm
+from megatron_dual.model.loss import LossSums
+from megatron_dual.parallel.cross_entropy import vocab_parallel_loss_sums
 from megatron_dual.parallel.mappings import (
     copy_to_tp_region,
     gather_from_sp_region,
@@ -244,7 +246,7 @@ class VocabParallelLMHead(nn.Module):
     ``norm`` and ``proj`` are replicated (every TP rank computes the same features); ``out`` is a
     :class:`ColumnParallelLinear` whose local logits cover ids ``[vocab_start, vocab_end)``. ``forward`` returns
     the *full* logits (gathered; for inference), ``local_logits`` the shard (for
-    :func:`megatron_dual.parallel.cross_entropy.parallel_labelled_loss`). ``sequence_parallel``: the trunk's hidden
+    :func:`megatron_dual.model.loss.labelled_loss`). ``sequence_parallel``: the trunk's hidden
     states arrive sharded along the sequence and are gathered first.
     """
 
@@ -280,6 +282,12 @@ class VocabParallelLMHead(nn.Module):
     def local_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits of the local vocabulary shard (gradient of ``features`` all-reduced over TP in backward)."""
         return self.out(features)
+
+    def chunk_sums(self, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, z_loss: float) -> LossSums:
+        """Loss sums of selected rows ``h`` (N, H) against global labels ``y`` (the chunk step of
+        :func:`megatron_dual.model.loss.labelled_loss`), without gathering the logits."""
+        logits = self.local_logits(self.features(h))
+        return vocab_parallel_loss_sums(logits, y, w, z_loss, self.tp_group, self.vocab_start)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.local_logits(self.features(self.gather_hidden(hidden)))

@@ -18,7 +18,7 @@ full hidden states, replicated over TP; with ``sequence_parallel=True`` the resi
 sharded along the sequence (dim 1) between the column- and row-parallel layers, norms run on the local positions,
 and their weights carry ``sequence_parallel = True``: call :func:`sync_sequence_parallel_grads` after backward
 (before the DP all-reduce) to sum their gradients over TP. The loss of a TP model is
-:func:`megatron_dual.parallel.cross_entropy.parallel_labelled_loss` (it gathers the sequence when needed).
+:func:`megatron_dual.model.loss.labelled_loss` (it gathers the sequence when needed).
 """
 
 from __future__ import annotations

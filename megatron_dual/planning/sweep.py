@@ -396,7 +396,7 @@ def _run_in_process(task: dict[str, Any], log: Path, threads: int) -> dict[str, 
     import contextlib
     import traceback
 
-    from megatron_dual.train import Trainer
+    from megatron_dual.trainer import Trainer
 
     with log.open("w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         try:

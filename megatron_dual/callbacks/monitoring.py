@@ -1,0 +1,158 @@
+"""Callbacks that watch the run: throughput and MFU, the progress display, metrics sinks, the summary and plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_dual.callbacks.base import Callback
+from megatron_dual.logging import JSONLSink, Progress, TensorBoardSink, WandbSink, plot_metrics
+from megatron_dual.model.transformer import flops_per_token, param_counts
+
+__all__ = ["PEAK_BF16_FLOPS", "peak_flops", "SpeedMonitor", "ProgressDisplay", "MetricsFile", "WandbLogger",
+           "TensorBoardLogger", "SummaryFile", "LossPlot"]
+
+# Dense bf16 peak FLOP/s per device, for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 191.5e12, "MI300X": 1307e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class SpeedMonitor(Callback):
+    """``tokens_per_s``, ``step_time`` (data loading included) and, on a known GPU, ``mfu`` of every step."""
+
+    priority = 100
+
+    def pre_train(self) -> None:
+        tr = self.trainer
+        self.flops_per_token = flops_per_token(tr.cfg.model, tr.cfg.data.seq_len)["train"]
+        self.peak = peak_flops(tr.device)
+        self._t0 = time.perf_counter()
+
+    def pre_step(self, step: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def post_step(self, step: int, metrics: dict[str, Any]) -> None:
+        dt = time.perf_counter() - self._t0
+        metrics["tokens_per_s"] = self.trainer.tokens_per_step / dt
+        metrics["step_time"] = dt
+        if self.peak:
+            metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / (self.peak * self.trainer.par.world_size)
+
+
+def metrics_path(trainer: Any) -> Path:
+    cfg = trainer.cfg
+    return Path(cfg.logging.metrics_file) if cfg.logging.metrics_file else trainer.out / "metrics.jsonl"
+
+
+class MetricsFile(Callback):
+    """Every step's metrics as a line of ``metrics.jsonl`` (kept consistent across resumes, see JSONLSink)."""
+
+    priority = 60
+
+    def pre_train(self) -> None:
+        tr = self.trainer
+        self.sink = JSONLSink(metrics_path(tr), resume_step=tr.step if tr.resumed_from else 0)
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self.sink.log(step, metrics)
+
+    def close(self) -> None:
+        if hasattr(self, "sink"):
+            self.sink.close()
+
+
+class WandbLogger(Callback):
+    priority = 55
+
+    def pre_train(self) -> None:
+        tr = self.trainer
+        lg = tr.cfg.logging
+        self.sink = WandbSink(lg.wandb_project, lg.wandb_mode, tr.out, tr.cfg.to_dict())
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self.sink.log(step, metrics)
+
+    def close(self) -> None:
+        if hasattr(self, "sink"):
+            self.sink.close()
+
+
+class TensorBoardLogger(Callback):
+    priority = 55
+
+    def pre_train(self) -> None:
+        tr = self.trainer
+        self.sink = TensorBoardSink(tr.out / "tb", resume_step=tr.step if tr.resumed_from else 0)
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self.sink.log(step, metrics)
+
+    def close(self) -> None:
+        if hasattr(self, "sink"):
+            self.sink.close()
+
+
+class ProgressDisplay(Callback):
+    """A tqdm bar on a terminal, plain lines every ``logging.log_interval`` steps otherwise; validation lines."""
+
+    priority = 50
+
+    def __init__(self, disable: bool = False) -> None:
+        super().__init__()
+        self.disable = disable
+
+    def pre_train(self) -> None:
+        tr = self.trainer
+        self.progress = Progress(tr.cfg.train.steps, start_step=tr.step, print_every=tr.cfg.logging.log_interval,
+                                 disable=self.disable)
+        counts = param_counts(tr.model)
+        self.progress.write(
+            f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
+            f"{tr.device.type}, {tr.engine.precision}; {tr.par.describe()}; "
+            f"{len(tr.data.train):,} training sequences of {tr.cfg.data.seq_len} tokens"
+            + (f"; resumed from {tr.resumed_from} at step {tr.step}" if tr.resumed_from else ""))
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        val = {k: v for k, v in metrics.items() if k.startswith("val_") and k.endswith("loss")}
+        if val:
+            self.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        self.progress.update(step, metrics)
+
+    def close(self) -> None:
+        if hasattr(self, "progress"):
+            self.progress.close()
+
+
+class SummaryFile(Callback):
+    """``summary.json``: steps, wall time, throughput, alpha and the last validation losses."""
+
+    priority = -50
+
+    def post_train(self, summary: dict[str, Any]) -> None:
+        (self.trainer.out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+class LossPlot(Callback):
+    """``loss.png``: training and validation losses of both objectives, drawn when the run reaches its last step."""
+
+    priority = -60
+
+    def post_train(self, summary: dict[str, Any]) -> None:
+        tr = self.trainer
+        if tr.step == tr.cfg.train.steps:
+            title = f"{tr.cfg.preset or 'custom'}  alpha={tr.schedule.alpha}"
+            plot_metrics(metrics_path(tr), tr.out / "loss.png", title=title)

@@ -1,0 +1,198 @@
+"""The training data loader: what the loop asks for at each step, ready on the device.
+
+:func:`build_data` turns ``cfg.data`` into datasets (``megatron_dual.data.loader``: blending, exact repetition,
+train/valid split). :class:`TrainDataLoader` owns the resumable sampler (its state is the loader's state: seed,
+consumed samples and the dataset fingerprint, checked on resume), the global-to-data-parallel slicing, collation and
+the objective batches of this rank's micro-batch slots. On CUDA it prepares the next step's slots in a background
+thread into pinned memory while the current step computes, and copies them with ``non_blocking``.
+
+Every rank draws the same global sample positions; global slot ``g = dp_rank * slots + slot`` reads
+``indices[g * mbs : (g + 1) * mbs]`` and seeds its MD masks by ``(seed, step, g)``, so a step is the same computation
+whatever the number of data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from megatron_dual.config import Config, ConfigError
+from megatron_dual.data.indexed import IndexedDataset
+from megatron_dual.data.loader import DataPathError, DataPlan, build_datasets, parse_data_path
+from megatron_dual.data.sampler import ResumableSampler
+from megatron_dual.objectives import OBJECTIVES, ObjectiveBatch, ObjectiveBatcher, ObjectiveSchedule
+
+__all__ = ["SampleSource", "DataBundle", "build_data", "collate", "StepBatches", "TrainDataLoader",
+           "validation_batches"]
+
+
+class SampleSource(Protocol):
+    """What the loader reads: ``len(ds)`` samples, ``ds[i] -> {"tokens", "doc_ids"}`` of ``seq_len + 1`` each
+    (``PackedDataset``, ``RepeatedPackedDataset``, ``BlendedDataset``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class DataBundle:
+    train: SampleSource  # order already shuffled by the datasets (per pass): the sampler walks it in order
+    valid: SampleSource | None
+    fingerprint: str
+    plan: DataPlan | None = None
+
+
+def _run_tokens(cfg: Config, dp_size: int) -> int:
+    step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * dp_size * cfg.data.seq_len
+    run_tokens = cfg.train.steps * step_tokens
+    if cfg.data.budget_tokens and cfg.data.budget_tokens < run_tokens:
+        raise ConfigError(f"data.budget_tokens = {cfg.data.budget_tokens} is less than the {run_tokens:,} tokens "
+                          f"training consumes (train.steps {cfg.train.steps} x {step_tokens:,} tokens per step): "
+                          f"raise it or set it to 0")
+    return cfg.data.budget_tokens or run_tokens
+
+
+def _check_vocab(cfg: Config, prefixes: list[str]) -> None:
+    for prefix in prefixes[:4]:
+        indexed = IndexedDataset(prefix)
+        max_id = int(max(indexed.get(i).max(initial=0) for i in range(min(len(indexed), 64))))
+        if max_id >= cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} but {prefix} holds token id {max_id}: "
+                              f"set model.vocab_size to the tokenizer's vocabulary size")
+
+
+def build_data(cfg: Config, dp_size: int = 1) -> DataBundle:
+    """Datasets for ``cfg.data`` (megatron_dual.data.loader): blending by ``data.path`` weights, the unique subset of
+    ``budget/R`` tokens repeated exactly ``data.repetitions`` times, train/valid split by documents."""
+    d = cfg.data
+    if not d.path.strip():
+        raise ConfigError("data.path is empty: set it to the prefix of a .bin/.idx pair "
+                          "(e.g. --set data.path=data/corpus_text_document); see tools/preprocess_data.py")
+    budget = _run_tokens(cfg, dp_size)
+    try:
+        entries = parse_data_path(d.path)
+    except DataPathError as e:
+        raise ConfigError(str(e)) from e
+    cache_dir = d.cache_dir or f"{entries[0][1]}_cache"
+    try:
+        train, valid, fingerprint, plan = build_datasets(d.path, d.seq_len, d.seed, d.valid_fraction, budget,
+                                                         d.repetitions, cache_dir=cache_dir)
+    except ValueError as e:
+        raise ConfigError(f"data.path = {d.path!r}: {e}") from e
+    if len(train) == 0:
+        raise ConfigError(f"data.path = {d.path!r}: too few training tokens for one sample of data.seq_len + 1 = "
+                          f"{d.seq_len + 1} tokens")
+    _check_vocab(cfg, [prefix for _, prefix in entries])
+    return DataBundle(train, valid if valid is not None and len(valid) else None, fingerprint, plan)
+
+
+def collate(dataset: SampleSource, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, doc_ids)`` int64 (len(indices), seq_len + 1) of the given samples."""
+    samples = [dataset[i] for i in indices]
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    doc_ids = torch.from_numpy(np.stack([s["doc_ids"] for s in samples]).astype(np.int64))
+    return tokens, doc_ids
+
+
+@dataclass
+class StepBatches:
+    """This rank's micro-batch slots of one optimizer step, on the device."""
+
+    step: int
+    batches: list[ObjectiveBatch]
+
+    def local_tokens(self) -> list[int]:
+        """This rank's normaliser contribution per objective, in the order of ``OBJECTIVES``."""
+        return [sum(b.n_tokens for b in self.batches if b.objective == o) for o in OBJECTIVES]
+
+
+class TrainDataLoader:
+    """This rank's slots of each optimizer step (see module docstring). ``batches(step)`` is called once per step,
+    in order; ``state_dict()`` covers exactly the steps handed out (a prefetched step is not consumed)."""
+
+    def __init__(self, dataset: SampleSource, fingerprint: str, schedule: ObjectiveSchedule,
+                 batcher: ObjectiveBatcher, *, seed: int, micro_batch_size: int, dp_rank: int = 0,
+                 device: torch.device | str = "cpu", shuffle: bool = False, prefetch: bool | None = None) -> None:
+        self.dataset = dataset
+        self.schedule = schedule
+        self.batcher = batcher
+        self.mbs = micro_batch_size
+        self.slots = schedule.n_slots
+        self.dp_rank = dp_rank
+        self.device = torch.device(device)
+        self.sampler = ResumableSampler(len(dataset), seed, fingerprint, shuffle=shuffle)
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, int, Future] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.sampler.fingerprint
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples of one optimizer step over the whole job (every data-parallel rank's slots)."""
+        return self.mbs * self.schedule.total
+
+    def _prepare(self, step: int, start: int) -> list[ObjectiveBatch]:
+        indices = self.sampler.indices(start, self.samples_per_step)
+        out = []
+        for s, objective in enumerate(self.schedule.slots(self.dp_rank, step)):
+            g = self.dp_rank * self.slots + s
+            tokens, doc_ids = collate(self.dataset, indices[g * self.mbs : (g + 1) * self.mbs])
+            batch = self.batcher(objective, tokens, doc_ids, step, g)
+            out.append(batch.pin_memory() if self.prefetch and self.device.type == "cuda" else batch)
+        return out
+
+    def _take_pending(self, step: int, start: int) -> list[ObjectiveBatch] | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        ready = pending[2].result()  # also waits for a stale one, so no two threads prepare at once
+        return ready if pending[:2] == (step, start) else None
+
+    def batches(self, step: int) -> StepBatches:
+        start = self.sampler.consumed_samples
+        host = self._take_pending(step, start)
+        if host is None:
+            host = self._prepare(step, start)
+        self.sampler.consumed_samples = start + self.samples_per_step
+        if self.prefetch:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="megatron-dual-data")
+            nxt = start + self.samples_per_step
+            self._pending = (step + 1, nxt, self._pool.submit(self._prepare, step + 1, nxt))
+        return StepBatches(step, [b.to(self.device, non_blocking=self.prefetch) for b in host])
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the position; ValueError naming both fingerprints when the state is of other data."""
+        self._take_pending(-1, -1)
+        self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        self._take_pending(-1, -1)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def validation_batches(dataset: SampleSource, micro_batch_size: int, max_batches: int, batcher: ObjectiveBatcher,
+                       dp_rank: int = 0, dp_size: int = 1) -> Iterator[ObjectiveBatch]:
+    """Fixed held-out batches of both objectives: the first ``max_batches`` micro-batches of ``dataset`` dealt
+    round-robin to the data-parallel ranks, MD masks seeded by the batch's first sample (same on every run)."""
+    n = min(len(dataset), max_batches * micro_batch_size)
+    for j, start in enumerate(range(0, n, micro_batch_size)):
+        if j % dp_size != dp_rank:
+            continue
+        tokens, doc_ids = collate(dataset, list(range(start, min(n, start + micro_batch_size))))
+        for objective in OBJECTIVES:
+            yield batcher(objective, tokens, doc_ids, 0, start)
