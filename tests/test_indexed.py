@@ -150,41 +150,51 @@ def _patch(path: str, offset: int, data: bytes) -> None:
         f.write(data)
 
 
+_N = 10  # sequences in data_good
+_PTR_OFF = 34 + 4 * _N  # byte offset of sequence_pointers in the .idx
+
+
+def _truncate_by(path: str, nbytes: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - nbytes)
+
+
+def _truncate_to(path: str, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _append(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def _pointer_gap(idx: str) -> None:
+    with open(idx, "rb") as f:
+        f.seek(_PTR_OFF + 8 * 5)
+        (p,) = struct.unpack("<q", f.read(8))
+    _patch(idx, _PTR_OFF + 8 * 5, struct.pack("<q", p + 2))
+
+
+_CORRUPTIONS = {  # case -> damage done to (idx path, bin path)
+    "truncated": lambda idx, bin_: _truncate_by(idx, 8),
+    "header_only": lambda idx, bin_: _truncate_to(idx, 20),
+    "magic": lambda idx, bin_: _patch(idx, 0, b"XMIDIDX\x00\x00"),
+    "version": lambda idx, bin_: _patch(idx, 9, struct.pack("<Q", 2)),
+    "dtype": lambda idx, bin_: _patch(idx, 17, struct.pack("<B", 9)),
+    "pointers": lambda idx, bin_: _patch(idx, _PTR_OFF + 8 * 5, struct.pack("<q", 0)),
+    "pointer_gap": lambda idx, bin_: _pointer_gap(idx),
+    "lengths": lambda idx, bin_: _patch(idx, 34 + 4 * 2, struct.pack("<i", -1)),
+    "doc_index": lambda idx, bin_: _patch(idx, _PTR_OFF + 8 * _N + 8 * _N, struct.pack("<q", 99)),
+    "bin_short": lambda idx, bin_: _truncate_by(bin_, 2),
+    "bin_long": lambda idx, bin_: _append(bin_, b"\x00\x00"),
+}
+
+
 def _corrupt_case(prefix: str, case: str) -> None:
-    idx, bin_ = index_file_path(prefix), data_file_path(prefix)
-    n = 10
-    ptr_off = 34 + 4 * n
-    if case == "truncated":
-        with open(idx, "r+b") as f:
-            f.truncate(os.path.getsize(idx) - 8)
-    elif case == "header_only":
-        with open(idx, "r+b") as f:
-            f.truncate(20)
-    elif case == "magic":
-        _patch(idx, 0, b"XMIDIDX\x00\x00")
-    elif case == "version":
-        _patch(idx, 9, struct.pack("<Q", 2))
-    elif case == "dtype":
-        _patch(idx, 17, struct.pack("<B", 9))
-    elif case == "pointers":
-        _patch(idx, ptr_off + 8 * 5, struct.pack("<q", 0))
-    elif case == "pointer_gap":
-        with open(idx, "rb") as f:
-            f.seek(ptr_off + 8 * 5)
-            (p,) = struct.unpack("<q", f.read(8))
-        _patch(idx, ptr_off + 8 * 5, struct.pack("<q", p + 2))
-    elif case == "lengths":
-        _patch(idx, 34 + 4 * 2, struct.pack("<i", -1))
-    elif case == "doc_index":
-        _patch(idx, ptr_off + 8 * n + 8 * n, struct.pack("<q", 99))
-    elif case == "bin_short":
-        with open(bin_, "r+b") as f:
-            f.truncate(os.path.getsize(bin_) - 2)
-    elif case == "bin_long":
-        with open(bin_, "ab") as f:
-            f.write(b"\x00\x00")
-    else:
+    if case not in _CORRUPTIONS:
         raise AssertionError(case)
+    _CORRUPTIONS[case](index_file_path(prefix), data_file_path(prefix))
 
 
 @pytest.mark.parametrize(

@@ -223,6 +223,16 @@ class IndexedDataset:
         def bad(msg: str) -> CorruptIndexError:
             return CorruptIndexError(f"{name}: {msg} ({idx_path})")
 
+        n_seq, n_doc = self._read_header(idx_path, bad)
+        itemsize = np.dtype(self.dtype).itemsize
+        self._map_index(idx_path, n_seq, n_doc)
+        total_tokens = self._validate_sequences(bad, itemsize)
+        self._validate_documents(bad, n_seq, n_doc)
+        self._map_bin(bin_path, total_tokens, itemsize)
+
+    def _read_header(self, idx_path: str, bad) -> tuple[int, int]:
+        """Check the ``.idx`` header and its size against the counts it declares; sets ``self.dtype`` and returns
+        the sequence and document-index counts."""
         idx_size = os.path.getsize(idx_path)
         if idx_size < _HEADER_SIZE:
             raise bad(f"truncated: the header needs {_HEADER_SIZE} bytes but the file holds {idx_size}")
@@ -238,7 +248,6 @@ class IndexedDataset:
         if code not in DTYPE_CODES:
             raise bad(f"dtype code: {code} is not a known code (known: {sorted(DTYPE_CODES)})")
         self.dtype: type[np.number] = DTYPE_CODES[code]
-        itemsize = np.dtype(self.dtype).itemsize
         n_seq, n_doc = struct.unpack_from("<QQ", head, 18)
         need = _HEADER_SIZE + 12 * n_seq + 8 * n_doc
         # Megatron's multimodal datasets append one int8 mode per sequence; the modes are ignored here
@@ -254,7 +263,10 @@ class IndexedDataset:
             )
         if n_doc < 1:
             raise bad("document_indices: empty (it must start with 0)")
+        return n_seq, n_doc
 
+    def _map_index(self, idx_path: str, n_seq: int, n_doc: int) -> None:
+        """Views of the three ``.idx`` arrays into one read-only map (no copy)."""
         idx_map = np.memmap(idx_path, mode="r", dtype=np.uint8)
         off = _HEADER_SIZE
         self.sequence_lengths: np.ndarray = np.frombuffer(idx_map, dtype="<i4", count=n_seq, offset=off)
@@ -264,7 +276,8 @@ class IndexedDataset:
         self.document_indices: np.ndarray = np.frombuffer(idx_map, dtype="<i8", count=n_doc, offset=off)
         self._idx_map = idx_map
 
-        total_tokens = self._validate_sequences(bad, itemsize)
+    def _validate_documents(self, bad, n_seq: int, n_doc: int) -> None:
+        """``document_indices`` runs monotonically from 0 to the sequence count."""
         doc = self.document_indices
         if doc[0] != 0:
             raise bad(f"document_indices: first entry is {int(doc[0])}, expected 0")
@@ -274,6 +287,8 @@ class IndexedDataset:
             k = int(np.argmax(np.diff(doc) < 0)) + 1
             raise bad(f"document_indices: not monotonic at entry {k} ({int(doc[k - 1])} then {int(doc[k])})")
 
+    def _map_bin(self, bin_path: str, total_tokens: int, itemsize: int) -> None:
+        """Check the ``.bin`` holds exactly the indexed tokens, then map it; sets ``num_tokens``."""
         bin_size = os.path.getsize(bin_path)
         want = total_tokens * itemsize
         if bin_size != want:
@@ -371,6 +386,54 @@ class IndexedDataset:
         )
 
 
+def _check_same_dtype(dss: Sequence[IndexedDataset]) -> np.dtype:
+    """The shared dtype of ``dss``; ValueError naming the first dataset that differs from the first one."""
+    dtype = np.dtype(dss[0].dtype)
+    for ds in dss[1:]:
+        if np.dtype(ds.dtype) != dtype:
+            raise ValueError(f"{ds.prefix}: dtype {np.dtype(ds.dtype).name} differs from {dss[0].prefix}'s "
+                             f"{dtype.name}; re-tokenize with the same tokenizer")
+    return dtype
+
+
+def _write_merged_bin(path: str, dss: Sequence[IndexedDataset]) -> None:
+    """Concatenate the ``.bin`` files of ``dss`` into ``path`` in 16 MiB blocks, then fsync."""
+    with open(path, "wb") as out:
+        for ds in dss:
+            with open(data_file_path(ds.prefix), "rb") as f:
+                while block := f.read(1 << 24):
+                    out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _write_merged_index(
+    path: str, dss: Sequence[IndexedDataset], dtype: np.dtype, n_seq: int, n_doc: int, chunk_sequences: int
+) -> None:
+    """The ``.idx`` of the concatenation: lengths as they are, pointers shifted by the bytes before each input,
+    document indices shifted by the sequences before it (one leading 0); written in chunks, then fsynced."""
+    with open(path, "wb") as out:
+        out.write(INDEX_HEADER + struct.pack("<Q", _VERSION) + struct.pack("<B", _dtype_code(dtype)))
+        out.write(struct.pack("<QQ", n_seq, n_doc))
+        for ds in dss:
+            for lo in range(0, len(ds), chunk_sequences):
+                out.write(np.ascontiguousarray(ds.sequence_lengths[lo : lo + chunk_sequences], "<i4").tobytes())
+        base = 0
+        for ds in dss:
+            for lo in range(0, len(ds), chunk_sequences):
+                out.write((ds.sequence_pointers[lo : lo + chunk_sequences] + base).astype("<i8").tobytes())
+            base += ds.num_tokens * dtype.itemsize
+        out.write(struct.pack("<q", 0))
+        seq_base = 0
+        for ds in dss:
+            doc = ds.document_indices
+            for lo in range(1, len(doc), chunk_sequences):
+                out.write((doc[lo : lo + chunk_sequences] + seq_base).astype("<i8").tobytes())
+            seq_base += len(ds)
+        out.flush()
+        os.fsync(out.fileno())
+
+
 def merge_datasets(prefixes: Sequence[str], output_prefix: str, chunk_sequences: int = 1 << 22) -> dict[str, int]:
     """Concatenate the datasets at ``prefixes`` into ``output_prefix`` (sequences and document boundaries kept, in
     order), streaming: ``.bin`` files are copied in blocks and the index written in chunks of ``chunk_sequences``,
@@ -382,44 +445,15 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str, chunk_sequences:
     if any(os.path.abspath(p) == os.path.abspath(output_prefix) for p in prefixes):
         raise ValueError(f"merge_datasets: output prefix {output_prefix} is also an input")
     dss = [IndexedDataset(p) for p in prefixes]
-    dtype = np.dtype(dss[0].dtype)
-    for ds in dss[1:]:
-        if np.dtype(ds.dtype) != dtype:
-            raise ValueError(f"{ds.prefix}: dtype {np.dtype(ds.dtype).name} differs from {dss[0].prefix}'s "
-                             f"{dtype.name}; re-tokenize with the same tokenizer")
+    dtype = _check_same_dtype(dss)
     n_seq = sum(len(ds) for ds in dss)
     n_doc = sum(len(ds.document_indices) - 1 for ds in dss) + 1
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
     suffix = f".tmp-{os.getpid()}"
     bin_tmp, idx_tmp = data_file_path(output_prefix) + suffix, index_file_path(output_prefix) + suffix
     try:
-        with open(bin_tmp, "wb") as out:
-            for ds in dss:
-                with open(data_file_path(ds.prefix), "rb") as f:
-                    while block := f.read(1 << 24):
-                        out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        with open(idx_tmp, "wb") as out:
-            out.write(INDEX_HEADER + struct.pack("<Q", _VERSION) + struct.pack("<B", _dtype_code(dtype)))
-            out.write(struct.pack("<QQ", n_seq, n_doc))
-            for ds in dss:
-                for lo in range(0, len(ds), chunk_sequences):
-                    out.write(np.ascontiguousarray(ds.sequence_lengths[lo : lo + chunk_sequences], "<i4").tobytes())
-            base = 0
-            for ds in dss:
-                for lo in range(0, len(ds), chunk_sequences):
-                    out.write((ds.sequence_pointers[lo : lo + chunk_sequences] + base).astype("<i8").tobytes())
-                base += ds.num_tokens * dtype.itemsize
-            out.write(struct.pack("<q", 0))
-            seq_base = 0
-            for ds in dss:
-                doc = ds.document_indices
-                for lo in range(1, len(doc), chunk_sequences):
-                    out.write((doc[lo : lo + chunk_sequences] + seq_base).astype("<i8").tobytes())
-                seq_base += len(ds)
-            out.flush()
-            os.fsync(out.fileno())
+        _write_merged_bin(bin_tmp, dss)
+        _write_merged_index(idx_tmp, dss, dtype, n_seq, n_doc, chunk_sequences)
         idx = index_file_path(output_prefix)
         if os.path.exists(idx):
             os.unlink(idx)
