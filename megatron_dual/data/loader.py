@@ -59,42 +59,41 @@ class DataPathError(ValueError):
     """A ``data.path`` that cannot be parsed or resolved; the message names the value."""
 
 
-def parse_data_path(spec: str) -> list[tuple[float | None, str]]:
-    """``"0.7 a 0.3 b"`` -> ``[(0.7, "a"), (0.3, "b")]``; ``"a b"`` -> ``[(None, "a"), (None, "b")]``.
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
 
-    Glob patterns expand to every matching prefix (``*.idx`` files), a weighted pattern sharing its weight among
-    them in proportion to their tokens later. Raises DataPathError naming the value for a mix of weighted and
-    unweighted entries, a non-positive weight, or a prefix without ``.idx``.
-    """
-    parts = str(spec).split()
-    if not parts:
-        raise DataPathError("data.path is empty: set it to a dataset prefix, e.g. data/corpus_text_document")
 
-    def is_number(s: str) -> bool:
-        try:
-            float(s)
-            return True
-        except ValueError:
-            return False
-
+def _weighted_pairs(spec: str, parts: list[str]) -> list[tuple[float | None, str]]:
+    """``["0.7", "a", "0.3", "b"]`` -> ``[(0.7, "a"), (0.3, "b")]``, every weight a positive finite number."""
+    if len(parts) % 2:
+        raise DataPathError(f"data.path = {spec!r}: weighted form needs pairs 'weight prefix', got {len(parts)} "
+                            f"items")
     pairs: list[tuple[float | None, str]] = []
-    if is_number(parts[0]):
-        if len(parts) % 2:
-            raise DataPathError(f"data.path = {spec!r}: weighted form needs pairs 'weight prefix', got {len(parts)} "
-                                f"items")
-        for w, p in zip(parts[::2], parts[1::2], strict=True):
-            if not is_number(w):
-                raise DataPathError(f"data.path = {spec!r}: expected a weight before {p!r}, got {w!r}")
-            weight = float(w)
-            if not weight > 0 or not math.isfinite(weight):
-                raise DataPathError(f"data.path = {spec!r}: weight {w} of {p!r} must be a positive number")
-            pairs.append((weight, p))
-    else:
-        bad = [p for p in parts if is_number(p)]
-        if bad:
-            raise DataPathError(f"data.path = {spec!r}: mixes weights and prefixes ({bad[0]!r}); give a weight before "
-                                f"every prefix or none at all")
-        pairs = [(None, p) for p in parts]
+    for w, p in zip(parts[::2], parts[1::2], strict=True):
+        if not _is_number(w):
+            raise DataPathError(f"data.path = {spec!r}: expected a weight before {p!r}, got {w!r}")
+        weight = float(w)
+        if not weight > 0 or not math.isfinite(weight):
+            raise DataPathError(f"data.path = {spec!r}: weight {w} of {p!r} must be a positive number")
+        pairs.append((weight, p))
+    return pairs
+
+
+def _unweighted_pairs(spec: str, parts: list[str]) -> list[tuple[float | None, str]]:
+    bad = [p for p in parts if _is_number(p)]
+    if bad:
+        raise DataPathError(f"data.path = {spec!r}: mixes weights and prefixes ({bad[0]!r}); give a weight before "
+                            f"every prefix or none at all")
+    return [(None, p) for p in parts]
+
+
+def _resolve_prefixes(spec: str, pairs: list[tuple[float | None, str]]) -> list[tuple[float | None, str]]:
+    """Expand glob patterns (their weight negated: a group's share, resolved by tokens later) and check that every
+    plain prefix has its ``.idx``."""
     out: list[tuple[float | None, str]] = []
     for w, p in pairs:
         if glob.has_magic(p):
@@ -107,6 +106,20 @@ def parse_data_path(spec: str) -> list[tuple[float | None, str]]:
                 raise DataPathError(f"data.path = {spec!r}: {index_file_path(p)} does not exist")
             out.append((w, p))
     return out
+
+
+def parse_data_path(spec: str) -> list[tuple[float | None, str]]:
+    """``"0.7 a 0.3 b"`` -> ``[(0.7, "a"), (0.3, "b")]``; ``"a b"`` -> ``[(None, "a"), (None, "b")]``.
+
+    Glob patterns expand to every matching prefix (``*.idx`` files), a weighted pattern sharing its weight among
+    them in proportion to their tokens later. Raises DataPathError naming the value for a mix of weighted and
+    unweighted entries, a non-positive weight, or a prefix without ``.idx``.
+    """
+    parts = str(spec).split()
+    if not parts:
+        raise DataPathError("data.path is empty: set it to a dataset prefix, e.g. data/corpus_text_document")
+    pairs = _weighted_pairs(spec, parts) if _is_number(parts[0]) else _unweighted_pairs(spec, parts)
+    return _resolve_prefixes(spec, pairs)
 
 
 def choose_subset(train_docs: np.ndarray, lengths: np.ndarray, unique_tokens: int, seed: int) -> np.ndarray:
@@ -375,6 +388,67 @@ def _fingerprint(parts: list[str], plan: DataPlan, seq_len: int, seed: int) -> s
     return h.hexdigest()
 
 
+def _blend_weights(path: str, raw: list[float | None], train_tokens: list[int]) -> list[float]:
+    """Normalised weights: explicit, a group's weight shared by tokens (negative marks), or all by tokens when none
+    given."""
+    weights = [0.0] * len(raw)
+    group_total: dict[float, int] = {}
+    for w, t in zip(raw, train_tokens, strict=True):
+        if w is not None and w < 0:
+            group_total[w] = group_total.get(w, 0) + t
+    for i, (w, t) in enumerate(zip(raw, train_tokens, strict=True)):
+        if w is None:
+            weights[i] = float(t)
+        elif w < 0:
+            weights[i] = -w * t / max(group_total[w], 1)
+        else:
+            weights[i] = w
+    if all(w is None for w in raw) and sum(weights) == 0:
+        raise ValueError(f"data.path = {path!r}: the datasets hold no training tokens")
+    total_w = sum(weights)
+    return [w / total_w for w in weights]
+
+
+def _subset_and_passes(prefix: str, ds: IndexedDataset, tr: np.ndarray, w: float, need_tokens: int, seq_len: int,
+                       seed: int, budget_tokens: int, repetitions: int) -> tuple[np.ndarray, int]:
+    """The documents this dataset trains on and how many passes over them cover its ``need_tokens``: a unique
+    subset of need/R tokens for R passes, or (R = 0) every training document, as many passes as needed."""
+    if repetitions > 0:
+        unique = -(-need_tokens // repetitions)
+        try:
+            subset = choose_subset(tr, ds.sequence_lengths, unique, seed)
+        except ValueError as e:
+            raise ValueError(
+                f"{prefix}: data.repetitions = {repetitions} with a budget of {budget_tokens:,} tokens gives this "
+                f"dataset (weight {w:.3f}) {need_tokens:,} tokens, so {unique:,} unique ones, but {e.args[0]}: "
+                f"lower data.repetitions, the budget or the weight, or add data"
+            ) from e
+        return subset, repetitions
+    total = int(ds.sequence_lengths[tr].sum(dtype=np.int64))
+    if total < 1:
+        raise ValueError(f"{prefix}: the training documents hold no tokens")
+    return tr, max(1, -(-(need_tokens + seq_len) // total))
+
+
+def _blend_valid(valids: list[tuple[PackedDataset, float]]) -> BlendedDataset | PackedDataset | None:
+    """One validation set from the per-dataset ones, blended by their weights (the first alone if no blend fits)."""
+    valid: BlendedDataset | PackedDataset | None = None
+    if len(valids) == 1:
+        valid = valids[0][0]
+    elif valids:
+        vw = [w for _, w in valids]
+        size = min(int(len(v) * sum(vw) / w) for v, w in valids)
+        for _ in range(3):  # the interleave may ask one sample more of a dataset than the ratio: shrink until it fits
+            try:
+                valid = BlendedDataset([v for v, _ in valids], vw, size, name="valid")
+                break
+            except ValueError:
+                size -= len(valids)
+        if valid is None:
+            valid = valids[0][0]
+    return valid
+
+
 def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, budget_tokens: int, repetitions: int,
                    cache_dir: str | None = None) -> tuple[BlendedDataset | RepeatedPackedDataset,
                                                          BlendedDataset | PackedDataset | None, str, DataPlan]:
@@ -393,24 +467,7 @@ def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, bu
     splits = [split_documents(len(ds), valid_fraction, seed) for ds in datasets]
     train_tokens = [int(ds.sequence_lengths[tr].sum(dtype=np.int64)) for ds, (tr, _) in zip(datasets, splits,
                                                                                           strict=True)]
-    # weights: explicit, a group's weight shared by tokens (negative marks), or all by tokens when none given
-    raw = [w for w, _ in entries]
-    weights = [0.0] * len(entries)
-    group_total: dict[float, int] = {}
-    for w, t in zip(raw, train_tokens, strict=True):
-        if w is not None and w < 0:
-            group_total[w] = group_total.get(w, 0) + t
-    for i, (w, t) in enumerate(zip(raw, train_tokens, strict=True)):
-        if w is None:
-            weights[i] = float(t)
-        elif w < 0:
-            weights[i] = -w * t / max(group_total[w], 1)
-        else:
-            weights[i] = w
-    if all(w is None for w in raw) and sum(weights) == 0:
-        raise ValueError(f"data.path = {path!r}: the datasets hold no training tokens")
-    total_w = sum(weights)
-    weights = [w / total_w for w in weights]
+    weights = _blend_weights(path, [w for w, _ in entries], train_tokens)
 
     L = seq_len
     n_total = max(1, budget_tokens // L)
@@ -423,23 +480,7 @@ def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, bu
             raise ValueError(f"{prefix}: holds no training tokens (data.path = {path!r})")
         # this dataset's share: enough samples for any blend prefix (+2 for rounding), in tokens
         need_tokens = (int(math.ceil(w * n_total)) + 2) * L
-        if repetitions > 0:
-            unique = -(-need_tokens // repetitions)
-            try:
-                subset = choose_subset(tr, ds.sequence_lengths, unique, seed)
-            except ValueError as e:
-                raise ValueError(
-                    f"{prefix}: data.repetitions = {repetitions} with a budget of {budget_tokens:,} tokens gives this "
-                    f"dataset (weight {w:.3f}) {need_tokens:,} tokens, so {unique:,} unique ones, but {e.args[0]}: "
-                    f"lower data.repetitions, the budget or the weight, or add data"
-                ) from e
-            passes = repetitions
-        else:
-            subset = tr
-            total = int(ds.sequence_lengths[tr].sum(dtype=np.int64))
-            if total < 1:
-                raise ValueError(f"{prefix}: the training documents hold no tokens")
-            passes = max(1, -(-(need_tokens + L) // total))
+        subset, passes = _subset_and_passes(prefix, ds, tr, w, need_tokens, L, seed, budget_tokens, repetitions)
         rp = RepeatedPackedDataset(ds, subset, L, passes, seed, cache_dir=cache_dir)
         trains.append(rp)
         plan.unique_tokens.append(rp.unique_tokens)
@@ -457,18 +498,4 @@ def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, bu
     else:
         size = min(n_total, min(int(len(t) / w) for t, w in zip(trains, weights, strict=True)))
         train = BlendedDataset(trains, weights, size, cache_dir=cache_dir, name=fingerprint)
-    valid: BlendedDataset | PackedDataset | None = None
-    if len(valids) == 1:
-        valid = valids[0][0]
-    elif valids:
-        vw = [w for _, w in valids]
-        size = min(int(len(v) * sum(vw) / w) for v, w in valids)
-        for _ in range(3):  # the interleave may ask one sample more of a dataset than the ratio: shrink until it fits
-            try:
-                valid = BlendedDataset([v for v, _ in valids], vw, size, name="valid")
-                break
-            except ValueError:
-                size -= len(valids)
-        if valid is None:
-            valid = valids[0][0]
-    return train, valid, fingerprint, plan
+    return train, _blend_valid(valids), fingerprint, plan
