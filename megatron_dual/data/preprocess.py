@@ -205,6 +205,44 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield tail
 
 
+class _CountedLines:
+    """``_lines`` of a source, counting them as they are read: after an error ``count`` is the last line read whole."""
+
+    def __init__(self, src: _Source) -> None:
+        self._src = src
+        self.count = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for raw in _lines(self._src.chunks()):
+            self.count += 1
+            yield raw
+
+
+def _blank_line_blocks(path: str, lines: _CountedLines) -> Iterator[tuple[Item, int]]:
+    """One ``txt`` item per blank-line-separated block, numbered by its first line."""
+    block: list[bytes] = []
+    start = 0
+    for raw in lines:
+        if raw.strip():
+            if not block:
+                start = lines.count
+            block.append(raw)
+        elif block:
+            data = b"".join(block)
+            yield (path, start, "txt", data), len(data)
+            block = []
+    if block:
+        data = b"".join(block)
+        yield (path, start, "txt", data), len(data)
+
+
+def _jsonl_lines(path: str, lines: _CountedLines) -> Iterator[tuple[Item, int]]:
+    """One ``jsonl`` item per non-blank line."""
+    for raw in lines:
+        if raw.strip():
+            yield (path, lines.count, "jsonl", raw), len(raw)
+
+
 class _Reader:
     """Yields batches of items from all inputs, in order; tracks on-disk bytes read for progress/ETA."""
 
@@ -242,35 +280,17 @@ class _Reader:
             return
         src = _Source(path, comp)
         self._current = src
-        line = 0
+        lines = _CountedLines(src)
         try:
             if fmt == "txt" and self.txt_mode == "file":
                 data = b"".join(src.chunks())
                 yield (path, 1, "txt", data), len(data)
-                return
-            if fmt == "txt":
-                block: list[bytes] = []
-                start = 0
-                for raw in _lines(src.chunks()):
-                    line += 1
-                    if raw.strip():
-                        if not block:
-                            start = line
-                        block.append(raw)
-                    elif block:
-                        data = b"".join(block)
-                        yield (path, start, "txt", data), len(data)
-                        block = []
-                if block:
-                    data = b"".join(block)
-                    yield (path, start, "txt", data), len(data)
-                return
-            for raw in _lines(src.chunks()):
-                line += 1
-                if raw.strip():
-                    yield (path, line, "jsonl", raw), len(raw)
+            elif fmt == "txt":
+                yield from _blank_line_blocks(path, lines)
+            else:
+                yield from _jsonl_lines(path, lines)
         except (EOFError, ValueError) as e:
-            yield (path, line + 1, "error", str(e)), 0
+            yield (path, lines.count + 1, "error", str(e)), 0
 
     def _parquet(self, path: str, comp: str | None) -> Iterator[tuple[Item, int]]:
         import pyarrow.parquet as pq
@@ -323,6 +343,46 @@ def _set_worker(enc: TextEncoder, json_keys: list[str], add_bos: bool, append_eo
                    eod=enc.eos_id if append_eod else None, dtype=best_dtype(enc.vocab_size))
 
 
+def _decode(kind: str, payload: bytes, line: int, keys: list[str]) -> tuple[dict[str, Any] | None, str | None, int]:
+    """The values of a ``jsonl`` / ``txt`` item -> (values or None, reason when None, line to report)."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if kind == "txt":  # a whole file or block: point at the line holding the bad byte
+            line += payload.count(b"\n", 0, e.start)
+        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})", line
+    if kind == "txt":
+        return {keys[0]: text}, None, line
+    if line == 1:
+        text = text.removeprefix("\ufeff")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})", line
+    if not isinstance(obj, dict):
+        return None, f"not a JSON object (a {type(obj).__name__})", line
+    return obj, None, line
+
+
+def _field(key: str, values: dict[str, Any], kind: str, line: int) -> tuple[str, str | None, str | None]:
+    """(key, text, None) for a usable field, else (key, None, reason)."""
+    if key not in values:
+        return (key, None, f"missing key {key!r}")
+    v = values[key]
+    if v is None and kind == "record":
+        return (key, None, f"null value in column {key!r}")
+    if not isinstance(v, str):
+        return (key, None, f"key {key!r} is not a string (a {type(v).__name__})")
+    if not v.strip():
+        what = {"jsonl": f"empty text in key {key!r}", "record": f"empty text in column {key!r}"}
+        return (key, None, what.get(kind, "empty file" if line == 1 else "empty document"))
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return (key, None, f"key {key!r} holds a lone surrogate (invalid Unicode)")
+    return (key, v, None)
+
+
 def _parse(item: Item, keys: list[str]) -> tuple[list[tuple[str, str | None, str | None]], str | None, int]:
     """-> ([(key, text or None, reason or None)], line-level reason or None, line to report)."""
     file, line, kind, payload = item
@@ -331,45 +391,11 @@ def _parse(item: Item, keys: list[str]) -> tuple[list[tuple[str, str | None, str
     if kind == "record":
         values: dict[str, Any] = payload
     else:
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if kind == "txt":  # a whole file or block: point at the line holding the bad byte
-                line += payload.count(b"\n", 0, e.start)
-            return [], f"not valid UTF-8 ({e.reason} at byte {e.start})", line
-        if kind == "txt":
-            values = {keys[0]: text}
-        else:
-            if line == 1:
-                text = text.removeprefix("\ufeff")
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                return [], f"invalid JSON ({e.msg} at column {e.colno})", line
-            if not isinstance(obj, dict):
-                return [], f"not a JSON object (a {type(obj).__name__})", line
-            values = obj
-    out: list[tuple[str, str | None, str | None]] = []
-    for key in keys:
-        if key not in values:
-            out.append((key, None, f"missing key {key!r}"))
-            continue
-        v = values[key]
-        if v is None and kind == "record":
-            out.append((key, None, f"null value in column {key!r}"))
-        elif not isinstance(v, str):
-            out.append((key, None, f"key {key!r} is not a string (a {type(v).__name__})"))
-        elif not v.strip():
-            what = {"jsonl": f"empty text in key {key!r}", "record": f"empty text in column {key!r}"}
-            out.append((key, None, what.get(kind, "empty file" if line == 1 else "empty document")))
-        else:
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                out.append((key, None, f"key {key!r} holds a lone surrogate (invalid Unicode)"))
-                continue
-            out.append((key, v, None))
-    return out, None, line
+        decoded, reason, line = _decode(kind, payload, line, keys)
+        if decoded is None:
+            return [], reason, line
+        values = decoded
+    return [_field(key, values, kind, line) for key in keys], None, line
 
 
 # per batch: (skips [(file, line, reason)], {key: (tokens, lengths)}, bytes of text encoded)
@@ -477,6 +503,136 @@ class _Progress:
             self.stream.flush()
 
 
+def _check_options(inputs: list[str], keys: list[str], workers: int, partitions: int, txt_mode: str) -> None:
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"json_keys {keys} repeats a key")
+    if workers < 1:
+        raise ValueError(f"workers = {workers}: must be >= 1")
+    if partitions < 1:
+        raise ValueError(f"partitions = {partitions}: must be >= 1")
+    if txt_mode not in TXT_MODES:
+        raise ValueError(f"txt_mode = {txt_mode!r}: must be one of {', '.join(TXT_MODES)}")
+    if not inputs:
+        raise ValueError("no input files given")
+
+
+def _check_txt_keys(files: list[str], keys: list[str]) -> None:
+    for path in files:
+        fmt, _ = input_format(path)
+        if fmt == "txt" and len(keys) > 1:
+            raise ValueError(
+                f"{path}: a .txt file is one document with no keys, but json_keys has {len(keys)} keys {keys}; "
+                f"preprocess .txt inputs with a single key"
+            )
+
+
+def _load_checked_encoder(tokenizer: str, fast: bool, add_bos: bool, append_eod: bool) -> TextEncoder:
+    """The encoder, refused when it lacks the BOS / EOS token that was asked for."""
+    enc = load_encoder(tokenizer, fast=fast)
+    if add_bos and enc.bos_id is None:
+        raise ValueError(f"tokenizer {tokenizer}: has no BOS token (looked for <s>, <|begin_of_text|>, ...): "
+                         f"pass add_bos=False (--no-bos)")
+    if append_eod and enc.eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer}: has no EOS token (looked for </s>, <|endoftext|>, ...): "
+                         f"drop append_eod (--append-eod)")
+    return enc
+
+
+def _add_to_shards(ws: list[IndexedDatasetWriter], flat: np.ndarray, lengths: np.ndarray, first: int) -> None:
+    """Write a batch of documents, dealt round-robin over the shards ``ws`` from document number ``first`` on."""
+    if len(ws) == 1:
+        ws[0].add_documents(flat, lengths)
+        return
+    shard = (first + np.arange(lengths.size)) % len(ws)
+    tok_shard = np.repeat(shard, lengths)
+    for p, w in enumerate(ws):
+        sel = shard == p
+        if sel.any():
+            w.add_documents(flat[tok_shard == p], lengths[sel])
+
+
+class _Collector:
+    """Takes batch results in input order: records skips (raising at the first with ``strict``), writes documents,
+    keeps the per-key and total counts and reports progress."""
+
+    def __init__(self, per_key: dict[str, dict[str, Any]], strict: bool, progress: _Progress, reader: _Reader) -> None:
+        self.per_key = per_key
+        self.strict = strict
+        self.progress = progress
+        self.reader = reader
+        self.skipped: list[tuple[str, int, str]] = []
+        self.by_reason: Counter[str] = Counter()
+        self.totals = {"documents": 0, "tokens": 0}
+
+    def _skip(self, skips: list[tuple[str, int, str]]) -> None:
+        for file, line, reason in skips:
+            if self.strict:
+                raise ValueError(f"{file}:{line}: {reason}")
+            self.by_reason[reason.split(" (", 1)[0]] += 1
+            if len(self.skipped) < _MAX_SKIP_RECORDS:
+                self.skipped.append((file, line, reason))
+
+    def handle(self, result: BatchResult, writers: dict[str, list[IndexedDatasetWriter]]) -> None:
+        skips, out, _ = result
+        self._skip(skips)
+        for key, (flat, lengths) in out.items():
+            if not lengths.size:
+                continue
+            _add_to_shards(writers[key], flat, lengths, self.per_key[key]["documents"])
+            self.per_key[key]["documents"] += int(lengths.size)
+            self.per_key[key]["tokens"] += int(lengths.sum())
+            self.totals["documents"] += int(lengths.size)
+            self.totals["tokens"] += int(lengths.sum())
+        self.progress.update(self.totals["documents"], self.totals["tokens"], self.reader.bytes_read)
+
+
+def _encode_in_process(reader: _Reader, collector: _Collector, writers: dict[str, list[IndexedDatasetWriter]],
+                       enc: TextEncoder, keys: list[str], add_bos: bool, append_eod: bool) -> None:
+    _set_worker(enc, keys, add_bos, append_eod)
+    try:
+        for batch in reader.batches():
+            collector.handle(_encode_batch(batch), writers)
+    finally:
+        _worker.clear()
+
+
+def _encode_in_pool(reader: _Reader, collector: _Collector, writers: dict[str, list[IndexedDatasetWriter]],
+                    enc: TextEncoder, keys: list[str], add_bos: bool, append_eod: bool, workers: int) -> None:
+    """Batches encoded by a spawned pool of ``workers``, at most ``2 * workers`` in flight, handled in input order."""
+    throttle = _Throttle(2 * workers)
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(workers, initializer=_init_worker,
+                    initargs=(enc.spec, keys, add_bos, append_eod, True))
+    try:
+        for result in pool.imap(_encode_batch, throttle.wrap(reader.batches()), chunksize=1):
+            throttle.release()
+            collector.handle(result, writers)
+        pool.close()
+    finally:
+        throttle.stopped = True
+        pool.terminate()
+        pool.join()
+
+
+def _summary(collector: _Collector, dtype: type[np.number], enc: TextEncoder, files: list[str], reader: _Reader,
+             t0: float) -> dict[str, Any]:
+    """``preprocess``'s return value (see its docstring)."""
+    return {
+        "documents": collector.totals["documents"],
+        "tokens": collector.totals["tokens"],
+        "per_key": collector.per_key,
+        "skipped": collector.skipped,
+        "skipped_total": sum(collector.by_reason.values()),
+        "skipped_by_reason": dict(collector.by_reason),
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": enc.spec,
+        "encoder": enc.kind,
+        "input_files": len(files),
+        "input_bytes": reader.total_bytes,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def preprocess(
     inputs: list[str],
     output_prefix: str,
@@ -507,111 +663,31 @@ def preprocess(
     Progress goes to ``log_stream`` (default stderr) every ``log_interval`` documents; 0 disables it.
     """
     keys = list(json_keys) if json_keys else ["text"]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"json_keys {keys} repeats a key")
-    if workers < 1:
-        raise ValueError(f"workers = {workers}: must be >= 1")
-    if partitions < 1:
-        raise ValueError(f"partitions = {partitions}: must be >= 1")
-    if txt_mode not in TXT_MODES:
-        raise ValueError(f"txt_mode = {txt_mode!r}: must be one of {', '.join(TXT_MODES)}")
-    if not inputs:
-        raise ValueError("no input files given")
+    _check_options(inputs, keys, workers, partitions, txt_mode)
     files = expand_inputs(list(inputs))
-    for path in files:
-        fmt, _ = input_format(path)
-        if fmt == "txt" and len(keys) > 1:
-            raise ValueError(
-                f"{path}: a .txt file is one document with no keys, but json_keys has {len(keys)} keys {keys}; "
-                f"preprocess .txt inputs with a single key"
-            )
-    enc = load_encoder(tokenizer, fast=fast_tokenizer)
-    if add_bos and enc.bos_id is None:
-        raise ValueError(f"tokenizer {tokenizer}: has no BOS token (looked for <s>, <|begin_of_text|>, ...): "
-                         f"pass add_bos=False (--no-bos)")
-    if append_eod and enc.eos_id is None:
-        raise ValueError(f"tokenizer {tokenizer}: has no EOS token (looked for </s>, <|endoftext|>, ...): "
-                         f"drop append_eod (--append-eod)")
+    _check_txt_keys(files, keys)
+    enc = _load_checked_encoder(tokenizer, fast_tokenizer, add_bos, append_eod)
     dtype = best_dtype(enc.vocab_size)
     parts: list[int | None] = [None] if partitions == 1 else list(range(partitions))
     prefixes = {k: [output_prefix_for(output_prefix, k, p) for p in parts] for k in keys}
     per_key: dict[str, dict[str, Any]] = {
         k: {"documents": 0, "tokens": 0, "prefix": prefixes[k][0], "prefixes": prefixes[k]} for k in keys
     }
-    skipped: list[tuple[str, int, str]] = []
-    by_reason: Counter[str] = Counter()
     reader = _Reader(files, keys, txt_mode)
     progress = _Progress(log_interval, log_stream if log_stream is not None else sys.stderr, reader.total_bytes)
     t0 = time.perf_counter()
-    totals = {"documents": 0, "tokens": 0}
-
-    def handle(result: BatchResult, writers: dict[str, list[IndexedDatasetWriter]]) -> None:
-        skips, out, _ = result
-        for file, line, reason in skips:
-            if strict:
-                raise ValueError(f"{file}:{line}: {reason}")
-            by_reason[reason.split(" (", 1)[0]] += 1
-            if len(skipped) < _MAX_SKIP_RECORDS:
-                skipped.append((file, line, reason))
-        for key, (flat, lengths) in out.items():
-            if not lengths.size:
-                continue
-            ws = writers[key]
-            if len(ws) == 1:
-                ws[0].add_documents(flat, lengths)
-            else:
-                first = per_key[key]["documents"]
-                shard = (first + np.arange(lengths.size)) % len(ws)
-                tok_shard = np.repeat(shard, lengths)
-                for p, w in enumerate(ws):
-                    sel = shard == p
-                    if sel.any():
-                        w.add_documents(flat[tok_shard == p], lengths[sel])
-            per_key[key]["documents"] += int(lengths.size)
-            per_key[key]["tokens"] += int(lengths.sum())
-            totals["documents"] += int(lengths.size)
-            totals["tokens"] += int(lengths.sum())
-        progress.update(totals["documents"], totals["tokens"], reader.bytes_read)
+    collector = _Collector(per_key, strict, progress, reader)
+    totals = collector.totals
 
     with contextlib.ExitStack() as stack:
         writers = {k: [stack.enter_context(IndexedDatasetWriter(p, dtype)) for p in prefixes[k]] for k in keys}
         if workers == 1:
-            _set_worker(enc, keys, add_bos, append_eod)
-            try:
-                for batch in reader.batches():
-                    handle(_encode_batch(batch), writers)
-            finally:
-                _worker.clear()
+            _encode_in_process(reader, collector, writers, enc, keys, add_bos, append_eod)
         else:
-            throttle = _Throttle(2 * workers)
-            ctx = multiprocessing.get_context("spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker,
-                            initargs=(enc.spec, keys, add_bos, append_eod, True))
-            try:
-                for result in pool.imap(_encode_batch, throttle.wrap(reader.batches()), chunksize=1):
-                    throttle.release()
-                    handle(result, writers)
-                pool.close()
-            finally:
-                throttle.stopped = True
-                pool.terminate()
-                pool.join()
+            _encode_in_pool(reader, collector, writers, enc, keys, add_bos, append_eod, workers)
     progress.update(totals["documents"], totals["tokens"], reader.bytes_read, force=progress.printed)
     progress.close()
-    return {
-        "documents": totals["documents"],
-        "tokens": totals["tokens"],
-        "per_key": per_key,
-        "skipped": skipped,
-        "skipped_total": sum(by_reason.values()),
-        "skipped_by_reason": dict(by_reason),
-        "dtype": np.dtype(dtype).name,
-        "tokenizer": enc.spec,
-        "encoder": enc.kind,
-        "input_files": len(files),
-        "input_bytes": reader.total_bytes,
-        "seconds": time.perf_counter() - t0,
-    }
+    return _summary(collector, dtype, enc, files, reader, t0)
 
 
 def iter_documents(inputs: list[str], json_key: str = "text", txt_mode: str = "file",
