@@ -192,6 +192,34 @@ def save_tokenizer(tok: Tokenizer | tokenizers.Tokenizer, path: str | os.PathLik
     return path
 
 
+def _jsonl_texts(path: str, json_key: str) -> Iterator[str]:
+    """The non-empty string ``json_key`` values of a ``.jsonl`` file; any other line is skipped."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            value = obj.get(json_key) if isinstance(obj, dict) else None
+            if isinstance(value, str) and value:
+                yield value
+
+
+def _text_chunks(path: str, chunk_chars: int) -> Iterator[str]:
+    """A text file in line-aligned chunks of at least ``chunk_chars`` characters (the last may be shorter)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        buf: list[str] = []
+        size = 0
+        for line in f:
+            buf.append(line)
+            size += len(line)
+            if size >= chunk_chars:
+                yield "".join(buf)
+                buf, size = [], 0
+        if buf:
+            yield "".join(buf)
+
+
 def iter_training_texts(paths: Sequence[str], json_key: str = "text", chunk_chars: int = 1 << 20) -> Iterator[str]:
     """Stream texts for tokenizer training: ``.jsonl`` lines' ``json_key`` values, ``.txt`` files in line-aligned
     chunks of about ``chunk_chars`` characters. Lines that are not valid UTF-8 JSON objects with a string value are
@@ -201,24 +229,6 @@ def iter_training_texts(paths: Sequence[str], json_key: str = "text", chunk_char
             raise FileNotFoundError(f"input file not found: {p}")
     for p in paths:
         if p.endswith(".jsonl") or p.endswith(".json"):
-            with open(p, "rb") as f:
-                for raw in f:
-                    try:
-                        obj = json.loads(raw.decode("utf-8"))
-                    except (UnicodeDecodeError, ValueError):
-                        continue
-                    value = obj.get(json_key) if isinstance(obj, dict) else None
-                    if isinstance(value, str) and value:
-                        yield value
+            yield from _jsonl_texts(p, json_key)
         else:
-            with open(p, encoding="utf-8", errors="replace") as f:
-                buf: list[str] = []
-                size = 0
-                for line in f:
-                    buf.append(line)
-                    size += len(line)
-                    if size >= chunk_chars:
-                        yield "".join(buf)
-                        buf, size = [], 0
-                if buf:
-                    yield "".join(buf)
+            yield from _text_chunks(p, chunk_chars)
