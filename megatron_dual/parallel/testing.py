@@ -65,6 +65,63 @@ def _worker(rank: int, world_size: int, fn: Callable[..., Any], args: tuple, tmp
     torch.save({"ok": True, "result": result}, out_path)
 
 
+def _wait(procs: list, fn: Callable[..., Any], world_size: int, timeout: float) -> int | None:
+    """Wait for every worker, stopping at the first that exits non-zero (returned; None when none did); workers
+    still alive afterwards (blocked in a collective with a dead peer) are terminated."""
+    deadline = time.monotonic() + timeout
+    failed: int | None = None
+    try:
+        while any(p.is_alive() for p in procs):
+            for r, p in enumerate(procs):
+                if not p.is_alive() and p.exitcode not in (0, None) and failed is None:
+                    failed = r
+            if failed is not None:
+                break
+            if time.monotonic() > deadline:
+                raise DistributedTestError(f"run_distributed({getattr(fn, '__name__', fn)}, world_size="
+                                           f"{world_size}) did not finish within {timeout:.0f} s")
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.join(timeout=0.5 if failed is None else 0.0)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    return failed
+
+
+def _collect(procs: list, tmp: str, failed: int | None) -> tuple[list[Any], list[tuple[float, int, str, str]]]:
+    """Per-rank results (None where a rank left none) and the failure reports as (time, rank, error, traceback)."""
+    results: list[Any] = []
+    errors = []
+    for r, p in enumerate(procs):
+        path = os.path.join(tmp, f"result_{r}.pt")
+        if not os.path.exists(path):
+            if p.exitcode != 0 and r == failed:  # died without reporting (killed, segfault)
+                errors.append((0.0, r, f"exited with code {p.exitcode} without a result", ""))
+            results.append(None)
+            continue
+        blob = torch.load(path, weights_only=False)
+        if not blob["ok"]:
+            errors.append((blob["time"], r, blob["error"], blob["traceback"]))
+        results.append(blob.get("result"))
+    return results, errors
+
+
+def _raise_failures(procs: list, world_size: int, errors: list[tuple[float, int, str, str]]) -> None:
+    if errors:  # the first failure is the cause; the others fail in collectives after it
+        errors.sort()
+        _, r, msg, tb = errors[0]
+        others = f" (ranks failing: {sorted(e[1] for e in errors)})" if len(errors) > 1 else ""
+        raise DistributedTestError(f"rank {r} of {world_size} failed: {msg}{others}\n--- traceback of rank {r} "
+                                   f"---\n{tb}")
+    missing = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    if missing:
+        raise DistributedTestError(f"ranks {missing} of {world_size} exited with codes "
+                                   f"{[procs[r].exitcode for r in missing]} and no error report")
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, threads: int = 1,
                     backend: str = "gloo") -> list[Any]:
     """``[fn(rank, world_size, *args) for each rank]``, each in its own process of a ``world_size`` group.
@@ -81,47 +138,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                              daemon=False) for r in range(world_size)]
         for p in procs:
             p.start()
-        deadline = time.monotonic() + timeout
-        failed: int | None = None
-        try:
-            while any(p.is_alive() for p in procs):
-                for r, p in enumerate(procs):
-                    if not p.is_alive() and p.exitcode not in (0, None) and failed is None:
-                        failed = r
-                if failed is not None:
-                    break
-                if time.monotonic() > deadline:
-                    raise DistributedTestError(f"run_distributed({getattr(fn, '__name__', fn)}, world_size="
-                                               f"{world_size}) did not finish within {timeout:.0f} s")
-                time.sleep(0.05)
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.join(timeout=0.5 if failed is None else 0.0)
-                if p.is_alive():
-                    p.terminate()
-                    p.join(timeout=5)
-        results: list[Any] = []
-        errors = []
-        for r, p in enumerate(procs):
-            path = os.path.join(tmp, f"result_{r}.pt")
-            if not os.path.exists(path):
-                if p.exitcode != 0 and r == failed:  # died without reporting (killed, segfault)
-                    errors.append((0.0, r, f"exited with code {p.exitcode} without a result", ""))
-                results.append(None)
-                continue
-            blob = torch.load(path, weights_only=False)
-            if not blob["ok"]:
-                errors.append((blob["time"], r, blob["error"], blob["traceback"]))
-            results.append(blob.get("result"))
-        if errors:  # the first failure is the cause; the others fail in collectives after it
-            errors.sort()
-            _, r, msg, tb = errors[0]
-            others = f" (ranks failing: {sorted(e[1] for e in errors)})" if len(errors) > 1 else ""
-            raise DistributedTestError(f"rank {r} of {world_size} failed: {msg}{others}\n--- traceback of rank {r} "
-                                       f"---\n{tb}")
-        missing = [r for r, p in enumerate(procs) if p.exitcode != 0]
-        if missing:
-            raise DistributedTestError(f"ranks {missing} of {world_size} exited with codes "
-                                       f"{[procs[r].exitcode for r in missing]} and no error report")
+        failed = _wait(procs, fn, world_size, timeout)
+        results, errors = _collect(procs, tmp, failed)
+        _raise_failures(procs, world_size, errors)
         return results
