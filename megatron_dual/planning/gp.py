@@ -67,13 +67,38 @@ def _number(path: str, line: int, column: str, raw: str) -> float:
     return value
 
 
-def load_results(path: str | Path, model_size: float | None = None) -> Results:
-    """Read results.csv (columns repetitions, alpha, score; optional model_size). Errors name file, line, value.
+def _alpha(p: str, line: int, raw_alpha: str) -> float:
+    """An alpha cell, a number or a fraction ("3/4"), checked to lie in [0, 1]."""
+    if "/" in raw_alpha:
+        num, _, den = raw_alpha.partition("/")
+        a = _number(p, line, "alpha", num) / _number(p, line, "alpha", den) if _number(
+            p, line, "alpha", den) != 0 else math.nan
+        if not math.isfinite(a):
+            raise ResultsError(f"{p}:{line}: column 'alpha' = {raw_alpha!r} divides by zero")
+    else:
+        a = _number(p, line, "alpha", raw_alpha)
+    if not 0.0 <= a <= 1.0:
+        raise ResultsError(f"{p}:{line}: alpha = {raw_alpha} is outside [0, 1] (1 = pure AR, 0 = pure MD)")
+    return a
 
-    ``alpha`` may be a fraction ("3/4"). With several model sizes in the file, ``model_size`` selects one."""
-    p = str(path)
-    if not Path(p).is_file():
-        raise ResultsError(f"{p}: no such file")
+
+def _row(p: str, line: int, row: dict, has_size: bool) -> tuple[float, float, float, float | None]:
+    """(repetitions, alpha, score, model_size or None when the file has no such column) of one data row."""
+    a = _alpha(p, line, (row["alpha"] or "").strip())
+    r = _number(p, line, "repetitions", (row["repetitions"] or "").strip())
+    if r < 1:
+        raise ResultsError(f"{p}:{line}: repetitions = {row['repetitions'].strip()} is below 1 (R = budget "
+                           f"tokens / unique tokens >= 1)")
+    s = _number(p, line, "score", (row["score"] or "").strip())
+    size = None
+    if has_size:
+        raw = (row.get("model_size") or "").strip()
+        size = _number(p, line, "model_size", raw) if raw else math.nan
+    return r, a, s, size
+
+
+def _read_rows(p: str) -> tuple[list[tuple[float, float, float, float | None]], bool]:
+    """The data rows of results.csv (blank rows skipped) and whether it has a model_size column."""
     with open(p, newline="") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in (reader.fieldnames or [])]
@@ -82,38 +107,19 @@ def load_results(path: str | Path, model_size: float | None = None) -> Results:
         if missing:
             raise ResultsError(f"{p}:1: missing column {missing[0]!r} (header has: {', '.join(header) or 'nothing'};"
                                f" required: {', '.join(REQUIRED)})")
-        reps, alphas, scores, sizes = [], [], [], []
         has_size = "model_size" in header
+        rows = []
         for row in reader:
             line = reader.line_num
             if not any((v or "").strip() for v in row.values()):
                 continue
-            raw_alpha = (row["alpha"] or "").strip()
-            if "/" in raw_alpha:
-                num, _, den = raw_alpha.partition("/")
-                a = _number(p, line, "alpha", num) / _number(p, line, "alpha", den) if _number(
-                    p, line, "alpha", den) != 0 else math.nan
-                if not math.isfinite(a):
-                    raise ResultsError(f"{p}:{line}: column 'alpha' = {raw_alpha!r} divides by zero")
-            else:
-                a = _number(p, line, "alpha", raw_alpha)
-            if not 0.0 <= a <= 1.0:
-                raise ResultsError(f"{p}:{line}: alpha = {raw_alpha} is outside [0, 1] (1 = pure AR, 0 = pure MD)")
-            r = _number(p, line, "repetitions", (row["repetitions"] or "").strip())
-            if r < 1:
-                raise ResultsError(f"{p}:{line}: repetitions = {row['repetitions'].strip()} is below 1 (R = budget "
-                                   f"tokens / unique tokens >= 1)")
-            s = _number(p, line, "score", (row["score"] or "").strip())
-            reps.append(r)
-            alphas.append(a)
-            scores.append(s)
-            if has_size:
-                raw = (row.get("model_size") or "").strip()
-                sizes.append(_number(p, line, "model_size", raw) if raw else math.nan)
-    if not scores:
-        raise ResultsError(f"{p}: no data rows")
-    size_arr = np.asarray(sizes, dtype=float) if has_size else None
-    r_arr, a_arr, s_arr = (np.asarray(x, dtype=float) for x in (reps, alphas, scores))
+            rows.append(_row(p, line, row, has_size))
+    return rows, has_size
+
+
+def _select_size(p: str, arrays: tuple[np.ndarray, ...], size_arr: np.ndarray | None,
+                 model_size: float | None) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
+    """Keep the rows of ``model_size``; without it, refuse a file that mixes several sizes."""
     if size_arr is not None:
         distinct = sorted({float(x) for x in size_arr if math.isfinite(x)})
         if model_size is not None:
@@ -121,12 +127,28 @@ def load_results(path: str | Path, model_size: float | None = None) -> Results:
             if not keep.any():
                 raise ResultsError(f"{p}: no rows with model_size = {model_size:g} (sizes present: "
                                    f"{', '.join(f'{d:g}' for d in distinct)})")
-            r_arr, a_arr, s_arr, size_arr = r_arr[keep], a_arr[keep], s_arr[keep], size_arr[keep]
-        elif len(distinct) > 1:
+            return tuple(x[keep] for x in arrays), size_arr[keep]
+        if len(distinct) > 1:
             raise ResultsError(f"{p}: rows of {len(distinct)} model sizes ({', '.join(f'{d:g}' for d in distinct)}):"
                                f" fit one surface per size, choose with --model-size")
     elif model_size is not None:
         raise ResultsError(f"{p}: --model-size given but the file has no model_size column")
+    return arrays, size_arr
+
+
+def load_results(path: str | Path, model_size: float | None = None) -> Results:
+    """Read results.csv (columns repetitions, alpha, score; optional model_size). Errors name file, line, value.
+
+    ``alpha`` may be a fraction ("3/4"). With several model sizes in the file, ``model_size`` selects one."""
+    p = str(path)
+    if not Path(p).is_file():
+        raise ResultsError(f"{p}: no such file")
+    rows, has_size = _read_rows(p)
+    if not rows:
+        raise ResultsError(f"{p}: no data rows")
+    size_arr = np.asarray([row[3] for row in rows], dtype=float) if has_size else None
+    arrays = tuple(np.asarray([row[i] for row in rows], dtype=float) for i in range(3))
+    (r_arr, a_arr, s_arr), size_arr = _select_size(p, arrays, size_arr, model_size)
     return Results(r_arr, a_arr, s_arr, size_arr, p)
 
 
