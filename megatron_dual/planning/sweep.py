@@ -95,6 +95,40 @@ class SubsetInfo:
     valid_tokens: int
 
 
+def _take_training_tokens(src: IndexedDataset, source: str, train_docs: np.ndarray, train_samples: int, seq_len: int,
+                          seed: int) -> tuple[np.ndarray, int, int]:
+    """The first documents of a seeded permutation of ``train_docs`` that hold the ``train_samples`` samples'
+    tokens -> (those documents, how many, the tokens kept of the last one)."""
+    need = train_samples * seq_len + 1  # PackedDataset: len = (tokens - 1) // seq_len
+    order = np.random.default_rng([seed, 0xDA7A]).permutation(train_docs)
+    lengths = src.sequence_lengths[order].astype(np.int64)
+    cum = np.cumsum(lengths)
+    if cum.size == 0 or cum[-1] < need:
+        have = int(cum[-1]) if cum.size else 0
+        raise ValueError(f"{source} has {have:,} training tokens; {train_samples} samples of {seq_len} need {need:,}"
+                         f" (lower the repetition count's unique tokens: raise R or lower the budget)")
+    n_sel = int(np.searchsorted(cum, need)) + 1
+    last_len = need - (int(cum[n_sel - 2]) if n_sel > 1 else 0)
+    return order[:n_sel], n_sel, last_len
+
+
+def _subset_layout(n_sel: int, valid_docs: np.ndarray, seed: int) -> tuple[list[tuple[str, int]], float]:
+    """Where each document of the subset goes -> (per position ("valid", source document) or ("train", k-th chosen
+    document), the valid_fraction whose ``split_documents`` puts the held-out documents back in validation)."""
+    n_valid = int(valid_docs.size)
+    total = n_sel + n_valid
+    vf = n_valid / total
+    sub_train, sub_valid = split_documents(total, vf, seed)
+    if sub_valid.size != n_valid:  # guards the round() in split_documents
+        raise RuntimeError(f"subset split put {sub_valid.size} documents in validation, expected {n_valid}")
+    slot: list[tuple[str, int]] = [("", 0)] * total
+    for pos, doc in zip(sub_valid.tolist(), valid_docs.tolist(), strict=True):
+        slot[pos] = ("valid", doc)
+    for k, pos in enumerate(sub_train.tolist()):
+        slot[pos] = ("train", k)
+    return slot, vf
+
+
 def write_repetition_subset(source: str, prefix: str, train_samples: int, seq_len: int, *,
                             valid_fraction: float, seed: int) -> SubsetInfo:
     """Write ``prefix``.bin/.idx: exactly ``train_samples`` packed training samples of ``seq_len + 1`` tokens (the
@@ -108,28 +142,9 @@ def write_repetition_subset(source: str, prefix: str, train_samples: int, seq_le
     train_docs, valid_docs = split_documents(len(src), valid_fraction, seed)
     if valid_docs.size == 0:
         raise ValueError("valid_fraction = 0 leaves no held-out documents: the sweep compares held-out loss")
-    need = train_samples * seq_len + 1  # PackedDataset: len = (tokens - 1) // seq_len
-    order = np.random.default_rng([seed, 0xDA7A]).permutation(train_docs)
-    lengths = src.sequence_lengths[order].astype(np.int64)
-    cum = np.cumsum(lengths)
-    if cum.size == 0 or cum[-1] < need:
-        have = int(cum[-1]) if cum.size else 0
-        raise ValueError(f"{source} has {have:,} training tokens; {train_samples} samples of {seq_len} need {need:,}"
-                         f" (lower the repetition count's unique tokens: raise R or lower the budget)")
-    n_sel = int(np.searchsorted(cum, need)) + 1
-    chosen = order[:n_sel]
-    last_len = need - (int(cum[n_sel - 2]) if n_sel > 1 else 0)
-    n_valid = int(valid_docs.size)
-    total = n_sel + n_valid
-    vf = n_valid / total
-    sub_train, sub_valid = split_documents(total, vf, seed)
-    if sub_valid.size != n_valid:  # guards the round() in split_documents
-        raise RuntimeError(f"subset split put {sub_valid.size} documents in validation, expected {n_valid}")
-    slot: list[tuple[str, int]] = [("", 0)] * total
-    for pos, doc in zip(sub_valid.tolist(), valid_docs.tolist(), strict=True):
-        slot[pos] = ("valid", doc)
-    for k, pos in enumerate(sub_train.tolist()):
-        slot[pos] = ("train", k)
+    need = train_samples * seq_len + 1
+    chosen, n_sel, last_len = _take_training_tokens(src, source, train_docs, train_samples, seq_len, seed)
+    slot, vf = _subset_layout(n_sel, valid_docs, seed)
     valid_tokens = 0
     with IndexedDatasetWriter(prefix, src.dtype) as w:
         for kind, ref in slot:
@@ -141,7 +156,7 @@ def write_repetition_subset(source: str, prefix: str, train_samples: int, seq_le
                 if ref == n_sel - 1:
                     toks = toks[:last_len]
             w.add_document(toks)
-    return SubsetInfo(prefix, vf, train_samples, need, n_sel, n_valid, valid_tokens)
+    return SubsetInfo(prefix, vf, train_samples, need, n_sel, int(valid_docs.size), valid_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -195,6 +210,101 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def _check_grid(alpha_fracs: list[Fraction], devices: int, decay_fraction: float) -> None:
+    for a in alpha_fracs:
+        if not 0 <= a <= 1:
+            raise ValueError(f"alpha = {a} is outside [0, 1]")
+    if devices < 1:
+        raise ValueError(f"devices = {devices}: must be >= 1")
+    if not 0 <= decay_fraction <= 1:
+        raise ValueError(f"decay_fraction = {decay_fraction}: must be in [0, 1]")
+
+
+def _budget_steps(steps: int | None, budget_tokens: int | None, per_step: int) -> int:
+    """``steps``, or ``budget_tokens`` rounded down to whole steps of ``per_step`` tokens; at least one."""
+    if steps is None:
+        if budget_tokens is None:
+            raise ValueError("give the budget: steps or budget_tokens")
+        steps = budget_tokens // per_step
+    if steps < 1:
+        raise ValueError(f"the budget is {budget_tokens} tokens, less than one step of {per_step:,} tokens")
+    return steps
+
+
+@dataclass
+class _Sweep:
+    """What every task of one sweep shares."""
+
+    out: Path
+    preset: str
+    data_path: str
+    base: Config
+    overrides: Sequence[str]
+    devices: int
+    slots: int
+    steps: int
+    seqs_per_step: int
+    budget: int
+    decay_fraction: float
+    native: tuple[str, str] | None
+    n_params: int
+
+
+def _subset_fields(sw: _Sweep, r: float, subsets: dict[float, SubsetInfo]) -> tuple[dict[str, Any], int]:
+    """R realised by a subset dataset (written once per R into ``subsets``) -> (config fields, unique tokens)."""
+    samples = sw.steps * sw.seqs_per_step / r
+    if abs(samples - round(samples)) > 1e-9:
+        raise ValueError(f"R = {r:g}: {sw.steps} steps x {sw.seqs_per_step} sequences / R = {samples:g} is not a "
+                         f"whole number of unique samples; choose steps as a multiple of "
+                         f"{Fraction(r).limit_denominator(1 << 16).numerator}")
+    if r not in subsets:
+        tag = f"{r:g}".replace(".", "p")
+        subsets[r] = write_repetition_subset(
+            sw.data_path, str(sw.out / "data" / f"reps{tag}_text_document"), int(round(samples)),
+            sw.base.data.seq_len, valid_fraction=sw.base.data.valid_fraction, seed=sw.base.data.seed)
+    info = subsets[r]
+    data_fields: dict[str, Any] = {"data.path": os.path.abspath(info.prefix),
+                                   "data.valid_fraction": info.valid_fraction}
+    return data_fields, info.unique_tokens
+
+
+def _native_fields(sw: _Sweep, r: float) -> tuple[dict[str, Any], int]:
+    """R realised by the trainer's own repetition fields -> (config fields, unique tokens)."""
+    assert sw.native is not None
+    rep_field, tok_field = sw.native
+    unique = int(sw.budget // r)  # the trainer rounds its subset up to whole samples (+2 for blend rounding)
+    data_fields = {"data.path": os.path.abspath(sw.data_path), f"data.{rep_field}": int(r),
+                   f"data.{tok_field}": sw.budget}
+    return data_fields, unique
+
+
+def _write_task(sw: _Sweep, task: int, r: float, a: Fraction, data_fields: dict[str, Any], unique: int) -> SweepTask:
+    """Write and validate ``configs/task_NNN.yaml`` for the grid point (R, alpha)."""
+    k = check_alpha(float(a), sw.devices, sw.slots)
+    total = sw.devices * sw.slots
+    name = f"task_{task:03d}"
+    run_dir = sw.out / "runs" / name
+    flat = {
+        "output_dir": os.path.abspath(run_dir),
+        "objective.alpha": Fraction(k, total),
+        "train.steps": sw.steps,
+        "schedule.decay_steps": int(round(sw.decay_fraction * sw.steps)) if sw.base.schedule.name == "wsd"
+        else sw.base.schedule.decay_steps,
+        **data_fields,
+    }
+    tree = _nest(flat)
+    cfg_path = sw.out / "configs" / f"{name}.yaml"
+    header = (f"# sweep task {task}: R = {r:g}, alpha = {k}/{total}; generated by tools/sweep.py\n"
+              f"preset: {sw.preset}\n")
+    merged = _merge(parse_overrides(list(sw.overrides)), tree)
+    cfg_path.write_text(header + yaml.safe_dump(merged, sort_keys=False))
+    load_config(cfg_path)  # validates (single-process view; alpha was checked against devices x slots)
+    return SweepTask(task, r, str(Fraction(k, total)), flat["output_dir"], str(cfg_path.resolve()),
+                     sw.steps, unique, sw.budget, "subset" if "data.valid_fraction" in data_fields
+                     else "data-fields",
+                     str(data_fields["data.path"]), sw.n_params)
+
+
 def generate_sweep(out_dir: str | Path, *, preset: str, data_path: str, repetitions: Sequence[float],
                    alphas: Sequence[str | float | Fraction], budget_tokens: int | None = None,
                    steps: int | None = None, devices: int = 1, overrides: Sequence[str] = (),
@@ -212,83 +322,31 @@ def generate_sweep(out_dir: str | Path, *, preset: str, data_path: str, repetiti
     if bad:
         raise ValueError(f"repetitions must be >= 1, got {bad[0]}")
     alpha_fracs = [parse_fraction(a) for a in alphas]
-    for a in alpha_fracs:
-        if not 0 <= a <= 1:
-            raise ValueError(f"alpha = {a} is outside [0, 1]")
-    if devices < 1:
-        raise ValueError(f"devices = {devices}: must be >= 1")
-    if not 0 <= decay_fraction <= 1:
-        raise ValueError(f"decay_fraction = {decay_fraction}: must be in [0, 1]")
+    _check_grid(alpha_fracs, devices, decay_fraction)
     # the preset's own alpha is irrelevant (every task sets one) and may not fit the overridden slot count
     base = load_config(preset=preset, overrides=[f"data.path={data_path}", *overrides, "objective.alpha=1"])
     per_step = _tokens_per_step(base, devices)
-    seqs_per_step = per_step // base.data.seq_len
-    if steps is None:
-        if budget_tokens is None:
-            raise ValueError("give the budget: steps or budget_tokens")
-        steps = budget_tokens // per_step
-    if steps < 1:
-        raise ValueError(f"the budget is {budget_tokens} tokens, less than one step of {per_step:,} tokens")
-    budget = steps * per_step
+    steps = _budget_steps(steps, budget_tokens, per_step)
     slots = base.train.grad_accum
     for a in alpha_fracs:
         check_alpha(float(a), devices, slots)
     native = None if force_subset else repetition_fields()
-    n_params = _param_count(base)
+    sw = _Sweep(out, preset, data_path, base, overrides, devices, slots, steps, per_step // base.data.seq_len,
+                steps * per_step, decay_fraction, native, _param_count(base))
 
     (out / "configs").mkdir(parents=True, exist_ok=True)
     tasks: list[SweepTask] = []
     subsets: dict[float, SubsetInfo] = {}
-    task = 0
     for r in reps:
         if native is None or not float(r).is_integer():  # the trainer's data.repetitions is an integer
-            samples = steps * seqs_per_step / r
-            if abs(samples - round(samples)) > 1e-9:
-                raise ValueError(f"R = {r:g}: {steps} steps x {seqs_per_step} sequences / R = {samples:g} is not a "
-                                 f"whole number of unique samples; choose steps as a multiple of "
-                                 f"{Fraction(r).limit_denominator(1 << 16).numerator}")
-            if r not in subsets:
-                tag = f"{r:g}".replace(".", "p")
-                subsets[r] = write_repetition_subset(
-                    data_path, str(out / "data" / f"reps{tag}_text_document"), int(round(samples)),
-                    base.data.seq_len, valid_fraction=base.data.valid_fraction, seed=base.data.seed)
-            info = subsets[r]
-            data_fields: dict[str, Any] = {"data.path": os.path.abspath(info.prefix),
-                                           "data.valid_fraction": info.valid_fraction}
-            unique = info.unique_tokens
+            data_fields, unique = _subset_fields(sw, r, subsets)
         else:
-            rep_field, tok_field = native
-            unique = int(budget // r)  # the trainer rounds its subset up to whole samples (+2 for blend rounding)
-            data_fields = {"data.path": os.path.abspath(data_path), f"data.{rep_field}": int(r),
-                           f"data.{tok_field}": budget}
+            data_fields, unique = _native_fields(sw, r)
         for a in alpha_fracs:
-            k = check_alpha(float(a), devices, slots)
-            total = devices * slots
-            name = f"task_{task:03d}"
-            run_dir = out / "runs" / name
-            flat = {
-                "output_dir": os.path.abspath(run_dir),
-                "objective.alpha": Fraction(k, total),
-                "train.steps": steps,
-                "schedule.decay_steps": int(round(decay_fraction * steps)) if base.schedule.name == "wsd"
-                else base.schedule.decay_steps,
-                **data_fields,
-            }
-            tree = _nest(flat)
-            cfg_path = out / "configs" / f"{name}.yaml"
-            header = (f"# sweep task {task}: R = {r:g}, alpha = {k}/{total}; generated by tools/sweep.py\n"
-                      f"preset: {preset}\n")
-            merged = _merge(parse_overrides(list(overrides)), tree)
-            cfg_path.write_text(header + yaml.safe_dump(merged, sort_keys=False))
-            load_config(cfg_path)  # validates (single-process view; alpha was checked against devices x slots)
-            tasks.append(SweepTask(task, r, str(Fraction(k, total)), flat["output_dir"], str(cfg_path.resolve()),
-                                   steps, unique, budget, "subset" if "data.valid_fraction" in data_fields
-                                   else "data-fields",
-                                   str(data_fields["data.path"]), n_params))
-            task += 1
+            tasks.append(_write_task(sw, len(tasks), r, a, data_fields, unique))
 
     manifest = {"preset": preset, "source_data": os.path.abspath(data_path), "devices": devices,
-                "steps": steps, "tokens_per_step": per_step, "budget_tokens": budget,
+                "steps": steps, "tokens_per_step": per_step, "budget_tokens": sw.budget,
                 "overrides": list(overrides), "tasks": [t.to_dict() for t in tasks],
                 "subsets": {f"{r:g}": dataclasses.asdict(s) for r, s in subsets.items()}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
