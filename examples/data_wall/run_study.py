@@ -151,7 +151,7 @@ def plot_final(rows: list[dict], png: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data_wall_out")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
@@ -168,33 +168,37 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.eval_interval, args.eval_batches = 2, 1, 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    return args
 
+
+def prepare_data(out: Path) -> tuple[int, Path, str]:
+    """Corpus, tokenizer and ``.bin/.idx`` under ``out`` (each step skipped when its output exists) ->
+    (exit code of a failing tool or 0, tokenizer.json, data prefix)."""
     import preprocess_data
     import train_tokenizer
-
-    from megatron_dual.planning.gp import run_planner_report
-    from megatron_dual.planning.sweep import collect_results, generate_sweep, load_manifest, run_local
 
     corpus = build_paragraph_corpus(out)
     print(f"corpus: {corpus} ({sum(1 for _ in corpus.open())} paragraph documents)", flush=True)
     tok = out / "tokenizer" / "tokenizer.json"
+    prefix = out / "data" / "sotu_paragraphs"
+    data_path = f"{prefix}_text_document"
     if not tok.exists():
         rc = train_tokenizer.main(["--input", str(corpus), "--vocab-size", "4096", "--output", str(tok.parent)])
         if rc:
-            return rc
-    prefix = out / "data" / "sotu_paragraphs"
-    data_path = f"{prefix}_text_document"
+            return rc, tok, data_path
     if not Path(data_path + ".idx").exists():
         (out / "data").mkdir(exist_ok=True)
         rc = preprocess_data.main(["--input", str(corpus), "--output-prefix", str(prefix), "--tokenizer", str(tok),
                                    "--json-keys", "text", "--workers", "2", "--log-interval", "0"])
         if rc:
-            return rc
+            return rc, tok, data_path
+    return 0, tok, data_path
 
-    sweep = out / "sweep"
+
+def run_sweep(args: argparse.Namespace, sweep: Path, tok: Path, data_path: str, t0: float) -> dict:
+    """Generate the sweep (once), then train every unfinished task in process (unless --collect-only)."""
+    from megatron_dual.planning.sweep import generate_sweep, load_manifest, run_local
+
     overrides = [f"data.tokenizer={tok.resolve()}", f"train.threads={args.threads}",
                  f"train.micro_batch_size={args.micro_batch_size}",
                  f"train.eval_interval={args.eval_interval}", f"train.eval_batches={args.eval_batches}",
@@ -212,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  task {rec['task']:2d}: {rec['status']} ({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
         if rec["status"] == "failed":
             print(f"    see {rec['log']}", flush=True)
+    return manifest
+
+
+def report(args: argparse.Namespace, out: Path, sweep: Path, manifest: dict) -> tuple[list[dict], list[str]]:
+    """results.csv, curves.csv, the two plots and (with at least 4 runs) the planner report -> (rows, missing)."""
+    from megatron_dual.planning.gp import run_planner_report
+    from megatron_dual.planning.sweep import collect_results
 
     rows, missing = collect_results(sweep, out / "results.csv")
     for m in missing:
@@ -223,11 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     if curves:
         plot_curves(curves, out / "data_wall_curves.png", label)
         plot_final(curves, out / "data_wall_final.png", label)
-    report = ""
     if len(rows) >= 4:
-        report = run_planner_report(out / "results.csv", out, samples=2000, seed=0, title=label)
-        (out / "planner_report.txt").write_text(report)
-        print(report, flush=True)
+        text = run_planner_report(out / "results.csv", out, samples=2000, seed=0, title=label)
+        (out / "planner_report.txt").write_text(text)
+        print(text, flush=True)
+    return rows, missing
+
+
+def write_summary(args: argparse.Namespace, out: Path, rows: list[dict], missing: list[str], manifest: dict,
+                  t0: float) -> None:
+    """study_summary.json; --collect-only keeps the training run's wall time and command."""
     summary = {"wall_s": round(time.perf_counter() - t0, 1), "runs": len(rows), "missing": missing,
                "steps": manifest["steps"], "tokens_per_step": manifest["tokens_per_step"], "quick": args.quick,
                "command": f"nice -n {os.nice(0)} " + shlex.join([sys.executable, *sys.argv])}
@@ -237,13 +253,30 @@ def main(argv: list[str] | None = None) -> int:
         summary.update({k: old[k] for k in ("wall_s", "command") if k in old})
         summary["recollected_by"] = shlex.join([sys.executable, *sys.argv])
     previous.write_text(json.dumps(summary, indent=2))
+
+
+def publish(out: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("results.csv", "curves.csv", "data_wall_curves.png", "data_wall_final.png",
+                 "planner_report.txt", "alpha_surface.png", "best_alpha.png", "study_summary.json"):
+        if (out / name).exists():
+            shutil.copy2(out / name, dst / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rc, tok, data_path = prepare_data(out)
+    if rc:
+        return rc
+    sweep = out / "sweep"
+    manifest = run_sweep(args, sweep, tok, data_path, t0)
+    rows, missing = report(args, out, sweep, manifest)
+    write_summary(args, out, rows, missing, manifest, t0)
     if args.publish:
-        dst = Path(args.publish)
-        dst.mkdir(parents=True, exist_ok=True)
-        for name in ("results.csv", "curves.csv", "data_wall_curves.png", "data_wall_final.png",
-                     "planner_report.txt", "alpha_surface.png", "best_alpha.png", "study_summary.json"):
-            if (out / name).exists():
-                shutil.copy2(out / name, dst / name)
+        publish(out, Path(args.publish))
     print(f"done in {time.perf_counter() - t0:.0f} s: {out}", flush=True)
     return 0
 
