@@ -1,9 +1,9 @@
 """Triton flash attention against the fp32 reference, and the backend choice.
 
 Without CUDA the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 must be set before the kernel module
-is imported (triton decides at decoration time), so it is set here at import; the module is reloaded if another
-test in this worker imported it first without the interpreter. Other modules' behaviour does not depend on the
-variable (``auto`` never picks Triton on CPU). With CUDA the same tests run the compiled kernels on the GPU.
+is imported (triton decides at decoration time); ``tests/conftest.py`` sets it for the whole suite. Other modules'
+behaviour does not depend on the variable (``auto`` never picks Triton on CPU). With CUDA the same tests run the
+compiled kernels on the GPU.
 """
 
 from __future__ import annotations
@@ -14,20 +14,14 @@ import sys
 import types
 import warnings
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import megatron_dual.kernels.attention as K  # noqa: E402
 import pytest  # noqa: E402
+import torch
 
 from megatron_dual.config import ModelConfig  # noqa: E402
 from megatron_dual.model.attention import AttentionMask, attention, reference_attention  # noqa: E402
 
 A = importlib.import_module("megatron_dual.model.attention")  # the package re-exports the function `attention`
-if not torch.cuda.is_available() and not K.INTERPRET:  # imported earlier in this process without the interpreter
-    K = importlib.reload(K)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3),

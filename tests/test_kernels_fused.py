@@ -1,29 +1,17 @@
 """Fused RMSNorm, rotary, SwiGLU and linear + cross-entropy + z-loss against plain PyTorch references.
 
-Without CUDA the kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` is set here, before triton is first
-imported by this module (kernel modules imported earlier in this process without it are reloaded), so the file
-can share a pytest-xdist worker with any other test module. With CUDA the same tests run the compiled kernels,
+Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` before
+any kernel is imported). With CUDA the same tests run the compiled kernels,
 and the ``gpu`` tests add bf16 checks. bf16 dot products are wrong in the interpreter, so CPU tests use fp32/fp16.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-_KERNEL_MODULES = ("rmsnorm", "rotary", "swiglu", "cross_entropy")
-for _name in _KERNEL_MODULES:  # decorated before the interpreter was switched on: decorate again
-    _mod = sys.modules.get(f"megatron_dual.kernels.{_name}")
-    if _mod is not None and os.environ.get("TRITON_INTERPRET") == "1":
-        importlib.reload(_mod)
-
 import torch.nn.functional as F  # noqa: E402
 from megatron_dual.kernels.cross_entropy import default_chunk_size, fused_linear_cross_entropy  # noqa: E402
 from megatron_dual.kernels.rmsnorm import FusedRMSNorm, rms_norm  # noqa: E402

@@ -10,11 +10,10 @@ Everything that decides *which* ranks belong together is a pure function (:func:
 torch process groups; there is no module-level state.
 
 Objective groups: at step ``s`` and slot ``m`` the DP ranks running AR form the AR objective group and the rest the
-MD group. With rotation the membership changes every step, so per-objective reductions (global token counts,
-per-objective metrics) are done as one all-reduce of a per-objective vector over the DP group: the AR entry of that
-sum is exactly the sum over the AR objective group. One collective per step instead of two, and no communicator per
-rotation phase. Static torch groups per objective are created only when the assignment does not rotate and each
-rank runs one objective (``rotate=False``, one slot), where they serve metrics.
+MD group (:func:`objective_ranks`). With rotation the membership changes every step, so per-objective reductions
+(global token counts, per-objective metrics) are done as one all-reduce of a per-objective vector over the DP
+group: the AR entry of that sum is exactly the sum over the AR objective group. One collective per step instead of
+two, and no communicator per rotation phase.
 """
 
 from __future__ import annotations
@@ -153,18 +152,15 @@ class ParallelState:
         self.schedule = ObjectiveSchedule(alpha, self.dp_size, slots, rotate)
         self.tp_group: Any = None
         self.dp_group: Any = None
-        self.world_group: Any = None
-        self.objective_groups: dict[str, Any] = {}
         if create_groups is None:
             create_groups = world_size > 1 and dist.is_available() and dist.is_initialized()
         if create_groups:
-            self._create_groups(rotate and self.schedule.total > 1)
+            self._create_groups()
 
-    def _create_groups(self, rotating: bool) -> None:
+    def _create_groups(self) -> None:
         if dist.get_world_size() != self.world_size:
             raise ConfigError(f"ParallelState(world_size={self.world_size}) but torch.distributed has "
                               f"{dist.get_world_size()} ranks")
-        self.world_group = dist.group.WORLD
         # new_group is collective over the world: every rank creates every group, in the same order.
         for ranks in self.layout.tp_groups:
             g = dist.new_group(list(ranks))
@@ -174,14 +170,6 @@ class ParallelState:
             g = dist.new_group(list(ranks))
             if self.rank in ranks:
                 self.dp_group = g
-        if not rotating and self.slots == 1:
-            members = objective_ranks(self.layout, self.schedule, 0, 0)
-            for obj in (AR, MD):
-                ranks = list(members[obj])
-                if ranks:
-                    g = dist.new_group(ranks)
-                    if self.rank in ranks:
-                        self.objective_groups[obj] = g
 
     @property
     def alpha(self) -> Fraction:

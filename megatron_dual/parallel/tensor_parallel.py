@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_dual.config import ConfigError
-from megatron_dual.model.transformer import DualTransformer, KVCache
+from megatron_dual.model.transformer import DualTransformer
 from megatron_dual.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -48,7 +48,6 @@ __all__ = [
     "parallelize_model",
     "sync_sequence_parallel_grads",
     "sequence_parallel_params",
-    "allocate_kv_cache",
     "shard_state_dict",
     "gather_state_dict",
     "sharding_of",
@@ -145,12 +144,3 @@ def sync_sequence_parallel_grads(model: nn.Module, tp_group: Any = None) -> None
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def allocate_kv_cache(model: DualTransformer, batch: int, max_len: int, device: torch.device | str,
-                      dtype: torch.dtype) -> KVCache:
-    """A :class:`KVCache` sized for this rank's key/value heads (the local heads after :func:`parallelize_model`)."""
-    cfg = model.cfg
-    n_kv = model.layers[0].attn.n_kv if cfg.n_layers else cfg.kv_heads
-    shape = (cfg.n_layers, batch, n_kv, max_len, cfg.dim_head)
-    return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
