@@ -151,6 +151,6 @@ def allocate_kv_cache(model: DualTransformer, batch: int, max_len: int, device: 
                       dtype: torch.dtype) -> KVCache:
     """A :class:`KVCache` sized for this rank's key/value heads (the local heads after :func:`parallelize_model`)."""
     cfg = model.cfg
-    n_kv = model.layers[0].attn.n_kv if cfg.n_layers else cfg.kv_heads
-    shape = (cfg.n_layers, batch, n_kv, max_len, cfg.dim_head)
+    n_kv = model.layers[0].attn.n_kv if cfg.n_layers else cfg.n_kv_heads
+    shape = (cfg.n_layers, batch, n_kv, max_len, cfg.head_dim)
     return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
