@@ -24,8 +24,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = cfg.model
     info = {
         "preset": cfg.preset or "(custom)",
-        "layers": m.n_layers, "hidden": m.hidden_size, "heads": m.n_heads, "kv_heads": m.kv_heads,
-        "head_dim": m.dim_head, "intermediate": m.intermediate_size, "vocab": m.vocab_size, "seq_len": seq,
+        "layers": m.n_layers, "hidden": m.hidden_size, "heads": m.n_heads, "kv_heads": m.n_kv_heads,
+        "head_dim": m.head_dim, "intermediate": m.intermediate_size, "vocab": m.vocab_size, "seq_len": seq,
         "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
         "params_per_layer": counts["per_layer"], "params_embedding": counts["embedding"], "params_head": counts["head"],
         "train_flops_per_token_causal": fl_causal["train"], "train_flops_per_token_bidirectional": fl_bidir["train"],
@@ -34,8 +34,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['preset']}: {m.n_layers} layers, hidden {m.hidden_size}, {m.n_heads} heads x {m.dim_head} "
-          f"({m.kv_heads} kv), SwiGLU {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}")
+    print(f"{info['preset']}: {m.n_layers} layers, hidden {m.hidden_size}, {m.n_heads} heads x {m.head_dim} "
+          f"({m.n_kv_heads} kv), SwiGLU {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}")
     print(f"  parameters     total {counts['total']:>15,}  ({counts['total'] / 1e6:.1f}M)")
     print(f"                 non-embedding {counts['non_embedding']:>7,}  ({counts['non_embedding'] / 1e6:.1f}M)")
     print(f"                 per layer {counts['per_layer']:>11,}")

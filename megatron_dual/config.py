@@ -14,6 +14,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -26,13 +27,24 @@ class ConfigError(ValueError):
     """A config field is unknown, mistyped or out of range; the message names the field and value."""
 
 
+# Floats given for alpha are read as the nearest fraction with a denominator up to this (e.g. 0.984375 -> 63/64).
+ALPHA_MAX_DENOMINATOR = 1 << 16
+PRECISIONS = ("auto", "bf16", "fp32")  # train.precision: auto is bf16 on GPU, fp32 on CPU
+DIST_BACKENDS = ("auto", "nccl", "gloo")  # parallel.backend: auto is nccl on CUDA, gloo on CPU
+
+
+def _check(cond: bool, field_: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_} = {value!r} is not allowed: {allowed}")
+
+
 @dataclass
 class ModelConfig:
     n_layers: int = 24
     hidden_size: int = 1024
     n_heads: int = 16
-    n_kv_heads: int | None = None  # None: same as n_heads (no GQA)
-    head_dim: int | None = None  # None: hidden_size // n_heads
+    n_kv_heads: int | None = None  # None: same as n_heads (no GQA); an int once validated
+    head_dim: int | None = None  # None: hidden_size // n_heads; an int once validated
     intermediate_size: int = 3554
     vocab_size: int = 51200
     max_seq_len: int = 2048
@@ -41,13 +53,55 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | sdpa | triton | flash | flex (megatron_dual/model/attention.py)
     fused_ops: str = "auto"  # fused Triton norm/rotary/SwiGLU/linear+CE: auto (triton on CUDA) | none | triton
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+    def validate(self) -> None:
+        """Check the fields and resolve null ``n_kv_heads`` / ``head_dim`` to ints. Idempotent, and a value that an
+        earlier validation derived (and nobody changed since) is derived afresh, so that changing ``hidden_size``
+        or ``n_heads`` of a validated config and validating again gives the matching head fields."""
+        from megatron_dual.model.attention import BACKENDS
+        from megatron_dual.model.fused import FUSED_OPS
 
-    @property
-    def dim_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.n_heads
+        for name, value in self.__dict__.pop("_derived", {}).items():
+            if getattr(self, name) == value:
+                setattr(self, name, None)
+        for name in ("n_layers", "hidden_size", "n_heads", "intermediate_size", "vocab_size", "max_seq_len"):
+            _check(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "must be a positive integer")
+        if self.head_dim is None:
+            _check(self.hidden_size % self.n_heads == 0, "model.hidden_size", self.hidden_size,
+                   f"must be divisible by model.n_heads = {self.n_heads} (or set model.head_dim)")
+        else:
+            _check(self.head_dim > 0, "model.head_dim", self.head_dim, "must be a positive integer")
+        if self.n_kv_heads is not None:
+            _check(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
+                   f"must be a positive divisor of model.n_heads = {self.n_heads}")
+        self._resolve_heads()
+        _check(self.head_dim % 2 == 0, "model.head_dim", self.head_dim, "must be even (rotary embeddings rotate pairs)")
+        _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
+        _check(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
+        _check(self.attention_backend in BACKENDS, "model.attention_backend", self.attention_backend,
+               f"one of {', '.join(BACKENDS)}")
+        _check(self.fused_ops in FUSED_OPS, "model.fused_ops", self.fused_ops,
+               f"one of {', '.join(FUSED_OPS)} (auto: triton on CUDA, none on CPU)")
+
+    def _resolve_heads(self) -> None:
+        derived = {}
+        if self.n_kv_heads is None:
+            self.n_kv_heads = derived["n_kv_heads"] = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = derived["head_dim"] = self.hidden_size // self.n_heads
+        self._derived = derived  # not a field: neither saved nor compared
+
+
+def resolve_model_dict(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved ``config["model"]`` with null ``n_kv_heads`` / ``head_dim`` resolved as validation resolves them, so
+    that a checkpoint written before they were resolved compares equal to today's (validated) config."""
+    out = dict(model)
+    n_heads, hidden = out.get("n_heads"), out.get("hidden_size")
+    if not isinstance(n_heads, int) or not isinstance(hidden, int) or n_heads <= 0:
+        return out
+    m = ModelConfig(n_heads=n_heads, hidden_size=hidden, n_kv_heads=out.get("n_kv_heads"), head_dim=out.get("head_dim"))
+    m._resolve_heads()
+    out.update(n_kv_heads=m.n_kv_heads, head_dim=m.head_dim)
+    return out
 
 
 @dataclass
@@ -59,6 +113,16 @@ class ObjectiveConfig:
     n_special: int = 16  # ids below this are never masked
     mask_token_id: int = 4
     rotate: bool = True  # rotate the objective assignment over slots every step
+
+    def validate(self, vocab_size: int) -> None:
+        """The fields, the token ids against ``model.vocab_size``; alpha against the launch is checked by
+        :meth:`Config.validate`."""
+        _check(0.0 <= self.alpha <= 1.0, "objective.alpha", self.alpha, "must be in [0, 1] (1 = pure AR, 0 = pure MD)")
+        _check(0.0 < self.t_min < 1.0, "objective.t_min", self.t_min, "must be in (0, 1)")
+        _check(self.z_loss >= 0, "objective.z_loss", self.z_loss, "must be >= 0")
+        _check(0 <= self.mask_token_id < vocab_size, "objective.mask_token_id", self.mask_token_id,
+               f"must be a token id below model.vocab_size = {vocab_size}")
+        _check(0 < self.n_special < vocab_size, "objective.n_special", self.n_special, "must be in (0, vocab_size)")
 
 
 @dataclass
@@ -75,13 +139,53 @@ class OptimizerConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     decay_all: bool = True  # the reference decays norms, biases and embeddings too; False exempts 1-D params
 
+    def validate(self) -> None:
+        from megatron_dual.optim.muon import LR_ADJUSTMENTS, OPTIMIZERS
+
+        _check(self.name in OPTIMIZERS, "optimizer.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
+        _check(self.lr > 0, "optimizer.lr", self.lr, "must be positive")
+        _check(self.adamw_lr is None or self.adamw_lr > 0, "optimizer.adamw_lr", self.adamw_lr,
+               "must be positive or null")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "optimizer.betas", list(self.betas), "each in [0, 1)")
+        _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.ns_steps > 0, "optimizer.ns_steps", self.ns_steps, "must be positive")
+        _check(self.muon_adjust_lr in LR_ADJUSTMENTS, "optimizer.muon_adjust_lr", self.muon_adjust_lr,
+               f"one of {', '.join(LR_ADJUSTMENTS)}")
+        _check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+
+
+_DECAY_FORMS = "0 (no decay), a fraction of train.steps in (0, 1) (0.25: the last quarter) or a whole number of steps"
+
 
 @dataclass
 class ScheduleConfig:
-    name: str = "wsd"  # wsd | cosine | constant
+    name: str = "wsd"  # wsd | cosine | constant (megatron_dual/optim/schedules.py)
     warmup_steps: int = 0
-    decay_steps: int = 2048  # WSD: linear decay over the last decay_steps steps
+    # WSD: linear decay over the last decay_steps steps; in (0, 1) a fraction of train.steps (0.25 = 2048 of 8192)
+    decay_steps: int | float = 0.25
     min_lr_ratio: float = 0.0
+
+    def decay_steps_for(self, total_steps: int) -> int:
+        """The decay length in steps of a run of ``total_steps``: a fraction in (0, 1) of them rounded to the nearest
+        step, a whole number >= 1 as it is, 0 for no decay; a ConfigError for anything else."""
+        d = self.decay_steps
+        if 0 < d < 1:
+            return int(round(d * total_steps))
+        _check(d == 0 or (d >= 1 and float(d).is_integer()), "schedule.decay_steps", d, f"must be {_DECAY_FORMS}")
+        return int(d)
+
+    def validate(self, total_steps: int) -> None:
+        """The fields, and warmup + decay against ``train.steps`` (``total_steps``)."""
+        from megatron_dual.optim.schedules import SCHEDULES
+
+        _check(self.name in SCHEDULES, "schedule.name", self.name, f"one of {', '.join(SCHEDULES)}")
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
+        decay = self.decay_steps_for(total_steps)
+        _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        resolved = f" (here {decay} steps)" if decay != self.decay_steps else ""
+        _check(self.name != "wsd" or decay + self.warmup_steps <= total_steps, "schedule.decay_steps",
+               self.decay_steps, f"warmup_steps + decay_steps{resolved} must not exceed train.steps = {total_steps}")
 
 
 @dataclass
@@ -95,6 +199,17 @@ class DataConfig:
     repetitions: int = 0  # R: train on a unique subset of budget/R tokens seen exactly R times; 0: all documents
     budget_tokens: int = 0  # T, the tokens training consumes; 0: train.steps x tokens per step
     cache_dir: str = ""  # where large sample indexes are cached; "": <first prefix>_cache
+
+    def validate(self, max_seq_len: int) -> None:
+        """The fields, ``seq_len`` against ``model.max_seq_len``."""
+        _check(self.seq_len > 0, "data.seq_len", self.seq_len, "must be positive")
+        _check(self.seq_len <= max_seq_len, "data.seq_len", self.seq_len,
+               f"must not exceed model.max_seq_len = {max_seq_len}")
+        _check(0 <= self.valid_fraction < 1, "data.valid_fraction", self.valid_fraction, "must be in [0, 1)")
+        _check(self.repetitions >= 0, "data.repetitions", self.repetitions,
+               "must be >= 0 (R >= 1: a unique subset of budget/R tokens seen R times; 0: every document)")
+        _check(self.budget_tokens >= 0, "data.budget_tokens", self.budget_tokens,
+               "must be >= 0 (0: train.steps x micro_batch_size x grad_accum x data-parallel ranks x seq_len)")
 
 
 @dataclass
@@ -111,6 +226,17 @@ class TrainConfig:
     # extra callbacks by import path ("package.module:Class"), instantiated without arguments (megatron_dual.callbacks)
     callbacks: list[str] = field(default_factory=list)
 
+    def validate(self) -> None:
+        _check(self.steps > 0, "train.steps", self.steps, "must be positive")
+        _check(self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "must be positive")
+        _check(self.grad_accum > 0, "train.grad_accum", self.grad_accum, "must be positive")
+        _check(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "train.device", self.device,
+               "auto, cpu, cuda or cuda:N")
+        _check(self.eval_interval >= 0, "train.eval_interval", self.eval_interval, "must be >= 0 (0 disables)")
+        _check(self.eval_batches > 0, "train.eval_batches", self.eval_batches, "must be positive")
+        _check(self.threads >= 0, "train.threads", self.threads, "must be >= 0")
+
 
 @dataclass
 class ParallelConfig:
@@ -120,13 +246,34 @@ class ParallelConfig:
     bucket_mb: float = 25.0  # gradient all-reduce bucket size
     distributed_muon: bool = True  # orthogonalise each matrix once on an owner rank, then broadcast
 
+    def validate(self, model: ModelConfig, optimizer_name: str) -> None:
+        """The fields, and ``tp`` against the (validated) model's shapes; the world size is checked at launch."""
+        _check(self.tp >= 1, "parallel.tp", self.tp, "must be >= 1")
+        _check(self.backend in DIST_BACKENDS, "parallel.backend", self.backend, f"one of {', '.join(DIST_BACKENDS)}")
+        _check(self.bucket_mb > 0, "parallel.bucket_mb", self.bucket_mb, "must be positive")
+        _check(self.tp == 1 or self.distributed_muon or optimizer_name != "muon", "parallel.distributed_muon",
+               self.distributed_muon, "must be true with parallel.tp > 1 (Muon must orthogonalise whole matrices, "
+               "not TP shards)")
+        if self.tp == 1:
+            return
+        m = model
+        _check(m.n_heads % self.tp == 0 and m.n_kv_heads % self.tp == 0, "parallel.tp", self.tp,
+               f"must divide model.n_heads = {m.n_heads} and the key/value heads = {m.n_kv_heads}")
+        _check(m.intermediate_size % self.tp == 0, "parallel.tp", self.tp,
+               f"must divide model.intermediate_size = {m.intermediate_size}")
+        _check(m.vocab_size % self.tp == 0, "parallel.tp", self.tp, f"must divide model.vocab_size = {m.vocab_size}")
+
 
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # default: <output_dir>/checkpoints
     interval: int = 500
-    keep_last: int = 3
+    keep_last: int = 3  # 0 keeps all
     resume: str = "auto"  # auto | none | path to a checkpoint
+
+    def validate(self) -> None:
+        _check(self.interval >= 0, "checkpoint.interval", self.interval, "must be >= 0 (0: only at the end)")
+        _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "must be >= 0 (0 keeps all)")
 
 
 @dataclass
@@ -137,6 +284,9 @@ class LoggingConfig:
     wandb_mode: str = "offline"
     tensorboard: bool = False
     plot: bool = True  # write <output_dir>/loss.png at the end
+
+    def validate(self) -> None:
+        _check(self.log_interval >= 0, "logging.log_interval", self.log_interval, "must be >= 0")
 
 
 @dataclass
@@ -157,8 +307,29 @@ class Config:
         return to_plain(self)
 
     def validate(self, world_size: int | None = None) -> Config:
-        validate(self, world_size)
+        """Every section's checks (resolving the model's null head fields), then, with ``world_size``, the checks
+        that depend on the launch: TP size against the world and alpha against its objective slots."""
+        self.model.validate()
+        self.objective.validate(self.model.vocab_size)
+        self.optimizer.validate()
+        self.data.validate(self.model.max_seq_len)
+        self.train.validate()
+        self.schedule.validate(self.train.steps)
+        self.parallel.validate(self.model, self.optimizer.name)
+        self.checkpoint.validate()
+        self.logging.validate()
+        if world_size is not None:
+            self._check_launch(world_size)
         return self
+
+    def _check_launch(self, world: int) -> None:
+        """The mix must be realisable on the job's global slots: data-parallel ranks x micro-batch slots."""
+        tp = self.parallel.tp
+        if world % tp:
+            raise ConfigError(f"parallel.tp = {tp} does not divide the world size {world} of this launch")
+        dp = world // tp
+        alpha_to_slots(self.objective.alpha, dp * self.train.grad_accum,
+                       field_name="objective.alpha" + (f" (with {dp} data-parallel ranks)" if dp > 1 else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,7 +350,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"seq_len": 128, "valid_fraction": 0.03},
         "train": {"steps": 300, "micro_batch_size": 8, "grad_accum": 4, "eval_interval": 50, "eval_batches": 8},
         "optimizer": {"lr": 0.01},
-        "schedule": {"decay_steps": 75},
+        "schedule": {"decay_steps": 0.25},  # 75 of 300 steps
         "checkpoint": {"interval": 100, "keep_last": 2},
     },
     # The reference model of the paper (ltg/dual-lm-470m), exactly.
@@ -197,11 +368,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "objective": {"alpha": 63 / 64},
         "data": {"seq_len": 2048, "tokenizer": "ltg"},
         "optimizer": {"name": "muon", "lr": 0.007, "weight_decay": 0.1},
-        "schedule": {"name": "wsd", "warmup_steps": 0, "decay_steps": 2048},
+        "schedule": {"name": "wsd", "warmup_steps": 0, "decay_steps": 0.25},  # 2048 of 8192 steps
         # 4M-token global batch: 2048 sequences = micro_batch_size x grad_accum x data-parallel ranks.
         "train": {"steps": 8192, "micro_batch_size": 8, "grad_accum": 256},
     },
-    # Larger presets keep the recipe and scale the shape like Llama (GQA with 8 KV heads).
+    # Larger presets keep the recipe (the default WSD decay over the last quarter) and scale the shape like Llama
+    # (GQA with 8 KV heads).
     "dual-1b": {
         "model": {"n_layers": 16, "hidden_size": 2048, "n_heads": 32, "n_kv_heads": 8, "intermediate_size": 8192,
                   "vocab_size": 51200, "max_seq_len": 2048, "rope_theta": 160_000.0},
@@ -423,16 +595,7 @@ def config_from_dict(tree: dict[str, Any], world_size: int | None = None) -> Con
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation
-
-
-def _check(cond: bool, field_: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_} = {value!r} is not allowed: {allowed}")
-
-
-def realisable_alphas(slots: int) -> list[Fraction]:
-    return [Fraction(k, slots) for k in range(slots + 1)]
+# Alpha and the launch
 
 
 def alpha_to_slots(alpha: float, slots: int, field_name: str = "objective.alpha") -> int:
@@ -441,7 +604,7 @@ def alpha_to_slots(alpha: float, slots: int, field_name: str = "objective.alpha"
     if abs(k - round(k)) > 1e-9 * max(1, slots):
         lo, hi = math.floor(k), math.ceil(k)
         near = ", ".join(f"{j}/{slots} = {j / slots:.6g}" for j in sorted({lo, hi}) if 0 <= j <= slots)
-        frac = Fraction(alpha).limit_denominator(1 << 16)
+        frac = Fraction(alpha).limit_denominator(ALPHA_MAX_DENOMINATOR)
         raise ConfigError(
             f"{field_name} = {alpha!r} cannot be realised exactly with {slots} objective slots "
             f"(alpha must be k/{slots}); nearest realisable: {near}. "
@@ -456,107 +619,3 @@ def launch_world_size() -> int:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
     return 1
-
-
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    m = cfg.model
-    for name in ("n_layers", "hidden_size", "n_heads", "intermediate_size", "vocab_size", "max_seq_len"):
-        _check(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "must be a positive integer")
-    if m.head_dim is None:
-        _check(
-            m.hidden_size % m.n_heads == 0,
-            "model.hidden_size",
-            m.hidden_size,
-            f"must be divisible by model.n_heads = {m.n_heads} (or set model.head_dim)",
-        )
-    else:
-        _check(m.head_dim > 0, "model.head_dim", m.head_dim, "must be a positive integer")
-    _check(m.dim_head % 2 == 0, "model.head_dim", m.dim_head, "must be even (rotary embeddings rotate pairs)")
-    if m.n_kv_heads is not None:
-        _check(
-            m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
-            "model.n_kv_heads",
-            m.n_kv_heads,
-            f"must be a positive divisor of model.n_heads = {m.n_heads}",
-        )
-    _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
-    _check(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "must be in (0, 1)")
-    _check(m.attention_backend in ("auto", "sdpa", "triton", "flash", "flex"), "model.attention_backend",
-           m.attention_backend, "one of auto, sdpa, triton, flash, flex")
-    _check(m.fused_ops in ("auto", "none", "triton"), "model.fused_ops", m.fused_ops,
-           "one of auto (triton on CUDA, none on CPU), none, triton")
-
-    o = cfg.objective
-    _check(0.0 <= o.alpha <= 1.0, "objective.alpha", o.alpha, "must be in [0, 1] (1 = pure AR, 0 = pure MD)")
-    _check(0.0 < o.t_min < 1.0, "objective.t_min", o.t_min, "must be in (0, 1)")
-    _check(o.z_loss >= 0, "objective.z_loss", o.z_loss, "must be >= 0")
-    _check(0 <= o.mask_token_id < m.vocab_size, "objective.mask_token_id", o.mask_token_id,
-           f"must be a token id below model.vocab_size = {m.vocab_size}")
-    _check(0 < o.n_special < m.vocab_size, "objective.n_special", o.n_special, "must be in (0, vocab_size)")
-
-    op = cfg.optimizer
-    _check(op.name in ("muon", "adamw"), "optimizer.name", op.name, "one of muon, adamw")
-    _check(op.lr > 0, "optimizer.lr", op.lr, "must be positive")
-    _check(op.adamw_lr is None or op.adamw_lr > 0, "optimizer.adamw_lr", op.adamw_lr, "must be positive or null")
-    _check(op.weight_decay >= 0, "optimizer.weight_decay", op.weight_decay, "must be >= 0")
-    _check(all(0 <= b < 1 for b in op.betas), "optimizer.betas", list(op.betas), "each in [0, 1)")
-    _check(0 <= op.momentum < 1, "optimizer.momentum", op.momentum, "must be in [0, 1)")
-    _check(op.ns_steps > 0, "optimizer.ns_steps", op.ns_steps, "must be positive")
-    _check(op.muon_adjust_lr in ("match_rms_adamw", "original"), "optimizer.muon_adjust_lr", op.muon_adjust_lr,
-           "one of match_rms_adamw, original")
-    _check(op.grad_clip >= 0, "optimizer.grad_clip", op.grad_clip, "must be >= 0 (0 disables)")
-
-    s = cfg.schedule
-    _check(s.name in ("wsd", "cosine", "constant"), "schedule.name", s.name, "one of wsd, cosine, constant")
-    _check(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "must be >= 0")
-    _check(s.decay_steps >= 0, "schedule.decay_steps", s.decay_steps, "must be >= 0")
-    _check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
-
-    d = cfg.data
-    _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be positive")
-    _check(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
-           f"must not exceed model.max_seq_len = {m.max_seq_len}")
-    _check(0 <= d.valid_fraction < 1, "data.valid_fraction", d.valid_fraction, "must be in [0, 1)")
-    _check(d.repetitions >= 0, "data.repetitions", d.repetitions,
-           "must be >= 0 (R >= 1: a unique subset of budget/R tokens seen R times; 0: every document)")
-    _check(d.budget_tokens >= 0, "data.budget_tokens", d.budget_tokens,
-           "must be >= 0 (0: train.steps x micro_batch_size x grad_accum x data-parallel ranks x seq_len)")
-
-    t = cfg.train
-    _check(t.steps > 0, "train.steps", t.steps, "must be positive")
-    _check(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "must be positive")
-    _check(t.grad_accum > 0, "train.grad_accum", t.grad_accum, "must be positive")
-    _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "one of auto, bf16, fp32")
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
-           "auto, cpu, cuda or cuda:N")
-    _check(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0 (0 disables)")
-    _check(t.eval_batches > 0, "train.eval_batches", t.eval_batches, "must be positive")
-    _check(t.threads >= 0, "train.threads", t.threads, "must be >= 0")
-    _check(s.name != "wsd" or s.decay_steps + s.warmup_steps <= t.steps, "schedule.decay_steps", s.decay_steps,
-           f"warmup_steps + decay_steps must not exceed train.steps = {t.steps}")
-
-    par = cfg.parallel
-    _check(par.tp >= 1, "parallel.tp", par.tp, "must be >= 1")
-    _check(par.backend in ("auto", "nccl", "gloo"), "parallel.backend", par.backend, "one of auto, nccl, gloo")
-    _check(par.bucket_mb > 0, "parallel.bucket_mb", par.bucket_mb, "must be positive")
-    _check(par.tp == 1 or par.distributed_muon or cfg.optimizer.name != "muon", "parallel.distributed_muon",
-           par.distributed_muon, "must be true with parallel.tp > 1 (Muon must orthogonalise whole matrices, "
-           "not TP shards)")
-    if par.tp > 1:
-        _check(m.n_heads % par.tp == 0 and m.kv_heads % par.tp == 0, "parallel.tp", par.tp,
-               f"must divide model.n_heads = {m.n_heads} and the key/value heads = {m.kv_heads}")
-        _check(m.intermediate_size % par.tp == 0, "parallel.tp", par.tp,
-               f"must divide model.intermediate_size = {m.intermediate_size}")
-        _check(m.vocab_size % par.tp == 0, "parallel.tp", par.tp, f"must divide model.vocab_size = {m.vocab_size}")
-    c = cfg.checkpoint
-    _check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: only at the end)")
-
-    # The mix must be realisable on the job's global slots: data-parallel ranks x micro-batch slots.
-    if world_size is None:
-        return
-    world = world_size
-    if world % par.tp:
-        raise ConfigError(f"parallel.tp = {par.tp} does not divide the world size {world} of this launch")
-    dp = world // par.tp
-    alpha_to_slots(o.alpha, dp * t.grad_accum,
-                   field_name="objective.alpha" + (f" (with {dp} data-parallel ranks)" if dp > 1 else ""))

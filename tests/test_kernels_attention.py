@@ -195,12 +195,12 @@ def test_explicit_backends_fall_back_with_a_reason():
 
 
 def test_config_accepts_the_backends():
-    from megatron_dual.config import Config, ConfigError, validate
+    from megatron_dual.config import Config, ConfigError
 
     for name in A.BACKENDS:
-        validate(Config(model=ModelConfig(attention_backend=name)))
+        Config(model=ModelConfig(attention_backend=name)).validate()
     with pytest.raises(ConfigError, match="attention_backend"):
-        validate(Config(model=ModelConfig(attention_backend="flash2")))
+        Config(model=ModelConfig(attention_backend="flash2")).validate()
 
 
 def test_fallback_notice_is_printed_once(capsys, monkeypatch):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from megatron_dual.config import load_config
+from megatron_dual.config import ScheduleConfig, load_config
 from megatron_dual.model import DualTransformer
 from megatron_dual.optim.muon import Muon, build_optimizers
-from megatron_dual.optim.schedules import lr_multiplier
+from megatron_dual.optim.schedules import build_scheduler, lr_multiplier
 
 
 def _run(opt_factory, params, grads_seq):
@@ -69,6 +69,28 @@ def test_wsd_schedule():
     assert f[6:] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert lr_multiplier(0, 10, "wsd", 2, 4) == 0.5  # warmup
     assert lr_multiplier(9, 10, "wsd", 0, 4, min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.25)
+
+
+def _lr_sequence(total_steps: int, cfg: ScheduleConfig) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sch = build_scheduler(opt, total_steps, cfg)
+    out = []
+    for _ in range(total_steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    return out
+
+
+def test_scheduler_reads_decay_steps_as_a_count_or_a_fraction():
+    assert _lr_sequence(10, ScheduleConfig(decay_steps=4)) == [1.0] * 7 + [0.75, 0.5, 0.25]
+    # an integer count: the multipliers of lr_multiplier (the scheduler's formula before fractions), bit for bit
+    for cfg in (ScheduleConfig(decay_steps=75), ScheduleConfig(warmup_steps=10, decay_steps=75, min_lr_ratio=0.1)):
+        assert _lr_sequence(300, cfg) == [
+            lr_multiplier(s, 300, "wsd", cfg.warmup_steps, 75, cfg.min_lr_ratio) for s in range(300)]
+    # the demo's 0.25 of 300 steps is its former 75, exactly
+    assert _lr_sequence(300, ScheduleConfig(decay_steps=0.25)) == _lr_sequence(300, ScheduleConfig(decay_steps=75))
+    assert _lr_sequence(3, ScheduleConfig(decay_steps=0.25)) == [1.0, 1.0, 1.0]  # 1 decay step: the last at 1/1
 
 
 def test_cosine_schedule():

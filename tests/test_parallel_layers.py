@@ -43,9 +43,11 @@ CASES = [("mha", False, False), ("gqa", True, False), ("sp", False, True)]
 
 
 def _cfg(gqa: bool) -> ModelConfig:
-    return ModelConfig(n_layers=2, hidden_size=32, n_heads=8 if gqa else 4, n_kv_heads=4 if gqa else None,
-                       intermediate_size=48, vocab_size=64, max_seq_len=32, attention_backend="sdpa",
-                       fused_ops="none")
+    cfg = ModelConfig(n_layers=2, hidden_size=32, n_heads=8 if gqa else 4, n_kv_heads=4 if gqa else None,
+                      intermediate_size=48, vocab_size=64, max_seq_len=32, attention_backend="sdpa",
+                      fused_ops="none")
+    cfg.validate()
+    return cfg
 
 
 def _model(cfg: ModelConfig) -> DualTransformer:
@@ -284,7 +286,7 @@ def test_run_distributed_reports_failing_rank():
 # ------------------------------------------------------------------------------------------------ in-process
 def test_qkv_shard_holds_own_heads():
     cfg = _cfg(gqa=True)  # 8 q heads, 4 kv heads of 4 dims
-    d, hq, hkv = cfg.dim_head, cfg.n_heads, cfg.kv_heads
+    d, hq, hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     spec = sharding_of("layers.0.attn.qkv.weight", cfg)
     full = torch.arange((hq + 2 * hkv) * d, dtype=torch.float32)[:, None].expand(-1, 3).contiguous()
     rows = full[:, 0].long()
@@ -339,6 +341,7 @@ def test_tp1_parallelize_is_identity():
 
 def test_divisibility_errors_name_the_field():
     cfg = ModelConfig(intermediate_size=3554)  # dual-470m
+    cfg.validate()
     check_tp_divisibility(cfg, 2)
     with pytest.raises(ConfigError, match=r"model.intermediate_size = 3554 is not divisible by parallel.tp = 4"):
         check_tp_divisibility(cfg, 4)

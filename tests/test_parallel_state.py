@@ -2,7 +2,7 @@ from fractions import Fraction
 
 import pytest
 
-from megatron_dual.config import ConfigError, load_config
+from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError, load_config
 from megatron_dual.objectives import AR, MD, ObjectiveSchedule
 from megatron_dual.parallel.state import ParallelState, check_alpha, objective_ranks, rank_layout, realisable_alphas
 
@@ -38,7 +38,7 @@ def test_objective_groups_tp_peers_share_and_alpha_is_exact(world, tp, alpha, sl
             n_ar += len(groups[AR]) // tp
             for d in range(lay.dp):
                 seen[d].add(sched.objective(d, slot, step))
-        assert Fraction(n_ar, lay.dp * slots) == Fraction(alpha).limit_denominator(1 << 16)
+        assert Fraction(n_ar, lay.dp * slots) == Fraction(alpha).limit_denominator(ALPHA_MAX_DENOMINATOR)
     if 0 < alpha < 1:  # rotation: every DP rank runs both objectives over one period
         assert all(s == {AR, MD} for s in seen.values())
 

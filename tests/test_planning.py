@@ -228,6 +228,7 @@ def test_generate_and_collect(tmp_path, force_subset):
     assert "#SBATCH --array=0-3%2" in sbatch and "task_%03d.yaml" in sbatch
     cfg = load_config(tasks[3].config)
     assert cfg.objective.alpha == 0.75 and cfg.train.steps == 4 and cfg.train.micro_batch_size == 2
+    assert cfg.schedule.decay_steps == 1  # the preset's quarter of 4 steps, written as a count
     budget = 4 * 2 * 4 * 128
     assert tasks[0].budget_tokens == budget
     if force_subset:
@@ -248,6 +249,14 @@ def test_generate_and_collect(tmp_path, force_subset):
     assert res.score.tolist() == [-5.0, -4.5] and math.isclose(res.alpha[1], 0.75)
     with pytest.raises(ConfigError, match="missing results"):
         collect_results(out, tmp_path / "results2.csv", strict=True)
+
+
+@pytest.mark.parametrize("fraction, decay", [(1.0, 8), (0.5, 4), (0.0, 0)])
+def test_generate_writes_the_decay_fraction_as_steps(tmp_path, fraction, decay):
+    src = make_corpus(tmp_path / "c_text_document")
+    tasks = generate_sweep(tmp_path / "s", preset="tiny", data_path=src, repetitions=[1], alphas=["1"], steps=8,
+                           decay_fraction=fraction)
+    assert load_config(tasks[0].config).schedule.decay_steps == decay  # 1.0 is the whole run, not one step
 
 
 def test_generate_rejects_unrealisable_alpha(tmp_path):

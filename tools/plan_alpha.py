@@ -20,7 +20,7 @@ from fractions import Fraction
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dual.config import ConfigError  # noqa: E402
+from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError  # noqa: E402
 from megatron_dual.planning.gp import ResultsError, planner_report  # noqa: E402
 from megatron_dual.planning.rules import (  # noqa: E402
     BAND_TEXT,
@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         reduced = f" = {plan.alpha}" if plan.alpha.denominator != plan.total else ""
         print(f"  realised alpha = {plan.ar_slots}/{plan.total}{reduced} = {float(plan.alpha):.6g} ({status})")
         if not plan.exact:
-            need = slots_for_exact(Fraction(target).limit_denominator(1 << 16), args.devices)
+            exact = Fraction(target).limit_denominator(ALPHA_MAX_DENOMINATOR)
+            need = slots_for_exact(exact, args.devices)
             print(f"  realisable neighbours: {', '.join(f'{a} = {float(a):.4g}' for a in plan.neighbours)}; "
-                  f"{Fraction(target).limit_denominator(1 << 16)} exactly needs slots per rank a multiple of {need}")
+                  f"{exact} exactly needs slots per rank a multiple of {need}")
         print(f"  per step: {plan.ar_slots} slot(s) run AR, {plan.md_slots} run MD; at step 0: {plan.ranks_all_ar} "
               f"rank(s) all-AR, {plan.ranks_all_md} all-MD, {plan.ranks_mixed} mixed (the assignment rotates every "
               f"step, so every rank sees both objectives)")

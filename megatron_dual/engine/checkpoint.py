@@ -31,6 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from megatron_dual.config import resolve_model_dict
+
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
@@ -307,6 +309,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def _config_diff(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> str:
     if not saved or not current:
         return ""
+    saved, current = resolve_model_dict(saved), resolve_model_dict(current)  # null head fields of older checkpoints
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
              for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     return ("; config differs: " + ", ".join(diffs)) if diffs else ""
@@ -479,6 +482,7 @@ def _check_model_config(path: Path, meta: Mapping[str, Any], model_config: Mappi
     obscurely inside the slicing)."""
     saved = (meta.get("config") or {}).get("model")
     if model_config and saved:
+        saved, model_config = resolve_model_dict(saved), resolve_model_dict(model_config)
         for key in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
                     "vocab_size"):
             if saved.get(key) != model_config.get(key):

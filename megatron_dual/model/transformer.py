@@ -31,7 +31,7 @@ class KVCache:
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype) -> KVCache:
-        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dim_head)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     @property
@@ -42,7 +42,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.d = cfg.n_heads, cfg.kv_heads, cfg.dim_head
+        self.n_heads, self.n_kv, self.d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.layer_idx = layer_idx
         self.backend = cfg.attention_backend
         self.fused_ops = cfg.fused_ops
@@ -114,11 +114,12 @@ class Block(nn.Module):
 class DualTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        cfg.validate()  # in place: a config built by hand gets its null n_kv_heads / head_dim resolved
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.norm_eps, cfg.fused_ops)
-        self.rope = RotaryEmbedding(cfg.dim_head, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -194,8 +195,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> dict
 
     Attention scores count half the T x T matrix when causal (what a block-skipping kernel computes).
     """
-    h, d = cfg.hidden_size, cfg.dim_head
-    qkv = 2 * h * (cfg.n_heads + 2 * cfg.kv_heads) * d
+    h, d = cfg.hidden_size, cfg.head_dim
+    qkv = 2 * h * (cfg.n_heads + 2 * cfg.n_kv_heads) * d
     attn_out = 2 * cfg.n_heads * d * h
     mlp = 2 * h * 2 * cfg.intermediate_size + 2 * cfg.intermediate_size * h
     scores = 2 * 2 * cfg.n_heads * d * seq_len * (0.5 if causal else 1.0)

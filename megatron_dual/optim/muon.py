@@ -34,6 +34,10 @@ def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) 
     return x.to(g.dtype)
 
 
+OPTIMIZERS = ("muon", "adamw")  # optimizer.name: Muon for 2-D trunk matrices (AdamW for the rest) | AdamW for all
+LR_ADJUSTMENTS = ("match_rms_adamw", "original")  # optimizer.muon_adjust_lr: the modes of muon_lr_scale
+
+
 def muon_lr_scale(rows: int, cols: int, mode: str) -> float:
     if mode == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))

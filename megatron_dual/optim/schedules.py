@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_dual.config import ScheduleConfig
+
+SCHEDULES = ("wsd", "cosine", "constant")  # schedule.name: the shapes lr_multiplier knows
 
 
 def lr_multiplier(step: int, total_steps: int, name: str = "wsd", warmup_steps: int = 0, decay_steps: int = 0,
@@ -32,8 +38,12 @@ def lr_multiplier(step: int, total_steps: int, name: str = "wsd", warmup_steps: 
     raise ValueError(f"unknown schedule {name!r}; choose wsd, cosine or constant")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over ``total_steps`` steps; ``cfg.decay_steps`` may be a fraction of them
+    (:meth:`~megatron_dual.config.ScheduleConfig.decay_steps_for`)."""
+    decay_steps = cfg.decay_steps_for(total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_multiplier(step, total_steps, cfg.name, cfg.warmup_steps, cfg.decay_steps, cfg.min_lr_ratio),
+        lambda step: lr_multiplier(step, total_steps, cfg.name, cfg.warmup_steps, decay_steps, cfg.min_lr_ratio),
     )

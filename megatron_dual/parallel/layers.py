@@ -304,9 +304,9 @@ def sharding_of(name: str, cfg: ModelConfig) -> tuple[int, list[int] | None] | N
         return 0, None
     if _LAYER.match(name):
         rest = _LAYER.sub("", name)
-        d = cfg.dim_head
+        d = cfg.head_dim
         if rest == "attn.qkv.weight":
-            return 0, [cfg.n_heads * d, cfg.kv_heads * d, cfg.kv_heads * d]
+            return 0, [cfg.n_heads * d, cfg.n_kv_heads * d, cfg.n_kv_heads * d]
         if rest == "mlp.up.weight":
             return 0, [cfg.intermediate_size, cfg.intermediate_size]
         if rest in ("attn.out.weight", "mlp.down.weight"):
@@ -318,7 +318,7 @@ def check_tp_divisibility(cfg: ModelConfig, tp: int) -> None:
     """ConfigError naming the model field that ``tp`` (parallel.tp) does not divide."""
     if tp < 1:
         raise ConfigError(f"parallel.tp = {tp}: must be >= 1")
-    fields = [("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.kv_heads),
+    fields = [("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.n_kv_heads),
               ("model.intermediate_size", cfg.intermediate_size), ("model.vocab_size", cfg.vocab_size)]
     for field, value in fields:
         if value % tp:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_dual.config import ConfigError, alpha_to_slots, launch_world_size
+from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError, alpha_to_slots, launch_world_size
 from megatron_dual.objectives import AR, MD, ObjectiveSchedule
 
 __all__ = [
@@ -97,7 +97,7 @@ def check_alpha(alpha: float, dp: int, slots: int) -> int:
     try:
         return alpha_to_slots(alpha, dp * slots)
     except ConfigError as e:
-        frac = Fraction(alpha).limit_denominator(1 << 16)
+        frac = Fraction(alpha).limit_denominator(ALPHA_MAX_DENOMINATOR)
         need = frac.denominator
         slots_needed = need // math.gcd(need, dp)
         raise ConfigError(f"{e} Here: {dp} data-parallel ranks x {slots} micro-batch slots = {dp * slots} global "

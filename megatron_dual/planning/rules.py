@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from megatron_dual.config import ConfigError
+from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError
 from megatron_dual.objectives import AR, ObjectiveSchedule
 from megatron_dual.parallel.state import check_alpha, realisable_alphas
 
@@ -68,7 +68,7 @@ class Recommendation:
 
     @property
     def alpha_fraction(self) -> Fraction:
-        return Fraction(self.alpha).limit_denominator(1 << 16)
+        return Fraction(self.alpha).limit_denominator(ALPHA_MAX_DENOMINATOR)
 
 
 def repetitions_from_tokens(unique_tokens: float, budget_tokens: float) -> float:

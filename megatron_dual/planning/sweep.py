@@ -38,7 +38,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from megatron_dual.config import Config, ConfigError, DataConfig, load_config, parse_overrides
+from megatron_dual.config import (
+    ALPHA_MAX_DENOMINATOR,
+    Config,
+    ConfigError,
+    DataConfig,
+    ScheduleConfig,
+    load_config,
+    parse_overrides,
+)
 from megatron_dual.data.indexed import IndexedDataset, IndexedDatasetWriter, index_file_path
 from megatron_dual.data.sampler import split_documents
 from megatron_dual.parallel.state import check_alpha
@@ -61,13 +69,13 @@ REPETITION_FIELD_SETS: tuple[tuple[str, str], ...] = (("repetitions", "budget_to
 
 
 def parse_fraction(text: str | float | Fraction, what: str = "alpha") -> Fraction:
-    """``"3/4"``, ``"0.75"``, ``0.75`` -> Fraction(3, 4) (floats are limited to denominators <= 2**16)."""
+    """``"3/4"``, ``"0.75"``, ``0.75`` -> Fraction(3, 4) (floats: denominators up to ALPHA_MAX_DENOMINATOR)."""
     try:
         if isinstance(text, Fraction):
             return text
         if isinstance(text, float):
-            return Fraction(text).limit_denominator(1 << 16)
-        return Fraction(str(text).strip()).limit_denominator(1 << 16)
+            return Fraction(text).limit_denominator(ALPHA_MAX_DENOMINATOR)
+        return Fraction(str(text).strip()).limit_denominator(ALPHA_MAX_DENOMINATOR)
     except (ValueError, ZeroDivisionError) as e:
         raise ValueError(f"{what} = {text!r} is not a number or fraction like 3/4") from e
 
@@ -256,7 +264,7 @@ def _subset_fields(sw: _Sweep, r: float, subsets: dict[float, SubsetInfo]) -> tu
     if abs(samples - round(samples)) > 1e-9:
         raise ValueError(f"R = {r:g}: {sw.steps} steps x {sw.seqs_per_step} sequences / R = {samples:g} is not a "
                          f"whole number of unique samples; choose steps as a multiple of "
-                         f"{Fraction(r).limit_denominator(1 << 16).numerator}")
+                         f"{Fraction(r).limit_denominator(ALPHA_MAX_DENOMINATOR).numerator}")
     if r not in subsets:
         tag = f"{r:g}".replace(".", "p")
         subsets[r] = write_repetition_subset(
@@ -278,6 +286,11 @@ def _native_fields(sw: _Sweep, r: float) -> tuple[dict[str, Any], int]:
     return data_fields, unique
 
 
+def _decay_steps(decay_fraction: float, steps: int) -> int:
+    """The tasks' absolute WSD decay; a fraction of 1 is the whole run (a decay_steps of 1 would mean one step)."""
+    return steps if decay_fraction == 1 else ScheduleConfig(decay_steps=decay_fraction).decay_steps_for(steps)
+
+
 def _write_task(sw: _Sweep, task: int, r: float, a: Fraction, data_fields: dict[str, Any], unique: int) -> SweepTask:
     """Write and validate ``configs/task_NNN.yaml`` for the grid point (R, alpha)."""
     k = check_alpha(float(a), sw.devices, sw.slots)
@@ -288,7 +301,7 @@ def _write_task(sw: _Sweep, task: int, r: float, a: Fraction, data_fields: dict[
         "output_dir": os.path.abspath(run_dir),
         "objective.alpha": Fraction(k, total),
         "train.steps": sw.steps,
-        "schedule.decay_steps": int(round(sw.decay_fraction * sw.steps)) if sw.base.schedule.name == "wsd"
+        "schedule.decay_steps": _decay_steps(sw.decay_fraction, sw.steps) if sw.base.schedule.name == "wsd"
         else sw.base.schedule.decay_steps,
         **data_fields,
     }
