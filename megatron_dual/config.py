@@ -40,6 +40,7 @@ class ModelConfig:
     norm_eps: float = 1e-7
     attention_backend: str = "auto"  # auto | sdpa | triton | flash | flex (megatron_dual/model/attention.py)
     fused_ops: str = "auto"  # fused Triton norm/rotary/SwiGLU/linear+CE: auto (triton on CUDA) | none | triton
+    pad_intermediate_to: int = 1  # MLP built this-aligned wide with zero units (64: 3554 -> 3584); 1: no padding
 
     @property
     def kv_heads(self) -> int:
@@ -193,6 +194,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "max_seq_len": 2048,
             "rope_theta": 160_000.0,
             "norm_eps": 1e-7,
+            "pad_intermediate_to": 64,  # executed 3584 wide (aligned for cuBLAS); the model and checkpoints: 3554
         },
         "objective": {"alpha": 63 / 64},
         "data": {"seq_len": 2048, "tokenizer": "ltg"},
