@@ -8,9 +8,10 @@ trainer's own AR and MD batch builders, so the MD batch has its 1/t weights and 
 - ``micro ms``: one micro-batch forward + ``labelled_loss`` + backward (median of ``--iters`` after warm-up);
 - ``opt ms``:   one optimizer step of the preset's Muon + AdamW (measured once per fused setting);
 - ``step s``:   ``--grad-accum`` micro-batches + one optimizer step (default 64 slots: 1M tokens per step);
-- ``MFU``:      model FLOPs of the step (``flops_per_token`` PaLM-style accounting at ``--seq-len``: causal
-  attention counts half the score matrix for AR, all of it for MD; document masking is not discounted) divided
-  by step time and the GPU's dense bf16 peak (``megatron_dual.train.PEAK_BF16_FLOPS``, or ``--peak-tflops``).
+- ``MFU``:      model FLOPs the step executes (``megatron_dual.model.flops.objective_batch_flops``: attention
+  pairs as each mask allows them, documents included, MD bidirectional; the head at labelled positions only)
+  divided by step time and the GPU's dense bf16 peak by exact device name (``flops.peak_flops``, or
+  ``--peak-tflops``).
 
 Ratios printed: MD / AR step time per setting (issue 6's goal: within 5%), and unfused / fused step time.
 Issue 6's goal: >= 50% MFU for the fused AR step.
@@ -78,10 +79,10 @@ def main() -> int:
               "agree.", file=sys.stderr)
         return 2
 
-    from megatron_dual.callbacks.monitoring import PEAK_BF16_FLOPS
     from megatron_dual.config import load_config
+    from megatron_dual.model.flops import objective_batch_flops, peak_flops
     from megatron_dual.model.loss import labelled_loss
-    from megatron_dual.model.transformer import DualTransformer, flops_per_token
+    from megatron_dual.model.transformer import DualTransformer
     from megatron_dual.objectives import AR, MD
     from megatron_dual.optim.muon import build_optimizers
 
@@ -96,8 +97,7 @@ def main() -> int:
     batches = synthetic_batches(cfg, a.micro_batch, a.seq_len, a.mean_doc, device)
     tokens = a.micro_batch * a.seq_len
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter; timings not meaningful)"
-    peak = a.peak_tflops * 1e12 if a.peak_tflops else next(
-        (v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else (peak_flops(name) if device == "cuda" else None)
     print(f"device: {name}; preset {a.preset if not a.smoke else 'tiny (smoke)'}; micro-batch {a.micro_batch} x "
           f"{a.seq_len}; grad_accum {a.grad_accum}; dense bf16 peak "
           f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
@@ -156,7 +156,7 @@ def main() -> int:
             r = per_obj[obj]
             r["opt"] = opt_t
             r["step"] = a.grad_accum * r["micro"] + opt_t
-            flops = flops_per_token(cfg.model, a.seq_len, causal=obj == AR)["train"] * tokens * a.grad_accum
+            flops = objective_batch_flops(cfg.model, batches[obj])["total"] * a.grad_accum
             r["mfu"] = flops / r["step"] / peak if peak else float("nan")
             r["micro_mfu"] = flops / a.grad_accum / r["micro"] / peak if peak else float("nan")
             results[(fused, obj)] = r

@@ -26,6 +26,7 @@ This module must be imported after ``TRITON_INTERPRET`` is set (triton reads it 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -58,11 +59,31 @@ def _configs(kind: str) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+AUTOTUNE_MODES = ("full", "one")
+# "full": benchmark every candidate the first time a tuning key is seen; "one": take the first candidate that fits
+# without benchmarking (a fresh GPU's validation run: compile one config per kernel, not all). Read at each new
+# tuning key, so set_autotune() switches it at run time; MEGATRON_DUAL_AUTOTUNE sets the default.
+AUTOTUNE = os.environ.get("MEGATRON_DUAL_AUTOTUNE", "full")
+if AUTOTUNE not in AUTOTUNE_MODES:
+    raise ValueError(f"MEGATRON_DUAL_AUTOTUNE = {AUTOTUNE!r}; allowed: {', '.join(AUTOTUNE_MODES)}")
+
+
+def set_autotune(mode: str) -> str:
+    """Set the autotuning mode for tuning keys not seen yet (see :data:`AUTOTUNE`); returns the previous one."""
+    global AUTOTUNE
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"autotune mode {mode!r}; allowed: {', '.join(AUTOTUNE_MODES)}")
+    previous, AUTOTUNE = AUTOTUNE, mode
+    return previous
+
+
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Drop tiles that overflow shared memory for large head dims (D=256 wants 64-wide tiles)."""
+    """Drop tiles that overflow shared memory for large head dims (D=256 wants 64-wide tiles); under autotune mode
+    ``one`` keep only the first remaining candidate (Triton then runs it without benchmarking)."""
     d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs.get("HEAD_DIM", 64)
     keep = [c for c in configs if d < 256 or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64)]
-    return keep or configs[-1:]
+    keep = keep or configs[-1:]
+    return keep[:1] if AUTOTUNE == "one" else keep
 
 
 _TUNE_KEY = ["HEAD_DIM", "MASK_KIND", "HAS_DOCS", "SEQ_BUCKET", "GROUP_KEY"]

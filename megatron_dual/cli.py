@@ -12,7 +12,9 @@ from megatron_dual.config import PRESETS, ConfigError, load_config
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from megatron_dual.model.transformer import DualTransformer, flops_per_token, param_counts
+    from megatron_dual.model.flops import flops_per_token
+    from megatron_dual.model.padding import round_up
+    from megatron_dual.model.transformer import DualTransformer, param_counts
 
     cfg = load_config(args.config, args.overrides, preset=args.preset)
     with torch.device("meta"):
@@ -26,6 +28,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "preset": cfg.preset or "(custom)",
         "layers": m.n_layers, "hidden": m.hidden_size, "heads": m.n_heads, "kv_heads": m.n_kv_heads,
         "head_dim": m.head_dim, "intermediate": m.intermediate_size, "vocab": m.vocab_size, "seq_len": seq,
+        "intermediate_executed": round_up(m.intermediate_size, m.pad_intermediate_to),
         "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
         "params_per_layer": counts["per_layer"], "params_embedding": counts["embedding"], "params_head": counts["head"],
         "train_flops_per_token_causal": fl_causal["train"], "train_flops_per_token_bidirectional": fl_bidir["train"],
@@ -36,6 +39,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"{info['preset']}: {m.n_layers} layers, hidden {m.hidden_size}, {m.n_heads} heads x {m.head_dim} "
           f"({m.n_kv_heads} kv), SwiGLU {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}")
+    if info["intermediate_executed"] != m.intermediate_size:
+        print(f"  MLP executed   {info['intermediate_executed']} wide (model.pad_intermediate_to = "
+              f"{m.pad_intermediate_to}: zero units; parameters, FLOPs and checkpoints at {m.intermediate_size})")
     print(f"  parameters     total {counts['total']:>15,}  ({counts['total'] / 1e6:.1f}M)")
     print(f"                 non-embedding {counts['non_embedding']:>7,}  ({counts['non_embedding'] / 1e6:.1f}M)")
     print(f"                 per layer {counts['per_layer']:>11,}")

@@ -52,6 +52,7 @@ class ModelConfig:
     norm_eps: float = 1e-7
     attention_backend: str = "auto"  # auto | sdpa | triton | flash | flex (megatron_dual/model/attention.py)
     fused_ops: str = "auto"  # fused Triton norm/rotary/SwiGLU/linear+CE: auto (triton on CUDA) | none | triton
+    pad_intermediate_to: int = 1  # MLP built this-aligned wide with zero units (64: 3554 -> 3584); 1: no padding
 
     def validate(self) -> None:
         """Check the fields and resolve null ``n_kv_heads`` / ``head_dim`` to ints. Idempotent, and a value that an
@@ -81,6 +82,8 @@ class ModelConfig:
                f"one of {', '.join(BACKENDS)}")
         _check(self.fused_ops in FUSED_OPS, "model.fused_ops", self.fused_ops,
                f"one of {', '.join(FUSED_OPS)} (auto: triton on CUDA, none on CPU)")
+        _check(self.pad_intermediate_to >= 1, "model.pad_intermediate_to", self.pad_intermediate_to,
+               "must be >= 1 (1: no padding; 64: the MLP runs 64-aligned wide with zero units)")
 
     def _resolve_heads(self) -> None:
         derived = {}
@@ -364,6 +367,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "max_seq_len": 2048,
             "rope_theta": 160_000.0,
             "norm_eps": 1e-7,
+            "pad_intermediate_to": 64,  # executed 3584 wide (aligned for cuBLAS); the model and checkpoints: 3554
         },
         "objective": {"alpha": 63 / 64},
         "data": {"seq_len": 2048, "tokenizer": "ltg"},

@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,15 +288,42 @@ def _flex_mask_mod(mask: AttentionMask, device: torch.device) -> Callable[..., t
     return mask_mod
 
 
-@functools.cache
-def _flex_fn(compiled: bool) -> Callable[..., torch.Tensor]:
-    from torch.nn.attention.flex_attention import flex_attention
+FLEX_MAX_COMPILED = 32  # distinct compiled FlexAttention call signatures before new ones run eagerly
+FLEX_COMPILE_OPTIONS: dict[str, Any] = {}  # extra torch.compile arguments for signatures compiled from now on
+_FLEX_COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
 
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+def flex_signature(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> tuple:
+    """What a compiled FlexAttention specialises on (``dynamic=False``): the mask's structure, shapes, dtype, device
+    and whether gradients flow; the mask's tensors (document ids, prefix lengths) are graph inputs, not part of it."""
+    plen = None if mask.prefix_len is None else mask.prefix_len.numel()
+    return (mask.kind, mask.doc_ids is not None, plen, mask.q_offset, tuple(q.shape), tuple(k.shape), q.dtype,
+            str(q.device), torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+
+
+def flex_compiled(signature: tuple) -> Callable[..., torch.Tensor] | None:
+    """One ``torch.compile``d FlexAttention per call signature, compiled once and reused for every later call.
+
+    Dynamo keeps its compiled entries, and its recompile limit (8), per code object: a single compiled
+    ``flex_attention`` shared by every mask, length and dtype recompiles on each new one and, past the limit,
+    silently runs the unfused eager path. Each signature therefore gets a function with a code object of its own.
+    None past :data:`FLEX_MAX_COMPILED` signatures (e.g. decoding, where q_offset moves every step): eager then.
+    """
+    fn = _FLEX_COMPILED.get(signature)
+    if fn is None and len(_FLEX_COMPILED) < FLEX_MAX_COMPILED:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, gqa: bool) -> torch.Tensor:
+            return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+        code = call.__code__.replace(co_name=f"flex_attention_{len(_FLEX_COMPILED)}")
+        own = types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+        fn = _FLEX_COMPILED[signature] = torch.compile(own, dynamic=False, **FLEX_COMPILE_OPTIONS)
+    return fn
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     b, _, tq, _ = q.shape
     tk = k.shape[2]
@@ -303,7 +331,14 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
     if mask.kind != "bidirectional" or mask.doc_ids is not None:
         block_mask = mask.derived(("flex", tq, tk, q.device), lambda: create_block_mask(
             _flex_mask_mod(mask, q.device), b, None, tq, tk, device=q.device))
-    return _flex_fn(q.is_cuda)(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    fn = flex_compiled(flex_signature(q, k, mask)) if q.is_cuda else None
+    if fn is None:
+        if q.is_cuda:
+            _say_once(f"FlexAttention: {FLEX_MAX_COMPILED} call signatures compiled already; new ones run eagerly "
+                      f"(slow)", warn=True)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return fn(q, k, v, block_mask, gqa)
 
 
 _RUNNERS: dict[str, Callable[..., torch.Tensor | None]] = {"sdpa": _sdpa, "triton": _triton, "flash": _flash,

@@ -13,10 +13,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megatron_dual.config import ModelConfig
+from megatron_dual.config import ConfigError, ModelConfig
 from megatron_dual.model.attention import AttentionMask, attention
+from megatron_dual.model.flops import flops_per_token  # noqa: F401  (re-exported; it lives in model/flops.py)
 from megatron_dual.model.fused import RMSNorm, rotary_qkv, swiglu, use_triton
 from megatron_dual.model.head import LMHead, trunc_normal_
+from megatron_dual.model.padding import (
+    Padding,
+    logical_numel,
+    pad,
+    padded_parameter,
+    padding_of,
+    register_module_hooks,
+    round_up,
+)
 from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -29,8 +39,9 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype) -> KVCache:
+    def allocate(
+        cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> KVCache:
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
@@ -53,8 +64,9 @@ class Attention(nn.Module):
     def split_sizes(self) -> list[int]:
         return [self.n_heads * self.d, self.n_kv * self.d, self.n_kv * self.d]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x)
         if use_triton(self.fused_ops, qkv):  # q and k rotated in place on the projection's output
@@ -76,18 +88,53 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Fused up projection [up; gate] -> up * silu(gate) -> down (the reference's order)."""
+    """Fused up projection [up; gate] -> up * silu(gate) -> down (the reference's order).
+
+    ``intermediate`` is the logical width (``model.intermediate_size``), ``width`` the physical one: rounded up to
+    a multiple of ``model.pad_intermediate_to`` with zero units (see :mod:`megatron_dual.model.padding`), equal when
+    no padding is asked for. State dicts hold the logical weights either way.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        multiple = getattr(cfg, "pad_intermediate_to", 1)
+        if not isinstance(multiple, int) or multiple < 1:
+            raise ConfigError(f"model.pad_intermediate_to = {multiple!r}: must be a positive integer (1: no padding)")
+        self.pad_to = multiple
         self.intermediate = cfg.intermediate_size
+        self.width = round_up(cfg.intermediate_size, multiple)
         self.fused_ops = cfg.fused_ops
+        # built at the logical width first: the construction draws the same random numbers padded or not
         self.up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        if self.width != self.intermediate:
+            self.set_padded_weights(self.up.weight, self.down.weight, self.intermediate, self.width)
+            register_module_hooks(self)
+
+    def set_padded_weights(self, up: torch.Tensor, down: torch.Tensor, logical: int, width: int) -> None:
+        """Install logical ``up`` (2 x logical rows) and ``down`` (logical columns) weights, padded to ``width``."""
+        self.up.weight = padded_parameter(up, Padding(0, ((logical, width), (logical, width))))
+        self.down.weight = padded_parameter(down, Padding(1, ((logical, width),)))
+        if isinstance(self.up, nn.Linear):  # (TP layers keep their full sizes)
+            self.up.out_features, self.down.in_features = 2 * width, width
+        self.intermediate, self.width = logical, width
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, scale: float) -> None:
+        """Up/gate truncated normal (``std``) times ``scale``, down zero; padded units stay zero."""
+        spec = padding_of(self.up.weight)
+        if spec is None:
+            trunc_normal_(self.up.weight, std)
+            self.up.weight.mul_(scale)
+        else:
+            w = self.up.weight.new_empty(spec.logical_shape(self.up.weight.shape))
+            trunc_normal_(w, std)
+            self.up.weight.copy_(pad(w.mul_(scale), spec))
+        self.down.weight.zero_()
 
     @property
     def split_sizes(self) -> list[int]:
-        return [self.intermediate, self.intermediate]
+        return [self.width, self.width]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
@@ -105,8 +152,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.fused_ops)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -131,15 +179,18 @@ class DualTransformer(nn.Module):
         for i, block in enumerate(self.layers):
             trunc_normal_(block.attn.qkv.weight, std_5h)
             block.attn.out.weight.zero_()
-            trunc_normal_(block.mlp.up.weight, std_5h)
-            block.mlp.up.weight.mul_(math.sqrt(1.0 / (2.0 * (i + 1))))
-            block.mlp.down.weight.zero_()
+            block.mlp.reset_parameters(std_5h, math.sqrt(1.0 / (2.0 * (i + 1))))
             block.attn_norm.reset_parameters()
             block.mlp_norm.reset_parameters()
         self.head.reset_parameters()
 
-    def forward(self, input_ids: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: AttentionMask,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Trunk hidden states (B, T, hidden); no final norm (the head has its own)."""
         t = input_ids.shape[1]
         start = cache.length if cache is not None else 0
@@ -175,11 +226,12 @@ class DualTransformer(nn.Module):
 
 
 def param_counts(model: DualTransformer) -> dict[str, int]:
+    """Parameter counts at the logical shapes (the zero units of a padded MLP are not parameters of the model)."""
     cfg = model.cfg
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(logical_numel(p) for p in model.parameters())
     embed = model.embed.weight.numel()
     head = sum(p.numel() for p in model.head.parameters())
-    per_layer = sum(p.numel() for p in model.layers[0].parameters()) if cfg.n_layers else 0
+    per_layer = sum(logical_numel(p) for p in model.layers[0].parameters()) if cfg.n_layers else 0
     return {
         "total": total,
         "embedding": embed,
@@ -188,19 +240,3 @@ def param_counts(model: DualTransformer) -> dict[str, int]:
         "trunk": per_layer * cfg.n_layers,
         "per_layer": per_layer,
     }
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> dict[str, float]:
-    """Training FLOPs per token (forward + backward = 3x forward), matmuls only, PaLM-style accounting.
-
-    Attention scores count half the T x T matrix when causal (what a block-skipping kernel computes).
-    """
-    h, d = cfg.hidden_size, cfg.head_dim
-    qkv = 2 * h * (cfg.n_heads + 2 * cfg.n_kv_heads) * d
-    attn_out = 2 * cfg.n_heads * d * h
-    mlp = 2 * h * 2 * cfg.intermediate_size + 2 * cfg.intermediate_size * h
-    scores = 2 * 2 * cfg.n_heads * d * seq_len * (0.5 if causal else 1.0)
-    layer = qkv + attn_out + mlp + scores
-    head = 2 * h * h + 2 * h * cfg.vocab_size
-    fwd = cfg.n_layers * layer + head
-    return {"forward": float(fwd), "train": float(3 * fwd), "per_layer_forward": float(layer)}

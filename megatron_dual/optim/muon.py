@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_dual.model.padding import register_optimizer_hooks
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -87,10 +89,15 @@ class Muon(torch.optim.Optimizer):
             load[owner] += _full_numel(params[i], par.tp_size)
         return owners
 
-    def _orthogonalised(self, update: torch.Tensor, splits: list[int], group: dict) -> torch.Tensor:
+    def _orthogonalised(self, update: torch.Tensor, splits: list[int], group: dict,
+                        logical: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Newton-Schulz per row block; the lr scale from each block's ``logical`` shape (that of the unpadded
+        matrix when the parameter is padded) or its own."""
         out = torch.empty_like(update)
-        for o_block, g_block in zip(out.split(splits, dim=0), update.split(splits, dim=0), strict=True):
-            scale = muon_lr_scale(g_block.shape[0], g_block.shape[1], group["adjust_lr"])
+        shapes = logical or [(n, update.shape[1]) for n in splits]
+        for o_block, g_block, (rows, cols) in zip(out.split(splits, dim=0), update.split(splits, dim=0), shapes,
+                                                  strict=True):
+            scale = muon_lr_scale(rows, cols, group["adjust_lr"])
             o_block.copy_(zeropower_newton_schulz(g_block, group["ns_steps"]).mul_(scale))
         return out
 
@@ -118,12 +125,15 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.add(buf, alpha=mom) if group["nesterov"] else buf
                 if not distributed:
                     p.mul_(1.0 - lr * wd)
-                    p.add_(self._orthogonalised(update, group["splits"] or [p.shape[0]], group), alpha=-lr)
+                    splits = group["splits"] or [p.shape[0]]
+                    p.add_(self._orthogonalised(update, splits, group, logical_blocks(p, splits, update.shape[1])),
+                           alpha=-lr)
                     continue
                 full, splits = _gather_full(update, p, par, group["splits"])
                 owner = self._owners[id(p)]
                 if owner == par.dp_rank:
-                    delta = self._orthogonalised(full, splits, group)
+                    delta = self._orthogonalised(full, splits, group,
+                                                 logical_blocks(p, splits, full.shape[1], par.tp_size))
                 else:
                     delta = torch.empty_like(full)
                 work = None
@@ -137,6 +147,22 @@ class Muon(torch.optim.Optimizer):
             p.mul_(1.0 - lr * wd)
             p.add_(_local_shard(delta, p, par), alpha=-lr)
         return loss
+
+
+def logical_blocks(p: torch.Tensor, splits: list[int], cols: int, tp: int = 1) -> list[tuple[int, int]] | None:
+    """Logical (rows, cols) of each row block of the (possibly TP-gathered) update of ``p``, when ``p`` carries a
+    :class:`~megatron_dual.model.padding.Padding`; None otherwise. A TP shard's padding repeats on every rank of
+    the group along a sharded dim, hence ``tp`` times in the gathered matrix."""
+    spec = getattr(p, "padding", None)
+    if spec is None:
+        return None
+    reps = tp if getattr(p, "tensor_parallel_dim", None) == spec.dim else 1
+    missing = [reps * (phys - n) for n, phys in spec.blocks]
+    if spec.dim == 0:
+        if len(missing) != len(splits):
+            raise ValueError(f"padding blocks {spec.blocks} do not match the Muon row blocks {splits}")
+        return [(rows - m, cols) for rows, m in zip(splits, missing, strict=True)]
+    return [(rows, cols - sum(missing)) for rows in splits]
 
 
 def _full_numel(p: torch.Tensor, tp: int) -> int:
@@ -198,4 +224,6 @@ def build_optimizers(model: torch.nn.Module, cfg) -> dict[str, torch.optim.Optim
         adam_groups.append({"params": no_decay, "weight_decay": 0.0})
     out["adamw"] = torch.optim.AdamW(adam_groups, lr=adamw_lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                      foreach=False)
+    for opt in out.values():  # padded MLP weights: optimizer state saved and loaded at the logical shape
+        register_optimizer_hooks(opt)
     return out

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_dual.config import ConfigError
+from megatron_dual.model.padding import padding_of, round_up, unpad
 from megatron_dual.model.transformer import DualTransformer
 from megatron_dual.parallel.layers import (
     ColumnParallelLinear,
@@ -38,6 +39,7 @@ from megatron_dual.parallel.layers import (
     VocabParallelLMHead,
     check_tp_divisibility,
     gather_state_dict,
+    mark_tensor_parallel,
     shard_state_dict,
     sharding_of,
 )
@@ -76,9 +78,7 @@ def parallelize_model(model: DualTransformer, tp_group: Any, sequence_parallel: 
         attn.out = RowParallelLinear.from_linear(attn.out, tp_group, sequence_parallel=sp)
         attn.n_heads //= tp
         attn.n_kv //= tp
-        mlp.up = ColumnParallelLinear.from_linear(mlp.up, tp_group, splits=mlp.split_sizes, sequence_parallel=sp)
-        mlp.down = RowParallelLinear.from_linear(mlp.down, tp_group, sequence_parallel=sp)
-        mlp.intermediate //= tp
+        _parallelize_mlp(mlp, tp_group, tp, sp)
         if sp and tp > 1:
             attn.tp_group = tp_group
             attn.__class__ = _sequence_parallel_class(type(attn))
@@ -93,6 +93,30 @@ def parallelize_model(model: DualTransformer, tp_group: Any, sequence_parallel: 
     if sp and tp > 1:
         model.register_forward_pre_hook(_check_sequence_length)
     return model
+
+
+def _parallelize_mlp(mlp: nn.Module, tp_group: Any, tp: int, sp: bool) -> None:
+    """Shard the SwiGLU MLP. A padded MLP is sharded at its logical width (the TP shards of the checkpoint layout)
+    and each rank's shard padded again to an aligned local width, so every rank's matmuls are aligned and its
+    state dict is exactly its logical shard."""
+    spec = padding_of(mlp.up.weight)
+    if spec is None:
+        mlp.up = ColumnParallelLinear.from_linear(mlp.up, tp_group, splits=mlp.split_sizes, sequence_parallel=sp)
+        mlp.down = RowParallelLinear.from_linear(mlp.down, tp_group, sequence_parallel=sp)
+        mlp.intermediate //= tp
+        mlp.width //= tp
+        return
+    logical = mlp.intermediate
+    up_full = unpad(mlp.up.weight.detach(), spec).requires_grad_(mlp.up.weight.requires_grad)
+    down_full = unpad(mlp.down.weight.detach(), padding_of(mlp.down.weight)).requires_grad_(
+        mlp.down.weight.requires_grad)
+    up = ColumnParallelLinear(up_full, None, tp_group, splits=[logical, logical], sequence_parallel=sp)
+    down = RowParallelLinear(down_full, None, tp_group, sequence_parallel=sp)
+    mlp.up, mlp.down = up, down
+    local = logical // tp
+    mlp.set_padded_weights(up.weight, down.weight, local, round_up(local, mlp.pad_to))
+    mark_tensor_parallel(mlp.up.weight, 0, [tp * mlp.width] * 2)
+    mark_tensor_parallel(mlp.down.weight, 1)
 
 
 class _SequenceParallelAttention(nn.Module):

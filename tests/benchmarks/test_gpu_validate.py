@@ -1,0 +1,76 @@
+"""``benchmarks/gpu_validate.py --smoke``: every stage's code path runs on CPU (Triton interpreter, tiny shapes),
+results land in the JSONL file as they come, a stage over budget is stopped and recorded while the next one runs,
+and a partial rerun by stage name appends to the same file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_validate.py"
+
+
+def _run(out: Path, *args: str) -> tuple[int, list[dict], str]:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return proc.returncode, rows, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_stage(tmp_path):
+    out = tmp_path / "results.jsonl"
+    rc, rows, log = _run(out)
+    assert rc == 0, log[-3000:]
+    status = {r["stage"]: r["status"] for r in rows if "status" in r}
+    assert list(status) == [
+        "env",
+        "ceilings",
+        "mlp_align",
+        "gpu_tests",
+        "attention",
+        "train_step",
+        "fused_ops",
+        "profile",
+    ]
+    assert set(status.values()) == {"ok"}, status
+    data = [r for r in rows if "status" not in r]
+    assert not [r for r in data if "error" in r or "skipped" in r]
+    assert len({r["run"] for r in rows}) == 1
+    by = {s: [r for r in data if r["stage"] == s] for s in status}
+    matmuls = {(r["name"], r["width"]) for r in by["mlp_align"] if "width" in r}
+    assert len(matmuls) == 12 and ("up_fwd", 3554) in matmuls and ("down_wgrad", 3584) in matmuls
+    assert all(r["kernels"] for r in by["mlp_align"] if "width" in r)
+    masks = {r["mask"] for r in by["attention"] if r["peer"] == "ours" and r["ms_fwd_bwd"]}
+    assert masks == {"causal", "bidirectional", "doc-causal", "doc-bidirectional", "prefix"}
+    assert {r["mask"] for r in by["attention"] if r["peer"] == "flex"} == masks
+    agree = [r for r in by["train_step"] if "agree" in r]
+    assert agree and agree[0]["agree"] and len(agree[0]["losses"]["ar"]) == 3  # fused, unfused, unpadded
+    assert all(r["flops"]["attention"] > 0 for r in by["train_step"] if "flops" in r)
+    assert {r["op"] for r in by["fused_ops"]} == {"rmsnorm", "rotary", "swiglu", "linear_ce"}
+    assert "gemm" in by["profile"][0]["categories"]
+    assert by["gpu_tests"][0]["counts"].get("tests collected", 0) > 0
+    assert "ceiling matmul" in log and "train fused+padded ar" in log  # the summary, printed last
+
+
+def test_over_budget_stage_is_recorded_and_the_next_runs(tmp_path):
+    out = tmp_path / "results.jsonl"
+    out.write_text(json.dumps({"run": "earlier", "stage": "env", "status": "ok"}) + "\n")
+    rc, rows, log = _run(out, "--stages", "env,ceilings", "--budget", "env=0.001", "--grace", "0")
+    assert rc == 1
+    assert rows[0]["run"] == "earlier"  # appended, never truncated
+    status = {r["stage"]: r["status"] for r in rows[1:] if "status" in r}
+    assert status == {"env": "timeout", "ceilings": "ok"}
+    assert any(r["stage"] == "ceilings" and r.get("name") == "matmul" for r in rows)
+    rc, _, log = _run(out, "--stages", "env,nope")
+    assert rc == 2 and "unknown stage(s) nope" in log
