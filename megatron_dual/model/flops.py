@@ -87,10 +87,15 @@ def peak_flops(device_or_name: torch.device | str | int | None = None) -> float 
     return peak.flops if peak else None
 
 
+def _heads(cfg: ModelConfig) -> tuple[int, int]:
+    """(key/value heads, head dim), resolving the null defaults of a config that was not validated yet."""
+    return cfg.n_kv_heads or cfg.n_heads, cfg.head_dim or cfg.hidden_size // cfg.n_heads
+
+
 def dense_forward_flops_per_token(cfg: ModelConfig) -> float:
     """Forward FLOPs per token of one layer's matmuls (qkv, attention output, SwiGLU), attention scores excluded."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    qkv = 2 * h * (cfg.n_heads + 2 * cfg.n_kv_heads) * d
+    (n_kv, d), h = _heads(cfg), cfg.hidden_size
+    qkv = 2 * h * (cfg.n_heads + 2 * n_kv) * d
     attn_out = 2 * cfg.n_heads * d * h
     mlp = 2 * h * 2 * cfg.intermediate_size + 2 * cfg.intermediate_size * h
     return float(qkv + attn_out + mlp)
@@ -107,7 +112,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> dict
     One sequence of ``seq_len`` without documents, every position labelled; attention scores count half the
     T x T matrix when causal (what a block-skipping kernel computes). :func:`batch_train_flops` counts a real batch.
     """
-    scores = 2 * 2 * cfg.n_heads * cfg.head_dim * seq_len * (0.5 if causal else 1.0)
+    scores = 2 * 2 * cfg.n_heads * _heads(cfg)[1] * seq_len * (0.5 if causal else 1.0)
     layer = dense_forward_flops_per_token(cfg) + scores
     fwd = cfg.n_layers * layer + head_forward_flops_per_token(cfg)
     return {"forward": float(fwd), "train": float(3 * fwd), "per_layer_forward": float(layer)}
@@ -156,7 +161,7 @@ def batch_train_flops(
     """
     tokens = batch * seq_len
     dense = 3 * cfg.n_layers * dense_forward_flops_per_token(cfg) * tokens
-    attn = 3 * cfg.n_layers * 4 * cfg.head_dim * cfg.n_heads * attention_pairs(mask, batch, seq_len)
+    attn = 3 * cfg.n_layers * 4 * _heads(cfg)[1] * cfg.n_heads * attention_pairs(mask, batch, seq_len)
     head = 3 * head_forward_flops_per_token(cfg) * n_labelled
     return {"dense": float(dense), "attention": float(attn), "head": float(head), "total": float(dense + attn + head)}
 

@@ -25,7 +25,7 @@ TOL = dict(atol=2e-6, rtol=2e-5)  # fp32 rounding (another summation order), far
 
 def _cfg(pad: int) -> ModelConfig:
     # 40 -> 64: Muon's scale sqrt(max(rows, cols)) would differ by 26% if taken from the padded width
-    return ModelConfig(
+    cfg = ModelConfig(
         n_layers=2,
         hidden_size=32,
         n_heads=4,
@@ -36,6 +36,8 @@ def _cfg(pad: int) -> ModelConfig:
         fused_ops="none",
         pad_intermediate_to=pad,
     )
+    cfg.validate()
+    return cfg
 
 
 def _model(pad: int, perturb: bool = True) -> DualTransformer:
