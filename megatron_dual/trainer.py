@@ -26,6 +26,7 @@ from megatron_dual.data.dataloader import StepBatches, TrainDataLoader, build_da
 from megatron_dual.engine import checkpoint as ckpt
 from megatron_dual.engine.base import Engine
 from megatron_dual.engine.ddp import DDPEngine
+from megatron_dual.model.flops import objective_batch_flops, peak_flops
 from megatron_dual.model.loss import LossSums, labelled_loss
 from megatron_dual.model.transformer import DualTransformer
 from megatron_dual.objectives import OBJECTIVES, ObjectiveBatch, ObjectiveBatcher, loss_coefficients
@@ -93,10 +94,13 @@ class Trainer:
         self.engine = (engine or DDPEngine)(model, self.par, cfg, self.device)
         self.model = self.engine.model
         self.schedule = self.par.schedule
+        # executed FLOPs per step, for MFU, only where a peak is known (computed on the host, in the loader)
+        cost = (lambda b: objective_batch_flops(cfg.model, b)["total"]) if peak_flops(self.device) else None
         self.loader = TrainDataLoader(self.data.train, self.data.fingerprint, self.schedule,
                                       ObjectiveBatcher(cfg.objective, cfg.train.seed), seed=cfg.data.seed,
                                       micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.par.dp_rank,
-                                      device=self.device)
+                                      device=self.device, cost=cost)
+        self.batches: StepBatches | None = None  # the step being run (callbacks read its FLOPs)
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from: Path | None = None
@@ -232,7 +236,8 @@ class Trainer:
             t_start, start_step = time.perf_counter(), self.step
             while self.step < end:
                 self._call("pre_step", self.step + 1)
-                metrics = self.train_step(self.loader.batches(self.step))
+                self.batches = self.loader.batches(self.step)
+                metrics = self.train_step(self.batches)
                 self._call("post_step", self.step, metrics)
                 self._call("log_metrics", self.step, metrics)
                 self._call("end_step", self.step)

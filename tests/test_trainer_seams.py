@@ -219,3 +219,22 @@ def test_step_reads_the_device_once_per_step_not_per_micro_batch(corpus, tmp_pat
     eight = _device_reads(corpus, tmp_path / "b", 8, monkeypatch)
     # token counts and the step's sums: one .tolist() each; .item(): the gradient norm (and the optimizers' own)
     assert two == eight and two["tolist"] == 2
+
+
+def test_mfu_counts_the_flops_the_slots_execute(corpus, tmp_path, monkeypatch):
+    import megatron_dual.callbacks.monitoring as mon
+    import megatron_dual.trainer as trainer_mod
+    from megatron_dual.model.flops import objective_batch_flops
+
+    monkeypatch.setattr(trainer_mod, "peak_flops", lambda device: 1e12)  # pretend a GPU of known peak
+    monkeypatch.setattr(mon, "peak_flops", lambda device: 1e12)
+    monkeypatch.setattr(mon, "matmul_ceiling", lambda device: 5e11)
+    rec = Recorder()
+    cfg = _cfg(corpus, tmp_path / "m", "train.steps=1")
+    tr = Trainer(cfg, quiet=True, callbacks=[rec])
+    tr.fit()
+    line = json.loads(open(tmp_path / "m" / "metrics.jsonl").readline())
+    expect = sum(objective_batch_flops(cfg.model, b)["total"] for b in tr.batches.batches)
+    assert tr.batches.flops == pytest.approx(expect) and expect > 0
+    assert line["mfu"] == pytest.approx(expect / line["step_time"] / 1e12)
+    assert line["mfu_ceiling"] == pytest.approx(2 * line["mfu"])

@@ -8,49 +8,40 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megatron_dual.callbacks.base import Callback
 from megatron_dual.logging import JSONLSink, Progress, TensorBoardSink, WandbSink, plot_metrics
-from megatron_dual.model.transformer import flops_per_token, param_counts
+from megatron_dual.model.flops import matmul_ceiling, mfu, peak_flops
+from megatron_dual.model.transformer import param_counts
 
-__all__ = ["PEAK_BF16_FLOPS", "peak_flops", "SpeedMonitor", "ProgressDisplay", "MetricsFile", "WandbLogger",
+__all__ = ["SpeedMonitor", "ProgressDisplay", "MetricsFile", "WandbLogger",
            "TensorBoardLogger", "SummaryFile", "LossPlot"]
 
-# Dense bf16 peak FLOP/s per device, for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 191.5e12, "MI300X": 1307e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
 class SpeedMonitor(Callback):
-    """``tokens_per_s``, ``step_time`` (data loading included) and, on a known GPU, ``mfu`` of every step."""
+    """``tokens_per_s`` and ``step_time`` (data loading included) of every step; on a GPU of known peak also ``mfu``:
+    the FLOPs this rank's slots executed (attention as each mask runs it, MD bidirectional, the head at labelled
+    positions only; ``model/flops.py``), shared over the TP group, per second, against the device's dense bf16
+    peak, and ``mfu_ceiling`` against the matmul ceiling measured once at start."""
 
     priority = 100
 
     def pre_train(self) -> None:
         tr = self.trainer
-        self.flops_per_token = flops_per_token(tr.cfg.model, tr.cfg.data.seq_len)["train"]
         self.peak = peak_flops(tr.device)
+        self.ceiling = matmul_ceiling(tr.device) if self.peak else None
         self._t0 = time.perf_counter()
 
     def pre_step(self, step: int) -> None:
         self._t0 = time.perf_counter()
 
     def post_step(self, step: int, metrics: dict[str, Any]) -> None:
+        tr = self.trainer
         dt = time.perf_counter() - self._t0
-        metrics["tokens_per_s"] = self.trainer.tokens_per_step / dt
+        metrics["tokens_per_s"] = tr.tokens_per_step / dt
         metrics["step_time"] = dt
-        if self.peak:
-            metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / (self.peak * self.trainer.par.world_size)
+        if self.peak and tr.batches is not None:
+            flops = tr.batches.flops / tr.par.tp_size
+            metrics["mfu"] = mfu(flops, dt, self.peak)
+            metrics["mfu_ceiling"] = mfu(flops, dt, self.ceiling)
 
 
 def metrics_path(trainer: Any) -> Path:

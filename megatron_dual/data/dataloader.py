@@ -13,7 +13,7 @@ whatever the number of data-parallel ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -106,6 +106,7 @@ class StepBatches:
 
     step: int
     batches: list[ObjectiveBatch]
+    flops: float = 0.0  # training FLOPs the slots execute (when the loader was given a cost function)
 
     def local_tokens(self) -> list[int]:
         """This rank's normaliser contribution per objective, in the order of ``OBJECTIVES``."""
@@ -118,7 +119,8 @@ class TrainDataLoader:
 
     def __init__(self, dataset: SampleSource, fingerprint: str, schedule: ObjectiveSchedule,
                  batcher: ObjectiveBatcher, *, seed: int, micro_batch_size: int, dp_rank: int = 0,
-                 device: torch.device | str = "cpu", shuffle: bool = False, prefetch: bool | None = None) -> None:
+                 device: torch.device | str = "cpu", shuffle: bool = False, prefetch: bool | None = None,
+                 cost: Callable[[ObjectiveBatch], float] | None = None) -> None:
         self.dataset = dataset
         self.schedule = schedule
         self.batcher = batcher
@@ -128,6 +130,7 @@ class TrainDataLoader:
         self.device = torch.device(device)
         self.sampler = ResumableSampler(len(dataset), seed, fingerprint, shuffle=shuffle)
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self.cost = cost  # e.g. executed FLOPs of a batch, computed on the host copy (no device read)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[int, int, Future] | None = None
 
@@ -140,7 +143,7 @@ class TrainDataLoader:
         """Samples of one optimizer step over the whole job (every data-parallel rank's slots)."""
         return self.mbs * self.schedule.total
 
-    def _prepare(self, step: int, start: int) -> list[ObjectiveBatch]:
+    def _prepare(self, step: int, start: int) -> tuple[list[ObjectiveBatch], float]:
         indices = self.sampler.indices(start, self.samples_per_step)
         out = []
         for s, objective in enumerate(self.schedule.slots(self.dp_rank, step)):
@@ -148,9 +151,9 @@ class TrainDataLoader:
             tokens, doc_ids = collate(self.dataset, indices[g * self.mbs : (g + 1) * self.mbs])
             batch = self.batcher(objective, tokens, doc_ids, step, g)
             out.append(batch.pin_memory() if self.prefetch and self.device.type == "cuda" else batch)
-        return out
+        return out, sum(self.cost(b) for b in out) if self.cost else 0.0
 
-    def _take_pending(self, step: int, start: int) -> list[ObjectiveBatch] | None:
+    def _take_pending(self, step: int, start: int) -> tuple[list[ObjectiveBatch], float] | None:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
@@ -168,7 +171,8 @@ class TrainDataLoader:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="megatron-dual-data")
             nxt = start + self.samples_per_step
             self._pending = (step + 1, nxt, self._pool.submit(self._prepare, step + 1, nxt))
-        return StepBatches(step, [b.to(self.device, non_blocking=self.prefetch) for b in host])
+        batches, flops = host
+        return StepBatches(step, [b.to(self.device, non_blocking=self.prefetch) for b in batches], flops)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
