@@ -428,68 +428,87 @@ def _parse_fraction(value: str) -> float | None:
         return None
 
 
+def _coerce_union(path: str, value: Any, tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(path, value, a)
+        except ConfigError as e:
+            errors.append(e)
+    raise errors[0] if errors else ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
+
+
+def _coerce_list(path: str, value: Any, tp: Any) -> list[Any]:
+    (item,) = typing.get_args(tp)
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{path}: got {value!r}, expected a list")
+    return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(items)]
+
+
+def _coerce_tuple(path: str, value: Any, tp: Any) -> tuple[Any, ...]:
+    args = typing.get_args(tp)
+    if not isinstance(value, list | tuple) or len(value) != len(args):
+        raise ConfigError(f"{path}: got {value!r}, expected a list of {len(args)} values")
+    return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+
+
+def _coerce_bool(path: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ConfigError(f"{path}: got {value!r}, expected true or false")
+
+
+def _coerce_int(path: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            pass
+    raise ConfigError(f"{path}: got {value!r}, expected an integer")
+
+
+def _coerce_float(path: str, value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    parsed = _parse_fraction(value) if isinstance(value, str) else None
+    if parsed is None:
+        raise ConfigError(f"{path}: got {value!r}, expected a number (fractions like 3/4 are accepted)")
+    return parsed
+
+
+def _coerce_str(path: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{path}: got {value!r}, expected a string")
+
+
+_GENERIC = {list: _coerce_list, tuple: _coerce_tuple}
+_SCALAR = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
+
+
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Coerce ``value`` to the field type ``tp`` or raise a ConfigError naming ``path``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(path, value, a)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0] if errors else ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple):
-            raise ConfigError(f"{path}: got {value!r}, expected a list")
-        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(items)]
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{path}: got {value!r}, expected a list of {len(args)} values")
-        return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{path}: got {value!r}, expected true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: got {value!r}, expected an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: got {value!r}, expected an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: got {value!r}, expected a number")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            parsed = _parse_fraction(value)
-            if parsed is not None:
-                return parsed
-        raise ConfigError(f"{path}: got {value!r}, expected a number (fractions like 3/4 are accepted)")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{path}: got {value!r}, expected a string")
+        return _coerce_union(path, value, tp)
+    if origin in _GENERIC:
+        return _GENERIC[origin](path, value, tp)
+    if tp in _SCALAR:
+        return _SCALAR[tp](path, value)
     return value
 
 

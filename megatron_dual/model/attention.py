@@ -128,52 +128,70 @@ def _pow2_head_dim(d: int) -> bool:
     return 16 <= d <= 256 and d & (d - 1) == 0
 
 
+def _triton_unsupported(device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask, q_len: int,
+                        k_len: int, caps: Capabilities) -> str | None:
+    if not caps.triton:
+        return "triton is not installed"
+    if device == "cpu" and not caps.interpret:
+        return "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 on CPU)"
+    if device not in ("cuda", "cpu"):
+        return f"the Triton kernel does not run on {device}"
+    if not _pow2_head_dim(head_dim):
+        return f"head dim {head_dim} is not a power of two in [16, 256]"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} is not float16, bfloat16 or float32"
+    if mask.doc_ids is not None and mask.q_offset + q_len > k_len:
+        return "queries beyond the document ids"
+    return None
+
+
+def _flash_mask_unsupported(mask: AttentionMask, q_len: int, k_len: int) -> str | None:
+    if mask.kind == "prefix":
+        return "flash-attn has no prefix-LM mask"
+    if mask.doc_ids is not None and (mask.q_offset != 0 or q_len != k_len):
+        return "document masks go through flash-attn varlen, which needs Tq == Tk and q_offset 0"
+    if mask.kind == "causal" and mask.q_offset != k_len - q_len:
+        return "flash-attn aligns a causal mask to the last key (needs q_offset == Tk - Tq)"
+    return None
+
+
+def _flash_unsupported(device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask, q_len: int,
+                       k_len: int, caps: Capabilities) -> str | None:
+    if not caps.flash:
+        return "flash-attn is not installed"
+    if device != "cuda":
+        return "flash-attn needs a GPU"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn takes float16/bfloat16, not {dtype}"
+    if head_dim > 256 or head_dim % 8:
+        return f"flash-attn does not take head dim {head_dim}"
+    return _flash_mask_unsupported(mask, q_len, k_len)
+
+
+def _flex_unsupported(device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask, q_len: int,
+                      k_len: int, caps: Capabilities) -> str | None:
+    if not caps.flex:
+        return "this torch has no FlexAttention"
+    if device not in ("cuda", "cpu"):
+        return f"FlexAttention is not wired up for {device}"
+    if not _pow2_head_dim(head_dim):
+        return f"head dim {head_dim} is not a power of two in [16, 256]"
+    if mask.doc_ids is not None and mask.q_offset + q_len > k_len:
+        return "queries beyond the document ids"
+    return None
+
+
+_UNSUPPORTED = {"triton": _triton_unsupported, "flash": _flash_unsupported, "flex": _flex_unsupported}
+
+
 def unsupported(backend: str, *, device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask,
                 q_len: int, k_len: int, caps: Capabilities) -> str | None:
     """Why ``backend`` cannot run this call, or None when it can (decided from shapes and flags, no data)."""
     if backend == "sdpa":
         return None
-    if backend == "triton":
-        if not caps.triton:
-            return "triton is not installed"
-        if device == "cpu" and not caps.interpret:
-            return "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 on CPU)"
-        if device not in ("cuda", "cpu"):
-            return f"the Triton kernel does not run on {device}"
-        if not _pow2_head_dim(head_dim):
-            return f"head dim {head_dim} is not a power of two in [16, 256]"
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"dtype {dtype} is not float16, bfloat16 or float32"
-        if mask.doc_ids is not None and mask.q_offset + q_len > k_len:
-            return "queries beyond the document ids"
-        return None
-    if backend == "flash":
-        if not caps.flash:
-            return "flash-attn is not installed"
-        if device != "cuda":
-            return "flash-attn needs a GPU"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return f"flash-attn takes float16/bfloat16, not {dtype}"
-        if head_dim > 256 or head_dim % 8:
-            return f"flash-attn does not take head dim {head_dim}"
-        if mask.kind == "prefix":
-            return "flash-attn has no prefix-LM mask"
-        if mask.doc_ids is not None and (mask.q_offset != 0 or q_len != k_len):
-            return "document masks go through flash-attn varlen, which needs Tq == Tk and q_offset 0"
-        if mask.kind == "causal" and mask.q_offset != k_len - q_len:
-            return "flash-attn aligns a causal mask to the last key (needs q_offset == Tk - Tq)"
-        return None
-    if backend == "flex":
-        if not caps.flex:
-            return "this torch has no FlexAttention"
-        if device not in ("cuda", "cpu"):
-            return f"FlexAttention is not wired up for {device}"
-        if not _pow2_head_dim(head_dim):
-            return f"head dim {head_dim} is not a power of two in [16, 256]"
-        if mask.doc_ids is not None and mask.q_offset + q_len > k_len:
-            return "queries beyond the document ids"
-        return None
-    raise ValueError(f"attention backend {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
+    if backend not in _UNSUPPORTED:
+        raise ValueError(f"attention backend {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
+    return _UNSUPPORTED[backend](device, dtype, head_dim, mask, q_len, k_len, caps)
 
 
 def select_backend(requested: str, *, device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask,

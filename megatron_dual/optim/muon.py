@@ -101,6 +101,35 @@ class Muon(torch.optim.Optimizer):
             o_block.copy_(zeropower_newton_schulz(g_block, group["ns_steps"]).mul_(scale))
         return out
 
+    def _momentum_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Advance ``p``'s momentum buffer by its gradient; the (Nesterov) update to orthogonalise."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        return p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+
+    def _step_local(self, p: torch.Tensor, update: torch.Tensor, group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        p.mul_(1.0 - lr * group["weight_decay"])
+        splits = group["splits"] or [p.shape[0]]
+        p.add_(self._orthogonalised(update, splits, group, logical_blocks(p, splits, update.shape[1])), alpha=-lr)
+
+    def _launch_owned(self, p: torch.Tensor, update: torch.Tensor, group: dict[str, Any], par: Any) -> tuple:
+        """The owner orthogonalises the whole (TP-gathered) matrix and broadcasts it to its DP peers (async)."""
+        full, splits = _gather_full(update, p, par, group["splits"])
+        owner = self._owners[id(p)]
+        if owner == par.dp_rank:
+            delta = self._orthogonalised(full, splits, group, logical_blocks(p, splits, full.shape[1], par.tp_size))
+        else:
+            delta = torch.empty_like(full)
+        work = None
+        if par.dp_size > 1:
+            src = par.layout.rank_of(owner, par.tp_rank)
+            work = dist.broadcast(delta, src=src, group=par.dp_group, async_op=True)
+        return p, delta, work, group["lr"], group["weight_decay"]
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -113,34 +142,14 @@ class Muon(torch.optim.Optimizer):
             self._owners = self._assign_owners()
         pending = []
         for group in self.param_groups:
-            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.mul_(mom).add_(p.grad)
-                update = p.grad.add(buf, alpha=mom) if group["nesterov"] else buf
-                if not distributed:
-                    p.mul_(1.0 - lr * wd)
-                    splits = group["splits"] or [p.shape[0]]
-                    p.add_(self._orthogonalised(update, splits, group, logical_blocks(p, splits, update.shape[1])),
-                           alpha=-lr)
-                    continue
-                full, splits = _gather_full(update, p, par, group["splits"])
-                owner = self._owners[id(p)]
-                if owner == par.dp_rank:
-                    delta = self._orthogonalised(full, splits, group,
-                                                 logical_blocks(p, splits, full.shape[1], par.tp_size))
+                update = self._momentum_update(p, group)
+                if distributed:
+                    pending.append(self._launch_owned(p, update, group, par))
                 else:
-                    delta = torch.empty_like(full)
-                work = None
-                if par.dp_size > 1:
-                    src = par.layout.rank_of(owner, par.tp_rank)
-                    work = dist.broadcast(delta, src=src, group=par.dp_group, async_op=True)
-                pending.append((p, delta, work, lr, wd))
+                    self._step_local(p, update, group)
         for p, delta, work, lr, wd in pending:
             if work is not None:
                 work.wait()
