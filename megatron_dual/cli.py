@@ -59,6 +59,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from megatron_dual.inference.loading import load_model
 
     mode = "prefix" if args.prefix_lm else args.mode
+    if mode == "diffusion" and args.stop:
+        raise ValueError("--stop applies to the causal modes (causal, prefix), not to diffusion")
     model, cfg, tok = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     if mode == "diffusion":
