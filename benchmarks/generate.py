@@ -9,8 +9,8 @@ random-weight model in fp32 on the same device, the same prompt of ``--prompt-to
 ``--new-tokens`` tokens per row (no eos); the generated ids are checked to be identical. Timing is wall time of the
 whole call (prefill included) after one warm-up call, best of ``--repeats`` interleaved runs; tokens/s counts
 generated tokens of all rows. On CPU the default is one torch thread: on a shared 2-core machine two OpenMP threads
-per process spin against other processes and the timings swing by 5x either way. The vocabulary is the ltg
-tokenizer's 51,200 ids, so the head's output projection is the real size.
+per process spin against other processes and the timings swing by 5x either way. The vocabulary defaults to
+the ltg tokenizer's 51,200 ids, so the head's output projection is the real size.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ def build(args: argparse.Namespace) -> DualTransformer:
         hidden_size=args.hidden,
         n_heads=args.hidden // 64,
         intermediate_size=args.hidden * 27 // 8,
-        vocab_size=51200,
+        vocab_size=args.vocab,
         max_seq_len=2048,
         rope_theta=160_000.0,
         norm_eps=1e-7,
@@ -56,7 +57,7 @@ def build(args: argparse.Namespace) -> DualTransformer:
     return model.eval().to(args.device)
 
 
-def _once(fn) -> tuple[float, object]:
+def _once(fn: Callable[[], object]) -> tuple[float, object]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -66,7 +67,7 @@ def _once(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def timed_pair(a, b, repeats: int) -> tuple[float, object, float, object]:
+def timed_pair(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, object, float, object]:
     """Best-of-``repeats`` wall times of ``a`` and ``b``, interleaved (a, b, a, b, ...) after one warm-up each, so
     a load change on a shared machine hits both alike."""
     a(), b()
@@ -82,7 +83,7 @@ def timed_pair(a, b, repeats: int) -> tuple[float, object, float, object]:
 
 def run_batch(model: DualTransformer, hf: torch.nn.Module, batch: int, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(batch)
-    prompt = torch.randint(16, 51200, (batch, args.prompt_tokens), generator=g)
+    prompt = torch.randint(16, args.vocab, (batch, args.prompt_tokens), generator=g)
     prompt[:, 0] = 1
     n = args.new_tokens
 
@@ -116,6 +117,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=51200, help="vocabulary size (51,200: the ltg tokenizer's)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -138,7 +140,7 @@ def main() -> int:
     rows = [run_batch(model, hf, b, args) for b in args.batch]
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"model: {args.layers} layers, hidden {args.hidden}, vocab 51200 ({params / 1e6:.1f}M params, fp32); "
+        f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab} ({params / 1e6:.1f}M params, fp32); "
         f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy; device {args.device}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
         f"{platform.processor() or platform.machine()} x {os.cpu_count()} cores"

@@ -164,7 +164,7 @@ def test_checkpoint_export_and_import_with_tokenizer(tmp_path):
     model = randomised(cfg.model, seed=5)
     save_checkpoint(tmp_path / "run", 7, model, {}, {}, {}, cfg.to_dict())
     out = export_checkpoint(tmp_path / "run", tmp_path / "hf")
-    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     ours, _, our_tok = load_model(str(tmp_path / "run"))
     text = "The capital of France is Paris."
     assert tok(text)["input_ids"] == our_tok.encode(text)
