@@ -26,6 +26,7 @@ _ACCEPTED_TYPES = (MODEL_TYPE, "llama")  # "llama": a hub layout that follows tr
 def to_hf_config(cfg: ModelConfig, special: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The ``config.json`` dict for ``cfg``; ``special``: bos/eos/pad/mask token ids (ltg layout by default)."""
     ids = {"bos": 1, "eos": 2, "pad": 3, "mask": 4, **(special or {})}
+    cfg.validate()  # resolves null n_kv_heads / head_dim
     module = MODELING_FILE.removesuffix(".py")
     return {
         "architectures": [ARCHITECTURES[0]],
@@ -41,8 +42,8 @@ def to_hf_config(cfg: ModelConfig, special: Mapping[str, int] | None = None) -> 
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.dim_head,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
@@ -111,8 +112,8 @@ def from_hf_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
             n_layers=int(hf["num_hidden_layers"]),
             hidden_size=hidden,
             n_heads=heads,
-            n_kv_heads=None if kv == heads else kv,
-            head_dim=None if head_dim * heads == hidden else head_dim,
+            n_kv_heads=kv,
+            head_dim=head_dim,
             intermediate_size=int(hf["intermediate_size"]),
             vocab_size=int(hf["vocab_size"]),
             max_seq_len=int(hf.get("max_position_embeddings", 2048)),
@@ -121,11 +122,20 @@ def from_hf_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         )
     except KeyError as e:
         raise ConversionError(f"{source}: missing field {e.args[0]!r}") from None
+    _validated(cfg, source)
     if head_eps != eps:
         raise ConversionError(
             f"{source}: head_norm_eps {head_eps} differs from rms_norm_eps {eps}; this model "
             "uses one eps for every RMSNorm"
         )
+    return cfg
+
+
+def _validated(cfg: ModelConfig, source: str) -> ModelConfig:
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from None
     return cfg
 
 
@@ -149,7 +159,7 @@ def from_ltg_config(ltg: Mapping[str, Any], source: str = "reference config") ->
         )
     heads, hidden = int(ltg["num_attention_heads"]), int(ltg["hidden_size"])
     d_h = int(ltg.get("d_h", hidden // heads))
-    return ModelConfig(
+    cfg = ModelConfig(
         n_layers=int(ltg["num_layers"]),
         hidden_size=hidden,
         n_heads=heads,
@@ -160,3 +170,4 @@ def from_ltg_config(ltg: Mapping[str, Any], source: str = "reference config") ->
         rope_theta=float(ltg.get("rope_theta", 10_000.0)),
         norm_eps=float(ltg.get("norm_eps", 1e-5)),
     )
+    return _validated(cfg, source)

@@ -108,9 +108,24 @@ def build_model(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> DualTran
     return model.eval()
 
 
+_ARCH_FIELDS = (
+    "n_layers",
+    "hidden_size",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "max_seq_len",
+    "rope_theta",
+    "norm_eps",
+)  # the rest (backend, fused ops, padding) is a run choice
+
+
 def _full_config(model_cfg: ModelConfig, tokenizer: str, base: Mapping[str, Any] | None) -> Config:
     tree = dict(base) if base else Config().to_dict()
-    tree["model"] = {**dict(tree.get("model") or {}), **dataclasses.asdict(model_cfg)}
+    arch = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k in _ARCH_FIELDS}
+    tree["model"] = {**dict(tree.get("model") or {}), **arch}
     data = dict(tree.get("data") or {})
     data["tokenizer"] = tokenizer
     data["seq_len"] = min(int(data.get("seq_len", model_cfg.max_seq_len)), model_cfg.max_seq_len)
@@ -141,7 +156,8 @@ def write_checkpoint(
     if tokenizer_json is not None:
         shutil.copyfile(tokenizer_json, root / "tokenizer.json")
         config.data.tokenizer = str((root / "tokenizer.json").resolve())
-    return save_checkpoint(root, 0, model, {}, {}, {}, config.to_dict(), extra={"imported_from": source})
+    empty = {"optimizers": {}, "schedulers": {}}
+    return save_checkpoint(root, 0, model, empty, {}, config.to_dict(), extra={"imported_from": source})
 
 
 def import_hf(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False) -> Path:

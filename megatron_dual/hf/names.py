@@ -66,14 +66,21 @@ def _check_shapes(state: Tensors, shapes: Mapping[str, tuple[int, ...]], source:
             raise ConversionError(f"{source}: tensor {name!r} has shape {got}, the config needs {tuple(shape)}")
 
 
+def _heads(cfg: ModelConfig) -> tuple[int, int]:
+    """(key/value heads, head dim) with nulls resolved (``validate`` resolves them in place)."""
+    cfg.validate()
+    return int(cfg.n_kv_heads), int(cfg.head_dim)
+
+
 def our_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of ``DualTransformer(cfg).state_dict()`` and its shape."""
-    h, d, v, f = cfg.hidden_size, cfg.dim_head, cfg.vocab_size, cfg.intermediate_size
+    kv, d = _heads(cfg)
+    h, v, f = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (v, h)}
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         shapes[p + "attn_norm.weight"] = (h,)
-        shapes[p + "attn.qkv.weight"] = ((cfg.n_heads + 2 * cfg.kv_heads) * d, h)
+        shapes[p + "attn.qkv.weight"] = ((cfg.n_heads + 2 * kv) * d, h)
         shapes[p + "attn.out.weight"] = (h, cfg.n_heads * d)
         shapes[p + "mlp_norm.weight"] = (h,)
         shapes[p + "mlp.up.weight"] = (2 * f, h)
@@ -85,7 +92,8 @@ def our_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _qkv_sizes(cfg: ModelConfig) -> list[int]:
-    return [cfg.n_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head]
+    kv, d = _heads(cfg)
+    return [cfg.n_heads * d, kv * d, kv * d]
 
 
 def to_hf_state(state: Tensors, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -157,7 +165,8 @@ def _canonical_hf_state(state: Tensors, source: str) -> dict[str, torch.Tensor]:
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    h, d, f = cfg.hidden_size, cfg.dim_head, cfg.intermediate_size
+    kv, d = _heads(cfg)
+    h, f = cfg.hidden_size, cfg.intermediate_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
@@ -166,8 +175,8 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 p + "input_layernorm.weight": (h,),
                 p + "post_attention_layernorm.weight": (h,),
                 p + "self_attn.q_proj.weight": (cfg.n_heads * d, h),
-                p + "self_attn.k_proj.weight": (cfg.kv_heads * d, h),
-                p + "self_attn.v_proj.weight": (cfg.kv_heads * d, h),
+                p + "self_attn.k_proj.weight": (kv * d, h),
+                p + "self_attn.v_proj.weight": (kv * d, h),
                 p + "self_attn.o_proj.weight": (h, cfg.n_heads * d),
                 p + "mlp.gate_proj.weight": (f, h),
                 p + "mlp.up_proj.weight": (f, h),

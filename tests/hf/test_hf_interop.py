@@ -1,5 +1,6 @@
 """transformers interop: export -> transformers logits (both classes), round trips, hub and reference layouts."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -162,7 +163,7 @@ def test_checkpoint_export_and_import_with_tokenizer(tmp_path):
     cfg.model = tiny_cfg(vocab_size=51200, n_layers=1, hidden_size=32, n_heads=2, n_kv_heads=None, intermediate_size=40)
     cfg.data.seq_len, cfg.data.tokenizer = 32, str(LTG_TOKENIZER)
     model = randomised(cfg.model, seed=5)
-    save_checkpoint(tmp_path / "run", 7, model, {}, {}, {}, cfg.to_dict())
+    save_checkpoint(tmp_path / "run", 7, model, {}, {}, cfg.to_dict())
     out = export_checkpoint(tmp_path / "run", tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     ours, _, our_tok = load_model(str(tmp_path / "run"))
@@ -207,7 +208,7 @@ def test_import_tolerates_the_hub_layout(exported, tmp_path):
     (hub / "config.json").write_text(json.dumps(hf_cfg))
     save_file(_hub_spelling(load_file(str(out / "model.safetensors"))), str(hub / "model.safetensors"))
     cfg, state = read_hf_dir(hub)
-    assert cfg == model.cfg.__class__(**{**model.cfg.__dict__, "fused_ops": "auto", "attention_backend": "auto"})
+    assert cfg == dataclasses.replace(model.cfg, fused_ops="auto", attention_backend="auto")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 

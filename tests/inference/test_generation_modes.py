@@ -112,7 +112,7 @@ def checkpoint(tmp_path_factory):
     cfg = Config()
     cfg.model = tiny_cfg(vocab_size=320)
     cfg.data.seq_len, cfg.data.tokenizer = 32, tok_path
-    save_checkpoint(root / "run", 1, randomised(cfg.model, seed=2), {}, {}, {}, cfg.to_dict())
+    save_checkpoint(root / "run", 1, randomised(cfg.model, seed=2), {}, {}, cfg.to_dict())
     return root / "run"
 
 
