@@ -391,3 +391,13 @@ def test_convert_tool_modes_and_one_line_errors(exported, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "gpt2" in proc.stderr
+
+
+def test_padded_mlp_exports_at_the_logical_width(exported, tmp_path):
+    model, out = exported
+    padded = DualTransformer(dataclasses.replace(model.cfg, pad_intermediate_to=64)).eval()
+    padded.load_state_dict(model.state_dict())
+    again = export_model(padded, tmp_path / "padded")
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((again / "config.json").read_text())["intermediate_size"] == 88
