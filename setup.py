@@ -30,6 +30,7 @@ setup(
             "pytest-timeout>=2",
             "ruff>=0.5",
             "triton>=3.0",  # the kernels' tests run under TRITON_INTERPRET=1 on CPU
+            "transformers>=4.56",  # megatron_dual.hf parity tests (it does not depend on torch: ours stays)
         ],
         "gpu": ["triton>=3.0", "flash-attn>=2.6"],
         "eval": ["transformers>=4.45"],

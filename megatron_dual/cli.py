@@ -54,13 +54,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from megatron_dual.inference.generate import generate_text
+    from megatron_dual.inference.diffusion import DiffusionConfig
+    from megatron_dual.inference.generate import diffusion_text, generate_text
     from megatron_dual.inference.loading import load_model
 
-    model, _, tok = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
-    g = torch.Generator().manual_seed(args.seed)
-    outs = generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, top_k=args.top_k, generator=g, prefix_lm=args.prefix_lm)
+    mode = "prefix" if args.prefix_lm else args.mode
+    if mode == "diffusion" and args.stop:
+        raise ValueError("--stop applies to the causal modes (causal, prefix), not to diffusion")
+    model, cfg, tok = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    if mode == "diffusion":
+        steps = args.steps or args.max_new_tokens
+        dcfg = DiffusionConfig(length=args.max_new_tokens, steps=steps, block_length=args.block_length,
+                               remasking=args.remasking, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, mask_id=tok.mask_id, n_special=cfg.objective.n_special)
+        outs = diffusion_text(model, tok, args.prompt, dcfg, generator=g)
+    else:
+        outs = generate_text(model, tok, args.prompt, stop=args.stop, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=g,
+                             mode=mode)
     for prompt, out in zip(args.prompt, outs, strict=True):
         print(f"{prompt}\033[1m{out}\033[0m" if sys.stdout.isatty() else f"{prompt}{out}")
     return 0
@@ -114,15 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    g = sub.add_parser("generate", help="causal generation with a KV cache")
+    g = sub.add_parser("generate", help="generation: causal (KV cache), prefix-LM, or masked diffusion")
     _inference_args(g)
-    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
+    g.add_argument("--mode", choices=["causal", "prefix", "diffusion"], default="causal",
+                   help="causal; prefix (prompt attended bidirectionally); diffusion (unmask a span of masks)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (diffusion: span length)")
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--prefix-lm", action="store_true", help="attend to the prompt bidirectionally (prefix-LM)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (causal modes; repeatable)")
+    g.add_argument("--steps", type=int, default=0, help="diffusion: unmasking steps (default: one per token)")
+    g.add_argument("--block-length", type=int, default=0,
+                   help="diffusion: semi-autoregressive block length (default: the whole span)")
+    g.add_argument("--remasking", choices=["confidence", "random"], default="confidence",
+                   help="diffusion: keep the most confident predictions (low-confidence remasking) or random ones")
+    g.add_argument("--prefix-lm", action="store_true", help="same as --mode prefix")
     g.set_defaults(func=cmd_generate)
 
     f = sub.add_parser("fill-mask", help="MNTP fill-mask: predictions for each <mask> (read at the position before)")

@@ -1,17 +1,31 @@
-"""Inference: causal / prefix-LM generation with a KV cache, MNTP fill-mask, checkpoint loading."""
+"""Inference: causal / prefix-LM generation with a KV cache, masked-diffusion generation, MNTP fill-mask,
+checkpoint loading."""
 
+from megatron_dual.inference.diffusion import DiffusionConfig, diffusion_generate, transfer_schedule
 from megatron_dual.inference.fill_mask import encode_with_masks, fill_mask, fill_mask_ids, mask_distributions
-from megatron_dual.inference.generate import filter_logits, generate, generate_text, sample_next
+from megatron_dual.inference.generate import (
+    diffusion_text,
+    filter_logits,
+    generate,
+    generate_text,
+    prompt_lists,
+    sample_next,
+)
 from megatron_dual.inference.loading import find_checkpoint, load_model, read_checkpoint_config
 
 __all__ = [
+    "DiffusionConfig",
+    "diffusion_generate",
+    "transfer_schedule",
     "encode_with_masks",
     "fill_mask",
     "fill_mask_ids",
     "mask_distributions",
+    "diffusion_text",
     "filter_logits",
     "generate",
     "generate_text",
+    "prompt_lists",
     "sample_next",
     "find_checkpoint",
     "load_model",

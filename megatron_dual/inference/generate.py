@@ -6,13 +6,16 @@ and tokens apart), and RoPE positions count from each row's first real token. A 
 what it would compute alone (up to floating-point summation order); the tests check this against one-by-one
 generation and against recomputing the full logits every step.
 
-prefix_lm: the prompt is attended bidirectionally (``AttentionMask("prefix", prefix_len=prompt_len)``) and the
-continuation causally. The cached decode is exact: a continuation token never changes the prompt's keys/values,
-because prompt queries only see prompt keys under the prefix mask.
+mode="prefix" (or prefix_lm=True): the prompt is attended bidirectionally (``AttentionMask("prefix",
+prefix_len=prompt_len)``) and the continuation causally. The cached decode is exact: a continuation token never
+changes the prompt's keys/values, because prompt queries only see prompt keys under the prefix mask. Each decode
+step's single query sees every cached key of its row in both modes, so it runs without a dense mask unless pads
+must be hidden. Masked-diffusion generation (the third mode) is in :mod:`.diffusion`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +23,9 @@ import torch
 from megatron_dual.model.attention import AttentionMask
 from megatron_dual.model.transformer import DualTransformer, KVCache
 
-__all__ = ["filter_logits", "sample_next", "generate", "generate_text"]
+__all__ = ["MODES", "filter_logits", "sample_next", "prompt_lists", "generate", "generate_text", "diffusion_text"]
+
+MODES = ("causal", "prefix")
 
 _PAD = 0  # any valid id; pad positions are masked out of every real token's attention
 
@@ -68,38 +73,28 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _as_prompt_lists(prompt_ids: list[list[int]] | torch.Tensor) -> list[list[int]]:
+def prompt_lists(prompt_ids: list[list[int]] | torch.Tensor) -> list[list[int]]:
+    """Prompts as lists of ints from a list of id lists or a (T,) / (B, T) tensor."""
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() == 1:
             prompt_ids = prompt_ids[None]
         if prompt_ids.dim() != 2:
             raise ValueError(f"prompt_ids tensor must be (T,) or (B, T), got shape {tuple(prompt_ids.shape)}")
         return [[int(x) for x in row] for row in prompt_ids.tolist()]
-    prompts = [[int(x) for x in p] for p in prompt_ids]
-    return prompts
+    return [[int(x) for x in p] for p in prompt_ids]
 
 
-@torch.no_grad()
-def generate(
+def _check_args(
     model: DualTransformer,
-    prompt_ids: list[list[int]] | torch.Tensor,
+    prompts: list[list[int]],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_id: int | None = None,
-    generator: torch.Generator | None = None,
-    prefix_lm: bool = False,
-) -> list[list[int]]:
-    """Continue every prompt by up to ``max_new_tokens`` tokens; returns the new tokens only, one list per prompt.
-
-    A row stops after it produces ``eos_id`` (the eos token is included in its list). ``temperature=0`` is greedy;
-    otherwise tokens are sampled from softmax(logits / temperature) restricted by ``top_k`` and ``top_p``, with
-    ``generator`` (on the model's device) for reproducible sampling. ``prefix_lm=True`` attends the prompt
-    bidirectionally and the continuation causally. ``prompt_ids`` is a list of token-id lists (lengths may differ)
-    or a (B, T) / (T,) tensor.
-    """
-    prompts = _as_prompt_lists(prompt_ids)
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    mode: str,
+) -> None:
+    if mode not in MODES:
+        raise ValueError(f"generate: mode = {mode!r}; allowed: {', '.join(MODES)} (diffusion: diffusion_generate)")
     if not prompts:
         raise ValueError("generate: no prompts given")
     for i, p in enumerate(prompts):
@@ -114,87 +109,156 @@ def generate(
     if top_k < 0:
         raise ValueError(f"top_k = {top_k} must be >= 0 (0 disables top-k)")
     cfg = model.cfg
-    lengths = [len(p) for p in prompts]
-    longest = max(lengths)
+    longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_seq_len:
         raise ValueError(
             f"prompt length {longest} + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} exceeds "
             f"model.max_seq_len = {cfg.max_seq_len}"
         )
-    vocab = cfg.vocab_size
     for i, p in enumerate(prompts):
-        bad = [x for x in p if not 0 <= x < vocab]
+        bad = [x for x in p if not 0 <= x < cfg.vocab_size]
         if bad:
-            raise ValueError(f"generate: prompt {i} has token id {bad[0]} outside [0, model.vocab_size = {vocab})")
-    batch = len(prompts)
-    out: list[list[int]] = [[] for _ in range(batch)]
+            raise ValueError(
+                f"generate: prompt {i} has token id {bad[0]} outside [0, model.vocab_size = {cfg.vocab_size})"
+            )
+
+
+class _Decoder:
+    """Left-padded batch state of one cached decode: ids, document ids, positions, masks per step."""
+
+    def __init__(self, model: DualTransformer, prompts: list[list[int]], max_new_tokens: int, prefix: bool) -> None:
+        param = next(model.parameters())
+        device = param.device
+        self.lengths = [len(p) for p in prompts]
+        self.longest = max(self.lengths)
+        pads = torch.tensor([self.longest - n for n in self.lengths], device=device)
+        self.padded = any(n != self.longest for n in self.lengths)
+        self.ids = torch.full((len(prompts), self.longest), _PAD, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            self.ids[b, self.longest - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+        total = self.longest + max_new_tokens
+        self.cache = KVCache.allocate(model.cfg, len(prompts), total, device, param.dtype)
+        self.doc_ids: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        if self.padded:
+            self.doc_ids = (torch.arange(total, device=device)[None, :] >= pads[:, None]).long()
+            self.positions = (torch.arange(self.longest, device=device)[None, :] - pads[:, None]).clamp(min=0)
+        self.prefix_len = torch.full((len(prompts),), self.longest, dtype=torch.long, device=device)
+        self.prefix = prefix
+        self.real_len = torch.tensor(self.lengths, device=device)
+
+    def prompt_mask(self) -> AttentionMask:
+        docs = self.doc_ids[:, : self.longest] if self.doc_ids is not None else None
+        if self.prefix:
+            return AttentionMask("prefix", doc_ids=docs, prefix_len=self.prefix_len)
+        return AttentionMask("causal", doc_ids=docs)
+
+    def step_mask(self) -> AttentionMask:
+        """One new query at the end sees every cached key of its row (causal and prefix alike): no dense mask
+        unless pads must be hidden."""
+        start = self.cache.length
+        if self.doc_ids is None:
+            return AttentionMask("bidirectional", q_offset=start)
+        return AttentionMask("causal", doc_ids=self.doc_ids[:, : start + 1], q_offset=start)
+
+    def step_positions(self, step: int) -> torch.Tensor | None:
+        return (self.real_len + step)[:, None] if self.padded else None
+
+
+@torch.no_grad()
+def generate(
+    model: DualTransformer,
+    prompt_ids: list[list[int]] | torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    prefix_lm: bool = False,
+    mode: str = "causal",
+    stop: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Continue every prompt by up to ``max_new_tokens`` tokens; returns the new tokens only, one list per prompt.
+
+    ``mode``: ``causal``, or ``prefix`` (the prompt attended bidirectionally, the continuation causally;
+    ``prefix_lm=True`` is the same). A row stops after it produces ``eos_id`` (included in its list) or when
+    ``stop(row, new_tokens)`` returns True (stop strings, see :func:`generate_text`). ``temperature=0`` is greedy;
+    otherwise tokens are sampled from softmax(logits / temperature) restricted by ``top_k`` and ``top_p``, with
+    ``generator`` (on the model's device) for reproducible sampling. ``prompt_ids`` is a list of token-id lists
+    (lengths may differ) or a (B, T) / (T,) tensor.
+    """
+    prompts = prompt_lists(prompt_ids)
+    mode = "prefix" if prefix_lm else mode
+    _check_args(model, prompts, max_new_tokens, temperature, top_p, top_k, mode)
+    out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return out
-
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
     was_training = model.training
     model.eval()
     try:
-        pads = torch.tensor([longest - n for n in lengths], device=device)
-        padded = any(n != longest for n in lengths)
-        ids = torch.full((batch, longest), _PAD, dtype=torch.long, device=device)
-        for b, p in enumerate(prompts):
-            ids[b, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        total = longest + max_new_tokens
-        cache = KVCache.allocate(cfg, batch, total, device, dtype)
-        doc_ids: torch.Tensor | None = None
-        positions: torch.Tensor | None = None
-        if padded:
-            doc_ids = (torch.arange(total, device=device)[None, :] >= pads[:, None]).long()
-            positions = (torch.arange(longest, device=device)[None, :] - pads[:, None]).clamp(min=0)
-        prefix_len = torch.full((batch,), longest, dtype=torch.long, device=device) if prefix_lm else None
-
-        def make_mask(k_len: int, q_offset: int) -> AttentionMask:
-            docs = doc_ids[:, :k_len] if doc_ids is not None else None
-            if prefix_lm:
-                return AttentionMask("prefix", doc_ids=docs, prefix_len=prefix_len, q_offset=q_offset)
-            return AttentionMask("causal", doc_ids=docs, q_offset=q_offset)
-
-        hidden = model(ids, make_mask(longest, 0), positions=positions, cache=cache)
+        dec = _Decoder(model, prompts, max_new_tokens, prefix=mode == "prefix")
+        hidden = model(dec.ids, dec.prompt_mask(), positions=dec.positions, cache=dec.cache)
         logits = model.head(hidden[:, -1]).float()
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        real_len = torch.tensor(lengths, device=device)
+        finished = [False] * len(prompts)
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
-            done = finished.tolist()
             for b, tok in enumerate(nxt.tolist()):
-                if not done[b]:
+                if not finished[b]:
                     out[b].append(tok)
-            if eos_id is not None:
-                finished |= nxt == eos_id
-            if step == max_new_tokens - 1 or bool(finished.all()):
+                    finished[b] = tok == eos_id or (stop is not None and stop(b, out[b]))
+            if step == max_new_tokens - 1 or all(finished):
                 break
             # Finished rows keep decoding (their tokens are dropped) so the batch keeps one shape.
-            start = cache.length
-            pos = (real_len + step)[:, None] if padded else None
-            hidden = model(nxt[:, None], make_mask(start + 1, start), positions=pos, cache=cache)
+            hidden = model(nxt[:, None], dec.step_mask(), positions=dec.step_positions(step), cache=dec.cache)
             logits = model.head(hidden[:, -1]).float()
     finally:
         model.train(was_training)
     return out
 
 
-def generate_text(model: DualTransformer, tokenizer: Any, prompts: list[str], **kw: Any) -> list[str]:
+def _continuation(tokenizer: Any, prompt: list[int], new: list[int]) -> str:
+    """The decoded prompt+continuation minus the decoded prompt where that is a prefix (keeps the leading space
+    that decoding the new tokens alone would strip), else the new tokens decoded alone."""
+    full = tokenizer.decode(prompt + new, skip_special=True)
+    head = tokenizer.decode(prompt, skip_special=True)
+    return full[len(head) :] if full.startswith(head) else tokenizer.decode(new, skip_special=True)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def generate_text(
+    model: DualTransformer, tokenizer: Any, prompts: list[str], stop: list[str] | None = None, **kw: Any
+) -> list[str]:
     """Encode ``prompts`` (with <s>), :func:`generate`, and return the decoded continuations only.
 
-    ``eos_id`` defaults to the tokenizer's eos; other keywords go to :func:`generate`. The continuation is the
-    decoded prompt+continuation minus the decoded prompt where that is a prefix (keeps the leading space that
-    decoding the new tokens alone would strip), else the new tokens decoded alone.
+    ``stop``: stop strings; a row stops at the first token whose decoded continuation contains one, and its text
+    is cut before it. ``eos_id`` defaults to the tokenizer's eos; other keywords go to :func:`generate`.
     """
     if isinstance(prompts, str):
         raise TypeError("generate_text takes a list of prompt strings, not a single string")
     kw.setdefault("eos_id", getattr(tokenizer, "eos_id", None))
     prompt_ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
-    new = generate(model, prompt_ids, **kw)
-    texts = []
-    for p, n in zip(prompt_ids, new, strict=True):
-        full = tokenizer.decode(p + n, skip_special=True)
-        head = tokenizer.decode(p, skip_special=True)
-        texts.append(full[len(head):] if full.startswith(head) else tokenizer.decode(n, skip_special=True))
-    return texts
+    stops = [s for s in (stop or []) if s]
+
+    def hit(row: int, new: list[int]) -> bool:
+        return _cut_at_stop(_continuation(tokenizer, prompt_ids[row], new), stops)[1]
+
+    new = generate(model, prompt_ids, stop=hit if stops else None, **kw)
+    return [_cut_at_stop(_continuation(tokenizer, p, n), stops)[0] for p, n in zip(prompt_ids, new, strict=True)]
+
+
+def diffusion_text(
+    model: DualTransformer, tokenizer: Any, prompts: list[str], cfg: Any, generator: torch.Generator | None = None
+) -> list[str]:
+    """Encode ``prompts`` (with <s>), fill ``cfg.length`` masks after each by :func:`diffusion_generate`, decode."""
+    from megatron_dual.inference.diffusion import diffusion_generate
+
+    if isinstance(prompts, str):
+        raise TypeError("diffusion_text takes a list of prompt strings, not a single string")
+    prompt_ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    new = diffusion_generate(model, prompt_ids, cfg, generator=generator)
+    return [_continuation(tokenizer, p, n) for p, n in zip(prompt_ids, new, strict=True)]

@@ -1,0 +1,143 @@
+"""Causal and prefix modes through ``mode=``: KV cache equals recomputation (GQA, padded batches), stop strings,
+and the ``generate --mode`` command line."""
+
+import pytest
+import torch
+
+from megatron_dual import cli
+from megatron_dual.config import Config, ModelConfig
+from megatron_dual.inference import generate, generate_text
+from megatron_dual.model import AttentionMask, DualTransformer
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(
+        n_layers=2,
+        hidden_size=32,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate_size=40,
+        vocab_size=97,
+        max_seq_len=48,
+        rope_theta=10_000.0,
+        fused_ops="none",
+        attention_backend="sdpa",
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def randomised(cfg: ModelConfig, seed: int = 0) -> DualTransformer:
+    torch.manual_seed(seed)
+    m = DualTransformer(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.1)
+            else:
+                p.normal_(0.0, 1.5 / p.shape[1] ** 0.5)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> DualTransformer:
+    return randomised(tiny_cfg())
+
+
+def recompute(model: DualTransformer, prompt: list[int], n: int, mode: str) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        if mode == "prefix":
+            mask = AttentionMask("prefix", prefix_len=torch.tensor([len(prompt)]))
+        else:
+            mask = AttentionMask("causal")
+        seq.append(int(model.logits(torch.tensor([seq]), mask)[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("mode", ["causal", "prefix"])
+def test_kv_cache_equals_recomputation_batched(model, mode):
+    prompts = [[1, 9, 30, 2, 61, 7], [1, 44], [1, 5, 5, 80]]
+    got = generate(model, prompts, 12, temperature=0, mode=mode)
+    assert got == [recompute(model, p, 12, mode) for p in prompts]
+    assert got != generate(model, prompts, 12, temperature=0, mode="prefix" if mode == "causal" else "causal")
+
+
+def test_mode_is_checked(model):
+    with pytest.raises(ValueError, match="mode = 'diffusion'; allowed: causal, prefix"):
+        generate(model, [[1]], 2, mode="diffusion")
+
+
+class WordTokenizer:
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"] + [f"<special_{i}>" for i in range(11)]
+
+    def __init__(self) -> None:
+        self.itos = self.specials + [f"w{i}" for i in range(97 - 16)]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id, self.mask_id = range(5)
+        self.vocab_size = len(self.itos)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return ([self.bos_id] if add_bos else []) + [self.stoi.get(w, 0) for w in text.split()]
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return " ".join(self.itos[i] for i in ids if not (skip_special and i < 16))
+
+
+def test_stop_strings_cut_each_row(model):
+    tok = WordTokenizer()
+    prompts = ["w1 w2 w3", "w10"]
+    full = generate_text(model, tok, prompts, max_new_tokens=10, temperature=0, eos_id=None)
+    words = full[0].split()
+    stop = words[3]  # a word the first row produces: it stops there, the text ends before it
+    cut = generate_text(model, tok, prompts, stop=[stop], max_new_tokens=10, temperature=0, eos_id=None)
+    assert cut[0] == full[0][: full[0].find(stop)]
+    assert cut[1] == (full[1][: full[1].find(stop)] if stop in full[1] else full[1])
+    ids = generate(
+        model, [tok.encode(p) for p in prompts], 10, temperature=0, stop=lambda row, new: row == 0 and len(new) == 2
+    )
+    assert len(ids[0]) == 2 and len(ids[1]) == 10
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from megatron_dual.data.tokenizer import save_tokenizer, train_bpe_tokenizer
+    from megatron_dual.engine.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("gen")
+    texts = ["the history of the union is the history of its people and their work"] * 20
+    tok_path = save_tokenizer(train_bpe_tokenizer(texts, vocab_size=300, min_frequency=1), root / "tok")
+    cfg = Config()
+    cfg.model = tiny_cfg(vocab_size=320)
+    cfg.data.seq_len, cfg.data.tokenizer = 32, tok_path
+    save_checkpoint(root / "run", 1, randomised(cfg.model, seed=2), {}, {}, cfg.to_dict())
+    return root / "run"
+
+
+def test_cli_generate_modes(checkpoint, capsys):
+    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "the history of", "--max-new-tokens", "8"]
+    outs = {}
+    for mode in ("causal", "prefix", "diffusion"):
+        assert cli.main(base + ["--mode", mode, "--temperature", "0"]) == 0
+        outs[mode] = capsys.readouterr().out
+        assert outs[mode].startswith("the history of")
+    assert len(set(outs.values())) == 3
+    assert cli.main(base + ["--prefix-lm", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == outs["prefix"]
+    args = ["--mode", "diffusion", "--steps", "4", "--block-length", "4", "--remasking", "random", "--seed", "1"]
+    assert cli.main(base + args) == 0
+    first = capsys.readouterr().out
+    assert cli.main(base + args) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_cli_generate_errors_are_one_line(checkpoint, capsys):
+    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "the history of"]
+    assert cli.main(base + ["--mode", "diffusion", "--max-new-tokens", "47"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: diffusion: prompt length") and "exceeds model.max_seq_len = 48" in err
+    assert err.count("\n") == 1
+    assert cli.main(base + ["--mode", "diffusion", "--stop", "x"]) == 2
+    assert "--stop applies to the causal modes" in capsys.readouterr().err
