@@ -84,6 +84,17 @@ def prompt_lists(prompt_ids: list[list[int]] | torch.Tensor) -> list[list[int]]:
     return [[int(x) for x in p] for p in prompt_ids]
 
 
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens = {max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"temperature = {temperature} must be >= 0 (0 = greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p = {top_p} must be in (0, 1] (1 disables nucleus sampling)")
+    if top_k < 0:
+        raise ValueError(f"top_k = {top_k} must be >= 0 (0 disables top-k)")
+
+
 def _check_args(
     model: DualTransformer,
     prompts: list[list[int]],
@@ -100,14 +111,7 @@ def _check_args(
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"generate: prompt {i} is empty (it needs at least one token, e.g. <s>)")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens = {max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature = {temperature} must be >= 0 (0 = greedy)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p = {top_p} must be in (0, 1] (1 disables nucleus sampling)")
-    if top_k < 0:
-        raise ValueError(f"top_k = {top_k} must be >= 0 (0 disables top-k)")
+    _check_sampling(max_new_tokens, temperature, top_p, top_k)
     cfg = model.cfg
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_seq_len:
