@@ -20,7 +20,7 @@ from megatron_dual.inference import (
 from megatron_dual.inference import loading as loading_mod
 from megatron_dual.model import AttentionMask, DualTransformer
 
-LTG_TOKENIZER = Path(__file__).resolve().parents[1] / "megatron_dual/assets/ltg-tokenizer/tokenizer.json"
+LTG_TOKENIZER = Path(__file__).resolve().parents[2] / "megatron_dual/assets/ltg-tokenizer/tokenizer.json"
 
 
 def tiny_cfg(**kw) -> ModelConfig:

@@ -384,7 +384,7 @@ def test_rng_tracker_streams():
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def _load_tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
+    path = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
     spec = importlib.util.spec_from_file_location("convert_checkpoint", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["convert_checkpoint"] = mod

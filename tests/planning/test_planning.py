@@ -25,7 +25,7 @@ from megatron_dual.planning.rules import (
 )
 from megatron_dual.planning.sweep import collect_results, generate_sweep, write_repetition_subset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ rules

@@ -16,7 +16,7 @@ from megatron_dual.data.tokenizer import (
     train_bpe_tokenizer,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
