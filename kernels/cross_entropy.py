@@ -117,6 +117,63 @@ def _block_v(n_vocab: int) -> int:
     return min(4096 if torch.cuda.is_available() else 1024, triton.next_power_of_2(max(1, n_vocab)))
 
 
+def _check_shapes(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"features {tuple(h.shape)} and weight {tuple(weight.shape)} do not form (N, H) x (V, H)")
+    if labels.shape != (h.shape[0],):
+        raise ValueError(f"labels of shape {tuple(labels.shape)}; expected ({h.shape[0]},)")
+
+
+def _row_stats(logits: torch.Tensor, y: torch.Tensor, vocab_start: int, block_v: int,
+               group: dist.ProcessGroup | None, tp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of a chunk of (local) logits: (logsumexp over the whole vocabulary, the label's logit, the global
+    argmax), reducing the shards' statistics over the TP ``group``."""
+    rows, v_local = logits.shape[0], logits.shape[1]
+    mx = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    se = torch.empty_like(mx)
+    tgt = torch.empty_like(mx)
+    arg = torch.empty(rows, dtype=torch.int32, device=logits.device)
+    _ce_stats_kernel[(rows,)](logits, y, mx, se, tgt, arg, logits.stride(0), v_local, vocab_start, BLOCK_V=block_v)
+    arg = arg.long() + vocab_start
+    if group is not None and tp > 1:
+        gmx = mx.clone()
+        dist.all_reduce(gmx, op=dist.ReduceOp.MAX, group=group)
+        packed = torch.stack([se * torch.exp(mx - gmx), tgt])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        se, tgt = packed[0], packed[1]
+        cand = torch.where(mx == gmx, arg, torch.iinfo(torch.int64).max)
+        dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
+        arg, mx = cand, gmx
+    return mx + torch.log(se), tgt, arg
+
+
+def _chunk_grads(logits: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, w_c: torch.Tensor, h_c: torch.Tensor,
+                 wc: torch.Tensor, grads: tuple, dh_rows: slice, vocab_start: int, z_loss: float,
+                 block_v: int) -> None:
+    """Turn the chunk's logits into d(loss)/d(logits) in place, then accumulate dh (rows ``dh_rows``), dw, db."""
+    dh, dw, db = grads
+    _ce_grad_kernel[(logits.shape[0],)](logits, y, lse.contiguous(), w_c, logits.stride(0), logits.shape[1],
+                                        vocab_start, 2.0 * z_loss, BLOCK_V=block_v)
+    if dh is not None:
+        torch.mm(logits, wc, out=dh[dh_rows])
+    if dw is not None:  # fp32 accumulation over chunks (bf16 products, as the unfused linear's)
+        if wc.dtype == torch.float32:
+            dw.addmm_(logits.t(), h_c)
+        else:
+            dw += (logits.t() @ h_c).float()
+    if db is not None:
+        db += logits.sum(0, dtype=torch.float32)
+
+
+def _grad_buffers(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wants: list[bool],
+                  cdt: torch.dtype) -> tuple:
+    n, hidden = h.shape
+    dh = torch.empty((n, hidden), dtype=cdt, device=h.device) if wants[0] else None
+    dw = torch.zeros(tuple(weight.shape), dtype=torch.float32, device=h.device) if wants[1] else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias is not None and wants[2] else None
+    return dh, dw, db
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -125,86 +182,40 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         group: dist.ProcessGroup | None, ignore_index: int, reduce_input_grad: bool, grad_enabled: bool,
         vocab_start: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
-            raise ValueError(f"features {tuple(h.shape)} and weight {tuple(weight.shape)} do not form (N, H) x (V, H)")
-        n, hidden = h.shape
-        v_local = weight.shape[0]
-        if labels.shape != (n,):
-            raise ValueError(f"labels of shape {tuple(labels.shape)}; expected ({n},)")
-        device = h.device
+        _check_shapes(h, weight, labels)
+        n, hidden, v_local, device = h.shape[0], h.shape[1], weight.shape[0], h.device
         tp = dist.get_world_size(group) if group is not None else 1
         if vocab_start is None:
             vocab_start = dist.get_rank(group) * v_local if group is not None else 0
         cdt = _compute_dtype(h)
         # needs_input_grad stays True under no_grad (e.g. validation): the caller's grad mode decides
         wants = [grad_enabled and bool(x) for x in ctx.needs_input_grad[:3]]
-        need_grad = any(wants)
         labels = labels.contiguous()
         valid = labels != ignore_index
         scale = valid.float() if token_weights is None else torch.where(valid, token_weights.float(), 0.0)
         scale = scale.contiguous()
-
-        hc = h.to(cdt)
-        wc = weight.to(cdt)
+        hc, wc = h.to(cdt), weight.to(cdt)
         bc = bias.to(cdt) if bias is not None else None
-        dh = torch.empty((n, hidden), dtype=cdt, device=device) if wants[0] else None
-        dw = torch.zeros((v_local, hidden), dtype=torch.float32, device=device) if wants[1] else None
-        db = torch.zeros(v_local, dtype=torch.float32, device=device) if bias is not None and wants[2] else None
-        weighted = torch.zeros((), dtype=torch.float32, device=device)
-        nll_sum = torch.zeros((), dtype=torch.float32, device=device)
-        z_sum = torch.zeros((), dtype=torch.float32, device=device)
-        correct = torch.zeros((), dtype=torch.float32, device=device)
-
+        grads = _grad_buffers(h, weight, bias, wants, cdt)
+        nll_sum, z_sum, correct = (torch.zeros((), dtype=torch.float32, device=device) for _ in range(3))
         chunk = chunk_size or default_chunk_size(n, hidden, v_local * tp)
         block_v = _block_v(v_local)
         with torch.autocast(device.type, enabled=False):
             for start in range(0, n, chunk):
-                end = min(n, start + chunk)
-                rows = end - start
-                h_c = hc[start:end]
+                rows = slice(start, min(n, start + chunk))
+                h_c, y, w_c, ok = hc[rows], labels[rows], scale[rows], valid[rows]
                 logits = torch.addmm(bc, h_c, wc.t()) if bc is not None else h_c @ wc.t()
-                y = labels[start:end]
-                mx = torch.empty(rows, dtype=torch.float32, device=device)
-                se = torch.empty_like(mx)
-                tgt = torch.empty_like(mx)
-                arg = torch.empty(rows, dtype=torch.int32, device=device)
-                _ce_stats_kernel[(rows,)](logits, y, mx, se, tgt, arg, logits.stride(0), v_local, vocab_start,
-                                          BLOCK_V=block_v)
-                arg = arg.long() + vocab_start
-                if group is not None and tp > 1:
-                    gmx = mx.clone()
-                    dist.all_reduce(gmx, op=dist.ReduceOp.MAX, group=group)
-                    packed = torch.stack([se * torch.exp(mx - gmx), tgt])
-                    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-                    se, tgt = packed[0], packed[1]
-                    cand = torch.where(mx == gmx, arg, torch.iinfo(torch.int64).max)
-                    dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
-                    arg, mx = cand, gmx
-                lse = mx + torch.log(se)
-                w_c = scale[start:end]
-                ok = valid[start:end]
-                nll = torch.where(ok, lse - tgt, 0.0)
-                lse_sq = torch.where(ok, lse.square(), 0.0)
-                nll_sum += (w_c * nll).sum()
-                z_sum += (w_c * lse_sq).sum()
+                lse, tgt, arg = _row_stats(logits, y, vocab_start, block_v, group, tp)
+                nll_sum += (w_c * torch.where(ok, lse - tgt, 0.0)).sum()
+                z_sum += (w_c * torch.where(ok, lse.square(), 0.0)).sum()
                 correct += (ok & (arg == y)).sum()
-                if not need_grad:
-                    continue
-                _ce_grad_kernel[(rows,)](logits, y, lse.contiguous(), w_c, logits.stride(0), v_local, vocab_start,
-                                         2.0 * z_loss, BLOCK_V=block_v)
-                if dh is not None:
-                    torch.mm(logits, wc, out=dh[start:end])
-                if dw is not None:  # fp32 accumulation over chunks (bf16 products, as the unfused linear's)
-                    if cdt == torch.float32:
-                        dw.addmm_(logits.t(), h_c)
-                    else:
-                        dw += (logits.t() @ h_c).float()
-                if db is not None:
-                    db += logits.sum(0, dtype=torch.float32)
+                if any(wants):
+                    _chunk_grads(logits, y, lse, w_c, h_c, wc, grads, rows, vocab_start, z_loss, block_v)
             weighted = nll_sum + z_loss * z_sum
+        dh = grads[0]
         if dh is not None and group is not None and tp > 1 and reduce_input_grad:
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
-        ctx.save_for_backward(dh, dw, db)
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(nll_sum, z_sum, correct)
         return weighted, nll_sum, z_sum, correct
