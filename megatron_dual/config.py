@@ -146,9 +146,9 @@ class OptimizerConfig:
         from megatron_dual.optim.muon import LR_ADJUSTMENTS, OPTIMIZERS
 
         _check(self.name in OPTIMIZERS, "optimizer.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
-        _check(self.lr > 0, "optimizer.lr", self.lr, "must be positive")
-        _check(self.adamw_lr is None or self.adamw_lr > 0, "optimizer.adamw_lr", self.adamw_lr,
-               "must be positive or null")
+        _check(math.isfinite(self.lr) and self.lr > 0, "optimizer.lr", self.lr, "must be a positive finite number")
+        _check(self.adamw_lr is None or (math.isfinite(self.adamw_lr) and self.adamw_lr > 0), "optimizer.adamw_lr",
+               self.adamw_lr, "must be a positive finite number or null")
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
         _check(all(0 <= b < 1 for b in self.betas), "optimizer.betas", list(self.betas), "each in [0, 1)")
         _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
@@ -248,12 +248,15 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     bucket_mb: float = 25.0  # gradient all-reduce bucket size
     distributed_muon: bool = True  # orthogonalise each matrix once on an owner rank, then broadcast
+    timeout: float = 600.0  # seconds a rank waits in a collective (or for its peers to join) before it gives up
 
     def validate(self, model: ModelConfig, optimizer_name: str) -> None:
         """The fields, and ``tp`` against the (validated) model's shapes; the world size is checked at launch."""
         _check(self.tp >= 1, "parallel.tp", self.tp, "must be >= 1")
         _check(self.backend in DIST_BACKENDS, "parallel.backend", self.backend, f"one of {', '.join(DIST_BACKENDS)}")
         _check(self.bucket_mb > 0, "parallel.bucket_mb", self.bucket_mb, "must be positive")
+        _check(math.isfinite(self.timeout) and self.timeout > 0, "parallel.timeout", self.timeout,
+               "must be a positive number of seconds")
         _check(self.tp == 1 or self.distributed_muon or optimizer_name != "muon", "parallel.distributed_muon",
                self.distributed_muon, "must be true with parallel.tp > 1 (Muon must orthogonalise whole matrices, "
                "not TP shards)")
@@ -272,7 +275,8 @@ class CheckpointConfig:
     dir: str = ""  # default: <output_dir>/checkpoints
     interval: int = 500
     keep_last: int = 3  # 0 keeps all
-    resume: str = "auto"  # auto | none | path to a checkpoint
+    # auto | none | restart (move the old run aside to <output_dir>/previous/<time>/, then start afresh) | a path
+    resume: str = "auto"
 
     def validate(self) -> None:
         _check(self.interval >= 0, "checkpoint.interval", self.interval, "must be >= 0 (0: only at the end)")

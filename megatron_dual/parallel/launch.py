@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dual.config import Config, ConfigError
+from megatron_dual.parallel import watchdog
 from megatron_dual.parallel.state import ParallelState, dist_env
 
 __all__ = ["resolve_device", "init_distributed", "setup_parallel"]
@@ -40,7 +41,9 @@ def init_distributed(cfg: Config) -> tuple[int, int, int]:
     os.environ.setdefault("MASTER_PORT", "29500")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    watchdog.phase(f"process group creation (waiting for all {world} ranks to join {os.environ['MASTER_ADDR']}:"
+                   f"{os.environ['MASTER_PORT']})")
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=watchdog.timeout_delta(cfg.parallel.timeout))
     return rank, local_rank, world
 
 
@@ -48,5 +51,7 @@ def setup_parallel(cfg: Config) -> tuple[ParallelState, torch.device]:
     """Process group, this rank's device and the job's layout (TP x DP groups, objective schedule)."""
     rank, local_rank, world = init_distributed(cfg)
     device = resolve_device(cfg.train.device, local_rank)
-    par = ParallelState(world, rank, cfg.parallel.tp, cfg.objective.alpha, cfg.train.grad_accum, cfg.objective.rotate)
+    watchdog.phase("creation of the tensor- and data-parallel groups")
+    par = ParallelState(world, rank, cfg.parallel.tp, cfg.objective.alpha, cfg.train.grad_accum, cfg.objective.rotate,
+                        timeout=cfg.parallel.timeout)
     return par, device

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from fractions import Fraction
 from typing import Any
 
@@ -137,7 +138,8 @@ class ParallelState:
     """
 
     def __init__(self, world_size: int = 1, rank: int = 0, tp: int = 1, alpha: float = 1.0, slots: int = 1,
-                 rotate: bool = True, create_groups: bool | None = None) -> None:
+                 rotate: bool = True, create_groups: bool | None = None, timeout: float | None = None) -> None:
+        self.timeout = None if timeout is None else timedelta(seconds=timeout)  # of the groups created here
         self.layout = rank_layout(world_size, tp)
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside the world of {world_size} ranks")
@@ -163,11 +165,11 @@ class ParallelState:
                               f"{dist.get_world_size()} ranks")
         # new_group is collective over the world: every rank creates every group, in the same order.
         for ranks in self.layout.tp_groups:
-            g = dist.new_group(list(ranks))
+            g = dist.new_group(list(ranks), timeout=self.timeout)
             if self.rank in ranks:
                 self.tp_group = g
         for ranks in self.layout.dp_groups:
-            g = dist.new_group(list(ranks))
+            g = dist.new_group(list(ranks), timeout=self.timeout)
             if self.rank in ranks:
                 self.dp_group = g
 
