@@ -9,14 +9,17 @@ Layout under a checkpoint root (default ``<output_dir>/checkpoints``)::
         meta.json           step, trainer state (data position), config, tensor shapes; written last
     latest                  the name of the newest complete checkpoint
 
-A checkpoint is written into ``.tmp_step_...`` and renamed into place only once ``meta.json`` is on disk, so a
-directory named ``step_*`` with a ``meta.json`` is always complete; a killed save leaves at most a ``.tmp_*``
-directory, removed by the next save. Every file loads with ``torch.load(weights_only=True)`` or safetensors: no pickle
+A checkpoint is written into ``.tmp_step_...``, every file fsynced, and renamed into place only once ``meta.json`` is
+on disk, so a directory named ``step_*`` with a ``meta.json`` is always complete; a killed save leaves at most a
+``.tmp_*`` directory, removed by the next save. Nothing complete is ever deleted in place: a directory that is
+replaced or pruned is first renamed aside (``.trash_*``, removed by the next save), so a half-deleted directory never
+carries a ``step_*`` name. Every file loads with ``torch.load(weights_only=True)`` or safetensors: no pickle
 of arbitrary objects.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -32,10 +35,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megatron_dual.config import resolve_model_dict
+from megatron_dual.parallel import watchdog
 
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointCorruptError",
     "FORMAT",
     "capture_rng_state",
     "restore_rng_state",
@@ -51,6 +56,8 @@ __all__ = [
     "restore_optimizers",
     "read_rng_state",
     "load_state_checked",
+    "remove_checkpoint",
+    "clean_stale",
 ]
 
 FORMAT = "megatron-dual-checkpoint/1"
@@ -68,6 +75,11 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint holds another model (different tensor names or shapes); the message names the tensor."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A file of a checkpoint is missing, truncated or unreadable (a damaged copy, not another model or dataset):
+    ``resume=auto`` falls back to the previous complete checkpoint."""
 
 
 def step_dir_name(step: int) -> str:
@@ -116,6 +128,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: Path, e: BaseException) -> CheckpointError:
+    """A one-line error for a failed write of checkpoint file ``path`` (disk full, read-only, I/O error)."""
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+    hint = ("free space on that filesystem (or point checkpoint.dir elsewhere)" if isinstance(e, OSError) and
+            e.errno == errno.ENOSPC else "check free space and permissions of checkpoint.dir")
+    return CheckpointError(f"cannot write checkpoint file {path}: {cause}; {hint} and rerun: earlier checkpoints are "
+                           f"intact and the run resumes from the last complete one")
+
+
+def _writing(path: Path, write: Any) -> None:
+    """``write(path)`` then fsync the file; failures as one-line CheckpointErrors naming the file."""
+    try:
+        write(path)
+        _fsync_file(path)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise _write_error(path, e) from e
+
+
 def _write_atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -151,26 +189,32 @@ def save_checkpoint(
     tp, tp_rank = (parallel.tp_size, parallel.tp_rank) if parallel is not None else (1, 0)
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}"
+    watchdog.phase(f"checkpoint barrier (saving {final.name})")
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_*"):  # left by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        clean_stale(root)
         tmp.mkdir()
     _collective(world, lambda: None)
-    shapes = _collective(world, lambda: _write_shard(tmp, step, model, engine_state, tp_rank, tp)
-                         if dp_rank == 0 else None, f"a tensor-parallel rank failed to write its shard of {final}")
+    try:
+        shapes = _collective(world, lambda: _write_shard(tmp, step, model, engine_state, tp_rank, tp)
+                             if dp_rank == 0 else None, f"a tensor-parallel rank failed to write its shard of {final}")
+    except BaseException:
+        if rank == 0:  # a failed write (a full disk) leaves nothing behind; earlier checkpoints are untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
         try:
             meta = {"format": FORMAT, "step": int(step), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "torch": torch.__version__, "trainer_state": dict(trainer_state), "config": dict(config),
                     "tensors": _full_shapes(shapes, config, tp), "extra": dict(extra or {})}
-            torch.save(capture_rng_state(), tmp / RNG)
+            rng = capture_rng_state()
+            _writing(tmp / RNG, lambda p: torch.save(rng, p))
             if tp > 1:
                 from megatron_dual.parallel import resharding as rs
 
                 meta["tensor_parallel"] = {"tp": tp}
                 layout = rs.layout_manifest(meta["tensors"], _model_cfg(config), tp)
-                _write_atomic_text(tmp / rs.LAYOUT, json.dumps(layout, indent=1))
+                _writing(tmp / rs.LAYOUT, lambda p: _write_atomic_text(p, json.dumps(layout, indent=1)))
             _commit(tmp, final, meta, keep_last)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -204,8 +248,8 @@ def _write_shard(tmp: Path, step: int, model: torch.nn.Module, engine_state: Map
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "step": str(step)} | ({"tp": f"{tp_rank}/{tp}"} if tp > 1 else {})
-    save_file(state, str(tmp / rs.model_file(tp_rank, tp)), metadata=metadata)
-    torch.save(dict(engine_state), tmp / rs.optim_file(tp_rank, tp))
+    _writing(tmp / rs.model_file(tp_rank, tp), lambda p: save_file(state, str(p), metadata=metadata))
+    _writing(tmp / rs.optim_file(tp_rank, tp), lambda p: torch.save(dict(engine_state), p))
     return {k: list(v.shape) for k, v in state.items()}
 
 
@@ -220,19 +264,51 @@ def _full_shapes(local: dict[str, list[int]] | None, config: Mapping[str, Any], 
 
 
 def _commit(tmp: Path, final: Path, meta: Mapping[str, Any], keep_last: int) -> None:
-    """Write ``meta.json`` last, rename ``tmp`` to ``final``, point ``latest`` at it, prune to ``keep_last``."""
-    _write_atomic_text(tmp / META, json.dumps(meta, indent=1))
+    """Fsync every file, write ``meta.json`` last, rename ``tmp`` to ``final`` (an existing ``final`` is renamed aside
+    first and deleted only once the new one is in place), point ``latest`` at it, prune to ``keep_last``."""
+    for f in sorted(tmp.iterdir()):  # the shards were fsynced by their writers; this covers shared filesystems too
+        if f.is_file():
+            _writing(f, lambda p: None)
+    _writing(tmp / META, lambda p: _write_atomic_text(p, json.dumps(meta, indent=1)))
     _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. the divergence guard after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     root = final.parent
+    aside = _rename_aside(final) if final.exists() else None
+    os.replace(tmp, final)
     _fsync_dir(root)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     _write_atomic_text(root / LATEST, final.name + "\n")
     if keep_last > 0:
         for old in list_checkpoints(root)[:-keep_last]:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
+
+
+def _rename_aside(path: Path) -> Path:
+    aside = path.with_name(f".trash_{path.name}_{os.getpid()}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(path, aside)
+    _fsync_dir(path.parent)
+    return aside
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint directory without ever leaving a half-deleted ``step_*``: rename aside, then delete."""
+    shutil.rmtree(_rename_aside(Path(path)), ignore_errors=True)
+
+
+def clean_stale(root: str | Path) -> list[Path]:
+    """Remove what killed saves leave under ``root`` (``.tmp_*`` directories, ``.trash_*`` directories being
+    deleted, ``.latest.tmp*`` files); the paths removed."""
+    root = Path(root)
+    stale = [*root.glob(".tmp_*"), *root.glob(".trash_*"), *root.glob(f".{LATEST}.tmp*")]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 # --------------------------------------------------------------------------------------------------------------- find
@@ -272,10 +348,10 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def resolve_resume(resume: str, root: str | Path) -> Path | None:
-    """``none``/empty -> None; ``auto`` -> the latest complete checkpoint under ``root`` or None; a path -> that
-    checkpoint (or the latest one inside it), CheckpointError when there is none."""
+    """``none``/``restart``/empty -> None; ``auto`` -> the latest complete checkpoint under ``root`` or None; a path
+    -> that checkpoint (or the latest one inside it), CheckpointError when there is none."""
     resume = (resume or "none").strip()
-    if resume.lower() == "none":
+    if resume.lower() in ("none", "restart"):
         return None
     if resume.lower() == "auto":
         return find_latest_checkpoint(root)
@@ -300,7 +376,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path} is corrupt: {e}") from e
+        raise CheckpointCorruptError(f"{meta_path} is corrupt: {e}") from e
     if not isinstance(meta, dict) or "step" not in meta:
         raise CheckpointError(f"{meta_path} is not a megatron-dual checkpoint (no 'step' field)")
     return meta
@@ -325,11 +401,11 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, strict: bool = 
     path = Path(path)
     weights = path / WEIGHTS
     if not weights.is_file():
-        raise CheckpointError(f"{weights} does not exist")
+        raise CheckpointCorruptError(f"{weights} does not exist")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights} is corrupt or truncated: {e}") from e
+        raise CheckpointCorruptError(f"{weights} is corrupt or truncated: {e}") from e
     saved_cfg = None
     if (path / META).is_file():
         saved_cfg = (read_meta(path).get("config") or {}).get("model")
@@ -417,9 +493,9 @@ def read_engine_state(path: str | Path, parallel: Any = None) -> tuple[dict[str,
     try:
         return torch.load(optim_file, map_location="cpu", weights_only=True), optim_file
     except FileNotFoundError as e:
-        raise CheckpointError(f"{optim_file} does not exist: cannot restore optimizer state") from e
+        raise CheckpointCorruptError(f"{optim_file} does not exist: cannot restore optimizer state") from e
     except Exception as e:  # torch raises several types for truncated zip archives
-        raise CheckpointError(f"{optim_file} is corrupt or truncated: {e}") from e
+        raise CheckpointCorruptError(f"{optim_file} is corrupt or truncated: {e}") from e
 
 
 def restore_optimizers(state: Mapping[str, Any], optimizers: Mapping[str, torch.optim.Optimizer],
@@ -446,7 +522,7 @@ def read_rng_state(path: str | Path) -> dict[str, Any] | None:
     try:
         return torch.load(rng_file, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{rng_file} is corrupt or truncated: {e}") from e
+        raise CheckpointCorruptError(f"{rng_file} is corrupt or truncated: {e}") from e
 
 
 def load_checkpoint(
