@@ -13,22 +13,27 @@ whatever the number of data-parallel ranks.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from megatron_dual.config import Config, ConfigError
-from megatron_dual.data.indexed import IndexedDataset
+from megatron_dual.config import Config, ConfigError, DataConfig
+from megatron_dual.data.indexed import IndexedDataset, data_file_path, index_file_path
 from megatron_dual.data.loader import DataPathError, DataPlan, build_datasets, parse_data_path
 from megatron_dual.data.sampler import ResumableSampler
+from megatron_dual.data.tokenizer import load_tokenizer
 from megatron_dual.objectives import OBJECTIVES, ObjectiveBatch, ObjectiveBatcher, ObjectiveSchedule
 
 __all__ = ["SampleSource", "DataBundle", "build_data", "collate", "StepBatches", "TrainDataLoader",
-           "validation_batches"]
+           "validation_batches", "token_id_range"]
 
 
 class SampleSource(Protocol):
@@ -58,13 +63,69 @@ def _run_tokens(cfg: Config, dp_size: int) -> int:
     return cfg.data.budget_tokens or run_tokens
 
 
-def _check_vocab(cfg: Config, prefixes: list[str]) -> None:
-    for prefix in prefixes[:4]:
-        indexed = IndexedDataset(prefix)
-        max_id = int(max(indexed.get(i).max(initial=0) for i in range(min(len(indexed), 64))))
-        if max_id >= cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} but {prefix} holds token id {max_id}: "
-                              f"set model.vocab_size to the tokenizer's vocabulary size")
+MAX_ID_CHUNK = 1 << 24  # tokens per chunk of the vectorised max over a .bin
+
+
+def _file_key(prefix: str) -> str:
+    """What identifies a .bin/.idx pair's contents cheaply: real paths, sizes and modification times."""
+    parts = []
+    for path in (index_file_path(prefix), data_file_path(prefix)):
+        st = os.stat(path)
+        parts.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def token_id_range(prefix: str, cache_dir: str | None = None) -> tuple[int, int]:
+    """(smallest, largest) token id in the whole ``.bin`` of ``prefix``: a chunked numpy min/max over the memory
+    map (no Python loop over sequences), cached in ``cache_dir`` by the files' identity (path, size, mtime)."""
+    cache = Path(cache_dir) / f"token_range_{_file_key(prefix)}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            lo, hi = json.loads(cache.read_text())["range"]
+            return int(lo), int(hi)
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry: recompute
+    indexed = IndexedDataset(prefix)
+    tokens = np.memmap(data_file_path(prefix), mode="r", dtype=indexed.dtype) if indexed.num_tokens else None
+    lo, hi = 0, 0
+    for start in range(0, indexed.num_tokens, MAX_ID_CHUNK):
+        chunk = tokens[start : start + MAX_ID_CHUNK]
+        lo, hi = min(lo, int(chunk.min())), max(hi, int(chunk.max()))
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"prefix": prefix, "range": [lo, hi]}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # an unwritable cache directory only costs the next start-up another pass
+    return lo, hi
+
+
+def _check_vocab(cfg: Config, prefixes: list[str], cache_dir: str | None = None) -> None:
+    """Every token id of every dataset is in ``[0, model.vocab_size)``: checked over the whole files at start-up
+    (cached), so an out-of-range id cannot end the run mid-way with an IndexError or a device assert."""
+    for prefix in prefixes:
+        lo, hi = token_id_range(prefix, cache_dir)
+        if hi >= cfg.model.vocab_size or lo < 0:
+            bad = hi if hi >= cfg.model.vocab_size else lo
+            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} but {prefix} holds token id {bad}: "
+                              f"set model.vocab_size to the tokenizer's vocabulary size (at least {hi + 1}) or "
+                              f"re-tokenise the data with the model's tokenizer")
+
+
+def _check_tokenizer(cfg: Config) -> None:
+    """When ``data.tokenizer`` names a tokenizer (not the default placeholder), its vocabulary must fit the model."""
+    spec = cfg.data.tokenizer
+    if not spec or spec == DataConfig.tokenizer:
+        return
+    try:
+        tok = load_tokenizer(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer = {spec!r}: {e}") from e
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer = {spec!r} has {tok.vocab_size} tokens but model.vocab_size = "
+                          f"{cfg.model.vocab_size}: set model.vocab_size to at least {tok.vocab_size}")
 
 
 def build_data(cfg: Config, dp_size: int = 1) -> DataBundle:
@@ -88,7 +149,8 @@ def build_data(cfg: Config, dp_size: int = 1) -> DataBundle:
     if len(train) == 0:
         raise ConfigError(f"data.path = {d.path!r}: too few training tokens for one sample of data.seq_len + 1 = "
                           f"{d.seq_len + 1} tokens")
-    _check_vocab(cfg, [prefix for _, prefix in entries])
+    _check_tokenizer(cfg)
+    _check_vocab(cfg, [prefix for _, prefix in entries], cache_dir)
     return DataBundle(train, valid if valid is not None and len(valid) else None, fingerprint, plan)
 
 
@@ -107,6 +169,7 @@ class StepBatches:
     step: int
     batches: list[ObjectiveBatch]
     flops: float = 0.0  # training FLOPs the slots execute (when the loader was given a cost function)
+    start: int = 0  # the loader's consumed samples before this step (where rewind() goes back to)
 
     def local_tokens(self) -> list[int]:
         """This rank's normaliser contribution per objective, in the order of ``OBJECTIVES``."""
@@ -172,7 +235,13 @@ class TrainDataLoader:
             nxt = start + self.samples_per_step
             self._pending = (step + 1, nxt, self._pool.submit(self._prepare, step + 1, nxt))
         batches, flops = host
-        return StepBatches(step, [b.to(self.device, non_blocking=self.prefetch) for b in batches], flops)
+        return StepBatches(step, [b.to(self.device, non_blocking=self.prefetch) for b in batches], flops, start)
+
+    def rewind(self, start: int) -> None:
+        """Go back to position ``start`` (a step's ``StepBatches.start``), as if that step's samples were never
+        handed out (the divergence guard saves the state before the failed step)."""
+        self._take_pending(-1, -1)
+        self.sampler.consumed_samples = int(start)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
