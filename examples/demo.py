@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         overrides.append(f"train.steps={args.steps}")  # the preset's decay is a quarter of whatever steps
     if args.fresh:
-        overrides.append("checkpoint.resume=none")
+        overrides.append("checkpoint.resume=restart")
     cfg = load_config(preset="tiny", overrides=overrides)
     summary = Trainer(cfg).fit()
 

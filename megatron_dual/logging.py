@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -53,35 +54,63 @@ class JSONLSink:
 
     A fresh run (``resume_step == 0``) starts the file anew; a resumed run keeps the records up to ``resume_step``
     and drops later ones (they belong to the steps that are about to be redone), so the file always reads as one
-    uninterrupted run.
+    uninterrupted run. That rewrite is atomic (a temporary file, fsynced, renamed over the old one) and then
+    appended to, so a kill at any point leaves either the old file or the new one. A failed write (a full disk)
+    raises an OSError naming the file.
     """
 
     def __init__(self, path: str | Path, resume_step: int = 0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept: list[str] = []
-        if resume_step > 0 and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by the kill
-                if isinstance(rec, dict) and int(rec.get("step", 0)) <= resume_step:
-                    kept.append(line)
-        self._file: TextIO = open(self.path, "w")
-        for line in kept:
-            self._file.write(line + "\n")
-        self._file.flush()
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp*"):  # left by a rewrite that was killed
+            stale.unlink(missing_ok=True)
+        mode = "w"
+        if resume_step > 0 and self.path.is_file():
+            self._rewrite(self._kept(resume_step))
+            mode = "a"
+        try:
+            self._file: TextIO = open(self.path, mode)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
+
+    def _kept(self, resume_step: int) -> list[str]:
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if isinstance(rec, dict) and int(rec.get("step", 0)) <= resume_step:
+                kept.append(line)
+        return kept
+
+    def _rewrite(self, lines: list[str]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "w") as f:
+                f.writelines(line + "\n" for line in lines)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         rec = {"step": int(step), "time": round(time.time(), 3)}
         rec.update({k: _jsonable(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the write that failed was reported by log()
 
 
 class WandbSink:

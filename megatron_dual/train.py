@@ -1,12 +1,15 @@
 """Entry point of training: ``python -m megatron_dual.train`` and ``megatron-dual train`` (the same function).
 
 The loop itself is :class:`megatron_dual.trainer.Trainer`; this module only turns arguments into a config, runs it
-and turns ordinary failures (bad config, unusable checkpoint, divergence, missing file) into one-line errors.
+and turns ordinary failures (bad config, unusable checkpoint, divergence, missing file, full or read-only disk, a
+stalled or dead peer rank, a second Ctrl-C) into one-line errors. A run stopped by SIGTERM, SIGUSR1 or a first
+Ctrl-C saves a checkpoint and exits 0 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -16,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_dual.config import PRESETS, Config, ConfigError, load_config
 from megatron_dual.engine.checkpoint import CheckpointError
+from megatron_dual.parallel import watchdog
 from megatron_dual.parallel.state import dist_env
 from megatron_dual.trainer import Trainer, TrainingDivergedError
 
@@ -32,7 +36,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help=", ".join(PRESETS))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set model.n_layers=4 (repeatable)")
-    p.add_argument("--resume", help="auto | none | a checkpoint path (shortcut for --set checkpoint.resume=...)")
+    p.add_argument("--resume", help="auto | none | restart (move the old run aside, start afresh) | a checkpoint path "
+                                    "(shortcut for --set checkpoint.resume=...)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -43,17 +48,55 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides, preset=args.preset)
 
 
+ORDINARY = (ConfigError, CheckpointError, TrainingDivergedError, FileNotFoundError, ValueError,
+            watchdog.StalledRankError)
+RESUMES = "the run resumes from its last complete checkpoint"
+
+
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return (f"{where}no space left on device: free space (or point output_dir, checkpoint.dir or "
+                f"logging.metrics_file elsewhere) and rerun; {RESUMES}")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}not writable ({e.strerror}): point output_dir or the file's field at a writable place"
+    return f"{where}{e.strerror or e}; rerun once it is fixed: {RESUMES}"
+
+
+def _one_line(e: BaseException, timeout_s: float | None) -> str | None:
+    """The one-line message of an ordinary failure; None for a bug (which keeps its traceback)."""
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted by a second Ctrl-C: the current step was not saved; rerun the same command: {RESUMES}"
+    if isinstance(e, ORDINARY):
+        return str(e)
+    if isinstance(e, OSError):
+        return _os_error(e)
+    rank, _, world = dist_env()
+    stalled = watchdog.as_stalled(e, rank, world, timeout_s)
+    return None if stalled is None else str(stalled)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train from parsed arguments; 0 on success, 2 with a one-line ``error:`` on an ordinary failure."""
+    """Train from parsed arguments; 0 on success or after a requested stop (one line), 2 with a one-line ``error:``
+    on an ordinary failure, 130 after a second Ctrl-C."""
+    cfg = None
     try:
-        summary = train(config_from_args(args), quiet=args.quiet)
+        cfg = config_from_args(args)
+        summary = train(cfg, quiet=args.quiet)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    except (ConfigError, CheckpointError, TrainingDivergedError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        line = _one_line(e, cfg.parallel.timeout if cfg is not None else None)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 2
     if dist_env()[0] == 0:
-        print(json.dumps(summary, indent=2))
+        if summary.get("stopped"):
+            print(f"stopped by {summary['stopped']} after step {summary['steps']}: checkpoint "
+                  f"{summary.get('checkpoint')}; rerun the same command to continue")
+        else:
+            print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -12,15 +12,19 @@ plots, the summary) hangs on the loop as callbacks (:mod:`megatron_dual.callback
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 
+from megatron_dual import run_dir
 from megatron_dual.callbacks import Callback, default_callbacks
+from megatron_dual.callbacks.monitoring import metrics_path
 from megatron_dual.config import Config
 from megatron_dual.data.dataloader import StepBatches, TrainDataLoader, build_data
 from megatron_dual.engine import checkpoint as ckpt
@@ -30,6 +34,7 @@ from megatron_dual.model.flops import objective_batch_flops, peak_flops
 from megatron_dual.model.loss import LossSums, labelled_loss
 from megatron_dual.model.transformer import DualTransformer
 from megatron_dual.objectives import OBJECTIVES, ObjectiveBatch, ObjectiveBatcher, loss_coefficients
+from megatron_dual.parallel import watchdog
 from megatron_dual.parallel.launch import setup_parallel
 from megatron_dual.parallel.state import ParallelState
 
@@ -86,6 +91,7 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out / "checkpoints"
         self.par, self.device = setup_parallel(cfg)
         self.is_main = self.par.rank == 0
+        self._check_outputs()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.data = build_data(cfg, self.par.dp_size)
@@ -104,6 +110,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from: Path | None = None
+        self.last_checkpoint: Path | None = None  # the checkpoint of step ``saved_step``, written or resumed from
+        self.saved_step: int | None = None
+        self.stop_reason: str | None = None  # set by request_stop(); the loop ends after the current step
+        self._restarted = False
         # tokens of one optimizer step over the whole job (all data-parallel ranks)
         self.tokens_per_step = self.loader.samples_per_step * cfg.data.seq_len
         self.callbacks = sorted([*default_callbacks(cfg, self.is_main, quiet), *callbacks],
@@ -127,15 +137,50 @@ class Trainer:
 
     def save(self) -> Path:
         """A checkpoint of the current step (collective over all ranks)."""
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.engine.state_dict(),
+        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.engine.state_dict(),
                                     self.state_dict(), self.cfg.to_dict(), parallel=self.par,
                                     keep_last=self.cfg.checkpoint.keep_last, extra={"layout": self.par.describe()})
+        self.saved_step, self.last_checkpoint = self.step, path
+        return path
 
     def maybe_resume(self) -> Path | None:
-        """Restore model, engine, loop and RNG state from ``checkpoint.resume``; the checkpoint used, or None."""
+        """Restore model, engine, loop and RNG state from ``checkpoint.resume``; the checkpoint used, or None. With
+        ``auto``, a newest checkpoint whose files are damaged is skipped for the previous complete one (said in one
+        line); all ranks agree on the checkpoint they resume from."""
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
         if path is None:
             return None
+        auto = self.cfg.checkpoint.resume.strip().lower() == "auto"
+        older = [p for p in ckpt.list_checkpoints(path.parent) if p.name < path.name][::-1] if auto else []
+        for candidate, fallback in zip([path, *older], [*older, None], strict=True):
+            error = self._agree(candidate, self._try_load(candidate))
+            if error is None:
+                self.resumed_from = self.last_checkpoint = candidate
+                self.saved_step = self.step
+                return candidate
+            if fallback is None:
+                raise error
+            self._say(f"warning: {error}; resuming from the previous complete checkpoint {fallback} instead")
+        return None
+
+    def _try_load(self, path: Path) -> ckpt.CheckpointCorruptError | None:
+        try:
+            self._load(path)
+        except ckpt.CheckpointCorruptError as e:
+            return e
+        return None
+
+    def _agree(self, path: Path, error: ckpt.CheckpointCorruptError | None) -> ckpt.CheckpointCorruptError | None:
+        """With several ranks: a checkpoint unusable on any rank is unusable on all (they must resume together)."""
+        if self.par.world_size > 1:
+            watchdog.phase(f"resume agreement on {path.name}")
+            flag = torch.tensor([0.0 if error is None else 1.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and error is None:
+                error = ckpt.CheckpointCorruptError(f"{path} is unusable on another rank")
+        return error
+
+    def _load(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
         ckpt.load_model_state(path, self.model, self.par, model_config=self.cfg.to_dict()["model"])
         state, source = ckpt.read_engine_state(path, self.par)
@@ -146,11 +191,9 @@ class Trainer:
             raise ckpt.CheckpointError(f"cannot resume from {path}: {e}") from e
         rng = ckpt.read_rng_state(path)
         if rng is None:
-            raise ckpt.CheckpointError(f"{path} has no rng.pt: resuming would not be exact; pass --resume none to "
-                                       f"start afresh or restore the file")
+            raise ckpt.CheckpointCorruptError(f"{path} has no rng.pt: resuming would not be exact; restore the file "
+                                              f"or start afresh with --resume restart")
         ckpt.restore_rng_state(rng)
-        self.resumed_from = path
-        return path
 
     # ------------------------------------------------------------------------------------------------ steps
     def forward_loss(self, batch: ObjectiveBatch) -> LossSums:
@@ -161,24 +204,30 @@ class Trainer:
 
     def train_step(self, step_batches: StepBatches) -> dict[str, float]:
         """One optimizer step over this rank's slots of the global batch; the step's metrics."""
+        watchdog.phase("token counts all-reduce")
         counts = torch.tensor(step_batches.local_tokens(), dtype=torch.float64, device=self.device)
         counts = [int(c) for c in self.par.all_reduce_dp(counts).tolist()]  # each objective's tokens in the job
         coef = loss_coefficients(float(self.schedule.alpha), *counts)
         self.engine.zero_grad()
         totals = StepTotals(self.device)
+        watchdog.phase("forward/backward (tensor-parallel collectives, gradient bucket all-reduces)")
         for i, b in enumerate(step_batches.batches):
             with self.engine.autocast():
                 sums = self.forward_loss(b)
             loss = sums.weighted * coef[b.objective]
             self.engine.backward(loss, last=i == len(step_batches.batches) - 1)
             totals.add(b.objective, sums, loss)
+        watchdog.phase("gradient all-reduce")
         self.engine.reduce_gradients()
+        watchdog.phase("loss sums all-reduce")
         local, summed, step_loss = totals.reduce(self.par)
-        self._check_loss(local, step_loss)
+        self._check_loss(local, step_loss, step_batches.start)
+        watchdog.phase("gradient-norm all-reduce")
         grad_norm = self.engine.clip_grad_norm(self.cfg.optimizer.grad_clip).item()
         if not math.isfinite(grad_norm):
-            self._diverged(f"gradient norm is {grad_norm}")
+            self._diverged(f"gradient norm is {grad_norm}", step_batches.start)
         lr = self.engine.lr
+        watchdog.phase("optimizer step (distributed Muon broadcasts)")
         self.engine.step()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -196,35 +245,89 @@ class Trainer:
             metrics[f"{obj}_labelled"] = int(labelled)
         return metrics
 
-    def _check_loss(self, local: list[list[float]], step_loss: float) -> None:
+    def _check_loss(self, local: list[list[float]], step_loss: float, start: int) -> None:
         if math.isfinite(step_loss):
             return
         bad = [f"{obj.upper()} loss is {row[4]}" for obj, row in zip(OBJECTIVES, local, strict=True)
                if not math.isfinite(row[4])]
-        self._diverged(bad[0] if bad else "a loss on another data-parallel rank is not finite")
+        self._diverged(bad[0] if bad else "a loss on another data-parallel rank is not finite", start)
 
-    def _diverged(self, what: str) -> None:
-        # Nothing of this step was applied yet: the parameters are those after step self.step, so save them
-        # unless they are themselves non-finite, in which case the last saved checkpoint is the last good state.
-        if all(torch.isfinite(p).all() for p in self.model.parameters()):
-            path: Path | None = self.save()
+    def _diverged(self, what: str, start: int) -> None:
+        """Nothing of the failed step was applied yet: the parameters are those after step ``self.step`` and the
+        loader goes back to ``start``, so the state saved is exactly the one before the failed step. A checkpoint
+        of this step that this run wrote or resumed from is pointed to, never replaced; non-finite parameters leave
+        the newest checkpoint as the last good state."""
+        self.loader.rewind(start)
+        if self.saved_step == self.step and self.last_checkpoint is not None:
+            path: Path | None = self.last_checkpoint
+        elif all(torch.isfinite(p).all() for p in self.model.parameters()):
+            path = self.save()
         else:
             path = ckpt.find_latest_checkpoint(self.ckpt_dir)
-        where = f"is saved in {path}" if path else "was never saved (no checkpoint exists)"
+        fix = "lower optimizer.lr or raise schedule.warmup_steps"
+        if path is None:
+            raise TrainingDivergedError(
+                f"training diverged at step {self.step + 1}: {what}. No good state was saved (no checkpoint exists "
+                f"and the parameters are not finite); {fix} and start afresh with --resume restart")
         raise TrainingDivergedError(
-            f"training diverged at step {self.step + 1}: {what}. The last good state {where}; lower optimizer.lr "
-            f"or raise schedule.warmup_steps and resume with --resume {path}")
+            f"training diverged at step {self.step + 1}: {what}. The last good state is saved in {path}; {fix} and "
+            f"resume from it with --resume {path}")
 
     # ------------------------------------------------------------------------------------------------ loop
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
 
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step (and save a checkpoint); safe from a signal handler."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now; with several ranks the request of any rank (one tiny all-reduce per step)."""
+        requested = self.stop_reason is not None
+        if self.par.world_size == 1:
+            return requested
+        watchdog.phase("stop-request all-reduce")
+        flag = torch.tensor([float(requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        agreed = bool(flag.item())
+        if agreed and self.stop_reason is None:
+            self.stop_reason = "a stop request on another rank"
+        return agreed
+
+    def _say(self, line: str) -> None:
+        """A one-line notice on rank 0 (also when quiet: it says something the user must know)."""
+        if self.is_main:
+            print(line, file=sys.stderr, flush=True)
+
+    def _check_outputs(self) -> None:
+        """Before any work: the places this rank writes to are writable, and a fresh start never lands on a run."""
+        c = self.cfg.checkpoint
+        if self.par.dp_rank == 0:
+            run_dir.check_writable(self.out, self.ckpt_dir, metrics_path(self) if self.is_main else None,
+                                   "checkpoint.dir" if c.dir else "output_dir")
+        if c.resume.strip().lower() == "none":
+            run_dir.refuse_fresh_start(self.out, ckpt.list_checkpoints(self.ckpt_dir))
+
+    def _restart(self) -> None:
+        """``checkpoint.resume=restart``: the old run's artefacts go to ``<output_dir>/previous/<time>/``."""
+        if self.is_main:
+            moved = run_dir.move_run_aside(self.out, self.ckpt_dir, metrics_path(self))
+            if moved is not None:
+                self._say(f"restart: the previous run was moved to {moved}")
+        if self.par.world_size > 1:
+            watchdog.phase("restart barrier")
+            dist.barrier()
+        self._restarted = True
+
     def _start(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if self.cfg.checkpoint.resume.strip().lower() == "restart" and not self._restarted:
+            self._restart()
         self.maybe_resume()
+        if self.is_main:  # after a successful resume: a refused one leaves the run's config.yaml as it was
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self._call("pre_train")
 
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
@@ -234,7 +337,7 @@ class Trainer:
             self._start()
             end = self.cfg.train.steps if max_steps is None else min(self.cfg.train.steps, self.step + max_steps)
             t_start, start_step = time.perf_counter(), self.step
-            while self.step < end:
+            while self.step < end and not self._stop_agreed():
                 self._call("pre_step", self.step + 1)
                 self.batches = self.loader.batches(self.step)
                 metrics = self.train_step(self.batches)
@@ -253,6 +356,9 @@ class Trainer:
 
     def _summary(self, wall: float, steps_run: int) -> dict[str, Any]:
         tokens_run = steps_run * self.tokens_per_step
-        return {"steps": self.step, "steps_this_run": steps_run, "wall_s": wall,
-                "tokens_per_s": tokens_run / wall if wall > 0 else 0.0, "tokens_seen": self.tokens_seen,
-                "alpha": str(self.schedule.alpha)}
+        summary = {"steps": self.step, "steps_this_run": steps_run, "wall_s": wall,
+                   "tokens_per_s": tokens_run / wall if wall > 0 else 0.0, "tokens_seen": self.tokens_seen,
+                   "alpha": str(self.schedule.alpha)}
+        if self.stop_reason is not None:
+            summary["stopped"] = self.stop_reason
+        return summary

@@ -1,4 +1,4 @@
-"""Periodic checkpoints, and the final one."""
+"""Periodic checkpoints, the final one, and the one of a run stopped by a signal."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ __all__ = ["Checkpointer"]
 
 
 class Checkpointer(Callback):
-    """Saves every ``checkpoint.interval`` steps (after the step's metrics are logged) and at the last step."""
+    """Saves every ``checkpoint.interval`` steps (after the step's metrics are logged), at the last step and when
+    the run was asked to stop (:meth:`Trainer.request_stop`), never twice for one step; the summary gets the path."""
 
     priority = -10
 
@@ -21,6 +22,7 @@ class Checkpointer(Callback):
 
     def post_train(self, summary: dict[str, Any]) -> None:
         tr = self.trainer
-        interval = tr.cfg.checkpoint.interval
-        if tr.step == tr.cfg.train.steps and (not interval or tr.step % interval):
+        if (tr.step == tr.cfg.train.steps or tr.stop_reason) and tr.saved_step != tr.step:
             tr.save()
+        if tr.last_checkpoint is not None:
+            summary["checkpoint"] = str(tr.last_checkpoint)

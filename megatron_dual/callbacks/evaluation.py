@@ -11,6 +11,7 @@ import torch
 from megatron_dual.callbacks.base import Callback
 from megatron_dual.data.dataloader import validation_batches
 from megatron_dual.objectives import OBJECTIVES, ObjectiveBatcher
+from megatron_dual.parallel import watchdog
 
 __all__ = ["VALID_SEED_OFFSET", "validation_losses", "Validation"]
 
@@ -26,6 +27,7 @@ def validation_losses(trainer: Any) -> dict[str, float]:
     if tr.data.valid is None:
         return {}
     cfg = tr.cfg
+    watchdog.phase("validation (forward and loss all-reduce)")
     tr.model.eval()
     batcher = ObjectiveBatcher(cfg.objective, cfg.train.seed + VALID_SEED_OFFSET)
     sums = torch.zeros(2 * len(OBJECTIVES), dtype=torch.float64, device=tr.device)  # nll, tokens per objective
