@@ -277,6 +277,9 @@ class CheckpointConfig:
     keep_last: int = 3  # 0 keeps all
     # auto | none | restart (move the old run aside to <output_dir>/previous/<time>/, then start afresh) | a path
     resume: str = "auto"
+    # a fresh run (nothing to resume) starts from these weights: a checkpoint of ours, or one imported with
+    # tools/convert_checkpoint.py --from hf | --from ltg; optimizer, schedule and data start anew
+    init_from: str = ""
 
     def validate(self) -> None:
         _check(self.interval >= 0, "checkpoint.interval", self.interval, "must be >= 0 (0: only at the end)")

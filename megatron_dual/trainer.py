@@ -325,10 +325,19 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.checkpoint.resume.strip().lower() == "restart" and not self._restarted:
             self._restart()
-        self.maybe_resume()
+        if self.maybe_resume() is None and self.cfg.checkpoint.init_from:
+            self._init_weights(self.cfg.checkpoint.init_from)
         if self.is_main:  # after a successful resume: a refused one leaves the run's config.yaml as it was
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self._call("pre_train")
+
+    def _init_weights(self, where: str) -> None:
+        """Fine-tuning / continued pre-training: the model's weights (any TP size) from ``checkpoint.init_from``."""
+        path = ckpt.resolve_resume(where, Path(where), what="checkpoint.init_from =")
+        if path is None:
+            raise ckpt.CheckpointError(f"checkpoint.init_from = {where!r} names no checkpoint (give a path)")
+        ckpt.load_model_state(path, self.model, self.par, model_config=self.cfg.to_dict()["model"])
+        self._say(f"initialised the model from {path} (optimizer, schedule and data start anew)")
 
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train until ``train.steps`` (or ``max_steps`` more steps, for tests that simulate an interruption); the

@@ -238,3 +238,21 @@ def test_mfu_counts_the_flops_the_slots_execute(corpus, tmp_path, monkeypatch):
     assert tr.batches.flops == pytest.approx(expect) and expect > 0
     assert line["mfu"] == pytest.approx(expect / line["step_time"] / 1e12)
     assert line["mfu_ceiling"] == pytest.approx(2 * line["mfu"])
+
+
+def test_init_from_starts_a_fresh_run_from_trained_weights(corpus, tmp_path):
+    a = Trainer(_cfg(corpus, tmp_path / "a", "train.steps=2"), quiet=True)
+    a.fit()
+    trained = {n: p.detach().clone() for n, p in a.model.named_parameters()}
+    ckpt_dir = tmp_path / "a" / "checkpoints" / "step_00000002"
+    (ckpt_dir / "optim.pt").unlink()  # as an imported (HF / reference) checkpoint: weights only
+    b = Trainer(_cfg(corpus, tmp_path / "b", "train.steps=1", f"checkpoint.init_from={tmp_path / 'a'}"), quiet=True)
+    b._start()
+    assert b.step == 0 and b.resumed_from is None
+    for n, p in b.model.named_parameters():
+        assert torch.equal(p, trained[n]), n
+    b.fit()  # trains on from there (fresh optimizer state and data order)
+    assert b.step == 1
+    bad = Trainer(_cfg(corpus, tmp_path / "c", f"checkpoint.init_from={tmp_path / 'nowhere'}"), quiet=True)
+    with pytest.raises(Exception, match=r"checkpoint.init_from = .*nowhere.* does not exist"):
+        bad.fit()

@@ -347,7 +347,7 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str, root: str | Path) -> Path | None:
+def resolve_resume(resume: str, root: str | Path, what: str = "--resume") -> Path | None:
     """``none``/``restart``/empty -> None; ``auto`` -> the latest complete checkpoint under ``root`` or None; a path
     -> that checkpoint (or the latest one inside it), CheckpointError when there is none."""
     resume = (resume or "none").strip()
@@ -363,9 +363,9 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
             latest = find_latest_checkpoint(where)
             if latest is not None:
                 return latest
-        raise CheckpointError(f"--resume {resume}: {path} holds no complete checkpoint (a step_* directory with "
+        raise CheckpointError(f"{what} {resume}: {path} holds no complete checkpoint (a step_* directory with "
                               f"{META})")
-    raise CheckpointError(f"--resume {resume}: {path} does not exist")
+    raise CheckpointError(f"{what} {resume}: {path} does not exist")
 
 
 # --------------------------------------------------------------------------------------------------------------- load
