@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate_demo_model(model, tok, run_dir: Path, limit: int = 100) -> None:
+def evaluate_demo_model(model: Any, tok: Any, run_dir: Path, limit: int = 100) -> None:
     """Two tasks, a sample of each, in the three modes (what `megatron-dual eval --limit` runs)."""
     from megatron_dual.eval import TASKS, EvalError, evaluate, format_table
 
