@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_dual.eval.metrics import TaskResult, average, task_result
-from megatron_dual.eval.scoring import MNTP_MASKS, MODES, Score, Scorer
+from megatron_dual.eval.scoring import MNTP_MASKS, MODES, Score, Scorer, default_batch_tokens
 from megatron_dual.eval.tasks import PAPER_TASKS, TASKS, EvalError, Example, TaskSpec, resolve_tasks
 
 __all__ = [
@@ -132,7 +132,7 @@ def evaluate(
     tasks: Sequence[TaskSpec],
     modes: Sequence[str],
     limit: int | None = None,
-    batch_tokens: int = 8192,
+    batch_tokens: int | None = None,
     mntp_mask: str = "rest",
     progress: bool = True,
 ) -> list[TaskResult]:
@@ -194,7 +194,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mode", default="all", help=f"{'|'.join(MODES)}|all, or a comma-separated list")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per task (evenly spaced)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per forward pass (default 2048 on CPU, 16384 on an accelerator)",
+    )
     p.add_argument(
         "--mntp-mask",
         default="rest",
@@ -213,7 +218,7 @@ def run_cli(args: argparse.Namespace) -> int:
     modes = resolve_modes(args.mode)
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit {args.limit} must be >= 1")
-    if args.batch_tokens < 1:
+    if args.batch_tokens is not None and args.batch_tokens < 1:
         raise EvalError(f"--batch-tokens {args.batch_tokens} must be >= 1")
     model, cfg, tok = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
     t0 = time.perf_counter()
@@ -258,7 +263,7 @@ def results_record(
             "tasks": list(by_task),
             "modes": modes,
             "limit": args.limit,
-            "batch_tokens": args.batch_tokens,
+            "batch_tokens": args.batch_tokens or default_batch_tokens(args.device),
             "mntp_mask": args.mntp_mask,
             "device": args.device,
             "tokenizer": args.tokenizer,

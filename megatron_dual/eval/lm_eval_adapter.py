@@ -49,7 +49,7 @@ class MegatronDualLM(LM):
         mode: str = "causal",
         tokenizer: str | None = None,
         device: str = "cpu",
-        batch_tokens: int | str = 8192,
+        batch_tokens: int | str | None = None,
         mntp_mask: str = "rest",
         max_gen_toks: int | str = 256,
         model: Any = None,
@@ -74,7 +74,9 @@ class MegatronDualLM(LM):
         mask_id = getattr(tokenizer_obj, "mask_id", None)
         if mode == "mntp" and mask_id is None:
             raise EvalError("mode mntp needs a tokenizer with a <mask> token")
-        self.scorer = Scorer(model, mask_id or 0, batch_tokens=int(batch_tokens), mntp_mask=mntp_mask)
+        self.scorer = Scorer(
+            model, mask_id or 0, batch_tokens=None if batch_tokens is None else int(batch_tokens), mntp_mask=mntp_mask
+        )
         self._device = next(model.parameters()).device
 
     @property

@@ -21,9 +21,9 @@ continuations against it. In ``mntp`` mode nothing can be shared: with bidirecti
 position sees the (masked) continuation, so each copy is its own forward pass; batching the copies is what remains.
 
 Batching: units (a context with its choices, or one MNTP copy) are sorted by length, longest first, and packed
-while rows x padded length stays within ``batch_tokens``. Padding is kept out of every real token's attention with
-document ids (pads are document 0) and RoPE positions count from each row's first real token, so a request scores
-the same alone or in any batch (up to floating-point summation order).
+while rows x padded length stays within ``batch_tokens`` (default :func:`default_batch_tokens`). Padding is kept out
+of every real token's attention with document ids (pads are document 0) and RoPE positions count from each row's
+first real token, so a request scores the same alone or in any batch (up to floating-point summation order).
 
 Truncation: a request longer than ``model.max_seq_len`` keeps its continuation and the end of its context (as the
 harnesses truncate from the left); a continuation that alone fills the window keeps its last max_seq_len - 1 tokens
@@ -40,7 +40,7 @@ import torch
 from megatron_dual.model.attention import AttentionMask
 from megatron_dual.model.transformer import DualTransformer, KVCache
 
-__all__ = ["MODES", "MNTP_MASKS", "Score", "Scorer", "fit_window"]
+__all__ = ["MODES", "MNTP_MASKS", "Score", "Scorer", "fit_window", "default_batch_tokens"]
 
 MODES = ("causal", "prefix", "mntp")
 MNTP_MASKS = ("rest", "single")
@@ -53,6 +53,12 @@ class Score:
     logprob: float
     n_tokens: int
     greedy: bool
+
+
+def default_batch_tokens(device: torch.device | str) -> int:
+    """Padded tokens per forward: 2,048 on CPU (larger batches only add cache misses and padding there: measured in
+    benchmarks/RESULTS.md), 16,384 on an accelerator."""
+    return 2048 if torch.device(device).type == "cpu" else 16384
 
 
 def fit_window(ctx: Sequence[int], cont: Sequence[int], max_len: int) -> tuple[list[int], list[int]]:
@@ -85,7 +91,13 @@ def _pack(lengths: Sequence[tuple[int, int]], budget: int) -> list[list[int]]:
 class Scorer:
     """Scores requests with ``model`` (eval mode, no grad) in one of :data:`MODES`."""
 
-    def __init__(self, model: DualTransformer, mask_id: int, batch_tokens: int = 8192, mntp_mask: str = "rest"):
+    def __init__(
+        self, model: DualTransformer, mask_id: int, batch_tokens: int | None = None, mntp_mask: str = "rest"
+    ) -> None:
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if batch_tokens is None:
+            batch_tokens = default_batch_tokens(self.device)
         if mntp_mask not in MNTP_MASKS:
             raise ValueError(f"mntp_mask = {mntp_mask!r}; allowed: {', '.join(MNTP_MASKS)}")
         if batch_tokens < 1:
@@ -95,8 +107,6 @@ class Scorer:
         self.batch_tokens = batch_tokens
         self.mntp_mask = mntp_mask
         self.max_len = model.cfg.max_seq_len
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
 
     @torch.inference_mode()
     def score(
