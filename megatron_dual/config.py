@@ -228,8 +228,14 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     # extra callbacks by import path ("package.module:Class"), instantiated without arguments (megatron_dual.callbacks)
     callbacks: list[str] = field(default_factory=list)
+    # recompute activations in backward: none | full (every block) | selective (the MLP of every block)
+    activation_checkpointing: str = "none"
 
     def validate(self) -> None:
+        from megatron_dual.model.checkpointing import ACTIVATION_CHECKPOINTING
+
+        _check(self.activation_checkpointing in ACTIVATION_CHECKPOINTING, "train.activation_checkpointing",
+               self.activation_checkpointing, f"one of {', '.join(ACTIVATION_CHECKPOINTING)}")
         _check(self.steps > 0, "train.steps", self.steps, "must be positive")
         _check(self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "must be positive")
         _check(self.grad_accum > 0, "train.grad_accum", self.grad_accum, "must be positive")
@@ -268,6 +274,36 @@ class ParallelConfig:
         _check(m.intermediate_size % self.tp == 0, "parallel.tp", self.tp,
                f"must divide model.intermediate_size = {m.intermediate_size}")
         _check(m.vocab_size % self.tp == 0, "parallel.tp", self.tp, f"must divide model.vocab_size = {m.vocab_size}")
+
+
+ENGINES = ("ddp", "deepspeed")  # engine.name: plain torch (megatron_dual/engine/ddp.py) | DeepSpeed ZeRO
+
+
+@dataclass
+class EngineConfig:
+    name: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 1  # deepspeed only: 0 (DDP-like), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)
+    deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (our fields checked against it)
+    reduce_bucket_mb: float = 50.0  # ZeRO reduce(-scatter) bucket
+    allgather_bucket_mb: float = 50.0  # ZeRO 1/2 all-gather bucket; ZeRO-3 prefetch bucket
+    overlap_comm: bool = True  # overlap ZeRO's reductions with backward
+
+    def validate(self) -> None:
+        _check(self.name in ENGINES, "engine.name", self.name, f"one of {', '.join(ENGINES)}")
+        _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        _check(self.reduce_bucket_mb > 0, "engine.reduce_bucket_mb", self.reduce_bucket_mb, "must be positive")
+        _check(self.allgather_bucket_mb > 0, "engine.allgather_bucket_mb", self.allgather_bucket_mb,
+               "must be positive")
+        if self.name == "deepspeed":
+            import importlib.util
+
+            _check(importlib.util.find_spec("deepspeed") is not None, "engine.name", self.name,
+                   "DeepSpeed is not installed (DS_BUILD_OPS=0 pip install -e '.[deepspeed]')")
+        if self.deepspeed_config:
+            _check(self.name == "deepspeed", "engine.deepspeed_config", self.deepspeed_config,
+                   "needs engine.name = deepspeed")
+            _check(Path(self.deepspeed_config).is_file(), "engine.deepspeed_config", self.deepspeed_config,
+                   "no such file")
 
 
 @dataclass
@@ -310,6 +346,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -326,6 +363,10 @@ class Config:
         self.train.validate()
         self.schedule.validate(self.train.steps)
         self.parallel.validate(self.model, self.optimizer.name)
+        self.engine.validate()
+        _check(self.engine.name == "ddp" or not self.parallel.sequence_parallel, "parallel.sequence_parallel",
+               True, "not supported with engine.name = deepspeed (ZeRO would reduce the partial TP gradients of "
+               "the sequence-parallel norms before they are summed over TP)")
         self.checkpoint.validate()
         self.logging.validate()
         if world_size is not None:

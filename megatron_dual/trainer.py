@@ -27,9 +27,9 @@ from megatron_dual.callbacks import Callback, default_callbacks
 from megatron_dual.callbacks.monitoring import metrics_path
 from megatron_dual.config import Config
 from megatron_dual.data.dataloader import StepBatches, TrainDataLoader, build_data
+from megatron_dual.engine import build_engine
 from megatron_dual.engine import checkpoint as ckpt
 from megatron_dual.engine.base import Engine
-from megatron_dual.engine.ddp import DDPEngine
 from megatron_dual.model.flops import objective_batch_flops, peak_flops
 from megatron_dual.model.loss import LossSums, labelled_loss
 from megatron_dual.model.transformer import DualTransformer
@@ -97,7 +97,7 @@ class Trainer:
         self.data = build_data(cfg, self.par.dp_size)
         torch.manual_seed(cfg.train.seed)
         model = DualTransformer(cfg.model).to(self.device)
-        self.engine = (engine or DDPEngine)(model, self.par, cfg, self.device)
+        self.engine = (engine or build_engine)(model, self.par, cfg, self.device)
         self.model = self.engine.model
         self.schedule = self.par.schedule
         # executed FLOPs per step, for MFU, only where a peak is known (computed on the host, in the loader)
@@ -137,9 +137,9 @@ class Trainer:
 
     def save(self) -> Path:
         """A checkpoint of the current step (collective over all ranks)."""
-        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.engine.state_dict(),
-                                    self.state_dict(), self.cfg.to_dict(), parallel=self.par,
-                                    keep_last=self.cfg.checkpoint.keep_last, extra={"layout": self.par.describe()})
+        path = self.engine.save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), self.cfg.to_dict(), self.par,
+                                           keep_last=self.cfg.checkpoint.keep_last,
+                                           extra={"layout": self.par.describe()})
         self.saved_step, self.last_checkpoint = self.step, path
         return path
 
@@ -182,9 +182,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
-        ckpt.load_model_state(path, self.model, self.par, model_config=self.cfg.to_dict()["model"])
-        state, source = ckpt.read_engine_state(path, self.par)
-        self.engine.load_state_dict(state, str(source))
+        self.engine.load_checkpoint(path, self.par, model_config=self.cfg.to_dict()["model"])
         try:
             self.load_state_dict(meta["trainer_state"])
         except ValueError as e:

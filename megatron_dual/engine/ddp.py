@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_dual.config import Config
 from megatron_dual.engine.base import Engine
+from megatron_dual.model.checkpointing import apply_activation_checkpointing
 from megatron_dual.optim.muon import build_optimizers
 from megatron_dual.optim.schedules import build_scheduler
 from megatron_dual.parallel.state import ParallelState
@@ -153,6 +154,7 @@ class DDPEngine(Engine):
         if parallel.tp_size > 1:
             # Sharding a model initialised identically on every rank keeps initialisation equal to one process's.
             parallelize_model(model, parallel.tp_group, cfg.parallel.sequence_parallel)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
         self.model = model
         self.parallel = parallel
         self.sequence_parallel = parallel.tp_size > 1 and cfg.parallel.sequence_parallel

@@ -1,0 +1,165 @@
+"""Our Muon + AdamW as one optimizer that DeepSpeed's ZeRO can hold, with Muon run on gathered whole matrices.
+
+ZeRO 1/2/3 hand a client optimizer flat fp32 *partitions* of each param group (ZeRO 1/2: a contiguous slice of the
+group's concatenated parameters; ZeRO-3: every parameter's own 1/dp slice, concatenated per sub-group), never whole
+matrices, so Muon cannot run on what it is given. DeepSpeed's own Muon does not give our maths either (its update
+scale is ``max(1, rows/cols)^0.5``, it orthogonalises fused q/k/v and up/gate as one matrix, clips the orthogonalised
+update instead of the gradient, and trained as SGD at stage 0, DeepSpeed issue 8441), so
+:class:`GatheredOrthogonalOptimizer` runs **ours**:
+
+1. momentum (and Nesterov) elementwise on the local partition, as ZeRO shards the state;
+2. the momentum-updated partitions of a Muon group all-gathered over the DP group and cut into whole matrices
+   (:class:`FlatLayout` knows where each parameter lies); TP shards gathered over the TP group;
+3. each matrix orthogonalised by one owner DP rank (the assignment of our distributed Muon), q/k/v and up/gate
+   separately, lr-scaled by ``0.2 * sqrt(max(rows, cols))`` (or the configured mode);
+4. the owners' results summed over DP (every other rank contributes zeros, so the sum is exact) and each rank
+   applies its own partition: ``W <- W * (1 - lr * wd) - lr * update``.
+
+AdamW is elementwise and runs on the partitions unchanged (PyTorch's AdamW, as the DDP engine). At stage 0 the
+groups hold the real parameters and the step is exactly our :class:`~megatron_dual.optim.muon.Muon` (distributed)
+and AdamW. The class name avoids "muon": DeepSpeed switches its own Muon paths on for optimizer classes so named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_dual.optim.muon import Muon, _gather_full, _local_shard, logical_blocks
+
+__all__ = ["FlatLayout", "GatheredOrthogonalOptimizer"]
+
+
+@dataclass
+class FlatLayout:
+    """Where the parameters of one flat partition lie over the DP group.
+
+    Rank r holds elements ``[r * part, (r + 1) * part)`` of a virtual ``dp * part`` vector; ``segments[j]`` lists
+    ``(start in that vector, length, start in parameter j's flattened elements)``.
+    """
+
+    params: list[torch.nn.Parameter]
+    part: int
+    dp: int
+    segments: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    shapes: list[torch.Size] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # ZeRO-3 leaves an empty tensor in .data; the logical shape is ds_shape
+        self.shapes = self.shapes or [torch.Size(getattr(p, "ds_shape", p.shape)) for p in self.params]
+
+    @classmethod
+    def contiguous(cls, params: list[torch.nn.Parameter], offsets: list[int], part: int, dp: int) -> FlatLayout:
+        """ZeRO 1/2: the group's parameters concatenated at ``offsets``, the whole split evenly over ranks."""
+        segs = [[(off, p.numel(), 0)] for p, off in zip(params, offsets, strict=True)]
+        return cls(params, part, dp, segs)
+
+    @classmethod
+    def per_parameter(cls, params: list[torch.nn.Parameter], offsets: list[int], sizes: list[int], part: int,
+                      dp: int) -> FlatLayout:
+        """ZeRO-3: parameter j's rank-r slice ``[r * size_j, (r + 1) * size_j)`` at ``offsets[j]`` of rank r's
+        partition."""
+        segs = []
+        for p, off, size in zip(params, offsets, sizes, strict=True):
+            numel = getattr(p, "ds_numel", p.numel())
+            segs.append([(r * part + off, min(size, numel - r * size), r * size) for r in range(dp)
+                         if numel - r * size > 0])
+        return cls(params, part, dp, segs)
+
+    def gather(self, local: torch.Tensor, group: Any) -> list[torch.Tensor]:
+        """Every parameter's whole (TP-local) tensor from the ranks' partitions ``local``."""
+        if self.dp > 1:
+            parts = [torch.empty_like(local) for _ in range(self.dp)]
+            dist.all_gather(parts, local.contiguous(), group=group)
+            flat = torch.cat(parts)
+        else:
+            flat = local
+        out = []
+        for shape, segs in zip(self.shapes, self.segments, strict=True):
+            t = torch.empty(shape.numel(), dtype=local.dtype, device=local.device)
+            for start, n, src in segs:
+                t[src : src + n] = flat[start : start + n]
+            out.append(t.view(shape))
+        return out
+
+    def place(self, flat: torch.Tensor, j: int, value: torch.Tensor) -> None:
+        """Write parameter j's whole ``value`` into the ``dp * part`` vector ``flat``."""
+        v = value.reshape(-1)
+        for start, n, src in self.segments[j]:
+            flat[start : start + n] = v[src : src + n]
+
+
+class GatheredOrthogonalOptimizer(torch.optim.Optimizer):
+    """``muon`` (our Muon, configured) and ``adamw`` (PyTorch's AdamW) as one optimizer; groups carry ``kind``.
+
+    ``layouts`` (id of a flat partition -> :class:`FlatLayout`) is filled by the engine once ZeRO has built its
+    partitions; a Muon tensor without a layout is a real parameter (stage 0) and takes our Muon's own step.
+    """
+
+    def __init__(self, muon: Muon | None, adamw: torch.optim.Optimizer, parallel: Any) -> None:
+        groups = [dict(g, kind="muon") for g in (muon.param_groups if muon is not None else [])]
+        groups += [dict(g, kind="adamw") for g in adamw.param_groups]
+        super().__init__(groups, {})
+        self._parallel = parallel
+        self.layouts: dict[int, FlatLayout] = {}
+        self._adamw = adamw
+        self._adamw.param_groups = [g for g in self.param_groups if g["kind"] == "adamw"]
+        self._adamw.state = self.state
+        self._muon = muon
+        self.owners: dict[int, int] = {}
+        if muon is not None:
+            muon.param_groups = [g for g in self.param_groups if g["kind"] == "muon"]
+            muon.state = self.state
+            muon.distribute(parallel)
+            self.owners = muon._assign_owners()  # on the real parameters, before ZeRO replaces them
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._adamw.state = self.state
+        if self._muon is not None:
+            self._muon.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        muon_groups = [g for g in self.param_groups if g["kind"] == "muon"]
+        real = [g for g in muon_groups if not any(id(t) in self.layouts for t in g["params"])]
+        if real and self._muon is not None:
+            self._muon.param_groups = real
+            self._muon.step()
+        for group in muon_groups:
+            for t in group["params"]:
+                if id(t) in self.layouts and t.grad is not None:
+                    self._flat_muon_step(t, group, self.layouts[id(t)])
+        self._adamw.param_groups = [g for g in self.param_groups if g["kind"] == "adamw"]
+        self._adamw.step()
+        return loss
+
+    def _flat_muon_step(self, t: torch.Tensor, group: dict[str, Any], layout: FlatLayout) -> None:
+        par = self._parallel
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        state = self.state[t]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(t.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(mom).add_(t.grad)
+        update = t.grad.add(buf, alpha=mom) if group["nesterov"] else buf
+        whole = layout.gather(update, par.dp_group)
+        delta = torch.zeros(layout.dp * layout.part, dtype=t.dtype, device=t.device)
+        for j, (p, u) in enumerate(zip(layout.params, whole, strict=True)):
+            if self.owners[id(p)] != par.dp_rank:
+                continue
+            full, splits = _gather_full(u, p, par, group["splits"])
+            o = self._muon._orthogonalised(full, splits, group, logical_blocks(p, splits, full.shape[1], par.tp_size))
+            layout.place(delta, j, _local_shard(o, p, par))
+        if layout.dp > 1:
+            dist.all_reduce(delta, group=par.dp_group)
+        r = par.dp_rank
+        t.mul_(1.0 - lr * wd)
+        t.add_(delta[r * layout.part : (r + 1) * layout.part], alpha=-lr)
