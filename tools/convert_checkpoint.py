@@ -18,6 +18,11 @@ destination is created (``--force`` replaces it). ``--tp 1`` writes the single-f
 writes ``model_tp{r}of{n}.safetensors`` + ``optim_tp{r}of{n}.pt`` per TP rank and a ``layout.json`` manifest. The
 format is documented in :mod:`megatron_dual.parallel.resharding`. Model weights and optimizer state (AdamW and Muon)
 are resharded; ``--model-only`` drops the optimizer state. Only ``rng.pt`` is carried over.
+
+A checkpoint of the DeepSpeed engine (``engine.name: deepspeed``, any ZeRO stage, any DP size, any TP size) is
+converted by ``--tp n`` to the single-file or TP form with its weights in fp32 (the ZeRO partitions of the optimizer
+state are not carried: the result has no ``optim.pt``). Back: a run with ``engine.name: deepspeed`` resumes from
+either plain form (weights; the optimizers start afresh, with a notice).
 """
 
 from __future__ import annotations
@@ -107,6 +112,21 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _convert_zero(src: Path, dst: Path, tp: int, force: bool) -> Path:
+    import shutil
+
+    from megatron_dual.engine.deepspeed import read_zero_checkpoint
+    from megatron_dual.parallel.resharding import write_checkpoint
+
+    if dst.exists():
+        if not force:
+            raise ReshardError(f"{dst} exists; pass --force to overwrite it")
+        shutil.rmtree(dst)
+    full, meta = read_zero_checkpoint(src)
+    meta = {k: v for k, v in meta.items() if k != "engine"}
+    return write_checkpoint(dst, full, None, meta, tp, rng_from=src)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -114,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             print(_convert_hf(args))
             return 0
         src = _resolve_source(args.src)
+        if (src / "deepspeed").is_dir():
+            out = _convert_zero(src, args.dst, args.tp, args.force)
+            print(f"{src} (DeepSpeed) -> {out} (tp {args.tp}, weights only)")
+            return 0
         out = convert_checkpoint(src, args.dst, args.tp, model_only=args.model_only, force=args.force)
     except (ReshardError, ConfigError, CheckpointError, OSError, ValueError) as e:
         raise ToolError(f"error: {e}") from None

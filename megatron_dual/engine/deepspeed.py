@@ -98,17 +98,22 @@ def _get(tree: Mapping[str, Any], path: str) -> Any:
     return tree
 
 
+def _elements(mb: float) -> int:
+    """DeepSpeed's bucket sizes count elements: ``mb`` MiB of fp32, a multiple of 64 (ZeRO's alignment)."""
+    return max(64, int(mb * _MB / 4) // 64 * 64)
+
+
 def deepspeed_config(cfg: Config, dp: int, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed config of our config (before the user's JSON): batch = micro-batch x slots x DP ranks."""
     e, t = cfg.engine, cfg.train
     zero: dict[str, Any] = {"stage": e.zero_stage}
     if e.zero_stage > 0:
-        zero |= {"reduce_bucket_size": int(e.reduce_bucket_mb * _MB), "overlap_comm": e.overlap_comm,
+        zero |= {"reduce_bucket_size": _elements(e.reduce_bucket_mb), "overlap_comm": e.overlap_comm,
                  "contiguous_gradients": True, "round_robin_gradients": False}
     if e.zero_stage in (1, 2):
-        zero |= {"allgather_bucket_size": int(e.allgather_bucket_mb * _MB), "reduce_scatter": True}
+        zero |= {"allgather_bucket_size": _elements(e.allgather_bucket_mb), "reduce_scatter": True}
     if e.zero_stage == 3:
-        zero |= {"stage3_prefetch_bucket_size": int(e.allgather_bucket_mb * _MB),
+        zero |= {"stage3_prefetch_bucket_size": _elements(e.allgather_bucket_mb),
                  "stage3_gather_16bit_weights_on_model_save": False}
     return {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum,
             "train_batch_size": t.micro_batch_size * t.grad_accum * dp, "gradient_clipping": cfg.optimizer.grad_clip,
@@ -376,3 +381,38 @@ class DeepSpeedEngine(Engine):
             ckpt.load_model_state(path, self.model, self.parallel, model_config=model_config)
         if self.stage > 0:
             self.ds.optimizer.refresh_fp32_params()
+
+
+# ---------------------------------------------------------------------------------------------------- conversion
+def _tp_shard_state(tag_dir: Path, tp_rank: int, stage: int) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of TP rank ``tp_rank`` from DeepSpeed's files (any ZeRO stage, any DP size)."""
+    mp = f"mp_rank_{tp_rank:02d}"
+    if stage == 0:
+        blob = torch.load(tag_dir / f"{mp}_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        view = Path(tmp) / DS_TAG  # DeepSpeed's reader knows one model-parallel rank: show it this rank's files
+        view.mkdir()
+        for f in tag_dir.glob(f"*{mp}*"):
+            (view / f.name.replace(mp, "mp_rank_00")).symlink_to(f.resolve())
+        sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=DS_TAG)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(full fp32 state dict of the whole model, meta) of a checkpoint this engine wrote."""
+    path = Path(path)
+    meta = ckpt.read_meta(path)
+    eng = meta.get("engine") or {}
+    if not (path / DS_TAG).is_dir() or eng.get("name") != "deepspeed":
+        raise ckpt.CheckpointError(f"{path} is not a DeepSpeed checkpoint of megatron-dual (no {DS_TAG}/ directory)")
+    shards = [_tp_shard_state(path / DS_TAG, r, int(eng.get("zero_stage", 0))) for r in range(int(eng.get("tp", 1)))]
+    if len(shards) == 1:
+        return shards[0], meta
+    from megatron_dual.parallel.layers import gather_state_dict
+
+    return gather_state_dict(shards, ckpt._model_cfg(meta["config"])), meta
