@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (DS_BUILD_OPS=0 pip install -e '.[deepspeed]')")
 
-from megatron_dual.config import ConfigError, load_config  # noqa: E402
+from megatron_dual.config import load_config  # noqa: E402
 from megatron_dual.data.indexed import IndexedDatasetWriter  # noqa: E402
 
 VOCAB = 64

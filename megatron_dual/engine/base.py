@@ -79,6 +79,9 @@ class Engine(ABC):
         """Restore the model and this engine's state from checkpoint ``path`` (the loop restores its own)."""
         from megatron_dual.engine import checkpoint as ckpt
 
+        if (Path(path) / "deepspeed").is_dir():
+            raise ckpt.CheckpointError(f"{path} is a DeepSpeed checkpoint: resume it with engine.name = deepspeed, or "
+                                       f"convert it with tools/convert_checkpoint.py {path} OUT --tp N")
         ckpt.load_model_state(path, self.model, parallel, model_config=model_config)
         state, source = ckpt.read_engine_state(path, parallel)
         self.load_state_dict(state, str(source))

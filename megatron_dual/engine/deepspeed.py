@@ -234,6 +234,20 @@ def zero_layouts(zo: Any, stage: int, dp: int) -> dict[int, FlatLayout]:
     return out
 
 
+def check_resumable(path: Path, saved: Mapping[str, Any], stage: int, dp: int, tp: int) -> None:
+    """One-line CheckpointError, before DeepSpeed's, when a DeepSpeed checkpoint cannot resume on this layout:
+    another TP size, another ZeRO stage, or another DP size where ZeRO partitions the optimizer state."""
+    if saved.get("tp", 1) != tp:
+        raise ckpt.CheckpointError(f"{path}: a DeepSpeed checkpoint of parallel.tp = {saved.get('tp')} cannot resume "
+                                   f"with parallel.tp = {tp}; convert it with tools/convert_checkpoint.py --tp {tp}")
+    if saved.get("zero_stage", 0) != stage or (stage > 0 and saved.get("dp") != dp):
+        raise ckpt.CheckpointError(
+            f"{path}: written with engine.zero_stage = {saved.get('zero_stage')} over {saved.get('dp')} "
+            f"data-parallel ranks; this run has engine.zero_stage = {stage} over {dp}: ZeRO partitions the "
+            f"optimizer state by DP rank, so convert it first (tools/convert_checkpoint.py {path} OUT --tp {tp}) "
+            f"and resume from OUT (weights only)")
+
+
 class DeepSpeedEngine(Engine):
     """ZeRO ``engine.zero_stage`` over the DP group of ``parallel``; see the module docstring."""
 
@@ -353,16 +367,7 @@ class DeepSpeedEngine(Engine):
         if not (path / DS_TAG).is_dir():
             self._load_plain_weights(path, model_config)
             return
-        if saved.get("tp", 1) != self.parallel.tp_size:
-            raise ckpt.CheckpointError(f"{path}: a DeepSpeed checkpoint of parallel.tp = {saved.get('tp')} cannot "
-                                       f"resume with parallel.tp = {self.parallel.tp_size}; convert it with "
-                                       f"tools/convert_checkpoint.py --tp {self.parallel.tp_size}")
-        if saved.get("zero_stage", 0) != self.stage or (self.stage > 0 and saved.get("dp") != self.parallel.dp_size):
-            raise ckpt.CheckpointError(
-                f"{path}: written with engine.zero_stage = {saved.get('zero_stage')} over {saved.get('dp')} "
-                f"data-parallel ranks; this run has engine.zero_stage = {self.stage} over {self.parallel.dp_size}: "
-                f"ZeRO partitions the optimizer state by DP rank, so convert it first (tools/convert_checkpoint.py "
-                f"{path} OUT --tp {self.parallel.tp_size}) and resume from OUT (weights only)")
+        check_resumable(path, saved, self.stage, self.parallel.dp_size, self.parallel.tp_size)
         _, client = self.ds.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
         if client is None:
