@@ -39,6 +39,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", help="auto | none | restart (move the old run aside, start afresh) | a checkpoint path "
                                     "(shortcut for --set checkpoint.resume=...)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
