@@ -7,6 +7,7 @@ run bit for bit; the ZeRO-3 checkpoint converted to the single-file form must gi
 of 4 ranks runs TP = 2 x ZeRO-1 over DP = 2 against one process.
 """
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -83,9 +84,14 @@ def _probe_logits(tr):
 def _run(overrides, steps=STEPS, save_at=None):
     from megatron_dual.trainer import Trainer
 
-    tr = Trainer(load_config(overrides=overrides), quiet=True)
-    tr.maybe_resume()
+    cfg = load_config(overrides=overrides)
+    tr = Trainer(cfg, quiet=True)
     metrics = []
+    if cfg.logging.tensorboard or cfg.logging.wandb_project:  # the whole loop, callbacks (metrics sinks) included
+        step = tr.train_step
+        tr.train_step = lambda b: metrics.append(step(b)) or metrics[-1]
+        tr.fit()
+    tr.maybe_resume()
     while tr.step < steps:
         metrics.append(tr.train_step(tr.loader.batches(tr.step)))
         if tr.step == save_at:
@@ -126,15 +132,26 @@ def _assert_same_run(got, ref, tol, what):
         torch.testing.assert_close(got["params"][name], p, **tol, msg=lambda s, n=name: f"{what} {n}: {s}")
 
 
+def _monitor(opt):
+    """Both sinks on the Muon runs when their packages are installed (wandb offline: no network)."""
+    if opt != "muon":
+        return []
+    has = {m: importlib.util.find_spec(m) is not None for m in ("tensorboard", "wandb")}
+    return (["logging.tensorboard=true"] if has["tensorboard"] else []) + \
+        (["logging.wandb_project=ds-test", "logging.wandb_mode=offline"] if has["wandb"] else [])
+
+
 @pytest.fixture(scope="module")
 def zero_runs(corpus, tmp_path_factory):
     """Every ZeRO case on 2 ranks, in one spawn; the DDP references in this process."""
     tmp = tmp_path_factory.mktemp("zero")
-    refs = {opt: _run(_overrides(corpus, tmp / f"ref_{opt}", 2, [f"optimizer.name={opt}"])) for opt in OPTIMIZERS}
+    refs = {opt: _run(_overrides(corpus, tmp / f"ref_{opt}", 2, [f"optimizer.name={opt}", *_monitor(opt)]))
+            for opt in OPTIMIZERS}
     jobs = []
     for stage in STAGES:
         for opt in OPTIMIZERS:
-            jobs.append((f"z{stage}_{opt}", (_overrides(corpus, tmp / f"z{stage}_{opt}", 1, _ds(stage, opt)),)))
+            extra = [*_ds(stage, opt), *(_monitor(opt) if stage == 2 else [])]
+            jobs.append((f"z{stage}_{opt}", (_overrides(corpus, tmp / f"z{stage}_{opt}", 1, extra),)))
         out = tmp / f"resume{stage}"
         jobs.append((f"save{stage}", (_overrides(corpus, out, 1, _ds(stage, "muon")), STEPS, 2)))
         resume = _overrides(corpus, out, 1, _ds(stage, "muon", ["checkpoint.resume=auto"]))
@@ -197,3 +214,28 @@ def test_tp2_x_zero1_over_dp2_equals_one_process(corpus, tmp_path):
                                  cfg.model)
         _assert_same_run({"metrics": results[2 * dp_rank]["tp"]["metrics"], "params": full}, ref,
                          dict(rtol=1e-4, atol=1e-5), f"TP2 x ZeRO-1 dp {dp_rank}")
+
+
+@pytest.mark.parametrize("run", ["ref_muon", "z2_muon"])  # the DDP engine and the DeepSpeed engine
+def test_tensorboard_event_files_hold_the_per_objective_metrics(zero_runs, run):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e '.[wandb]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, tmp = zero_runs
+    events = list((tmp / run / "tb").glob("events.out.tfevents.*"))
+    assert events, f"no tensorboard event file under {tmp / run / 'tb'}"
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "ar_loss", "md_loss", "ar_tokens", "md_tokens", "grad_norm", "lr"} <= tags
+    assert [e.step for e in acc.Scalars("ar_loss")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("run", ["ref_muon", "z2_muon"])
+def test_wandb_offline_run_is_written_without_network(zero_runs, run):
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install -e '.[wandb]')")
+    _, _, tmp = zero_runs
+    runs = list((tmp / run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"expected one offline run under {tmp / run / 'wandb'}"
+    data = list(runs[0].glob("run-*.wandb"))
+    assert data and data[0].stat().st_size > 0
