@@ -8,7 +8,11 @@ What it measures, per op, in one run on one GPU (bf16 inputs, fp32 parameters as
 - ``swiglu``:   ``up * silu(gate)`` of (tokens, 2 I) vs the two-op PyTorch expression;
 - ``linear_ce``: output linear (+ bias) + cross-entropy + z-loss over (tokens, hidden) features and a (vocab,
   hidden) weight with 1/t-style token weights vs the unfused path (``F.linear`` under autocast, logits upcast to
-  fp32, logsumexp, gather), i.e. what ``labelled_loss`` does without the kernel.
+  fp32, logsumexp, gather), i.e. what ``labelled_loss`` does without the kernel;
+- ``rmsnorm_apex``: NVIDIA apex's FusedRMSNorm (``model.fused_ops=apex``) vs ``F.rms_norm``, a peer of our kernel;
+- ``adamw_apex``: one step of apex's FusedAdam (``optimizer.adamw_impl=apex``) vs PyTorch's AdamW over
+  dual-470m-sized AdamW parameters (embeddings + head: 2 x vocab x hidden), time only.
+  Both are skipped with a notice where apex (built from source, docker/Dockerfile.cuda) is absent.
 
 Time: ``triton.testing.do_bench`` median of forward + ``torch.autograd.grad`` w.r.t. every input. Memory: peak
 ``torch.cuda.max_memory_allocated`` during one forward + backward above what was allocated before (inputs
@@ -28,7 +32,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-OPS = ("rmsnorm", "rotary", "swiglu", "linear_ce")
+OPS = ("rmsnorm", "rotary", "swiglu", "linear_ce", "rmsnorm_apex", "adamw_apex")
+APEX_OPS = ("rmsnorm_apex", "adamw_apex")
 
 
 def parse() -> argparse.Namespace:
@@ -63,6 +68,11 @@ def build(op: str, a: argparse.Namespace, device: str, dtype: Any) -> tuple[Call
         return (torch.randn(*shape, generator=g) * scale).to(device, dt).requires_grad_(True)
 
     n, h = a.tokens, a.hidden
+    if op == "rmsnorm_apex":
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+
+        x, w = rnd(n, h), rnd(h, dt=torch.float32)
+        return (lambda: fused_rms_norm_affine(x, w, (h,), 1e-7)), (lambda: F.rms_norm(x, (h,), w, 1e-7)), [x, w]
     if op == "rmsnorm":
         x, w = rnd(n, h), rnd(h, dt=torch.float32)
         return (lambda: rms_norm(x, w, 1e-7)), (lambda: F.rms_norm(x, (h,), w, 1e-7)), [x, w]
@@ -115,6 +125,36 @@ def build(op: str, a: argparse.Namespace, device: str, dtype: Any) -> tuple[Call
 
         return fused, unfused, [feats, w, bias]
     raise ValueError(op)
+
+
+def adamw_apex(a: argparse.Namespace) -> None:
+    """One optimizer step, apex FusedAdam vs PyTorch AdamW (foreach, as fast as PyTorch gets), same parameters."""
+    import torch
+    from apex.optimizers import FusedAdam
+    from triton.testing import do_bench
+
+    def params() -> list:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        ps = [torch.randn(a.vocab, a.hidden, device="cuda", generator=g).requires_grad_(True) for _ in range(2)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+
+    fused, plain = FusedAdam(params(), lr=1e-3, adam_w_mode=True), torch.optim.AdamW(params(), lr=1e-3)
+    tf, tu = do_bench(fused.step), do_bench(plain.step)
+    print(f"{'adamw_apex':<10} {tf:>9.3f} {tu:>10.3f} {tu / tf:>7.2f}x {'-':>10} {'-':>11} {'-':>6} {'-':>11}")
+
+
+def _apex_missing(op: str) -> bool:
+    import importlib.util
+
+    try:
+        missing = importlib.util.find_spec("apex.normalization") is None
+    except ImportError:
+        missing = True
+    if missing:
+        print(f"{op:<10} skipped: NVIDIA apex is not installed (docker/Dockerfile.cuda builds it from source)")
+    return missing
 
 
 def fwd_bwd(fn: Callable, inputs: list) -> Callable[[], Any]:
@@ -175,6 +215,11 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     for op in a.ops:
+        if op in APEX_OPS and (_apex_missing(op) or device != "cuda"):
+            continue
+        if op == "adamw_apex":
+            adamw_apex(a)
+            continue
         fused, unfused, inputs = build(op, a, device, dtype)
         rf, ru = fwd_bwd(fused, inputs), fwd_bwd(unfused, inputs)
         out_f, out_u = fused(), unfused()

@@ -141,6 +141,7 @@ class OptimizerConfig:
     muon_adjust_lr: str = "match_rms_adamw"  # Moonlight scaling, so one lr serves Muon and AdamW
     grad_clip: float = 1.0  # 0 disables clipping
     decay_all: bool = True  # the reference decays norms, biases and embeddings too; False exempts 1-D params
+    adamw_impl: str = "torch"  # torch (PyTorch's AdamW) | apex (NVIDIA apex FusedAdam on CUDA; else torch + notice)
 
     def validate(self) -> None:
         from megatron_dual.optim.muon import LR_ADJUSTMENTS, OPTIMIZERS
@@ -156,6 +157,7 @@ class OptimizerConfig:
         _check(self.muon_adjust_lr in LR_ADJUSTMENTS, "optimizer.muon_adjust_lr", self.muon_adjust_lr,
                f"one of {', '.join(LR_ADJUSTMENTS)}")
         _check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+        _check(self.adamw_impl in ("torch", "apex"), "optimizer.adamw_impl", self.adamw_impl, "one of torch, apex")
 
 
 _DECAY_FORMS = "0 (no decay), a fraction of train.steps in (0, 1) (0.25: the last quarter) or a whole number of steps"

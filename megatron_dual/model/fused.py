@@ -15,7 +15,7 @@ import importlib.util
 import torch
 from torch import nn
 
-FUSED_OPS = ("auto", "none", "triton")
+FUSED_OPS = ("auto", "none", "triton", "apex")  # apex: apex's FusedRMSNorm, Triton for the rest (as auto)
 
 
 @functools.cache
@@ -27,7 +27,7 @@ def use_triton(mode: str, x: torch.Tensor) -> bool:
     """Whether the fused kernels handle ``x`` under ``mode`` (one of :data:`FUSED_OPS`)."""
     if mode == "none":
         return False
-    if mode == "auto":
+    if mode in ("auto", "apex"):
         return x.is_cuda and triton_available()
     if mode == "triton":
         if not triton_available():
@@ -44,6 +44,13 @@ class RMSNorm(nn.RMSNorm):
         self.fused_ops = fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops == "apex":
+            from megatron_dual.model.apex_ops import apex_rms_norm, notice
+
+            fn = apex_rms_norm() if x.is_cuda else notice("model.fused_ops = apex on a CPU tensor: PyTorch's RMSNorm")
+            if fn is not None:
+                return fn(x, self.weight, self.normalized_shape, self.eps or torch.finfo(x.dtype).eps)
+            return super().forward(x)
         if use_triton(self.fused_ops, x):
             from megatron_dual.kernels.rmsnorm import rms_norm
 

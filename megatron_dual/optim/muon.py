@@ -207,6 +207,17 @@ def _local_shard(delta: torch.Tensor, p: torch.Tensor, par: Any) -> torch.Tensor
     return delta.chunk(n, dim=dim)[r]
 
 
+def _adamw(groups: list[dict], lr: float, cfg: Any) -> torch.optim.Optimizer:
+    """PyTorch's AdamW, or apex's FusedAdam (AdamW mode) with ``optimizer.adamw_impl = apex`` where it can run."""
+    if getattr(cfg, "adamw_impl", "torch") == "apex":
+        from megatron_dual.model.apex_ops import apex_fused_adam
+
+        fused = apex_fused_adam(all(p.is_cuda for g in groups for p in g["params"]))
+        if fused is not None:
+            return fused(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+
+
 def build_optimizers(model: torch.nn.Module, cfg) -> dict[str, torch.optim.Optimizer]:
     """``{"muon": Muon over 2-D trunk matrices, "adamw": AdamW over the rest}`` (or only AdamW)."""
     splits: dict[str, list[int]] = model.muon_split_sizes() if hasattr(model, "muon_split_sizes") else {}
@@ -231,8 +242,7 @@ def build_optimizers(model: torch.nn.Module, cfg) -> dict[str, torch.optim.Optim
     adam_groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         adam_groups.append({"params": no_decay, "weight_decay": 0.0})
-    out["adamw"] = torch.optim.AdamW(adam_groups, lr=adamw_lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                     foreach=False)
+    out["adamw"] = _adamw(adam_groups, adamw_lr, cfg)
     for opt in out.values():  # padded MLP weights: optimizer state saved and loaded at the logical shape
         register_optimizer_hooks(opt)
     return out
