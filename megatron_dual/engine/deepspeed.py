@@ -273,7 +273,8 @@ class DeepSpeedEngine(Engine):
             ds_cfg = merge_deepspeed_config(ds_cfg, cfg.engine.deepspeed_config, cfg.optimizer.name)
         self.ds_config = ds_cfg
         opts = build_optimizers(model, cfg.optimizer)
-        self.optimizer = GatheredOrthogonalOptimizer(opts.get("muon"), opts["adamw"], parallel)
+        self.optimizer = GatheredOrthogonalOptimizer(opts.get("muon"), opts["adamw"], parallel,
+                                                     gather_numel=_elements(cfg.engine.allgather_bucket_mb))
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg,
                                                 mpu=DeepSpeedMPU(parallel), dist_init_required=False)

@@ -8,12 +8,12 @@ update instead of the gradient, and trained as SGD at stage 0, DeepSpeed issue 8
 :class:`GatheredOrthogonalOptimizer` runs **ours**:
 
 1. momentum (and Nesterov) elementwise on the local partition, as ZeRO shards the state;
-2. the momentum-updated partitions of a Muon group all-gathered over the DP group and cut into whole matrices
-   (:class:`FlatLayout` knows where each parameter lies); TP shards gathered over the TP group;
+2. the momentum-updated partitions rebuilt into whole matrices over the DP group, a bounded batch of matrices at a
+   time (:class:`FlatLayout` knows where each parameter lies); TP shards gathered over the TP group;
 3. each matrix orthogonalised by one owner DP rank (the assignment of our distributed Muon), q/k/v and up/gate
    separately, lr-scaled by ``0.2 * sqrt(max(rows, cols))`` (or the configured mode);
-4. the owners' results summed over DP (every other rank contributes zeros, so the sum is exact) and each rank
-   applies its own partition: ``W <- W * (1 - lr * wd) - lr * update``.
+4. the owners' results summed over DP per batch (every other rank contributes zeros, so the sum is exact) and each
+   rank applies its own partition: ``W <- W * (1 - lr * wd) - lr * update``.
 
 AdamW is elementwise and runs on the partitions unchanged (PyTorch's AdamW, as the DDP engine). At stage 0 the
 groups hold the real parameters and the step is exactly our :class:`~megatron_dual.optim.muon.Muon` (distributed)
@@ -38,7 +38,10 @@ class FlatLayout:
     """Where the parameters of one flat partition lie over the DP group.
 
     Rank r holds elements ``[r * part, (r + 1) * part)`` of a virtual ``dp * part`` vector; ``segments[j]`` lists
-    ``(start in that vector, length, start in parameter j's flattened elements)``.
+    ``(start in that vector, length, start in parameter j's flattened elements)``, each inside one rank's range.
+    Whole parameters are rebuilt batch by batch (:meth:`batches`): every rank writes the elements it holds into a
+    zero buffer of the batch's whole parameters and the buffer is summed over DP, which is exact (each element has
+    one holder, the others add zeros) and bounds the memory to one batch.
     """
 
     params: list[torch.nn.Parameter]
@@ -50,6 +53,17 @@ class FlatLayout:
     def __post_init__(self) -> None:
         # ZeRO-3 leaves an empty tensor in .data; the logical shape is ds_shape
         self.shapes = self.shapes or [torch.Size(getattr(p, "ds_shape", p.shape)) for p in self.params]
+        self.segments = [self._split(segs) for segs in self.segments]
+
+    def _split(self, segs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Cut segments at rank boundaries (ZeRO 1/2 split a parameter across ranks anywhere)."""
+        out = []
+        for start, n, src in segs:
+            while n > 0:
+                take = min(n, (start // self.part + 1) * self.part - start)
+                out.append((start, take, src))
+                start, n, src = start + take, n - take, src + take
+        return out
 
     @classmethod
     def contiguous(cls, params: list[torch.nn.Parameter], offsets: list[int], part: int, dp: int) -> FlatLayout:
@@ -69,27 +83,54 @@ class FlatLayout:
                          if numel - r * size > 0])
         return cls(params, part, dp, segs)
 
-    def gather(self, local: torch.Tensor, group: Any) -> list[torch.Tensor]:
-        """Every parameter's whole (TP-local) tensor from the ranks' partitions ``local``."""
-        if self.dp > 1:
-            parts = [torch.empty_like(local) for _ in range(self.dp)]
-            dist.all_gather(parts, local.contiguous(), group=group)
-            flat = torch.cat(parts)
-        else:
-            flat = local
-        out = []
-        for shape, segs in zip(self.shapes, self.segments, strict=True):
-            t = torch.empty(shape.numel(), dtype=local.dtype, device=local.device)
-            for start, n, src in segs:
-                t[src : src + n] = flat[start : start + n]
-            out.append(t.view(shape))
-        return out
+    def batches(self, max_numel: int) -> list[list[int]]:
+        """Consecutive parameter indices, at most ``max_numel`` elements a batch (at least one parameter)."""
+        out: list[list[int]] = [[]]
+        size = 0
+        for j, shape in enumerate(self.shapes):
+            if out[-1] and size + shape.numel() > max_numel:
+                out.append([])
+                size = 0
+            out[-1].append(j)
+            size += shape.numel()
+        return [b for b in out if b]
 
-    def place(self, flat: torch.Tensor, j: int, value: torch.Tensor) -> None:
-        """Write parameter j's whole ``value`` into the ``dp * part`` vector ``flat``."""
-        v = value.reshape(-1)
-        for start, n, src in self.segments[j]:
-            flat[start : start + n] = v[src : src + n]
+    def _offsets(self, batch: list[int]) -> list[int]:
+        offs, total = [], 0
+        for j in batch:
+            offs.append(total)
+            total += self.shapes[j].numel()
+        return offs + [total]
+
+    def gather(self, local: torch.Tensor, batch: list[int], rank: int, group: Any) -> list[torch.Tensor]:
+        """The whole (TP-local) tensors of parameters ``batch`` from the ranks' partitions ``local``."""
+        offs = self._offsets(batch)
+        buf = torch.zeros(offs[-1], dtype=local.dtype, device=local.device)
+        lo = rank * self.part
+        for j, base in zip(batch, offs, strict=False):
+            for start, n, src in self.segments[j]:
+                if lo <= start < lo + self.part:
+                    buf[base + src : base + src + n] = local[start - lo : start - lo + n]
+        if self.dp > 1:
+            dist.all_reduce(buf, group=group)
+        return [buf[offs[i] : offs[i + 1]].view(self.shapes[j]) for i, j in enumerate(batch)]
+
+    def scatter(self, values: dict[int, torch.Tensor], batch: list[int], rank: int, group: Any,
+                out: torch.Tensor) -> None:
+        """Each rank's slice of the whole ``values`` (parameter index -> tensor, given on one rank each) into
+        ``out``, this rank's partition."""
+        offs = self._offsets(batch)
+        buf = torch.zeros(offs[-1], dtype=out.dtype, device=out.device)
+        for i, j in enumerate(batch):
+            if j in values:
+                buf[offs[i] : offs[i + 1]] = values[j].reshape(-1)
+        if self.dp > 1:
+            dist.all_reduce(buf, group=group)
+        lo = rank * self.part
+        for j, base in zip(batch, offs, strict=False):
+            for start, n, src in self.segments[j]:
+                if lo <= start < lo + self.part:
+                    out[start - lo : start - lo + n] = buf[base + src : base + src + n]
 
 
 class GatheredOrthogonalOptimizer(torch.optim.Optimizer):
@@ -99,12 +140,14 @@ class GatheredOrthogonalOptimizer(torch.optim.Optimizer):
     partitions; a Muon tensor without a layout is a real parameter (stage 0) and takes our Muon's own step.
     """
 
-    def __init__(self, muon: Muon | None, adamw: torch.optim.Optimizer, parallel: Any) -> None:
+    def __init__(self, muon: Muon | None, adamw: torch.optim.Optimizer, parallel: Any,
+                 gather_numel: int = 1 << 26) -> None:
         groups = [dict(g, kind="muon") for g in (muon.param_groups if muon is not None else [])]
         groups += [dict(g, kind="adamw") for g in adamw.param_groups]
         super().__init__(groups, {})
         self._parallel = parallel
         self.layouts: dict[int, FlatLayout] = {}
+        self.gather_numel = gather_numel  # elements of whole matrices rebuilt at a time (at least one matrix)
         self._adamw = adamw
         self._adamw.param_groups = [g for g in self.param_groups if g["kind"] == "adamw"]
         self._adamw.state = self.state
@@ -150,16 +193,17 @@ class GatheredOrthogonalOptimizer(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         buf.mul_(mom).add_(t.grad)
         update = t.grad.add(buf, alpha=mom) if group["nesterov"] else buf
-        whole = layout.gather(update, par.dp_group)
-        delta = torch.zeros(layout.dp * layout.part, dtype=t.dtype, device=t.device)
-        for j, (p, u) in enumerate(zip(layout.params, whole, strict=True)):
-            if self.owners[id(p)] != par.dp_rank:
-                continue
-            full, splits = _gather_full(u, p, par, group["splits"])
-            o = self._muon._orthogonalised(full, splits, group, logical_blocks(p, splits, full.shape[1], par.tp_size))
-            layout.place(delta, j, _local_shard(o, p, par))
-        if layout.dp > 1:
-            dist.all_reduce(delta, group=par.dp_group)
-        r = par.dp_rank
+        delta = torch.zeros_like(t)
+        for batch in layout.batches(self.gather_numel):
+            whole = layout.gather(update, batch, par.dp_rank, par.dp_group)
+            owned: dict[int, torch.Tensor] = {}
+            for j, u in zip(batch, whole, strict=True):
+                p = layout.params[j]
+                if self.owners[id(p)] == par.dp_rank:
+                    full, splits = _gather_full(u, p, par, group["splits"])
+                    o = self._muon._orthogonalised(full, splits, group,
+                                                   logical_blocks(p, splits, full.shape[1], par.tp_size))
+                    owned[j] = _local_shard(o, p, par)
+            layout.scatter(owned, batch, par.dp_rank, par.dp_group, delta)
         t.mul_(1.0 - lr * wd)
-        t.add_(delta[r * layout.part : (r + 1) * layout.part], alpha=-lr)
+        t.add_(delta, alpha=-lr)
