@@ -28,7 +28,7 @@ VOCAB = 64
 STEPS = 3
 STAGES = (0, 1, 2, 3)
 OPTIMIZERS = ("muon", "adamw")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Measured (CPU, fp32, 2 ranks, 3 layers so matrices straddle ZeRO 1/2 partitions and owners differ from holders),
 # max |parameter - DDP| after 3 steps: Muon 0 (ZeRO-0), 3e-8 (1, 2), 1.2e-7 (3); AdamW 2.2e-7 (0-2), 7.8e-6 (3: its
 # m / sqrt(v) amplifies reduction-order noise in near-zero gradients). Losses equal to 2.4e-7.
