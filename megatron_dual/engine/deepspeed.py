@@ -169,6 +169,14 @@ def _check_zero_options(merged: Mapping[str, Any], where: str, optimizer_name: s
                           f"train.precision = bf16")
 
 
+def check_stage_precision(stage: int, bf16: bool, optimizer_name: str) -> None:
+    """DeepSpeed's bf16 optimizer at stage 0 hands the client flat partitions that this engine has no layout for."""
+    if stage == 0 and bf16 and optimizer_name == "muon":
+        raise ConfigError("engine.zero_stage = 0 with bf16 (train.precision) and optimizer.name = muon: DeepSpeed's "
+                          "bf16 optimizer partitions like ZeRO-1 without telling us where; use engine.zero_stage = 1 "
+                          "(same memory or less) or train.precision = fp32")
+
+
 def _import_deepspeed(device: torch.device) -> Any:
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -268,6 +276,7 @@ class DeepSpeedEngine(Engine):
         self.parallel, self.stage = parallel, cfg.engine.zero_stage
         p = cfg.train.precision
         self.precision = "bf16" if p == "bf16" or (p == "auto" and device.type == "cuda") else "fp32"
+        check_stage_precision(self.stage, self.precision == "bf16", cfg.optimizer.name)
         ds_cfg = deepspeed_config(cfg, parallel.dp_size, self.precision == "bf16")
         if cfg.engine.deepspeed_config:
             ds_cfg = merge_deepspeed_config(ds_cfg, cfg.engine.deepspeed_config, cfg.optimizer.name)

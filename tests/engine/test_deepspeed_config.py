@@ -12,7 +12,12 @@ import pytest
 
 from megatron_dual.config import ConfigError, load_config
 from megatron_dual.engine.checkpoint import CheckpointError
-from megatron_dual.engine.deepspeed import check_resumable, deepspeed_config, merge_deepspeed_config
+from megatron_dual.engine.deepspeed import (
+    check_resumable,
+    check_stage_precision,
+    deepspeed_config,
+    merge_deepspeed_config,
+)
 
 
 def _cfg(*extra):
@@ -108,3 +113,11 @@ def test_zero_checkpoint_on_another_layout_is_refused(saved, stage, dp, tp, what
 
 def test_stage0_checkpoint_resumes_on_another_dp_size():
     check_resumable(Path("ck"), {"zero_stage": 0, "dp": 2, "tp": 1}, 0, 4, 1)  # replicated state: no error
+
+
+def test_bf16_stage0_muon_is_refused_before_deepspeed():
+    with pytest.raises(ConfigError, match="engine.zero_stage = 0 with bf16"):
+        check_stage_precision(0, True, "muon")
+    check_stage_precision(0, True, "adamw")
+    check_stage_precision(1, True, "muon")
+    check_stage_precision(0, False, "muon")
