@@ -69,10 +69,7 @@ def build(op: str, a: argparse.Namespace, device: str, dtype: Any) -> tuple[Call
 
     n, h = a.tokens, a.hidden
     if op == "rmsnorm_apex":
-        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
-
-        x, w = rnd(n, h), rnd(h, dt=torch.float32)
-        return (lambda: fused_rms_norm_affine(x, w, (h,), 1e-7)), (lambda: F.rms_norm(x, (h,), w, 1e-7)), [x, w]
+        return _apex_rmsnorm(rnd(n, h), rnd(h, dt=torch.float32))
     if op == "rmsnorm":
         x, w = rnd(n, h), rnd(h, dt=torch.float32)
         return (lambda: rms_norm(x, w, 1e-7)), (lambda: F.rms_norm(x, (h,), w, 1e-7)), [x, w]
@@ -125,6 +122,14 @@ def build(op: str, a: argparse.Namespace, device: str, dtype: Any) -> tuple[Call
 
         return fused, unfused, [feats, w, bias]
     raise ValueError(op)
+
+
+def _apex_rmsnorm(x: Any, w: Any) -> tuple[Callable, Callable, list]:
+    import torch.nn.functional as F
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+
+    h = x.shape[-1]
+    return (lambda: fused_rms_norm_affine(x, w, (h,), 1e-7)), (lambda: F.rms_norm(x, (h,), w, 1e-7)), [x, w]
 
 
 def adamw_apex(a: argparse.Namespace) -> None:
