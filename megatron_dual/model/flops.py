@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from megatron_dual.model.loss import IGNORE
+
 if TYPE_CHECKING:
     from megatron_dual.config import ModelConfig
     from megatron_dual.model.attention import AttentionMask
-
-IGNORE = -100
 
 
 class Peak(NamedTuple):
