@@ -115,17 +115,52 @@ class ObjectiveConfig:
     z_loss: float = 1e-4
     n_special: int = 16  # ids below this are never masked
     mask_token_id: int = 4
-    rotate: bool = True  # rotate the objective assignment over slots every step
+    # step: rotate the objective assignment over slots every step | epoch: fixed per slot for a data epoch (the
+    # reference) | none. true / false (the former boolean) read as step / none.
+    rotate: str = "step"
+    # paper: the paper's equations (README) | reference: the paper's training code (AR x 2.0, MD weight
+    # 1/(smoothed realised mask fraction), both over B x T positions, see megatron_dual/objectives.py)
+    recipe: str = "paper"
+    # alpha over steps instead of a constant: "0:1, 6144:63/64" (piecewise constant) or "linear 1 -> 1/8"
+    alpha_schedule: str = ""
+    # more than two objectives, e.g. "ar=3/4 md=1/8 prefix=1/8" (replaces alpha); "" = alpha over AR and MD
+    mix: str = ""
+    prefix_range: tuple[float, float] = (0.0, 1.0)  # prefix-LM: prefix = floor(f * seq_len), f ~ U(range)
+    epoch_steps: int = 0  # rotate = epoch: steps per epoch; 0 = train.steps / data.repetitions (as the reference)
 
     def validate(self, vocab_size: int) -> None:
         """The fields, the token ids against ``model.vocab_size``; alpha against the launch is checked by
         :meth:`Config.validate`."""
+        from megatron_dual.objectives import PREFIX, RECIPES, ROTATIONS, parse_alpha_schedule, parse_mix
+
         _check(0.0 <= self.alpha <= 1.0, "objective.alpha", self.alpha, "must be in [0, 1] (1 = pure AR, 0 = pure MD)")
         _check(0.0 < self.t_min < 1.0, "objective.t_min", self.t_min, "must be in (0, 1)")
         _check(self.z_loss >= 0, "objective.z_loss", self.z_loss, "must be >= 0")
         _check(0 <= self.mask_token_id < vocab_size, "objective.mask_token_id", self.mask_token_id,
                f"must be a token id below model.vocab_size = {vocab_size}")
         _check(0 < self.n_special < vocab_size, "objective.n_special", self.n_special, "must be in (0, vocab_size)")
+        self.rotate = _rotation(self.rotate)
+        _check(self.rotate in ROTATIONS, "objective.rotate", self.rotate, f"one of {', '.join(ROTATIONS)} (or true "
+               "/ false for step / none)")
+        _check(self.recipe in RECIPES, "objective.recipe", self.recipe, f"one of {', '.join(RECIPES)}")
+        lo, hi = self.prefix_range
+        _check(0 <= lo <= hi <= 1, "objective.prefix_range", list(self.prefix_range), "needs 0 <= low <= high <= 1")
+        _check(self.epoch_steps >= 0, "objective.epoch_steps", self.epoch_steps, "must be >= 0 (0: steps / R)")
+        mix = parse_mix(self.mix) if self.mix else {}
+        if self.alpha_schedule:
+            parse_alpha_schedule(self.alpha_schedule)
+        _check(not (mix and self.alpha_schedule), "objective.alpha_schedule", self.alpha_schedule,
+               "cannot be combined with objective.mix (a schedule is over alpha, AR vs MD)")
+        _check(self.recipe == "paper" or not mix.get(PREFIX), "objective.mix", self.mix,
+               "prefix is not part of objective.recipe = reference (the reference trains AR and MD only)")
+
+
+def _rotation(value: Any) -> str:
+    """objective.rotate as step | epoch | none; the former booleans (and their YAML spellings) map to step / none."""
+    if isinstance(value, bool):
+        return "step" if value else "none"
+    text = str(value).strip().lower()
+    return {"true": "step", "yes": "step", "1": "step", "false": "none", "no": "none", "0": "none"}.get(text, text)
 
 
 @dataclass
@@ -201,7 +236,9 @@ class DataConfig:
     valid_fraction: float = 0.01  # share of documents held out for validation
     seed: int = 1234
     # Megatron's --data-path habit also works: "0.7 a 0.3 b" blends by weight, "a b" by tokens, globs allowed
-    repetitions: int = 0  # R: train on a unique subset of budget/R tokens seen exactly R times; 0: all documents
+    # R: train on a unique subset of budget/R tokens seen exactly R times; 0: all documents. Per dataset of a blend:
+    # "web=4 books=16" (names: a prefix, its file name, or that without _text_document; "*=R" for the rest)
+    repetitions: int | str = 0
     budget_tokens: int = 0  # T, the tokens training consumes; 0: train.steps x tokens per step
     cache_dir: str = ""  # where large sample indexes are cached; "": <first prefix>_cache
 
@@ -211,10 +248,27 @@ class DataConfig:
         _check(self.seq_len <= max_seq_len, "data.seq_len", self.seq_len,
                f"must not exceed model.max_seq_len = {max_seq_len}")
         _check(0 <= self.valid_fraction < 1, "data.valid_fraction", self.valid_fraction, "must be in [0, 1)")
-        _check(self.repetitions >= 0, "data.repetitions", self.repetitions,
-               "must be >= 0 (R >= 1: a unique subset of budget/R tokens seen R times; 0: every document)")
+        if isinstance(self.repetitions, str):
+            from megatron_dual.data.loader import DataPathError, parse_repetitions
+
+            try:
+                parse_repetitions(self.repetitions)
+            except DataPathError as e:
+                raise ConfigError(str(e)) from None
+        else:
+            _check(self.repetitions >= 0, "data.repetitions", self.repetitions,
+                   "must be >= 0 (R >= 1: a unique subset of budget/R tokens seen R times; 0: every document)")
         _check(self.budget_tokens >= 0, "data.budget_tokens", self.budget_tokens,
                "must be >= 0 (0: train.steps x micro_batch_size x grad_accum x data-parallel ranks x seq_len)")
+
+    def epoch_repetitions(self) -> int:
+        """R for the length of a data epoch (objective.rotate = epoch): the repetitions, the largest of a per-dataset
+        spec, 0 when unset."""
+        if isinstance(self.repetitions, str):
+            from megatron_dual.data.loader import parse_repetitions
+
+            return max(parse_repetitions(self.repetitions).values())
+        return self.repetitions
 
 
 @dataclass
@@ -376,13 +430,16 @@ class Config:
         return self
 
     def _check_launch(self, world: int) -> None:
-        """The mix must be realisable on the job's global slots: data-parallel ranks x micro-batch slots."""
+        """The mix (alpha, objective.mix, every step of objective.alpha_schedule) must be realisable on the job's
+        global slots: data-parallel ranks x micro-batch slots."""
         tp = self.parallel.tp
         if world % tp:
             raise ConfigError(f"parallel.tp = {tp} does not divide the world size {world} of this launch")
         dp = world // tp
-        alpha_to_slots(self.objective.alpha, dp * self.train.grad_accum,
-                       field_name="objective.alpha" + (f" (with {dp} data-parallel ranks)" if dp > 1 else ""))
+        from megatron_dual.objectives import schedule_from_config
+
+        schedule_from_config(self.objective, dp, self.train.grad_accum, self.train.steps, self.data.epoch_repetitions(),
+                             field_name="objective.alpha" + (f" (with {dp} data-parallel ranks)" if dp > 1 else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------

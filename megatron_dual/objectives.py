@@ -13,24 +13,38 @@ Both objectives read a packed sample of ``T + 1`` tokens with per-token document
   expectation of the weighted sum equals the summed NLL over all those tokens: L_MD sits on the per-token scale of
   L_AR.
 
+* prefix-LM: per sequence a prefix of ``floor(f * T)`` positions, ``f ~ U(objective.prefix_range)``, attended
+  bidirectionally (within documents), the rest causally; label only the continuation (position ``i`` where token
+  ``i + 1`` lies after the prefix); weight 1; normaliser = labelled positions, the per-token scale of AR.
+
 The per-token loss is ``nll + z_loss * logsumexp(logits)^2``; the step loss is
-``alpha * L_AR + (1 - alpha) * L_MD`` with each objective normalised by its own token count over the step.
+``alpha * L_AR + (1 - alpha) * L_MD`` (``sum_o share_o * L_o`` for a three-objective ``objective.mix``) with each
+objective normalised by its own token count over the step (``objective.recipe = paper``). ``objective.recipe =
+reference`` is the paper's training code instead (:func:`reference_md_batch`, :func:`step_coefficients`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
-from megatron_dual.config import ObjectiveConfig, alpha_to_slots
+from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError, ObjectiveConfig, alpha_to_slots
 from megatron_dual.model.attention import AttentionMask
 from megatron_dual.model.loss import IGNORE
 
-AR, MD = "ar", "md"
-OBJECTIVES = (AR, MD)
+AR, MD, PREFIX = "ar", "md", "prefix"
+OBJECTIVES = (AR, MD, PREFIX)  # row order of per-objective sums (StepTotals, token counts, validation)
+TWO_OBJECTIVES = (AR, MD)  # what a run without objective.mix trains (and validates)
+ALLOCATION_ORDER = (MD, AR, PREFIX)  # rotated slot position p runs MD below n_md, then AR, then prefix
+RECIPES = ("paper", "reference")  # objective.recipe
+ROTATIONS = ("step", "epoch", "none")  # objective.rotate (true/false are read as step/none)
+REFERENCE_AR_WEIGHT = 2.0  # run_pretraining.py: `weight = 2.0` in the causal branch of the loss
+REFERENCE_MASK_SMOOTHING = 1e-4  # dataset.py: real_mask_p = (1 - 1e-4) * real_mask_p + 1e-4
 
 
 @dataclass
@@ -105,14 +119,78 @@ def masking_generator(seed: int, step: int, slot: int) -> torch.Generator:
     return g
 
 
+def reference_md_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, generator: torch.Generator, *,
+                       mask_token_id: int, n_special: int) -> ObjectiveBatch:
+    """MD as the paper's training code draws it (``objective.recipe = reference``; dataset.py,
+    ``DiffusionMaskingStrategy`` and ``DiffusionDatasetv2.apply_mask``), per sequence of T inputs:
+
+    * every input position gets a ratio ~ U(0, 1), special tokens (id < n_special) +inf; t ~ U(0, 1) and exactly
+      ``k = max(1, floor(T t + U))`` positions are masked: those with the k smallest ratios (``topk`` then
+      ``ratios <= k-th``), so when k exceeds the maskable count the threshold is +inf and every position, special
+      tokens too, is masked;
+    * position i is labelled iff input i + 1 was masked, and the last position always (``target_mask =
+      cat([mask[1:], True])``); here also only inside one document (our packing keeps each document's final token
+      as an input, the reference drops it, see the README);
+    * every label weighs ``1 / ((1 - 1e-4) m / T + 1e-4)`` with m the realised number of masked positions;
+    * the normaliser is all B x T positions (run_pretraining.py: ``loss / input_ids.numel()``)."""
+    _check_shapes(tokens, doc_ids)
+    inputs = tokens[:, :-1]
+    b, t_len = inputs.shape
+    ratios = torch.rand(inputs.shape, generator=generator, dtype=torch.float64)
+    ratios = torch.where(inputs < n_special, torch.full_like(ratios, math.inf), ratios)
+    t = torch.rand(b, generator=generator, dtype=torch.float64)
+    u = torch.rand(b, generator=generator, dtype=torch.float64)
+    k = torch.clamp(torch.floor(t_len * t + u).long(), 1, t_len)
+    threshold = ratios.sort(dim=1).values.gather(1, (k - 1)[:, None])
+    masked = ratios <= threshold
+    frac = masked.sum(dim=1, keepdim=True).double() / t_len
+    weight = 1.0 / ((1.0 - REFERENCE_MASK_SMOOTHING) * frac + REFERENCE_MASK_SMOOTHING)
+    last = torch.ones(b, 1, dtype=torch.bool)
+    predict = torch.cat([masked[:, 1:], last], dim=1) & _same_doc(doc_ids)
+    labels = torch.where(predict, tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE))
+    weights = torch.where(predict, weight.expand_as(predict), torch.zeros((), dtype=torch.float64))
+    corrupted = torch.where(masked, torch.full_like(inputs, mask_token_id), inputs)
+    return ObjectiveBatch(MD, corrupted.contiguous(), labels, weights.float(),
+                          AttentionMask("bidirectional", doc_ids=doc_ids[:, :-1].clone()), b * t_len)
+
+
+def prefix_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, generator: torch.Generator,
+                 prefix_range: tuple[float, float] = (0.0, 1.0)) -> ObjectiveBatch:
+    """Prefix-LM: per sequence ``P = floor(f T)``, ``f ~ U(prefix_range)``; inputs ``0 .. P-1`` attend to each other
+    bidirectionally (within documents, the prefix mask of :class:`AttentionMask`), the rest causally; position i
+    is labelled iff its target ``i + 1`` lies in the continuation (``i >= P - 1``) and in the same document, so
+    no prediction sees its own target. Weight 1, normaliser = labelled positions (the per-token scale of AR)."""
+    _check_shapes(tokens, doc_ids)
+    b, t_len = tokens.shape[0], tokens.shape[1] - 1
+    lo, hi = prefix_range
+    f = lo + (hi - lo) * torch.rand(b, generator=generator, dtype=torch.float64)
+    plen = torch.clamp(torch.floor(f * t_len).long(), 0, t_len)
+    pos = torch.arange(t_len)
+    valid = _same_doc(doc_ids) & (pos[None, :] >= plen[:, None] - 1)
+    labels = torch.where(valid, tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE))
+    mask = AttentionMask("prefix", doc_ids=doc_ids[:, :-1].clone(), prefix_len=plen)
+    return ObjectiveBatch(PREFIX, tokens[:, :-1].clone(), labels, valid.float(), mask, int(valid.sum()))
+
+
 def make_objective_batch(objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, cfg: ObjectiveConfig,
                          generator: torch.Generator) -> ObjectiveBatch:
-    """The :class:`ObjectiveBatch` of ``objective`` (AR or MD) for packed ``tokens``/``doc_ids`` (B, T + 1)."""
+    """The :class:`ObjectiveBatch` of ``objective`` for packed ``tokens``/``doc_ids`` (B, T + 1), under
+    ``cfg.recipe`` (paper: the module docstring; reference: AR normalised by B x T positions, MD as
+    :func:`reference_md_batch`)."""
+    reference = cfg.recipe == "reference"
     if objective == AR:
-        return ar_batch(tokens, doc_ids)
+        batch = ar_batch(tokens, doc_ids)
+        if reference:  # run_pretraining.py divides every objective by input_ids.numel(): all B x T positions
+            batch.n_tokens = batch.input_ids.numel()
+        return batch
     if objective == MD:
+        if reference:
+            return reference_md_batch(tokens, doc_ids, generator, mask_token_id=cfg.mask_token_id,
+                                      n_special=cfg.n_special)
         return md_batch(tokens, doc_ids, generator, mask_token_id=cfg.mask_token_id, n_special=cfg.n_special,
                         t_min=cfg.t_min)
+    if objective == PREFIX:
+        return prefix_batch(tokens, doc_ids, generator, tuple(cfg.prefix_range))
     raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
 
 
@@ -130,30 +208,190 @@ class ObjectiveBatcher:
         return make_objective_batch(objective, tokens, doc_ids, self.cfg, gen)
 
 
+# ---------------------------------------------------------------------------------------------------- the mix
+
+
+def _fraction(text: str, field_name: str, where: str) -> Fraction:
+    try:
+        value = Fraction(text.strip()).limit_denominator(ALPHA_MAX_DENOMINATOR)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{field_name}: {where}: {text.strip()!r} is not a number or fraction") from None
+    if not 0 <= value <= 1:
+        raise ConfigError(f"{field_name}: {where}: {value} is outside [0, 1]")
+    return value
+
+
+def parse_mix(text: str, field_name: str = "objective.mix") -> dict[str, Fraction]:
+    """``"ar=3/4 md=1/8 prefix=1/8"`` -> {objective: share}; the shares must sum to exactly 1."""
+    mix: dict[str, Fraction] = {}
+    for item in text.replace(",", " ").split():
+        name, sep, value = item.partition("=")
+        if not sep or name not in OBJECTIVES:
+            raise ConfigError(f"{field_name} = {text!r}: {item!r} is not objective=share with objective one of "
+                              f"{', '.join(OBJECTIVES)} (e.g. \"ar=3/4 md=1/8 prefix=1/8\")")
+        if name in mix:
+            raise ConfigError(f"{field_name} = {text!r}: {name} is given twice")
+        mix[name] = _fraction(value, f"{field_name} = {text!r}", f"the share of {name}")
+    if sum(mix.values()) != 1:
+        raise ConfigError(f"{field_name} = {text!r}: the shares sum to {sum(mix.values())}, not 1")
+    return mix
+
+
+@dataclass(frozen=True)
+class AlphaSchedule:
+    """alpha over steps: ``points`` [(first step, alpha)] piecewise constant, or ``linear`` from ``points[0]`` at step
+    0 to ``points[1]`` at the last step."""
+
+    points: tuple[tuple[int, Fraction], ...]
+    linear: bool = False
+    text: str = ""  # as written in the config
+
+    def at(self, step: int, total_steps: int) -> Fraction:
+        """The nominal alpha of (0-based) ``step``: exact for piecewise constant, a fraction of the linear value."""
+        if self.linear:
+            (_, a0), (_, a1) = self.points
+            frac = Fraction(step, max(1, total_steps - 1))
+            return a0 + (a1 - a0) * min(Fraction(1), frac)
+        value = self.points[0][1]
+        for first, alpha in self.points:
+            if step >= first:
+                value = alpha
+        return value
+
+
+def parse_alpha_schedule(text: str, field_name: str = "objective.alpha_schedule") -> AlphaSchedule:
+    """``"3/4"`` (constant), ``"0:1, 6144:63/64"`` (piecewise constant: from step 0 alpha 1, from step 6144 alpha
+    63/64; steps are 0-based optimizer steps, increasing, the first 0) or ``"linear 1 -> 1/8"`` (over the run)."""
+    body = text.strip()
+    if body.startswith("linear"):
+        ends = body[len("linear"):].split("->")
+        if len(ends) != 2:
+            raise ConfigError(f"{field_name} = {text!r}: a linear schedule reads 'linear A -> B' (e.g. 'linear 1 -> "
+                              f"1/8')")
+        a0, a1 = (_fraction(e, f"{field_name} = {text!r}", f"linear end {i + 1}") for i, e in enumerate(ends))
+        return AlphaSchedule(((0, a0), (-1, a1)), linear=True, text=body)
+    points: list[tuple[int, Fraction]] = []
+    for i, item in enumerate(x for x in body.split(",")):
+        step_text, sep, value = item.rpartition(":") if ":" in item else ("0", ":", item)
+        where = f"item {i + 1} ({item.strip()!r})"
+        if not step_text.strip().isdigit():
+            raise ConfigError(f"{field_name} = {text!r}: {where}: expected step:alpha with a whole step number")
+        step = int(step_text)
+        if (not points and step != 0) or (points and step <= points[-1][0]):
+            raise ConfigError(f"{field_name} = {text!r}: {where}: steps must start at 0 and increase")
+        points.append((step, _fraction(value, f"{field_name} = {text!r}", where)))
+    if not points:
+        raise ConfigError(f"{field_name} = {text!r}: empty schedule")
+    return AlphaSchedule(tuple(points), text=body)
+
+
+def realise_shares(shares: Mapping[str, Fraction], total: int, field_name: str) -> dict[str, int]:
+    """Slot counts {objective: k} with k / total == share exactly; a ConfigError naming ``field_name`` otherwise."""
+    counts = {}
+    for obj, share in shares.items():
+        k = share * total
+        if k.denominator != 1:
+            alpha_to_slots(float(share), total, field_name=f"{field_name} ({obj} = {share})")
+        counts[obj] = int(k)
+    return counts
+
+
 class ObjectiveSchedule:
     """Which objective each (rank, micro-batch slot) runs at each step.
 
-    With N ranks and M slots there are S = N*M global slots; alpha must be k/S. Global slot g = rank*M + slot runs MD
-    at step s iff ``(g + s) % S < S - k`` when rotating (every slot sees both objectives over S steps), else iff
-    ``g < S - k``. Exactly k slots run AR at every step.
+    With N ranks and M slots there are S = N*M global slots. At step s, ``counts(s)`` slots run each objective
+    (alpha = k/S, or an ``objective.mix`` over three objectives, or an alpha schedule: exact per step). Global slot
+    g = rank*M + slot takes rotated position p, and p < n_md runs MD, then n_ar positions AR, then prefix:
+
+    * ``rotate = "step"``: p = (g + s) % S (every slot sees every objective over S steps);
+    * ``rotate = "epoch"``: p = (g + e) % D with e = s // epoch_steps and D = S / gcd(S, counts) (the reference's
+      ``(epoch + rank) % D < N``: an objective is fixed per slot for a data epoch);
+    * ``rotate = "none"``: p = g.
     """
 
-    def __init__(self, alpha: float, n_ranks: int = 1, n_slots: int = 1, rotate: bool = True) -> None:
+    def __init__(self, alpha: float = 1.0, n_ranks: int = 1, n_slots: int = 1, rotate: bool | str = True, *,
+                 mix: Mapping[str, Fraction] | None = None, alpha_schedule: AlphaSchedule | None = None,
+                 total_steps: int = 1, epoch_steps: int = 0, field_name: str = "objective.alpha") -> None:
         if n_ranks < 1 or n_slots < 1:
             raise ValueError(f"n_ranks = {n_ranks} and n_slots = {n_slots} must both be >= 1")
         self.total = n_ranks * n_slots
-        self.n_ranks, self.n_slots, self.rotate = n_ranks, n_slots, rotate
-        self.n_ar = alpha_to_slots(alpha, self.total)
-        self.n_md = self.total - self.n_ar
-        self.alpha = Fraction(self.n_ar, self.total)
+        self.n_ranks, self.n_slots = n_ranks, n_slots
+        self.rotate = {True: "step", False: "none"}.get(rotate, rotate) if isinstance(rotate, bool) else rotate
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"rotate = {rotate!r}; allowed: {', '.join(ROTATIONS)}")
+        self.total_steps, self.epoch_steps = max(1, total_steps), max(1, epoch_steps or total_steps)
+        self.alpha_schedule = alpha_schedule
+        self.rounding_error = 0.0  # largest |k_s / S - alpha_s| of a linear schedule
+        self._fixed: dict[str, int] | None = None
+        if alpha_schedule is None:
+            shares = dict(mix) if mix else {AR: Fraction(alpha_to_slots(alpha, self.total, field_name), self.total)}
+            shares.setdefault(AR, Fraction(0))
+            shares.setdefault(MD, 1 - sum(shares.values()))
+            self._fixed = realise_shares(shares, self.total, "objective.mix" if mix else field_name)
+        else:
+            self._check_schedule()
+        self.objectives = tuple(o for o in OBJECTIVES if o in (self._fixed or TWO_OBJECTIVES))
+        first = self.counts(0)
+        self.n_ar, self.n_md = first.get(AR, 0), first.get(MD, 0)
+        self.alpha = Fraction(self.n_ar, self.total)  # step 0's (the whole run's when constant)
+
+    def _check_schedule(self) -> None:
+        sched = self.alpha_schedule
+        if not sched.linear:
+            for first, alpha in sched.points:
+                if first < self.total_steps:
+                    alpha_to_slots(float(alpha), self.total,
+                                   field_name=f"objective.alpha_schedule (alpha {alpha} from step {first})")
+            return
+        for s in range(self.total_steps):
+            nominal = sched.at(s, self.total_steps)
+            self.rounding_error = max(self.rounding_error, abs(float(self._ar_slots(s) / self.total - nominal)))
+
+    def _ar_slots(self, step: int) -> Fraction:
+        nominal = self.alpha_schedule.at(step, self.total_steps)
+        return Fraction(math.floor(nominal * self.total + Fraction(1, 2)))
+
+    def counts(self, step: int) -> dict[str, int]:
+        """Slots per objective at ``step`` (their sum is S)."""
+        if self._fixed is not None:
+            return self._fixed
+        k = int(self._ar_slots(step)) if self.alpha_schedule.linear else int(
+            self.alpha_schedule.at(step, self.total_steps) * self.total)
+        return {AR: k, MD: self.total - k}
+
+    def shares(self, step: int) -> dict[str, Fraction]:
+        return {o: Fraction(k, self.total) for o, k in self.counts(step).items()}
+
+    def alpha_at(self, step: int) -> Fraction:
+        """The realised alpha (share of AR slots) of ``step``."""
+        return Fraction(self.counts(step).get(AR, 0), self.total)
 
     def objective(self, rank: int, slot: int, step: int) -> str:
         g = rank * self.n_slots + slot
-        pos = (g + step) % self.total if self.rotate else g
-        return MD if pos < self.n_md else AR
+        counts = self.counts(step)
+        if self.rotate == "step":
+            pos, scale = (g + step) % self.total, 1
+        elif self.rotate == "epoch":
+            period = self.total // math.gcd(self.total, *counts.values())
+            pos, scale = (g + step // self.epoch_steps) % period, self.total // period
+        else:
+            pos, scale = g, 1
+        edge = 0
+        for obj in ALLOCATION_ORDER:
+            edge += counts.get(obj, 0) // scale
+            if pos < edge:
+                return obj
+        raise AssertionError(f"slot position {pos} beyond the {self.total} slots")
 
     def slots(self, rank: int, step: int) -> list[str]:
         return [self.objective(rank, s, step) for s in range(self.n_slots)]
+
+    def rounding_note(self) -> str:
+        """'' or, for a linear schedule, how far the realised k_s / S strays from the nominal alpha (reported once)."""
+        if self.alpha_schedule is None or not self.alpha_schedule.linear:
+            return ""
+        return (f"; the linear schedule is realised as k/{self.total} per step (round half up), largest error "
+                f"{self.rounding_error:.4g}")
 
 
 def loss_coefficients(alpha: float, ar_tokens: int, md_tokens: int) -> dict[str, float]:
@@ -163,3 +401,45 @@ def loss_coefficients(alpha: float, ar_tokens: int, md_tokens: int) -> dict[str,
         AR: alpha / ar_tokens if ar_tokens > 0 else 0.0,
         MD: (1.0 - alpha) / md_tokens if md_tokens > 0 else 0.0,
     }
+
+
+def step_coefficients(slots: Mapping[str, int], tokens: Mapping[str, int], recipe: str = "paper"
+                      ) -> dict[str, float]:
+    """Factor on each objective's summed per-token loss at one step, from the step's slot counts and each
+    objective's normaliser summed over the job.
+
+    * paper: ``share_o / tokens_o`` (share = slots_o / S), so the step loss is ``sum_o share_o L_o``; with AR and
+      MD only exactly :func:`loss_coefficients` (the MD share as ``1 - alpha`` in floats, as always);
+    * reference: ``w_o / (all positions of the step)`` with w = 2.0 for AR and 1 for MD (run_pretraining.py:
+      ``weight = 2.0``, ``loss / input_ids.numel()``, gradients averaged over ranks and accumulation steps).
+    """
+    total = sum(slots.values())
+    if recipe == "reference":
+        positions = sum(tokens.values())
+        return {o: (REFERENCE_AR_WEIGHT if o == AR else 1.0) / positions if positions else 0.0 for o in OBJECTIVES}
+    if set(k for k, v in slots.items() if v) <= {AR, MD}:
+        alpha = float(Fraction(slots.get(AR, 0), total))
+        return {**loss_coefficients(alpha, tokens.get(AR, 0), tokens.get(MD, 0)), PREFIX: 0.0}
+    return {o: float(Fraction(slots.get(o, 0), total)) / tokens[o] if tokens.get(o) else 0.0 for o in OBJECTIVES}
+
+
+def effective_alpha(alpha: Fraction, recipe: str = "paper") -> Fraction:
+    """The AR weight of the objective actually optimised, as a share of AR + MD: alpha itself under the paper
+    recipe; under the reference recipe (AR tokens weigh 2.0, both over B x T positions) ``2 alpha / (1 + alpha)``,
+    i.e. ``2 (1 - r) / (2 - r)`` for a share r of MD slots (63/64 -> 126/127)."""
+    alpha = Fraction(alpha)
+    if recipe == "reference":
+        return 2 * alpha / (1 + alpha)
+    return alpha
+
+
+def schedule_from_config(cfg: ObjectiveConfig, n_ranks: int, n_slots: int, total_steps: int,
+                         repetitions: int = 0, field_name: str = "objective.alpha") -> ObjectiveSchedule:
+    """The :class:`ObjectiveSchedule` of a (validated) ``objective`` section on ``n_ranks`` x ``n_slots``; an epoch
+    (for ``rotate = epoch``) is ``objective.epoch_steps`` or train.steps / R (the reference's ``steps_in_epoch =
+    int(max_steps / n_repetitions)``)."""
+    mix = parse_mix(cfg.mix) if cfg.mix else None
+    sched = parse_alpha_schedule(cfg.alpha_schedule) if cfg.alpha_schedule else None
+    epoch = cfg.epoch_steps or int(total_steps / max(1, repetitions))
+    return ObjectiveSchedule(cfg.alpha, n_ranks, n_slots, cfg.rotate, mix=mix, alpha_schedule=sched,
+                             total_steps=total_steps, epoch_steps=epoch, field_name=field_name)

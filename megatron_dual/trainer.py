@@ -33,7 +33,7 @@ from megatron_dual.engine.base import Engine
 from megatron_dual.model.flops import objective_batch_flops, peak_flops
 from megatron_dual.model.loss import LossSums, labelled_loss
 from megatron_dual.model.transformer import DualTransformer
-from megatron_dual.objectives import OBJECTIVES, ObjectiveBatch, ObjectiveBatcher, loss_coefficients
+from megatron_dual.objectives import OBJECTIVES, ObjectiveBatch, ObjectiveBatcher, effective_alpha, step_coefficients
 from megatron_dual.parallel import watchdog
 from megatron_dual.parallel.launch import setup_parallel
 from megatron_dual.parallel.state import ParallelState
@@ -205,7 +205,8 @@ class Trainer:
         watchdog.phase("token counts all-reduce")
         counts = torch.tensor(step_batches.local_tokens(), dtype=torch.float64, device=self.device)
         counts = [int(c) for c in self.par.all_reduce_dp(counts).tolist()]  # each objective's tokens in the job
-        coef = loss_coefficients(float(self.schedule.alpha), *counts)
+        slots = self.schedule.counts(step_batches.step)  # this step's allocation (alpha schedules change it)
+        coef = step_coefficients(slots, dict(zip(OBJECTIVES, counts, strict=True)), self.cfg.objective.recipe)
         self.engine.zero_grad()
         totals = StepTotals(self.device)
         watchdog.phase("forward/backward (tensor-parallel collectives, gradient bucket all-reduces)")
@@ -229,12 +230,19 @@ class Trainer:
         self.engine.step()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return self._metrics(summed, counts, step_loss, lr, grad_norm)
+        metrics = self._metrics(summed, counts, step_loss, lr, grad_norm)
+        alpha = self.schedule.alpha_at(step_batches.step)  # the realised alpha (AR share of the slots) of this step
+        metrics["alpha"] = float(alpha)
+        if self.cfg.objective.recipe != "paper":
+            metrics["alpha_effective"] = float(effective_alpha(alpha, self.cfg.objective.recipe))
+        return metrics
 
     def _metrics(self, summed: list[list[float]], counts: list[int], loss: float, lr: float,
                  grad_norm: float) -> dict[str, float]:
         metrics: dict[str, float] = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen}
         for (nll, z, correct, labelled, _), obj, n in zip(summed, OBJECTIVES, counts, strict=True):
+            if obj not in self.schedule.objectives:
+                continue
             if n:
                 metrics[f"{obj}_loss"] = nll / n
                 metrics[f"{obj}_z"] = z / n

@@ -1,4 +1,4 @@
-"""Held-out AR and MD loss during training."""
+"""Held-out loss of each objective of the run (AR and MD; prefix-LM too with an objective.mix) during training."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def validation_losses(trainer: Any) -> dict[str, float]:
     batcher = ObjectiveBatcher(cfg.objective, cfg.train.seed + VALID_SEED_OFFSET)
     sums = torch.zeros(2 * len(OBJECTIVES), dtype=torch.float64, device=tr.device)  # nll, tokens per objective
     for b in validation_batches(tr.data.valid, cfg.train.micro_batch_size, cfg.train.eval_batches, batcher,
-                                tr.par.dp_rank, tr.par.dp_size):
+                                tr.par.dp_rank, tr.par.dp_size, tr.schedule.objectives):
         k = OBJECTIVES.index(b.objective)
         with tr.engine.autocast():
             out = tr.forward_loss(b.to(tr.device))

@@ -30,7 +30,7 @@ from megatron_dual.data.indexed import IndexedDataset, data_file_path, index_fil
 from megatron_dual.data.loader import DataPathError, DataPlan, build_datasets, parse_data_path
 from megatron_dual.data.sampler import ResumableSampler
 from megatron_dual.data.tokenizer import load_tokenizer
-from megatron_dual.objectives import OBJECTIVES, ObjectiveBatch, ObjectiveBatcher, ObjectiveSchedule
+from megatron_dual.objectives import OBJECTIVES, TWO_OBJECTIVES, ObjectiveBatch, ObjectiveBatcher, ObjectiveSchedule
 
 __all__ = ["SampleSource", "DataBundle", "build_data", "collate", "StepBatches", "TrainDataLoader",
            "validation_batches", "token_id_range"]
@@ -259,13 +259,14 @@ class TrainDataLoader:
 
 
 def validation_batches(dataset: SampleSource, micro_batch_size: int, max_batches: int, batcher: ObjectiveBatcher,
-                       dp_rank: int = 0, dp_size: int = 1) -> Iterator[ObjectiveBatch]:
-    """Fixed held-out batches of both objectives: the first ``max_batches`` micro-batches of ``dataset`` dealt
-    round-robin to the data-parallel ranks, MD masks seeded by the batch's first sample (same on every run)."""
+                       dp_rank: int = 0, dp_size: int = 1, objectives: tuple[str, ...] = TWO_OBJECTIVES
+                       ) -> Iterator[ObjectiveBatch]:
+    """Fixed held-out batches of each of ``objectives``: the first ``max_batches`` micro-batches of ``dataset``
+    dealt round-robin to the data-parallel ranks, MD masks seeded by the batch's first sample (same on every run)."""
     n = min(len(dataset), max_batches * micro_batch_size)
     for j, start in enumerate(range(0, n, micro_batch_size)):
         if j % dp_size != dp_rank:
             continue
         tokens, doc_ids = collate(dataset, list(range(start, min(n, start + micro_batch_size))))
-        for objective in OBJECTIVES:
+        for objective in objectives:
             yield batcher(objective, tokens, doc_ids, 0, start)

@@ -41,6 +41,8 @@ from megatron_dual.data.sampler import dataset_fingerprint, split_documents
 
 __all__ = [
     "parse_data_path",
+    "parse_repetitions",
+    "resolve_repetitions",
     "choose_subset",
     "RepeatedPackedDataset",
     "BlendedDataset",
@@ -120,6 +122,48 @@ def parse_data_path(spec: str) -> list[tuple[float | None, str]]:
         raise DataPathError("data.path is empty: set it to a dataset prefix, e.g. data/corpus_text_document")
     pairs = _weighted_pairs(spec, parts) if _is_number(parts[0]) else _unweighted_pairs(spec, parts)
     return _resolve_prefixes(spec, pairs)
+
+
+def parse_repetitions(spec: str, field_name: str = "data.repetitions") -> dict[str, int]:
+    """``"web=4 books=16"`` (``*=R``: every dataset not named) -> {name: R}; each R a whole number >= 0."""
+    out: dict[str, int] = {}
+    for item in spec.replace(",", " ").split():
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit():
+            raise DataPathError(f"{field_name} = {spec!r}: {item!r} is not name=R with a whole R >= 0 (e.g. "
+                                f"\"web=4 books=16\", or \"*=8\" for every dataset not named)")
+        if name in out:
+            raise DataPathError(f"{field_name} = {spec!r}: {name} is given twice")
+        out[name] = int(value)
+    if not out:
+        raise DataPathError(f"{field_name} = {spec!r}: empty; give an integer R or name=R pairs")
+    return out
+
+
+def _dataset_names(prefix: str) -> set[str]:
+    base = os.path.basename(prefix)
+    return {prefix, base, base.removesuffix("_text_document")}
+
+
+def resolve_repetitions(spec: int | str, prefixes: list[str], field_name: str = "data.repetitions") -> list[int]:
+    """R per dataset of a blend: an int for all, or a :func:`parse_repetitions` spec matched by name; a
+    DataPathError naming the name that matches no dataset (or several), or the dataset that got none."""
+    if not isinstance(spec, str):
+        return [int(spec)] * len(prefixes)
+    named = parse_repetitions(spec, field_name)
+    out: list[int | None] = [named.get("*")] * len(prefixes)
+    for name, r in named.items():
+        if name == "*":
+            continue
+        hits = [i for i, p in enumerate(prefixes) if name in _dataset_names(p)]
+        if len(hits) != 1:
+            what = "matches no dataset" if not hits else f"matches {len(hits)} datasets"
+            raise DataPathError(f"{field_name} = {spec!r}: {name!r} {what} of data.path ({', '.join(prefixes)})")
+        out[hits[0]] = r
+    missing = [p for p, r in zip(prefixes, out, strict=True) if r is None]
+    if missing:
+        raise DataPathError(f"{field_name} = {spec!r}: no R for {missing[0]}; name it or add \"*=R\"")
+    return [int(r) for r in out]  # type: ignore[arg-type]
 
 
 def choose_subset(train_docs: np.ndarray, lengths: np.ndarray, unique_tokens: int, seed: int) -> np.ndarray:
@@ -366,11 +410,12 @@ class DataPlan:
     prefixes: list[str]
     weights: list[float]
     budget_tokens: int
-    repetitions: int  # 0: as many passes as needed over all training documents
+    repetitions: int | str  # 0: as many passes as needed over all training documents; str: per dataset
     unique_tokens: list[int] = field(default_factory=list)
     passes: list[int] = field(default_factory=list)
     train_documents: list[int] = field(default_factory=list)
     subset_documents: list[int] = field(default_factory=list)
+    per_dataset: list[int] = field(default_factory=list)  # R of each dataset
 
     def describe(self) -> str:
         rows = []
@@ -449,20 +494,23 @@ def _blend_valid(valids: list[tuple[PackedDataset, float]]) -> BlendedDataset | 
     return valid
 
 
-def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, budget_tokens: int, repetitions: int,
-                   cache_dir: str | None = None) -> tuple[BlendedDataset | RepeatedPackedDataset,
-                                                         BlendedDataset | PackedDataset | None, str, DataPlan]:
+def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, budget_tokens: int,
+                   repetitions: int | str, cache_dir: str | None = None
+                   ) -> tuple[BlendedDataset | RepeatedPackedDataset, BlendedDataset | PackedDataset | None, str,
+                              DataPlan]:
     """Train dataset, validation dataset (or None), fingerprint and plan for ``data.path`` (see module docstring).
 
     ``budget_tokens`` (> 0): the tokens training will consume; ``repetitions`` R >= 1 picks a unique subset of
-    budget/R tokens per dataset (its share of the budget), R = 0 uses every training document. ``cache_dir``: where
+    budget/R tokens per dataset (its share of the budget), R = 0 uses every training document; a
+    ``"web=4 books=16"`` spec gives each dataset its own R (:func:`resolve_repetitions`). ``cache_dir``: where
     large indexes go (``None``: memory only). Raises ValueError naming the dataset when it cannot hold its share.
     """
     if budget_tokens < 1:
         raise ValueError(f"budget_tokens = {budget_tokens}: must be >= 1")
-    if repetitions < 0:
-        raise ValueError(f"repetitions = {repetitions}: must be >= 0")
     entries = parse_data_path(path)
+    per_dataset = resolve_repetitions(repetitions, [p for _, p in entries])
+    if min(per_dataset) < 0:
+        raise ValueError(f"repetitions = {repetitions}: must be >= 0")
     datasets = [IndexedDataset(p) for _, p in entries]
     splits = [split_documents(len(ds), valid_fraction, seed) for ds in datasets]
     train_tokens = [int(ds.sequence_lengths[tr].sum(dtype=np.int64)) for ds, (tr, _) in zip(datasets, splits,
@@ -472,15 +520,16 @@ def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, bu
     L = seq_len
     n_total = max(1, budget_tokens // L)
     plan = DataPlan([p for _, p in entries], weights, budget_tokens, repetitions)
+    plan.per_dataset = per_dataset
     trains: list[RepeatedPackedDataset] = []
     valids: list[tuple[PackedDataset, float]] = []
     parts: list[str] = []
-    for (_, prefix), ds, (tr, va), w in zip(entries, datasets, splits, weights, strict=True):
+    for (_, prefix), ds, (tr, va), w, reps in zip(entries, datasets, splits, weights, per_dataset, strict=True):
         if w == 0:
             raise ValueError(f"{prefix}: holds no training tokens (data.path = {path!r})")
         # this dataset's share: enough samples for any blend prefix (+2 for rounding), in tokens
         need_tokens = (int(math.ceil(w * n_total)) + 2) * L
-        subset, passes = _subset_and_passes(prefix, ds, tr, w, need_tokens, L, seed, budget_tokens, repetitions)
+        subset, passes = _subset_and_passes(prefix, ds, tr, w, need_tokens, L, seed, budget_tokens, reps)
         rp = RepeatedPackedDataset(ds, subset, L, passes, seed, cache_dir=cache_dir)
         trains.append(rp)
         plan.unique_tokens.append(rp.unique_tokens)

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dual.config import Config, ConfigError
+from megatron_dual.objectives import schedule_from_config
 from megatron_dual.parallel import watchdog
 from megatron_dual.parallel.state import ParallelState, dist_env
 
@@ -52,6 +53,8 @@ def setup_parallel(cfg: Config) -> tuple[ParallelState, torch.device]:
     rank, local_rank, world = init_distributed(cfg)
     device = resolve_device(cfg.train.device, local_rank)
     watchdog.phase("creation of the tensor- and data-parallel groups")
+    schedule = schedule_from_config(cfg.objective, max(1, world // cfg.parallel.tp), cfg.train.grad_accum,
+                                    cfg.train.steps, cfg.data.epoch_repetitions())
     par = ParallelState(world, rank, cfg.parallel.tp, cfg.objective.alpha, cfg.train.grad_accum, cfg.objective.rotate,
-                        timeout=cfg.parallel.timeout)
+                        timeout=cfg.parallel.timeout, schedule=schedule)
     return par, device

@@ -138,7 +138,8 @@ class ParallelState:
     """
 
     def __init__(self, world_size: int = 1, rank: int = 0, tp: int = 1, alpha: float = 1.0, slots: int = 1,
-                 rotate: bool = True, create_groups: bool | None = None, timeout: float | None = None) -> None:
+                 rotate: bool | str = True, create_groups: bool | None = None, timeout: float | None = None, *,
+                 schedule: ObjectiveSchedule | None = None) -> None:
         self.timeout = None if timeout is None else timedelta(seconds=timeout)  # of the groups created here
         self.layout = rank_layout(world_size, tp)
         if not 0 <= rank < world_size:
@@ -150,8 +151,13 @@ class ParallelState:
         self.tp_rank = self.layout.tp_rank(rank)
         self.dp_rank = self.layout.dp_rank(rank)
         self.slots = slots
-        check_alpha(alpha, self.dp_size, slots)
-        self.schedule = ObjectiveSchedule(alpha, self.dp_size, slots, rotate)
+        if schedule is None:  # else one built from the objective section (objectives.schedule_from_config)
+            check_alpha(alpha, self.dp_size, slots)
+            schedule = ObjectiveSchedule(alpha, self.dp_size, slots, rotate)
+        elif (schedule.n_ranks, schedule.n_slots) != (self.dp_size, slots):
+            raise ConfigError(f"the objective schedule covers {schedule.n_ranks} ranks x {schedule.n_slots} slots, "
+                              f"the layout {self.dp_size} data-parallel ranks x {slots} slots")
+        self.schedule = schedule
         self.tp_group: Any = None
         self.dp_group: Any = None
         if create_groups is None:
@@ -183,9 +189,13 @@ class ParallelState:
 
     def describe(self) -> str:
         s = self.schedule
+        counts = s.counts(0)
+        split = " + ".join(f"{counts.get(o, 0)} {o.upper()}" for o in s.objectives)
+        rotation = {"step": ", rotating every step", "epoch": f", rotating every epoch of {s.epoch_steps} steps",
+                    "none": ""}[s.rotate]
+        what = f"schedule {s.alpha_schedule.text!r}, at step 0 alpha" if s.alpha_schedule else "alpha"
         return (f"world {self.world_size} = tp {self.tp_size} x dp {self.dp_size}; {self.slots} micro-batch slots per "
-                f"rank; alpha = {s.alpha} = {s.n_ar} AR + {s.n_md} MD of {s.total} global slots"
-                f"{', rotating every step' if s.rotate else ''}")
+                f"rank; {what} = {s.alpha} = {split} of {s.total} global slots{rotation}{s.rounding_note()}")
 
     def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` in place over the DP group (no-op for one replica)."""
