@@ -117,7 +117,7 @@ class ObjectiveConfig:
     mask_token_id: int = 4
     # step: rotate the objective assignment over slots every step | epoch: fixed per slot for a data epoch (the
     # reference) | none. true / false (the former boolean) read as step / none.
-    rotate: str = "step"
+    rotate: str | bool = "step"
     # paper: the paper's equations (README) | reference: the paper's training code (AR x 2.0, MD weight
     # 1/(smoothed realised mask fraction), both over B x T positions, see megatron_dual/objectives.py)
     recipe: str = "paper"
@@ -177,6 +177,9 @@ class OptimizerConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     decay_all: bool = True  # the reference decays norms, biases and embeddings too; False exempts 1-D params
     adamw_impl: str = "torch"  # torch (PyTorch's AdamW) | apex (NVIDIA apex FusedAdam on CUDA; else torch + notice)
+    # Muon also for the head's hidden projection (head.proj, a 2-D hidden matrix), as the reference optimizer does
+    # (run_pretraining.py adds classifier.projection.weight to its Muon parameters)
+    muon_head: bool = False
 
     def validate(self) -> None:
         from megatron_dual.optim.muon import LR_ADJUSTMENTS, OPTIMIZERS
@@ -478,7 +481,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "objective": {"alpha": 63 / 64},
         "data": {"seq_len": 2048, "tokenizer": "ltg"},
-        "optimizer": {"name": "muon", "lr": 0.007, "weight_decay": 0.1},
+        # the reference optimizer (run_pretraining.py + optimizers/kimi_muon.py): Muon on the trunk matrices and the
+        # head's hidden projection, AdamW (betas 0.9/0.95, eps 1e-8) on embedding, vocabulary projection and 1-D
+        # parameters, one lr, weight decay on every parameter, Moonlight scaling 0.2 sqrt(max(A, B)); clipping off
+        # (the reference clips at max_gradient = 1e9, i.e. never)
+        "optimizer": {"name": "muon", "lr": 0.007, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8,
+                      "muon_adjust_lr": "match_rms_adamw", "decay_all": True, "muon_head": True, "grad_clip": 0.0},
         "schedule": {"name": "wsd", "warmup_steps": 0, "decay_steps": 0.25},  # 2048 of 8192 steps
         # 4M-token global batch: 2048 sequences = micro_batch_size x grad_accum x data-parallel ranks.
         "train": {"steps": 8192, "micro_batch_size": 8, "grad_accum": 256},

@@ -427,7 +427,8 @@ class DataPlan:
 
 def _fingerprint(parts: list[str], plan: DataPlan, seq_len: int, seed: int) -> str:
     h = hashlib.sha256(b"megatron-dual/blend/v1")
-    h.update(repr((plan.weights, plan.budget_tokens, plan.repetitions, plan.passes, seq_len, seed)).encode())
+    reps = plan.per_dataset if isinstance(plan.repetitions, str) else plan.repetitions  # int: as before
+    h.update(repr((plan.weights, plan.budget_tokens, reps, plan.passes, seq_len, seed)).encode())
     for p in parts:
         h.update(p.encode())
     return h.hexdigest()

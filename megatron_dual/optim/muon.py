@@ -36,6 +36,7 @@ def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) 
     return x.to(g.dtype)
 
 
+HEAD_PROJECTION = "head.proj.weight"  # the reference's classifier.projection (optimizer.muon_head puts it on Muon)
 OPTIMIZERS = ("muon", "adamw")  # optimizer.name: Muon for 2-D trunk matrices (AdamW for the rest) | AdamW for all
 LR_ADJUSTMENTS = ("match_rms_adamw", "original")  # optimizer.muon_adjust_lr: the modes of muon_lr_scale
 
@@ -219,14 +220,15 @@ def _adamw(groups: list[dict], lr: float, cfg: Any) -> torch.optim.Optimizer:
 
 
 def build_optimizers(model: torch.nn.Module, cfg) -> dict[str, torch.optim.Optimizer]:
-    """``{"muon": Muon over 2-D trunk matrices, "adamw": AdamW over the rest}`` (or only AdamW)."""
+    """``{"muon": Muon over 2-D trunk matrices (and the head's hidden projection with ``optimizer.muon_head``),
+    "adamw": AdamW over the rest}`` (or only AdamW)."""
     splits: dict[str, list[int]] = model.muon_split_sizes() if hasattr(model, "muon_split_sizes") else {}
     muon_groups: dict[tuple[int, ...] | None, list[torch.nn.Parameter]] = {}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if cfg.name == "muon" and model.is_trunk_matrix(name, p):
+        if cfg.name == "muon" and (model.is_trunk_matrix(name, p) or (cfg.muon_head and name == HEAD_PROJECTION)):
             key = tuple(splits[name]) if name in splits else None
             muon_groups.setdefault(key, []).append(p)
         elif cfg.decay_all or p.dim() >= 2:
