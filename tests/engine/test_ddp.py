@@ -18,7 +18,8 @@ from megatron_dual.trainer import Trainer
 
 VOCAB = 64
 STEPS = 3
-KEYS = ("loss", "ar_loss", "md_loss", "ar_tokens", "md_tokens", "grad_norm", "lr")
+KEYS = ("loss", "ar_loss", "md_loss", "prefix_loss", "ar_tokens", "md_tokens", "prefix_tokens", "grad_norm", "lr",
+        "alpha")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,10 @@ CASES = [
     (4, 1, ["objective.alpha=3/4"]),
     (4, 1, ["objective.alpha=1/2", "optimizer.name=adamw"]),
     (2, 2, ["objective.alpha=3/4", "parallel.distributed_muon=false"]),
+    # three objectives (prefix-LM), an alpha schedule, the reference recipe
+    (2, 2, ["objective.mix=ar=1/2 md=1/4 prefix=1/4"]),
+    (4, 1, ["objective.mix=ar=1/2 md=1/4 prefix=1/4", "optimizer.name=adamw"]),
+    (2, 1, ["objective.recipe=reference", "objective.alpha=1/2", "objective.alpha_schedule=0:1, 1:1/2"]),
 ]
 
 
