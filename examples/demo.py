@@ -85,8 +85,10 @@ def prepare_data(out: Path) -> tuple[str, Path] | int:
     return data_path, tok_json
 
 
-def train(out: Path, data_path: str, tok_json: Path, steps: int | None, fresh: bool) -> dict[str, Any]:
-    """Step 4: the tiny preset with alpha = 3/4; resumes an earlier demo run unless ``fresh``."""
+def train(out: Path, data_path: str, tok_json: Path, steps: int | None, fresh: bool,
+          extra: list[str] | None = None) -> dict[str, Any]:
+    """Step 4: the tiny preset with alpha = 3/4 (then ``extra`` overrides); resumes an earlier demo run unless
+    ``fresh``."""
     from megatron_dual.config import load_config
     from megatron_dual.trainer import Trainer
 
@@ -97,6 +99,7 @@ def train(out: Path, data_path: str, tok_json: Path, steps: int | None, fresh: b
         overrides.append(f"train.steps={steps}")  # the preset's decay is a quarter of whatever steps
     if fresh:
         overrides.append("checkpoint.resume=restart")
+    overrides += extra or []
     return Trainer(load_config(preset="tiny", overrides=overrides)).fit()
 
 
@@ -162,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--steps", type=int, default=None, help="override the tiny preset's step count")
     ap.add_argument("--fresh", action="store_true", help="retrain from scratch (the old run is moved aside)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="extra config overrides, applied last (e.g. --set objective.recipe=reference, --set "
+                         "'objective.mix=ar=3/4 md=1/8 prefix=1/8' --set train.grad_accum=8)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(prepared, int):
         return prepared
     data_path, tok_json = prepared
-    summary = train(out, data_path, tok_json, args.steps, args.fresh)
+    summary = train(out, data_path, tok_json, args.steps, args.fresh, args.overrides)
     model, tok = show_model(out / "run")
     export_demo_model(model, tok_json, out / "run")
     print_summary(summary, out / "run", time.perf_counter() - t0)

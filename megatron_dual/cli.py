@@ -15,6 +15,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from megatron_dual.model.flops import flops_per_token
     from megatron_dual.model.padding import round_up
     from megatron_dual.model.transformer import DualTransformer, param_counts
+    from megatron_dual.objectives import describe_objective, realised_segments, schedule_from_config
 
     cfg = load_config(args.config, args.overrides, preset=args.preset)
     with torch.device("meta"):
@@ -34,6 +35,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         "train_flops_per_token_causal": fl_causal["train"], "train_flops_per_token_bidirectional": fl_bidir["train"],
         "tokens_per_step": cfg.train.micro_batch_size * cfg.train.grad_accum * seq,
     }
+    schedule = schedule_from_config(cfg.objective, 1, cfg.train.grad_accum, cfg.train.steps,
+                                    cfg.data.epoch_repetitions())
+    segments = realised_segments(schedule, cfg.objective.recipe)
+    info.update(recipe=cfg.objective.recipe, alpha_nominal=str(segments[0]["alpha"]),
+                alpha_effective=str(segments[0]["effective"]),
+                alpha_nominal_last=str(segments[-1]["alpha"]), alpha_effective_last=str(segments[-1]["effective"]),
+                objective_slots={o: schedule.counts(0).get(o, 0) for o in schedule.objectives})
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -50,6 +58,10 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"bidirectional {fl_bidir['train'] / 1e9:.3f} GFLOP")
     print(f"  tokens/step    {info['tokens_per_step']:,} per data-parallel rank "
           f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} slots x {seq})")
+    lines = describe_objective(cfg.objective, schedule)
+    print(f"  objective      {lines[0]} (one rank; slots = dp x train.grad_accum)")
+    for line in lines[1:]:
+        print(f"               {line}")
     return 0
 
 

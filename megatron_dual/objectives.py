@@ -443,3 +443,40 @@ def schedule_from_config(cfg: ObjectiveConfig, n_ranks: int, n_slots: int, total
     epoch = cfg.epoch_steps or int(total_steps / max(1, repetitions))
     return ObjectiveSchedule(cfg.alpha, n_ranks, n_slots, cfg.rotate, mix=mix, alpha_schedule=sched,
                              total_steps=total_steps, epoch_steps=epoch, field_name=field_name)
+
+
+def realised_segments(schedule: ObjectiveSchedule, recipe: str = "paper") -> list[dict]:
+    """The realised allocation over the run as runs of equal slot counts: [{first, last, counts, alpha,
+    effective}] (one row for a constant alpha or mix)."""
+    rows: list[dict] = []
+    for step in range(schedule.total_steps):
+        counts = schedule.counts(step)
+        if rows and rows[-1]["counts"] == counts:
+            rows[-1]["last"] = step
+            continue
+        alpha = schedule.alpha_at(step)
+        rows.append({"first": step, "last": step, "counts": counts, "alpha": alpha,
+                     "effective": effective_alpha(alpha, recipe)})
+    return rows
+
+
+def describe_objective(cfg: ObjectiveConfig, schedule: ObjectiveSchedule, max_rows: int = 12) -> list[str]:
+    """Lines for ``megatron-dual info`` and the planner: the recipe, the nominal (realised) and the effective alpha
+    per run of steps of equal allocation."""
+    weights = "AR tokens x 2.0, MD 1/(smoothed mask fraction), all over B x T" if cfg.recipe == "reference" else \
+        "each objective over its own tokens"
+    lines = [f"recipe {cfg.recipe} ({weights}); {schedule.total} slots, rotate = {schedule.rotate}"]
+    rows = realised_segments(schedule, cfg.recipe)
+    shown = rows if len(rows) <= max_rows else rows[: max_rows // 2] + [None] + rows[-(max_rows // 2):]
+    for row in shown:
+        if row is None:
+            lines.append(f"  ... {len(rows) - 2 * (max_rows // 2)} more runs of steps ...")
+            continue
+        split = " + ".join(f"{row['counts'].get(o, 0)} {o.upper()}" for o in schedule.objectives)
+        steps = f"steps {row['first']}-{row['last']}: " if len(rows) > 1 else ""
+        lines.append(f"  {steps}nominal alpha {row['alpha']} = {float(row['alpha']):.6g} ({split}); effective alpha "
+                     f"{row['effective']} = {float(row['effective']):.6g}")
+    note = schedule.rounding_note()
+    if note:
+        lines.append(f"  {note.lstrip('; ')}")
+    return lines

@@ -300,3 +300,22 @@ def test_per_dataset_repetitions(tmp_path):
         with pytest.raises(ValueError, match="data.repetitions") as e:
             build_datasets(path, 16, 1, 0.0, 1600, spec)
         assert what in str(e.value)
+
+
+def test_info_and_planner_print_nominal_and_effective_alpha(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from megatron_dual.cli import main
+
+    assert main(["info", "--preset", "dual-470m", "--set", "objective.recipe=reference", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["alpha_nominal"], info["alpha_effective"]) == ("63/64", "126/127")
+    assert main(["info", "--preset", "tiny", "--set", "objective.alpha_schedule=0:1, 200:3/4"]) == 0
+    out = capsys.readouterr().out
+    assert "steps 0-199: nominal alpha 1" in out and "steps 200-299: nominal alpha 3/4" in out
+    spec = importlib.util.spec_from_file_location("plan_alpha", Path(__file__).parents[1] / "tools" / "plan_alpha.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    assert plan.main(["--repetitions", "1", "--devices", "64", "--slots", "4", "--recipe", "reference"]) == 0
+    assert "effective alpha 126/127" in capsys.readouterr().out

@@ -20,7 +20,8 @@ from fractions import Fraction
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError  # noqa: E402
+from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError, ObjectiveConfig  # noqa: E402
+from megatron_dual.objectives import describe_objective, effective_alpha, schedule_from_config  # noqa: E402
 from megatron_dual.planning.gp import ResultsError, planner_report  # noqa: E402
 from megatron_dual.planning.rules import (  # noqa: E402
     BAND_TEXT,
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-dir", default=".", help="where alpha_surface.png and best_alpha.png go (default .)")
     p.add_argument("--samples", type=int, default=4000, help="posterior draws per R (default 4000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="paper", choices=["paper", "reference"],
+                   help="objective.recipe: print the effective alpha it optimises (reference: AR tokens x 2.0)")
+    p.add_argument("--alpha-schedule", help="objective.alpha_schedule to realise on the layout, e.g. '0:1, 6144:63/64'")
+    p.add_argument("--steps", type=int, default=8192, help="train.steps for --alpha-schedule (default 8192)")
     p.add_argument("--json", action="store_true", help="machine-readable output (rule and layout only)")
     return p
 
@@ -69,6 +74,18 @@ def resolve_repetitions(args: argparse.Namespace) -> tuple[float, str]:
     return r, f"R = {args.budget_tokens:,.0f} budget / {args.unique_tokens:,.0f} unique tokens = {r:.4g}"
 
 
+def print_objective(args: argparse.Namespace, plan) -> None:
+    """The recipe's nominal vs effective alpha; with --alpha-schedule the realised schedule on the layout."""
+    cfg = ObjectiveConfig(alpha=float(plan.alpha), recipe=args.recipe, alpha_schedule=args.alpha_schedule or "")
+    schedule = schedule_from_config(cfg, args.devices, args.slots, args.steps if args.alpha_schedule else 1)
+    for i, line in enumerate(describe_objective(cfg, schedule)):
+        print(f"{'objective: ' if i == 0 else '  '}{line.strip()}")
+    if args.recipe == "reference" and not args.alpha_schedule:
+        print(f"  (the reference recipe weighs AR tokens 2.0 and normalises both objectives by all positions: a share "
+              f"r of MD slots optimises an effective alpha of 2(1 - r)/(2 - r) = "
+              f"{effective_alpha(plan.alpha, 'reference')})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -85,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                               "paper_pick": str(rec.paper_pick) if rec.paper_pick else None, "target": target,
                               "realised_alpha": str(plan.alpha), "ar_slots": plan.ar_slots,
                               "md_slots": plan.md_slots, "total_slots": plan.total, "exact": plan.exact,
+                              "recipe": args.recipe,
+                              "effective_alpha": str(effective_alpha(plan.alpha, args.recipe)),
                               "config": lines}, indent=2))
             return 0
         print(how)
@@ -115,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
               f"step, so every rank sees both objectives)")
         if plan.md_slots == 0 and rec.alpha < 1:
             print(f"  warning: this layout runs no MD at all; the smallest MD share it offers is 1/{plan.total}")
+        print_objective(args, plan)
         print("config lines:")
         for line in lines:
             print(f"  {line}")
