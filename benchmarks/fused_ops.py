@@ -51,77 +51,120 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def build(op: str, a: argparse.Namespace, device: str, dtype: Any) -> tuple[Callable, Callable, list]:
-    """(fused fn, unfused fn, inputs that need grads) for ``op``."""
+Built = tuple[Callable, Callable, list]
+
+
+def _leaf_maker(g: Any, device: str, dtype: Any) -> Callable[..., Any]:
+    """``rnd(*shape, scale=, dt=)``: a fresh random leaf tensor (from ``g``) on ``device`` that requires grad."""
     import torch
-    import torch.nn.functional as F
-    from megatron_dual.kernels.cross_entropy import fused_linear_cross_entropy
-    from megatron_dual.kernels.rmsnorm import rms_norm
-    from megatron_dual.kernels.rotary import rotary_qkv_
-    from megatron_dual.kernels.swiglu import swiglu
-
-    from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
-
-    g = torch.Generator().manual_seed(0)
 
     def rnd(*shape: int, scale: float = 1.0, dt: Any = dtype) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(device, dt).requires_grad_(True)
 
+    return rnd
+
+
+def _build_rmsnorm_apex(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
+    import torch
+
+    return _apex_rmsnorm(rnd(a.tokens, a.hidden), rnd(a.hidden, dt=torch.float32))
+
+
+def _build_rmsnorm(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
+    import torch
+    import torch.nn.functional as F
+    from megatron_dual.kernels.rmsnorm import rms_norm
+
     n, h = a.tokens, a.hidden
-    if op == "rmsnorm_apex":
-        return _apex_rmsnorm(rnd(n, h), rnd(h, dt=torch.float32))
-    if op == "rmsnorm":
-        x, w = rnd(n, h), rnd(h, dt=torch.float32)
-        return (lambda: rms_norm(x, w, 1e-7)), (lambda: F.rms_norm(x, (h,), w, 1e-7)), [x, w]
-    if op == "swiglu":
-        x = rnd(n, 2 * a.intermediate)
+    x, w = rnd(n, h), rnd(h, dt=torch.float32)
+    return (lambda: rms_norm(x, w, 1e-7)), (lambda: F.rms_norm(x, (h,), w, 1e-7)), [x, w]
 
-        def unfused() -> torch.Tensor:
-            up, gate = x.chunk(2, dim=-1)
-            return up * F.silu(gate)
 
-        return (lambda: swiglu(x)), unfused, [x]
-    if op == "rotary":
-        hq, hkv, d = a.heads, a.kv_heads or a.heads, a.head_dim
-        seq = min(2048, n)
-        b = max(1, n // seq)
-        base = rnd(b, seq, (hq + 2 * hkv) * d)
-        cos, sin = RotaryEmbedding(d, seq, 160_000.0).to(device).cos_sin(torch.arange(seq, device=device))
+def _build_swiglu(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
+    import torch
+    import torch.nn.functional as F
+    from megatron_dual.kernels.swiglu import swiglu
 
-        def fused() -> tuple[torch.Tensor, ...]:
-            qkv = base.clone()  # stands for the projection's output (a fresh non-leaf); the same clone below
-            heads = rotary_qkv_(qkv, cos, sin, hq + hkv, d).view(b, seq, hq + 2 * hkv, d)
-            return tuple(x.transpose(1, 2) for x in heads.split([hq, hkv, hkv], dim=2))
+    x = rnd(a.tokens, 2 * a.intermediate)
 
-        def unfused() -> tuple[torch.Tensor, ...]:
-            q, k, v = base.clone().split([hq * d, hkv * d, hkv * d], dim=-1)
-            q = apply_rotary(q.view(b, seq, hq, d).transpose(1, 2), cos, sin)
-            k = apply_rotary(k.view(b, seq, hkv, d).transpose(1, 2), cos, sin)
-            return q, k, v.view(b, seq, hkv, d).transpose(1, 2)
+    def unfused() -> torch.Tensor:
+        up, gate = x.chunk(2, dim=-1)
+        return up * F.silu(gate)
 
-        return fused, unfused, [base]
-    if op == "linear_ce":
-        nc, v = a.ce_tokens, a.vocab
-        feats = rnd(nc, h)
-        w = rnd(v, h, scale=(2.0 / (h + v)) ** 0.5, dt=torch.float32)
-        bias = rnd(v, scale=0.0, dt=torch.float32)
-        y = torch.randint(0, v, (nc,), generator=g).to(device)
-        tw = (1.0 / torch.rand(nc, generator=g).clamp_min(1e-3)).to(device)
-        autocast = device == "cuda"
+    return (lambda: swiglu(x)), unfused, [x]
 
-        def fused() -> torch.Tensor:
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                return fused_linear_cross_entropy(feats, w, bias, y, tw, z_loss=1e-4).weighted
 
-        def unfused() -> torch.Tensor:
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                logits = F.linear(feats, w, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            nll = lse - logits.gather(1, y[:, None]).squeeze(1)
-            return (tw * (nll + 1e-4 * lse.square())).sum()
+def _build_rotary(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
+    import torch
+    from megatron_dual.kernels.rotary import rotary_qkv_
 
-        return fused, unfused, [feats, w, bias]
-    raise ValueError(op)
+    from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
+
+    n = a.tokens
+    hq, hkv, d = a.heads, a.kv_heads or a.heads, a.head_dim
+    seq = min(2048, n)
+    b = max(1, n // seq)
+    base = rnd(b, seq, (hq + 2 * hkv) * d)
+    cos, sin = RotaryEmbedding(d, seq, 160_000.0).to(device).cos_sin(torch.arange(seq, device=device))
+
+    def fused() -> tuple[torch.Tensor, ...]:
+        qkv = base.clone()  # stands for the projection's output (a fresh non-leaf); the same clone below
+        heads = rotary_qkv_(qkv, cos, sin, hq + hkv, d).view(b, seq, hq + 2 * hkv, d)
+        return tuple(x.transpose(1, 2) for x in heads.split([hq, hkv, hkv], dim=2))
+
+    def unfused() -> tuple[torch.Tensor, ...]:
+        q, k, v = base.clone().split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = apply_rotary(q.view(b, seq, hq, d).transpose(1, 2), cos, sin)
+        k = apply_rotary(k.view(b, seq, hkv, d).transpose(1, 2), cos, sin)
+        return q, k, v.view(b, seq, hkv, d).transpose(1, 2)
+
+    return fused, unfused, [base]
+
+
+def _build_linear_ce(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
+    import torch
+    import torch.nn.functional as F
+    from megatron_dual.kernels.cross_entropy import fused_linear_cross_entropy
+
+    h, nc, v = a.hidden, a.ce_tokens, a.vocab
+    feats = rnd(nc, h)
+    w = rnd(v, h, scale=(2.0 / (h + v)) ** 0.5, dt=torch.float32)
+    bias = rnd(v, scale=0.0, dt=torch.float32)
+    y = torch.randint(0, v, (nc,), generator=g).to(device)
+    tw = (1.0 / torch.rand(nc, generator=g).clamp_min(1e-3)).to(device)
+    autocast = device == "cuda"
+
+    def fused() -> torch.Tensor:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            return fused_linear_cross_entropy(feats, w, bias, y, tw, z_loss=1e-4).weighted
+
+    def unfused() -> torch.Tensor:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            logits = F.linear(feats, w, bias).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        nll = lse - logits.gather(1, y[:, None]).squeeze(1)
+        return (tw * (nll + 1e-4 * lse.square())).sum()
+
+    return fused, unfused, [feats, w, bias]
+
+
+BUILDERS: dict[str, Callable[[argparse.Namespace, str, Any, Callable[..., Any]], Built]] = {
+    "rmsnorm_apex": _build_rmsnorm_apex,
+    "rmsnorm": _build_rmsnorm,
+    "rotary": _build_rotary,
+    "swiglu": _build_swiglu,
+    "linear_ce": _build_linear_ce,
+}
+
+
+def build(op: str, a: argparse.Namespace, device: str, dtype: Any) -> Built:
+    """(fused fn, unfused fn, inputs that need grads) for ``op``."""
+    import torch
+
+    if op not in BUILDERS:
+        raise ValueError(op)
+    g = torch.Generator().manual_seed(0)
+    return BUILDERS[op](a, device, g, _leaf_maker(g, device, dtype))
 
 
 def _apex_rmsnorm(x: Any, w: Any) -> tuple[Callable, Callable, list]:
