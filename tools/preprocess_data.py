@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_dual.data.preprocess import TXT_MODES, preprocess  # noqa: E402
+from megatron_dual.data.preprocess import SPECIAL_TOKEN_MODES, TXT_MODES, preprocess  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not prepend <s> (the tokenizer's BOS); this project's objectives expect it")
     p.add_argument("--slow-tokenizer", dest="fast_tokenizer", action="store_false",
                    help="use the tokenizer library's own encode instead of the exact fast path for ltg tokenizers")
+    p.add_argument("--special-tokens-in-text", dest="special_tokens", choices=SPECIAL_TOKEN_MODES, default="text",
+                   help="special-token strings inside a text (a literal <s>): 'text' encodes them as characters, "
+                        "'special' maps them to their ids like the tokenizers library's encode (default: text)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     p.add_argument("--log-interval", type=int, default=10000, help="progress every N documents (0: off)")
     return p
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer, json_keys=args.json_keys,
                              workers=args.workers, append_eod=args.append_eod, strict=args.strict,
                              log_interval=args.log_interval, add_bos=args.add_bos, txt_mode=args.txt_mode,
-                             partitions=args.partitions, fast_tokenizer=args.fast_tokenizer)
+                             partitions=args.partitions, fast_tokenizer=args.fast_tokenizer,
+                             special_tokens=args.special_tokens)
     except (FileNotFoundError, ValueError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2

@@ -10,12 +10,18 @@ the ``regex`` module (about 6x faster than the Rust library's Oniguruma split he
 byte-level-mapped and BPE-encoded once and then served from a bounded dictionary. Ids are identical to the
 tokenizer's own ``encode`` (tested on varied Unicode); a document whose pieces do not tile the normalized text
 exactly falls back to the library's ``encode``.
+
+Special-token strings inside a text (a literal ``<s>``, e.g. in the regex ``(?P<s>...)``) are handled by
+``special_tokens`` (``SPECIAL_TOKEN_MODES``): ``"text"`` (default) encodes them as the characters they are, the same
+in every HF encoder (the library's ``encode_special_tokens``); ``"special"`` maps each to its id as the
+``tokenizers`` library's plain ``encode`` does (HF tokenizers only; sentencepiece never parses control tokens).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -25,7 +31,10 @@ import tokenizers
 
 from megatron_dual.data.tokenizer import _SPLIT_PATTERN, LTG_TOKENIZER_PATH, _ltg_pipeline
 
-__all__ = ["TextEncoder", "HFEncoder", "LtgFastEncoder", "SentencePieceEncoder", "load_encoder", "resolve_spec"]
+__all__ = ["TextEncoder", "HFEncoder", "LtgFastEncoder", "SentencePieceEncoder", "load_encoder", "resolve_spec",
+           "SPECIAL_TOKEN_MODES"]
+
+SPECIAL_TOKEN_MODES = ("text", "special")  # how special-token strings inside a text are encoded (module docstring)
 
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
@@ -78,7 +87,9 @@ class HFEncoder(TextEncoder):
 
     kind = "hf"
 
-    def __init__(self, path: str, spec: str | None = None) -> None:
+    def __init__(self, path: str, spec: str | None = None, special_tokens: str = "text") -> None:
+        if special_tokens not in SPECIAL_TOKEN_MODES:
+            raise ValueError(f"special_tokens = {special_tokens!r}: must be one of {', '.join(SPECIAL_TOKEN_MODES)}")
         try:
             self.tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust side raises a bare Exception for malformed JSON
@@ -88,9 +99,10 @@ class HFEncoder(TextEncoder):
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = _special_id(self.tok, _BOS_NAMES)
         self.eos_id = _special_id(self.tok, _EOS_NAMES)
-        if _is_ltg_pipeline(path):
-            # the project's convention: literal "<s>" in a text is text (see megatron_dual.data.tokenizer)
-            self.tok.encode_special_tokens = True
+        self.special_tokens = special_tokens
+        # "text": a literal "<s>" in a text is text (the project's convention, see megatron_dual.data.tokenizer);
+        # "special": the library's own default, special-token strings become their ids
+        self.tok.encode_special_tokens = special_tokens == "text"
 
     def encode_many(self, texts: Sequence[str]) -> list[Sequence[int]]:
         enc = self.tok.encode
@@ -160,8 +172,8 @@ class LtgFastEncoder(HFEncoder):
 
     kind = "hf-ltg-fast"
 
-    def __init__(self, path: str, spec: str | None = None) -> None:
-        super().__init__(path, spec)
+    def __init__(self, path: str, spec: str | None = None, special_tokens: str = "text") -> None:
+        super().__init__(path, spec, special_tokens)
         import regex  # a dependency; load_encoder falls back to HFEncoder when it is missing
 
         self._split = regex.compile(_SPLIT_PATTERN).findall
@@ -169,6 +181,21 @@ class LtgFastEncoder(HFEncoder):
         self._model = self.tok.model
         self._cache: dict[str, list[int]] = {}
         self.fallbacks = 0
+        self._special_re: re.Pattern[str] | None = None
+        self._special_ids: dict[str, int] = {}
+        if special_tokens == "special":
+            self._init_special()
+
+    def _init_special(self) -> None:
+        """The split on special-token strings (leftmost, longest first, as the library's added vocabulary matches).
+        Tokens with lstrip / rstrip / single_word / normalized matching are left to the library's ``encode``."""
+        added = [t for t in self.tok.get_added_tokens_decoder().values() if t.special]
+        if any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added):
+            self._plain = self._library_encode
+        self._special_ids = {t.content: int(self.tok.token_to_id(t.content)) for t in added}
+        if self._special_ids:
+            names = sorted(self._special_ids, key=len, reverse=True)
+            self._special_re = re.compile("|".join(map(re.escape, names)))
 
     def _piece_ids(self, piece: str) -> list[int]:
         ids = [t.id for t in self._model.tokenize(piece.encode("utf-8").decode("latin-1").translate(_BYTE_TRANS))]
@@ -177,7 +204,25 @@ class LtgFastEncoder(HFEncoder):
         self._cache[piece] = ids
         return ids
 
+    def _library_encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
     def encode_one(self, text: str) -> list[int]:
+        if self._special_re is None:
+            return self._plain(text)
+        out: list[int] = []
+        pos = 0
+        for m in self._special_re.finditer(text):
+            if m.start() > pos:
+                out += self._plain(text[pos : m.start()])
+            out.append(self._special_ids[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            out += self._plain(text[pos:])
+        return out
+
+    def _plain(self, text: str) -> list[int]:
+        """Ids of a text holding no special token to match (every character is text)."""
         norm = self._normalize(text)
         pieces = self._split(norm)
         if sum(map(len, pieces)) != len(norm):  # the split did not tile the text: let the library do it
@@ -196,9 +241,12 @@ class LtgFastEncoder(HFEncoder):
 class SentencePieceEncoder(TextEncoder):
     kind = "sentencepiece"
 
-    def __init__(self, path: str, spec: str | None = None) -> None:
+    def __init__(self, path: str, spec: str | None = None, special_tokens: str = "text") -> None:
         import sentencepiece as spm
 
+        if special_tokens != "text":
+            raise ValueError(f"{path}: special_tokens = {special_tokens!r} is supported for HF tokenizer.json "
+                             f"tokenizers only (sentencepiece encodes control-token strings as text)")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as e:
@@ -219,16 +267,17 @@ class SentencePieceEncoder(TextEncoder):
         return self.sp.decode(ids)
 
 
-def load_encoder(spec: str | os.PathLike, fast: bool = True) -> TextEncoder:
+def load_encoder(spec: str | os.PathLike, fast: bool = True, special_tokens: str = "text") -> TextEncoder:
     """The encoder for ``spec`` (``"ltg"``, a ``tokenizer.json`` or its directory, a sentencepiece ``.model``);
-    ``fast`` picks ``LtgFastEncoder`` for ltg-pipeline tokenizers when the ``regex`` module is installed."""
+    ``fast`` picks ``LtgFastEncoder`` for ltg-pipeline tokenizers when the ``regex`` module is installed;
+    ``special_tokens`` in ``SPECIAL_TOKEN_MODES`` (see the module docstring)."""
     spec = os.fspath(spec)
     kind, path = resolve_spec(spec)
     if kind == "sentencepiece":
-        return SentencePieceEncoder(path, spec)
+        return SentencePieceEncoder(path, spec, special_tokens)
     if fast and _is_ltg_pipeline(path):
         try:
-            return LtgFastEncoder(path, spec)
+            return LtgFastEncoder(path, spec, special_tokens)
         except ImportError:
             pass
-    return HFEncoder(path, spec)
+    return HFEncoder(path, spec, special_tokens)

@@ -19,6 +19,8 @@ damaged file fails at open with the file and the field named instead of returnin
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import struct
 from array import array
@@ -81,6 +83,31 @@ def _dtype_code(dtype: type[np.number] | np.dtype) -> int:
     return _CODE_OF[dt]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists under another user (or not a pid we can ask about): leave its files alone
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Delete ``<prefix>.bin.tmp-PID`` / ``.idx.tmp-PID`` left by a killed writer (PID no longer running on this
+    machine); returns the paths removed. Temporaries of a live process, this one included, are kept."""
+    removed = []
+    for base in (data_file_path(prefix), index_file_path(prefix)):
+        for path in glob.glob(glob.escape(base) + ".tmp-*"):
+            pid = path.rsplit(".tmp-", 1)[1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
 class IndexedDatasetWriter:
     """Writes ``<prefix>.bin`` and ``<prefix>.idx``; use as a context manager.
 
@@ -98,6 +125,7 @@ class IndexedDatasetWriter:
         self._info = np.iinfo(self.dtype)
         parent = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(parent, exist_ok=True)
+        remove_stale_temporaries(prefix)
         suffix = f".tmp-{os.getpid()}"
         self._bin_tmp = data_file_path(prefix) + suffix
         self._idx_tmp = index_file_path(prefix) + suffix
@@ -449,6 +477,7 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str, chunk_sequences:
     n_seq = sum(len(ds) for ds in dss)
     n_doc = sum(len(ds.document_indices) - 1 for ds in dss) + 1
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
+    remove_stale_temporaries(output_prefix)
     suffix = f".tmp-{os.getpid()}"
     bin_tmp, idx_tmp = data_file_path(output_prefix) + suffix, index_file_path(output_prefix) + suffix
     try:

@@ -41,7 +41,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from megatron_dual.data.encoders import TextEncoder, load_encoder
+from megatron_dual.data.encoders import SPECIAL_TOKEN_MODES, TextEncoder, load_encoder
 from megatron_dual.data.indexed import IndexedDatasetWriter, best_dtype
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "TXT_SUFFIXES",
     "PARQUET_SUFFIXES",
     "TXT_MODES",
+    "SPECIAL_TOKEN_MODES",
 ]
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -65,6 +66,7 @@ _BATCH_LINES = 512  # lines per unit of work sent to a worker
 _BATCH_BYTES = 2 << 20
 _READ_CHUNK = 1 << 20
 _MAX_SKIP_RECORDS = 1000  # skipped-line locations kept for the summary (counts are always complete)
+_KEYS_SEEN_ITEMS = 1000  # JSON objects read back to name the keys the input has when a key produced no document
 
 # (file, line, kind, payload): kind "jsonl" (raw line bytes), "txt" (raw document bytes), "record" (dict of values
 # from a parquet row) or "error" (payload: the reason, a str; the rest of the file could not be read)
@@ -330,12 +332,13 @@ class _Reader:
 
 # ------------------------------------------------------------------------------------------------------ workers
 def _init_worker(tokenizer_spec: str, json_keys: list[str], add_bos: bool, append_eod: bool,
-                 single_thread: bool) -> None:
+                 single_thread: bool, fast: bool = True, special_tokens: str = "text") -> None:
     if single_thread:
         # one process per core already; the Rust thread pool inside each would oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    _set_worker(load_encoder(tokenizer_spec), json_keys, add_bos, append_eod)
+    _set_worker(load_encoder(tokenizer_spec, fast=fast, special_tokens=special_tokens), json_keys, add_bos,
+                append_eod)
 
 
 def _set_worker(enc: TextEncoder, json_keys: list[str], add_bos: bool, append_eod: bool) -> None:
@@ -526,9 +529,12 @@ def _check_txt_keys(files: list[str], keys: list[str]) -> None:
             )
 
 
-def _load_checked_encoder(tokenizer: str, fast: bool, add_bos: bool, append_eod: bool) -> TextEncoder:
+def _load_checked_encoder(tokenizer: str, fast: bool, add_bos: bool, append_eod: bool,
+                          special_tokens: str = "text") -> TextEncoder:
     """The encoder, refused when it lacks the BOS / EOS token that was asked for."""
-    enc = load_encoder(tokenizer, fast=fast)
+    if special_tokens not in SPECIAL_TOKEN_MODES:
+        raise ValueError(f"special_tokens = {special_tokens!r}: must be one of {', '.join(SPECIAL_TOKEN_MODES)}")
+    enc = load_encoder(tokenizer, fast=fast, special_tokens=special_tokens)
     if add_bos and enc.bos_id is None:
         raise ValueError(f"tokenizer {tokenizer}: has no BOS token (looked for <s>, <|begin_of_text|>, ...): "
                          f"pass add_bos=False (--no-bos)")
@@ -602,7 +608,8 @@ def _encode_in_pool(reader: _Reader, collector: _Collector, writers: dict[str, l
     throttle = _Throttle(2 * workers)
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(workers, initializer=_init_worker,
-                    initargs=(enc.spec, keys, add_bos, append_eod, True))
+                    initargs=(enc.spec, keys, add_bos, append_eod, True, enc.kind == "hf-ltg-fast",
+                              getattr(enc, "special_tokens", "text")))
     try:
         for result in pool.imap(_encode_batch, throttle.wrap(reader.batches()), chunksize=1):
             throttle.release()
@@ -612,6 +619,40 @@ def _encode_in_pool(reader: _Reader, collector: _Collector, writers: dict[str, l
         throttle.stopped = True
         pool.terminate()
         pool.join()
+
+
+def _keys_seen(files: list[str], keys: list[str], txt_mode: str) -> list[str]:
+    """The keys of the first ``_KEYS_SEEN_ITEMS`` JSON objects of ``files``, in order of first appearance."""
+    seen: dict[str, None] = {}
+    n = 0
+    for batch in _Reader(files, keys, txt_mode).batches():
+        for _, line, kind, payload in batch:
+            if kind == "jsonl":
+                values, _, _ = _decode(kind, payload, line, keys)
+                seen.update(dict.fromkeys(values or {}))
+            n += 1
+            if n >= _KEYS_SEEN_ITEMS:
+                return list(seen)
+    return list(seen)
+
+
+def _check_documents(collector: _Collector, keys: list[str], files: list[str], reader: _Reader,
+                     txt_mode: str) -> None:
+    """ValueError (one line) when a key produced no document: an empty input or a key no record has."""
+    empty = [k for k in keys if collector.per_key[k]["documents"] == 0]
+    if not empty:
+        return
+    where = f"{len(files)} input file(s), {reader.total_bytes:,} bytes"
+    skipped = ", ".join(f"{r}: {n:,}" for r, n in collector.by_reason.most_common(3))
+    skipped = f"; skipped {skipped}" if skipped else ""
+    if collector.totals["documents"] == 0 and not collector.by_reason:
+        raise ValueError(f"no documents in the input ({where}: empty or only blank lines); nothing written")
+    seen = _keys_seen(files, keys, txt_mode)
+    seen_s = ", ".join(map(repr, seen)) if seen else "none (no JSON object could be read)"
+    raise ValueError(
+        f"no documents for json key(s) {', '.join(map(repr, empty))} ({where}): asked for --json-keys "
+        f"{' '.join(keys)}, keys seen in the input: {seen_s}{skipped}; nothing written"
+    )
 
 
 def _summary(collector: _Collector, dtype: type[np.number], enc: TextEncoder, files: list[str], reader: _Reader,
@@ -647,26 +688,29 @@ def preprocess(
     txt_mode: str = "file",
     partitions: int = 1,
     fast_tokenizer: bool = True,
+    special_tokens: str = "text",
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into ``f"{output_prefix}_{key}_document.bin/.idx"`` for each of ``json_keys``.
 
     ``inputs``: files, directories or glob patterns (see the module docstring). ``add_bos`` prepends the tokenizer's
     BOS (``<s>``), ``append_eod`` appends its EOS (``</s>``, Megatron's ``--append-eod``). ``partitions=K`` deals
     documents round-robin into K shards per key. ``fast_tokenizer=False`` forces the tokenizer library's own encode
-    (same ids, slower).
+    (same ids, slower). ``special_tokens``: ``"text"`` (default) encodes special-token strings inside a text (a
+    literal ``<s>``) as text, ``"special"`` maps them to their ids as the ``tokenizers`` library's ``encode`` does.
 
     Returns a summary: ``documents`` and ``tokens`` (over all keys), ``per_key`` ({key: {documents, tokens,
     prefix, prefixes}}), ``skipped`` (up to 1000 ``(file, line, reason)``), ``skipped_total``, ``skipped_by_reason``
     ({reason kind: count}), ``dtype``, ``tokenizer``, ``encoder``, ``input_bytes``, ``seconds``.
     Raises FileNotFoundError for a missing input or tokenizer, ValueError for an unsupported input type and, with
-    ``strict``, for the first bad line (naming ``file:line`` and the reason); no ``.idx`` is written then.
+    ``strict``, for the first bad line (naming ``file:line`` and the reason), and when a key produced no document
+    (an empty input or a key no record has; the message names the keys seen); no ``.idx`` is written then.
     Progress goes to ``log_stream`` (default stderr) every ``log_interval`` documents; 0 disables it.
     """
     keys = list(json_keys) if json_keys else ["text"]
     _check_options(inputs, keys, workers, partitions, txt_mode)
     files = expand_inputs(list(inputs))
     _check_txt_keys(files, keys)
-    enc = _load_checked_encoder(tokenizer, fast_tokenizer, add_bos, append_eod)
+    enc = _load_checked_encoder(tokenizer, fast_tokenizer, add_bos, append_eod, special_tokens)
     dtype = best_dtype(enc.vocab_size)
     parts: list[int | None] = [None] if partitions == 1 else list(range(partitions))
     prefixes = {k: [output_prefix_for(output_prefix, k, p) for p in parts] for k in keys}
@@ -685,6 +729,7 @@ def preprocess(
             _encode_in_process(reader, collector, writers, enc, keys, add_bos, append_eod)
         else:
             _encode_in_pool(reader, collector, writers, enc, keys, add_bos, append_eod, workers)
+        _check_documents(collector, keys, files, reader, txt_mode)  # raising here removes the temporaries
     progress.update(totals["documents"], totals["tokens"], reader.bytes_read, force=progress.printed)
     progress.close()
     return _summary(collector, dtype, enc, files, reader, t0)

@@ -422,3 +422,128 @@ def test_tool_script_missing_input_no_traceback(tmp_path):
                         str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ issue 15 item 9: no silent 0-document datasets,
+# special-token strings inside text, stale temporaries
+def _run_tool(capsys, args: list[str]) -> tuple[int, str]:
+    rc = preprocess_data.main([*args, "--log-interval", "0"])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
+def test_empty_input_is_an_error_and_writes_nothing(tmp_path, capsys, content):
+    src = tmp_path / "empty.jsonl"
+    src.write_bytes(content)
+    rc, err = _run_tool(capsys, ["--input", str(src), "--output-prefix", str(tmp_path / "out" / "e")])
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "no documents" in lines[0], err
+    assert not list((tmp_path / "out").glob("*"))  # no dataset, no temporaries
+
+
+def test_misspelt_json_key_names_keys_seen_and_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(DOCS)))
+    out = tmp_path / "out"
+    rc, err = _run_tool(capsys, ["--input", str(src), "--output-prefix", str(out / "c"), "--json-keys", "txt"])
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], err
+    assert "'txt'" in lines[0] and "'text', 'id'" in lines[0], err  # asked for, and seen
+    # one good key and one misspelt: still an error, and neither dataset is written
+    rc, err = _run_tool(capsys, ["--input", str(src), "--output-prefix", str(out / "c"), "--json-keys", "text",
+                                 "titel"])
+    assert rc != 0 and "'titel'" in err and "'text', 'id'" in err and len(err.strip().splitlines()) == 1
+    assert not list(out.glob("*"))  # no dataset, no temporaries
+    with pytest.raises(ValueError, match="keys seen in the input: 'text', 'id'"):
+        preprocess([str(src)], str(out / "c"), "ltg", json_keys=["txt"], log_interval=0)
+
+
+SPECIAL_TEXTS = [
+    "a literal <s> and <mask> and </s> stay text",
+    "regex (?P<s>\\w+) and (?P<pad>x)<pad>",
+    "<s></s><s><special_10><special_1>",
+    "  <s>  \n\n<unk>é <s",
+]
+
+
+def _library_ids(text: str, mode: str) -> list[int]:
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(LTG_TOKENIZER_PATH)
+    tok.encode_special_tokens = mode == "text"  # the library's default (False) maps special strings to ids
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("mode", ["text", "special"])
+def test_special_tokens_in_text_both_encoders_match_the_library(mode):
+    fast = load_encoder("ltg", special_tokens=mode)
+    slow = load_encoder("ltg", fast=False, special_tokens=mode)
+    assert isinstance(fast, LtgFastEncoder) and not isinstance(slow, LtgFastEncoder)
+    for t in SPECIAL_TEXTS + DOCS:
+        want = _library_ids(t, mode)
+        assert list(fast.encode_many([t])[0]) == want, t
+        assert list(slow.encode_many([t])[0]) == want, t
+    special_ids = {0, 1, 2, 3, 4}
+    got = set(fast.encode_many([SPECIAL_TEXTS[0]])[0])
+    assert (got & special_ids == set()) if mode == "text" else ({1, 2, 4} <= got)
+
+
+@pytest.mark.parametrize("mode", ["text", "special"])
+def test_special_tokens_in_text_preprocess_option(tmp_path, capsys, mode):
+    src = tmp_path / "s.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in SPECIAL_TEXTS))
+    bins = []
+    for workers, fast in ((1, True), (2, True), (1, False)):
+        prefix = tmp_path / f"s{workers}{fast}"
+        args = ["--input", str(src), "--output-prefix", str(prefix), "--special-tokens-in-text", mode,
+                "--workers", str(workers)] + ([] if fast else ["--slow-tokenizer"])
+        rc, _ = _run_tool(capsys, args)
+        assert rc == 0
+        ds = IndexedDataset(str(prefix) + "_text_document")
+        assert [ds[i].tolist() for i in range(len(ds))] == [[1] + _library_ids(t, mode) for t in SPECIAL_TEXTS]
+        bins.append(Path(str(prefix) + "_text_document.bin").read_bytes())
+    assert bins[0] == bins[1] == bins[2]
+    with pytest.raises(ValueError, match="special_tokens"):
+        preprocess([str(src)], str(tmp_path / "x"), "ltg", special_tokens="ids", log_interval=0)
+
+
+def test_special_tokens_text_default_for_any_hf_tokenizer(tmp_path):
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 2, "<": 3, "s": 4, ">": 5},
+                                                           unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), "isolated")
+    tok.add_special_tokens(["<s>"])
+    path = str(tmp_path / "tokenizer.json")
+    tok.save(path)
+    s_id = tok.token_to_id("<s>")
+    assert load_encoder(path).encode_many(["a<s>a"])[0] == [2, 3, 4, 5, 2]  # text is text
+    assert load_encoder(path, special_tokens="special").encode_many(["a<s>a"])[0] == [2, s_id, 2]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, capsys, data_jsonl):
+    prefix = tmp_path / "r"
+    base = str(prefix) + "_text_document"
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [Path(f"{base}.bin.tmp-{dead}"), Path(f"{base}.idx.tmp-{dead}")]
+        kept = [Path(f"{base}.bin.tmp-{live.pid}"), Path(f"{tmp_path / 'other_text_document'}.bin.tmp-{dead}")]
+        for p in stale + kept:
+            p.write_bytes(b"x" * 100)
+        rc, _ = _run_tool(capsys, ["--input", data_jsonl, "--output-prefix", str(prefix)])
+        assert rc == 0
+        assert not any(p.exists() for p in stale)
+        assert all(p.exists() for p in kept)  # a live writer's and another prefix's temporaries stay
+        assert Path(base + ".idx").exists()
+    finally:
+        live.kill()
+        live.wait()
