@@ -37,6 +37,7 @@ from megatron_dual.objectives import OBJECTIVES, ObjectiveBatch, ObjectiveBatche
 from megatron_dual.parallel import watchdog
 from megatron_dual.parallel.launch import setup_parallel
 from megatron_dual.parallel.state import ParallelState
+from megatron_dual.resume import SCHEDULE_FIELDS, matches, resume_changes, saved_dp_size
 
 __all__ = ["Trainer", "TrainingDivergedError", "StepTotals"]
 
@@ -94,7 +95,7 @@ class Trainer:
         self._check_outputs()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.data = build_data(cfg, self.par.dp_size)
+        self.data = build_data(cfg, self.par.dp_size, extending=self._resuming())
         torch.manual_seed(cfg.train.seed)
         model = DualTransformer(cfg.model).to(self.device)
         self.engine = (engine or build_engine)(model, self.par, cfg, self.device)
@@ -110,6 +111,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from: Path | None = None
+        self.resume_changes: list[tuple[str, Any, Any]] = []  # settings changed since the checkpoint resumed from
         self.last_checkpoint: Path | None = None  # the checkpoint of step ``saved_step``, written or resumed from
         self.saved_step: int | None = None
         self.stop_reason: str | None = None  # set by request_stop(); the loop ends after the current step
@@ -157,6 +159,8 @@ class Trainer:
             if error is None:
                 self.resumed_from = self.last_checkpoint = candidate
                 self.saved_step = self.step
+                for key, old, new in self.resume_changes:
+                    self._say(f"resume: {key} {old} -> {new} applied")
                 return candidate
             if fallback is None:
                 raise error
@@ -180,9 +184,19 @@ class Trainer:
                 error = ckpt.CheckpointCorruptError(f"{path} is unusable on another rank")
         return error
 
+    def _resuming(self) -> bool:
+        """Whether ``checkpoint.resume`` names a checkpoint (errors about it are left to :meth:`maybe_resume`)."""
+        try:
+            return ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir) is not None
+        except ckpt.CheckpointError:
+            return False
+
     def _load(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
+        changes = resume_changes(meta.get("config"), self.cfg.to_dict(), where=path, dp=self.par.dp_size,
+                                 dp_saved=saved_dp_size(meta.get("extra"), self.par.dp_size))
         self.engine.load_checkpoint(path, self.par, model_config=self.cfg.to_dict()["model"])
+        self._apply_changes(path, changes)
         try:
             self.load_state_dict(meta["trainer_state"])
         except ValueError as e:
@@ -192,6 +206,14 @@ class Trainer:
             raise ckpt.CheckpointCorruptError(f"{path} has no rng.pt: resuming would not be exact; restore the file "
                                               f"or start afresh with --resume restart")
         ckpt.restore_rng_state(rng)
+
+    def _apply_changes(self, path: Path, changes: list[tuple[str, Any, Any]]) -> None:
+        """Make the settings changed since checkpoint ``path`` take effect on the restored state; one line each."""
+        scheduled = [k for k, _, _ in changes if matches(k, SCHEDULE_FIELDS)]
+        if scheduled and not self.engine.apply_schedule(self.cfg):
+            raise ckpt.CheckpointError(f"cannot resume from {path}: engine {self.cfg.engine.name} cannot apply a "
+                                       f"changed {scheduled[0]} to restored optimizer state; set it back")
+        self.resume_changes = changes
 
     # ------------------------------------------------------------------------------------------------ steps
     def forward_loss(self, batch: ObjectiveBatch) -> LossSums:

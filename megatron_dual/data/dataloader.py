@@ -53,10 +53,12 @@ class DataBundle:
     plan: DataPlan | None = None
 
 
-def _run_tokens(cfg: Config, dp_size: int) -> int:
+def _run_tokens(cfg: Config, dp_size: int, extending: bool = False) -> int:
+    """The token budget the datasets are built for. ``extending`` (a resumed run whose train.steps was raised past a
+    pinned budget): the budget may be less than the run consumes, the steps past it repeat the same data."""
     step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * dp_size * cfg.data.seq_len
     run_tokens = cfg.train.steps * step_tokens
-    if cfg.data.budget_tokens and cfg.data.budget_tokens < run_tokens:
+    if cfg.data.budget_tokens and cfg.data.budget_tokens < run_tokens and not extending:
         raise ConfigError(f"data.budget_tokens = {cfg.data.budget_tokens} is less than the {run_tokens:,} tokens "
                           f"training consumes (train.steps {cfg.train.steps} x {step_tokens:,} tokens per step): "
                           f"raise it or set it to 0")
@@ -128,14 +130,16 @@ def _check_tokenizer(cfg: Config) -> None:
                           f"{cfg.model.vocab_size}: set model.vocab_size to at least {tok.vocab_size}")
 
 
-def build_data(cfg: Config, dp_size: int = 1) -> DataBundle:
+def build_data(cfg: Config, dp_size: int = 1, extending: bool = False) -> DataBundle:
     """Datasets for ``cfg.data`` (megatron_dual.data.loader): blending by ``data.path`` weights, the unique subset of
-    ``budget/R`` tokens repeated exactly ``data.repetitions`` times, train/valid split by documents."""
+    ``budget/R`` tokens repeated exactly ``data.repetitions`` times, train/valid split by documents. ``extending``:
+    the run resumes from a checkpoint, so a pinned ``data.budget_tokens`` below what train.steps consumes is kept
+    (the data of the run being extended) rather than refused."""
     d = cfg.data
     if not d.path.strip():
         raise ConfigError("data.path is empty: set it to the prefix of a .bin/.idx pair "
                           "(e.g. --set data.path=data/corpus_text_document); see tools/preprocess_data.py")
-    budget = _run_tokens(cfg, dp_size)
+    budget = _run_tokens(cfg, dp_size, extending)
     try:
         entries = parse_data_path(d.path)
     except DataPathError as e:

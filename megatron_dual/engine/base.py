@@ -86,5 +86,10 @@ class Engine(ABC):
         state, source = ckpt.read_engine_state(path, parallel)
         self.load_state_dict(state, str(source))
 
+    def apply_schedule(self, cfg: Any) -> bool:
+        """After a resume: make ``cfg.optimizer`` lrs and ``cfg.schedule`` over ``cfg.train.steps`` take effect on the
+        restored optimizer and schedule state (keeping the step count); False when this engine cannot."""
+        return False
+
     def close(self) -> None:  # noqa: B027 (optional: most engines hold nothing to release)
         """Release hooks and buffers (the model stays usable)."""

@@ -26,7 +26,7 @@ from megatron_dual.config import Config
 from megatron_dual.engine.base import Engine
 from megatron_dual.model.checkpointing import apply_activation_checkpointing
 from megatron_dual.optim.muon import build_optimizers
-from megatron_dual.optim.schedules import build_scheduler
+from megatron_dual.optim.schedules import build_scheduler, retarget_scheduler
 from megatron_dual.parallel.state import ParallelState
 from megatron_dual.parallel.tensor_parallel import parallelize_model, sync_sequence_parallel_grads
 
@@ -206,6 +206,13 @@ class DDPEngine(Engine):
         from megatron_dual.engine.checkpoint import restore_optimizers
 
         restore_optimizers(state, self.optimizers, self.schedulers, source)
+
+    def apply_schedule(self, cfg: Config) -> bool:
+        bases = {"muon": cfg.optimizer.lr, "adamw": cfg.optimizer.adamw_lr or cfg.optimizer.lr}
+        for name, sch in self.schedulers.items():
+            groups = self.optimizers[name].param_groups
+            retarget_scheduler(sch, [bases[name]] * len(groups), cfg.train.steps, cfg.schedule)
+        return True
 
     def close(self) -> None:
         self.buckets.close()

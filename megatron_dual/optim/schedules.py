@@ -47,3 +47,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Sch
         optimizer,
         lambda step: lr_multiplier(step, total_steps, cfg.name, cfg.warmup_steps, decay_steps, cfg.min_lr_ratio),
     )
+
+
+def retarget_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float], total_steps: int,
+                       cfg: ScheduleConfig) -> None:
+    """Point a restored ``scheduler`` (and its optimizer's groups) at new base lrs and a new schedule over
+    ``total_steps``, keeping its step count: the lr of the next step is ``base * multiplier(step)`` of the new
+    settings (loading a state dict alone keeps the old base lrs and the old lr until the next step)."""
+    decay_steps = cfg.decay_steps_for(total_steps)
+
+    def fn(step: int) -> float:
+        return lr_multiplier(step, total_steps, cfg.name, cfg.warmup_steps, decay_steps, cfg.min_lr_ratio)
+
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [fn] * len(groups)
+    scheduler.base_lrs = list(base_lrs)
+    for group, base in zip(groups, base_lrs, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]
