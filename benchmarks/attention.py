@@ -78,8 +78,9 @@ def allowed_pairs(mask: AttentionMask, b: int, t: int, device: str) -> int:
     return total
 
 
-def runners(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, do: torch.Tensor,
-            flash_attn: Any) -> dict[str, Callable[[], object] | None]:
+def runners(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, do: torch.Tensor, flash_attn: Any
+) -> dict[str, Callable[[], object] | None]:
     """One fwd+bwd closure per peer (None where the peer cannot express the mask)."""
     import torch
     import torch.nn.functional as F
@@ -95,9 +96,11 @@ def runners(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMa
     out: dict[str, Callable[[], object] | None] = {}
     out["ours"] = bwd(lambda: attention(q, k, v, mask, backend="triton"))
     if mask.doc_ids is None and mask.kind != "prefix":
+
         def sdpa() -> torch.Tensor:
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=mask.kind == "causal", enable_gqa=gqa)
+
         out["sdpa"] = bwd(sdpa)
     else:
         dense = mask.dense(q.shape[2], k.shape[2], q.device)
@@ -105,6 +108,7 @@ def runners(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMa
         def sdpa_dense() -> torch.Tensor:
             with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa)
+
         out["sdpa*"] = bwd(sdpa_dense)
     out["flex"] = bwd(lambda: _flex(q, k, v, mask))
     if flash_attn is not None and mask.kind != "prefix":
@@ -112,15 +116,18 @@ def runners(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMa
         dot = do.transpose(1, 2).contiguous()
         causal = mask.kind == "causal"
         if mask.doc_ids is None:
-            out["flash-attn"] = lambda: torch.autograd.grad(flash_attn.flash_attn_func(qt, kt, vt, causal=causal),
-                                                            (qt, kt, vt), dot)
+            out["flash-attn"] = lambda: torch.autograd.grad(
+                flash_attn.flash_attn_func(qt, kt, vt, causal=causal), (qt, kt, vt), dot
+            )
         else:
             cu, longest = document_runs(mask.doc_ids)
             b, t, h, d = qt.shape
             flat = [x.view(b * t, x.shape[2], d) for x in (qt, kt, vt)]
             out["flash-attn"] = lambda: torch.autograd.grad(
                 flash_attn.flash_attn_varlen_func(*flat, cu, cu, longest, longest, causal=causal),
-                flat, dot.view(b * t, h, d))
+                flat,
+                dot.view(b * t, h, d),
+            )
     else:
         out["flash-attn"] = None
     return out
@@ -137,13 +144,20 @@ def gpu_main(args: argparse.Namespace) -> int:
         flash_attn = None
     hkv = args.kv_heads or args.heads
     name = torch.cuda.get_device_name()
-    print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}, flash-attn "
-          f"{getattr(flash_attn, '__version__', 'not installed')}")
-    print(f"attention fwd+bwd, bf16, {args.tokens} tokens per call, {args.heads} query / {hkv} kv heads, head dim "
-          f"{args.head_dim}; TFLOP/s of useful (unmasked) work; ratios = ours / peer")
+    print(
+        f"device: {name}; torch {torch.__version__}, triton {triton.__version__}, flash-attn "
+        f"{getattr(flash_attn, '__version__', 'not installed')}"
+    )
+    print(
+        f"attention fwd+bwd, bf16, {args.tokens} tokens per call, {args.heads} query / {hkv} kv heads, head dim "
+        f"{args.head_dim}; TFLOP/s of useful (unmasked) work; ratios = ours / peer"
+    )
     cols = ["ours", "sdpa", "flex", "flash-attn"]
-    print(f"{'mask':<18}{'L':>6}" + "".join(f"{c + ' TF/s':>16}" for c in cols)
-          + "".join(f"{'x ' + c:>14}" for c in cols[1:]))
+    print(
+        f"{'mask':<18}{'L':>6}"
+        + "".join(f"{c + ' TF/s':>16}" for c in cols)
+        + "".join(f"{'x ' + c:>14}" for c in cols[1:])
+    )
     for mask_name in args.masks:
         for t in args.lengths:
             b = max(1, args.tokens // t)
@@ -174,8 +188,12 @@ def gpu_main(args: argparse.Namespace) -> int:
                 return f"{ours / x:13.2f}x" if x and ours else f"{'n/a':>14}"
 
             sdpa_mark = "*" if mask_name not in ("causal", "bidirectional") else ""
-            print(f"{mask_name + sdpa_mark:<18}{t:>6}" + "".join(cell(tflops.get(c)) for c in cols)
-                  + "".join(ratio(tflops.get(c)) for c in cols[1:]), flush=True)
+            print(
+                f"{mask_name + sdpa_mark:<18}{t:>6}"
+                + "".join(cell(tflops.get(c)) for c in cols)
+                + "".join(ratio(tflops.get(c)) for c in cols[1:]),
+                flush=True,
+            )
             del q, k, v, do
     print("* SDPA's flash backend takes no mask: the sdpa column is SDPA with a dense mask (memory-efficient).")
     return 0
@@ -187,8 +205,10 @@ def smoke_main(args: argparse.Namespace) -> int:
 
     from megatron_dual.model.attention import attention, reference_attention
 
-    print("smoke mode: Triton interpreter on CPU, tiny shapes; checks that every mask runs forward and backward "
-          "and matches the fp32 reference (timings here say nothing about GPU speed)")
+    print(
+        "smoke mode: Triton interpreter on CPU, tiny shapes; checks that every mask runs forward and backward "
+        "and matches the fp32 reference (timings here say nothing about GPU speed)"
+    )
     for mask_name in args.masks:
         b, t, d = 2, 48, 16
         mask = make_mask(mask_name, b, t, 12, "cpu")
@@ -213,8 +233,11 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("benchmarks/attention.py measures GPU throughput and found no CUDA/ROCm device; nothing measured. "
-              "Run it on a GPU, or pass --smoke for a CPU correctness run of the same code paths.", file=sys.stderr)
+        print(
+            "benchmarks/attention.py measures GPU throughput and found no CUDA/ROCm device; nothing measured. "
+            "Run it on a GPU, or pass --smoke for a CPU correctness run of the same code paths.",
+            file=sys.stderr,
+        )
         return 2
     return gpu_main(args)
 

@@ -234,9 +234,11 @@ def max_err(a: Any, b: Any) -> float:
 
     a = a if isinstance(a, tuple) else (a,)
     b = b if isinstance(b, tuple) else (b,)
-    return max(float((x.detach().float() - y.detach().float()).abs().max())
-               / max(1.0, float(y.detach().float().abs().max()))
-               for x, y in zip(a, b, strict=True) if x is not None and y is not None and x.numel())
+    return max(
+        float((x.detach().float() - y.detach().float()).abs().max()) / max(1.0, float(y.detach().float().abs().max()))
+        for x, y in zip(a, b, strict=True)
+        if x is not None and y is not None and x.numel()
+    )
 
 
 def main() -> int:
@@ -246,9 +248,12 @@ def main() -> int:
     import torch
 
     if not a.smoke and not torch.cuda.is_available():
-        print("benchmarks/fused_ops.py needs a CUDA GPU (times and peak memory of the compiled kernels); none is "
-              "visible here. Run `python benchmarks/fused_ops.py --smoke` for a CPU correctness pass in the Triton "
-              "interpreter.", file=sys.stderr)
+        print(
+            "benchmarks/fused_ops.py needs a CUDA GPU (times and peak memory of the compiled kernels); none is "
+            "visible here. Run `python benchmarks/fused_ops.py --smoke` for a CPU correctness pass in the Triton "
+            "interpreter.",
+            file=sys.stderr,
+        )
         return 2
     if a.smoke:
         a.tokens, a.ce_tokens, a.hidden, a.intermediate, a.vocab = 66, 37, 100, 172, 300
@@ -256,10 +261,14 @@ def main() -> int:
     device = "cuda" if (torch.cuda.is_available() and not a.smoke) else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter (timings not meaningful)"
-    print(f"device: {where}; tokens {a.tokens}, hidden {a.hidden}, SwiGLU {a.intermediate}, "
-          f"heads {a.heads}x{a.head_dim}, vocab {a.vocab}, CE tokens {a.ce_tokens}; inputs {dtype}")
-    header = f"{'op':<10} {'fused ms':>9} {'unfused ms':>10} {'speedup':>8} {'fused MiB':>10} {'unfused MiB':>11} " \
-             f"{'mem':>6} {'max rel err':>11}"
+    print(
+        f"device: {where}; tokens {a.tokens}, hidden {a.hidden}, SwiGLU {a.intermediate}, "
+        f"heads {a.heads}x{a.head_dim}, vocab {a.vocab}, CE tokens {a.ce_tokens}; inputs {dtype}"
+    )
+    header = (
+        f"{'op':<10} {'fused ms':>9} {'unfused ms':>10} {'speedup':>8} {'fused MiB':>10} {'unfused MiB':>11} "
+        f"{'mem':>6} {'max rel err':>11}"
+    )
     print(header)
     print("-" * len(header))
     for op in a.ops:
@@ -277,8 +286,10 @@ def main() -> int:
 
             tf, tu = do_bench(rf), do_bench(ru)
             mf, mu = peak_bytes(rf), peak_bytes(ru)
-            print(f"{op:<10} {tf:>9.3f} {tu:>10.3f} {tu / tf:>7.2f}x {mf / 2**20:>10.1f} {mu / 2**20:>11.1f} "
-                  f"{mf / mu:>6.3f} {err:>11.2e}")
+            print(
+                f"{op:<10} {tf:>9.3f} {tu:>10.3f} {tu / tf:>7.2f}x {mf / 2**20:>10.1f} {mu / 2**20:>11.1f} "
+                f"{mf / mu:>6.3f} {err:>11.2e}"
+            )
         else:
             print(f"{op:<10} {'-':>9} {'-':>10} {'-':>8} {'-':>10} {'-':>11} {'-':>6} {err:>11.2e}")
     if device == "cuda":

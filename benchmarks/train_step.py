@@ -67,8 +67,13 @@ def synthetic_batches(cfg: Any, mb: int, seq: int, mean_doc: int, device: str) -
     return {AR: ar, MD: md}
 
 
-SMOKE_OVERRIDES = ["model.hidden_size=100", "model.n_heads=2", "model.vocab_size=300", "model.intermediate_size=172",
-                   "model.n_layers=2"]
+SMOKE_OVERRIDES = [
+    "model.hidden_size=100",
+    "model.n_heads=2",
+    "model.vocab_size=300",
+    "model.intermediate_size=172",
+    "model.n_layers=2",
+]
 
 
 def configure(a: argparse.Namespace) -> tuple[Any, str]:
@@ -92,9 +97,11 @@ def device_peak(a: argparse.Namespace, device: str) -> float | None:
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter; timings not meaningful)"
     peak = a.peak_tflops * 1e12 if a.peak_tflops else (peak_flops(name) if device == "cuda" else None)
-    print(f"device: {name}; preset {a.preset if not a.smoke else 'tiny (smoke)'}; micro-batch {a.micro_batch} x "
-          f"{a.seq_len}; grad_accum {a.grad_accum}; dense bf16 peak "
-          f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
+    print(
+        f"device: {name}; preset {a.preset if not a.smoke else 'tiny (smoke)'}; micro-batch {a.micro_batch} x "
+        f"{a.seq_len}; grad_accum {a.grad_accum}; dense bf16 peak "
+        f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s"
+    )
     return peak
 
 
@@ -111,8 +118,9 @@ def timed(fn: Any, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def measure(fused: str, cfg: Any, batches: dict[str, Any], device: str, warmup: int,
-            iters: int) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+def measure(
+    fused: str, cfg: Any, batches: dict[str, Any], device: str, warmup: int, iters: int
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per objective: median micro-batch time and the optimizer step time; and the last loss."""
     import torch
 
@@ -155,8 +163,9 @@ def measure(fused: str, cfg: Any, batches: dict[str, Any], device: str, warmup: 
     return out, last
 
 
-def measure_all(a: argparse.Namespace, cfg: Any, batches: dict[str, Any], device: str, peak: float | None
-                ) -> tuple[dict[tuple[str, str], dict[str, float]], dict[tuple[str, str], float]]:
+def measure_all(
+    a: argparse.Namespace, cfg: Any, batches: dict[str, Any], device: str, peak: float | None
+) -> tuple[dict[tuple[str, str], dict[str, float]], dict[tuple[str, str], float]]:
     """``measure`` every ``--fused`` setting: per (fused, objective) the times, step time and MFU; and the losses."""
     import torch
 
@@ -196,18 +205,21 @@ def smoke_check(losses: dict[tuple[str, str], float], fused_settings: list[str])
     return 0
 
 
-def print_table(results: dict[tuple[str, str], dict[str, float]], fused_settings: list[str],
-                step_tokens: int) -> None:
+def print_table(results: dict[tuple[str, str], dict[str, float]], fused_settings: list[str], step_tokens: int) -> None:
     """The results table, then the MD / AR and unfused / fused step-time ratios and the MFU goal."""
     from megatron_dual.objectives import AR, MD
 
-    header = f"{'fused_ops':<9} {'obj':<3} {'micro ms':>9} {'opt ms':>8} {'step s':>8} {'tok/s':>10} {'MFU':>6} " \
-             f"{'fwd+bwd MFU':>11}"
+    header = (
+        f"{'fused_ops':<9} {'obj':<3} {'micro ms':>9} {'opt ms':>8} {'step s':>8} {'tok/s':>10} {'MFU':>6} "
+        f"{'fwd+bwd MFU':>11}"
+    )
     print(header)
     print("-" * len(header))
     for (fused, obj), r in results.items():
-        print(f"{fused:<9} {obj:<3} {r['micro'] * 1e3:>9.1f} {r['opt'] * 1e3:>8.1f} {r['step']:>8.2f} "
-              f"{step_tokens / r['step']:>10.0f} {r['mfu']:>6.1%} {r['micro_mfu']:>11.1%}")
+        print(
+            f"{fused:<9} {obj:<3} {r['micro'] * 1e3:>9.1f} {r['opt'] * 1e3:>8.1f} {r['step']:>8.2f} "
+            f"{step_tokens / r['step']:>10.0f} {r['mfu']:>6.1%} {r['micro_mfu']:>11.1%}"
+        )
     for fused in fused_settings:
         ratio = results[(fused, MD)]["step"] / results[(fused, AR)]["step"]
         print(f"{fused}: MD / AR step time = {ratio:.3f} (goal <= 1.05)")
@@ -225,9 +237,12 @@ def main() -> int:
     import torch
 
     if not a.smoke and not torch.cuda.is_available():
-        print("benchmarks/train_step.py needs a CUDA GPU (MFU of the dual-470m training step); none is visible "
-              "here. Run `python benchmarks/train_step.py --smoke` for a CPU check that the fused and unfused steps "
-              "agree.", file=sys.stderr)
+        print(
+            "benchmarks/train_step.py needs a CUDA GPU (MFU of the dual-470m training step); none is visible "
+            "here. Run `python benchmarks/train_step.py --smoke` for a CPU check that the fused and unfused steps "
+            "agree.",
+            file=sys.stderr,
+        )
         return 2
 
     cfg, device = configure(a)

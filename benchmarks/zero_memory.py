@@ -53,9 +53,16 @@ def param_split(preset: str, tp: int) -> dict[str, float]:
         else:
             adamw += n
     m = cfg.model
-    return {"muon": muon, "adamw": adamw, "largest": largest, "h": m.hidden_size, "layers": m.n_layers,
-            "qkv": (m.n_heads + 2 * m.n_kv_heads) * m.head_dim, "inter": m.intermediate_size,
-            "tokens": cfg.train.micro_batch_size * cfg.data.seq_len}
+    return {
+        "muon": muon,
+        "adamw": adamw,
+        "largest": largest,
+        "h": m.hidden_size,
+        "layers": m.n_layers,
+        "qkv": (m.n_heads + 2 * m.n_kv_heads) * m.head_dim,
+        "inter": m.intermediate_size,
+        "tokens": cfg.train.micro_batch_size * cfg.data.seq_len,
+    }
 
 
 def states(s: dict[str, float], engine: str, stage: int, dp: int) -> tuple[float, float, float, float]:
@@ -94,17 +101,23 @@ ROWS = [("ddp", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deep
 def table(preset: str, dp: int, tp: int) -> str:
     s = param_split(preset, tp)
     act = {m: activations(s, m, tp) / GIB for m in ("none", "selective", "full")}
-    lines = [f"**{preset}** ({(s['muon'] + s['adamw']) * tp / 1e9:.2f}B parameters; per rank with DP {dp} x TP {tp}; "
-             f"one slot of {int(s['tokens'])} tokens: activations {act['none']:.1f} GiB, selective "
-             f"{act['selective']:.1f}, full {act['full']:.1f})", "",
-             "| engine | params GiB | grads GiB | optimizer GiB | Muon step transient GiB | states total GiB "
-             "| + activations (none / selective / full) GiB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{preset}** ({(s['muon'] + s['adamw']) * tp / 1e9:.2f}B parameters; per rank with DP {dp} x TP {tp}; "
+        f"one slot of {int(s['tokens'])} tokens: activations {act['none']:.1f} GiB, selective "
+        f"{act['selective']:.1f}, full {act['full']:.1f})",
+        "",
+        "| engine | params GiB | grads GiB | optimizer GiB | Muon step transient GiB | states total GiB "
+        "| + activations (none / selective / full) GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for engine, stage in ROWS:
         p, g, o, t = (x / GIB for x in states(s, engine, stage, dp))
         name = "DDP (fp32 params)" if engine == "ddp" else f"ZeRO-{stage} (bf16)"
         total = p + g + o + t
-        lines.append(f"| {name} | {p:.1f} | {g:.1f} | {o:.1f} | {t:.1f} | {total:.1f} | "
-                     f"{total + act['none']:.1f} / {total + act['selective']:.1f} / {total + act['full']:.1f} |")
+        lines.append(
+            f"| {name} | {p:.1f} | {g:.1f} | {o:.1f} | {t:.1f} | {total:.1f} | "
+            f"{total + act['none']:.1f} / {total + act['selective']:.1f} / {total + act['full']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -114,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dp", nargs="+", type=int, default=[8, 64])
     ap.add_argument("--tp", type=int, default=1)
     a = ap.parse_args(argv)
-    print("Computed on CPU from meta-device models (no GPU measured); bytes per parameter as in the module "
-          "docstring.\n")
+    print(
+        "Computed on CPU from meta-device models (no GPU measured); bytes per parameter as in the module docstring.\n"
+    )
     for preset in a.presets:
         for dp in a.dp:
             print(table(preset, dp, a.tp))

@@ -76,8 +76,20 @@ def prepare_data(out: Path) -> tuple[str, Path] | int:
     data_path = f"{prefix}_text_document"
     if not Path(data_path + ".idx").exists():
         (out / "data").mkdir(exist_ok=True)
-        rc = preprocess_data.main(["--input", str(corpus), "--output-prefix", str(prefix), "--tokenizer",
-                                   str(tok_json), "--json-keys", "text", "--workers", "2"])
+        rc = preprocess_data.main(
+            [
+                "--input",
+                str(corpus),
+                "--output-prefix",
+                str(prefix),
+                "--tokenizer",
+                str(tok_json),
+                "--json-keys",
+                "text",
+                "--workers",
+                "2",
+            ]
+        )
         if rc:
             return rc
     else:
@@ -85,16 +97,22 @@ def prepare_data(out: Path) -> tuple[str, Path] | int:
     return data_path, tok_json
 
 
-def train(out: Path, data_path: str, tok_json: Path, steps: int | None, fresh: bool,
-          extra: list[str] | None = None) -> dict[str, Any]:
+def train(
+    out: Path, data_path: str, tok_json: Path, steps: int | None, fresh: bool, extra: list[str] | None = None
+) -> dict[str, Any]:
     """Step 4: the tiny preset with alpha = 3/4 (then ``extra`` overrides); resumes an earlier demo run unless
     ``fresh``."""
     from megatron_dual.config import load_config
     from megatron_dual.trainer import Trainer
 
     banner("4/6 train the tiny preset, alpha = 3/4 (3 AR + 1 MD slots per step)")
-    overrides = [f"output_dir={out / 'run'}", f"data.path={data_path}", f"data.tokenizer={tok_json.resolve()}",
-                 "objective.alpha=3/4", "train.threads=2"]
+    overrides = [
+        f"output_dir={out / 'run'}",
+        f"data.path={data_path}",
+        f"data.tokenizer={tok_json.resolve()}",
+        "objective.alpha=3/4",
+        "train.threads=2",
+    ]
     if steps:
         overrides.append(f"train.steps={steps}")  # the preset's decay is a quarter of whatever steps
     if fresh:
@@ -153,11 +171,15 @@ def print_summary(summary: dict[str, Any], run_dir: Path, wall: float) -> None:
     banner("summary")
     print(f"steps {summary['steps']}, alpha {summary['alpha']}, {summary['tokens_seen']:,} tokens seen")
     if "val_ar_loss" in summary:
-        print(f"validation AR loss {summary['val_ar_loss']:.3f} (ppl {summary['val_ar_ppl']:.1f}), "
-              f"MD loss {summary['val_md_loss']:.3f} (ppl {summary['val_md_ppl']:.1f})")
+        print(
+            f"validation AR loss {summary['val_ar_loss']:.3f} (ppl {summary['val_ar_ppl']:.1f}), "
+            f"MD loss {summary['val_md_loss']:.3f} (ppl {summary['val_md_ppl']:.1f})"
+        )
     print(f"training throughput {summary['tokens_per_s']:,.0f} tokens/s this run; demo wall time {wall:.0f} s")
-    print(f"metrics {run_dir / 'metrics.jsonl'}, loss curve {run_dir / 'loss.png'}, checkpoints "
-          f"{run_dir / 'checkpoints'}, transformers export {run_dir / 'hf'}")
+    print(
+        f"metrics {run_dir / 'metrics.jsonl'}, loss curve {run_dir / 'loss.png'}, checkpoints "
+        f"{run_dir / 'checkpoints'}, transformers export {run_dir / 'hf'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,9 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--steps", type=int, default=None, help="override the tiny preset's step count")
     ap.add_argument("--fresh", action="store_true", help="retrain from scratch (the old run is moved aside)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                    help="extra config overrides, applied last (e.g. --set objective.recipe=reference, --set "
-                         "'objective.mix=ar=3/4 md=1/8 prefix=1/8' --set train.grad_accum=8)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="extra config overrides, applied last (e.g. --set objective.recipe=reference, --set "
+        "'objective.mix=ar=3/4 md=1/8 prefix=1/8' --set train.grad_accum=8)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,17 +219,25 @@ def evaluate_demo_model(model: Any, tok: Any, run_dir: Path, limit: int = 100) -
     banner(f"evaluation: ARC-Easy and BLiMP* ({limit} examples each), causal / prefix-LM / MNTP")
     t0 = time.perf_counter()
     try:
-        results = evaluate(model, tok, [TASKS["arc_easy"], TASKS["blimp_sva"]], ["causal", "prefix", "mntp"],
-                           limit=limit, progress=False)
+        results = evaluate(
+            model,
+            tok,
+            [TASKS["arc_easy"], TASKS["blimp_sva"]],
+            ["causal", "prefix", "mntp"],
+            limit=limit,
+            progress=False,
+        )
     except EvalError as e:
         print(f"skipped: {e}")
         return
     print(format_table(results))
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"These are near-random, as expected: a {params:.1f}M-parameter model trained for minutes on speeches, "
-          f"scored on {limit} examples per task (standard errors above); 0 is chance. For scale, the "
-          f"paper's 470M model averages 26.9 in causal mode. ({time.perf_counter() - t0:.0f} s; the full run is "
-          f"`megatron-dual eval --checkpoint {run_dir} --tasks all --mode all`)")
+    print(
+        f"These are near-random, as expected: a {params:.1f}M-parameter model trained for minutes on speeches, "
+        f"scored on {limit} examples per task (standard errors above); 0 is chance. For scale, the "
+        f"paper's 470M model averages 26.9 in causal mode. ({time.perf_counter() - t0:.0f} s; the full run is "
+        f"`megatron-dual eval --checkpoint {run_dir} --tasks all --mode all`)"
+    )
 
 
 if __name__ == "__main__":

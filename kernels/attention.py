@@ -51,8 +51,14 @@ def _configs(kind: str) -> list[triton.Config]:
         }[kind]
     else:  # A100 / H100
         shapes = {
-            "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4),
-                    (64, 32, 4, 3)],
+            "fwd": [
+                (128, 64, 4, 3),
+                (128, 64, 8, 3),
+                (128, 128, 8, 3),
+                (64, 64, 4, 4),
+                (128, 32, 4, 4),
+                (64, 32, 4, 3),
+            ],
             "bwd_kv": [(32, 128, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3)],
             "bwd_q": [(128, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
         }[kind]
@@ -114,9 +120,23 @@ def _pos_mask_t(k_pos, q_pos, plen, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _query_tile_key_range(start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI, sdoc,
-                          MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+def _query_tile_key_range(
+    start_m,
+    b,
+    T_Q,
+    T_K,
+    Q_OFFSET,
+    plen,
+    q_pos,
+    m_valid,
+    DOC_LO,
+    DOC_HI,
+    sdoc,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Keys [lo, hi) that some query of the tile may see, and mid: tiles below mid need no positional mask."""
     first_q = start_m + Q_OFFSET
     last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
@@ -143,10 +163,33 @@ def _query_tile_key_range(start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, 
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K, lo, hi,
-               scale_log2, offs_n0, offs_d,
-               MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr, POS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+def _fwd_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    q_doc,
+    plen,
+    k_base,
+    v_base,
+    skt,
+    svt,
+    DOCS,
+    b,
+    sdoc,
+    T_K,
+    lo,
+    hi,
+    scale_log2,
+    offs_n0,
+    offs_d,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    POS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_valid = offs_n < T_K
@@ -181,11 +224,44 @@ def _fwd_tiles(acc, m_i, l_i, q, q_pos, q_doc, plen, k_base, v_base, skt, svt, D
 
 @triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, DOCS, DOC_LO, DOC_HI, PREFIX, scale_log2,
-                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdoc,
-                H, GROUP, T_Q, T_K, Q_OFFSET, SEQ_BUCKET, GROUP_KEY,
-                HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    DOCS,
+    DOC_LO,
+    DOC_HI,
+    PREFIX,
+    scale_log2,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    sdoc,
+    H,
+    GROUP,
+    T_Q,
+    T_K,
+    Q_OFFSET,
+    SEQ_BUCKET,
+    GROUP_KEY,
+    HEAD_DIM: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, under a causal mask) query tiles first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -204,19 +280,82 @@ def _fwd_kernel(Q, K, V, O, LSE, DOCS, DOC_LO, DOC_HI, PREFIX, scale_log2,
     q_doc = q_pos
     if HAS_DOCS:
         q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
-    lo, mid, hi = _query_tile_key_range(start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI,
-                                        sdoc, MASK_KIND, HAS_DOCS, BLOCK_M, BLOCK_N)
+    lo, mid, hi = _query_tile_key_range(
+        start_m,
+        b,
+        T_Q,
+        T_K,
+        Q_OFFSET,
+        plen,
+        q_pos,
+        m_valid,
+        DOC_LO,
+        DOC_HI,
+        sdoc,
+        MASK_KIND,
+        HAS_DOCS,
+        BLOCK_M,
+        BLOCK_N,
+    )
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K,
-                               lo, mid, scale_log2, offs_n0, offs_d, MASK_KIND, HAS_DOCS, False, BLOCK_N,
-                               DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K,
-                               mid, hi, scale_log2, offs_n0, offs_d, MASK_KIND, HAS_DOCS, True, BLOCK_N,
-                               DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        q_pos,
+        q_doc,
+        plen,
+        k_base,
+        v_base,
+        skt,
+        svt,
+        DOCS,
+        b,
+        sdoc,
+        T_K,
+        lo,
+        mid,
+        scale_log2,
+        offs_n0,
+        offs_d,
+        MASK_KIND,
+        HAS_DOCS,
+        False,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
+    acc, m_i, l_i = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        q_pos,
+        q_doc,
+        plen,
+        k_base,
+        v_base,
+        skt,
+        svt,
+        DOCS,
+        b,
+        sdoc,
+        T_K,
+        mid,
+        hi,
+        scale_log2,
+        offs_n0,
+        offs_d,
+        MASK_KIND,
+        HAS_DOCS,
+        True,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
     empty = l_i == 0.0  # a query that sees no key at all: output 0, and lse = +inf makes its backward p = 0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
@@ -227,10 +366,36 @@ def _fwd_kernel(Q, K, V, O, LSE, DOCS, DOC_LO, DOC_HI, PREFIX, scale_log2,
 
 
 @triton.jit
-def _bwd_kv_tiles(dk, dv, k, v, k_pos, k_doc, plen, q_base, do_base, lse_base, delta_base, sqt, sdot,
-                  T_Q, Q_OFFSET, lo, hi, scale_log2, offs_m0, offs_d,
-                  MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr, POS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, DOCS, b, sdoc):
+def _bwd_kv_tiles(
+    dk,
+    dv,
+    k,
+    v,
+    k_pos,
+    k_doc,
+    plen,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    sqt,
+    sdot,
+    T_Q,
+    Q_OFFSET,
+    lo,
+    hi,
+    scale_log2,
+    offs_m0,
+    offs_d,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    POS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOCS,
+    b,
+    sdoc,
+):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_valid = offs_m < T_Q
@@ -259,12 +424,55 @@ def _bwd_kv_tiles(dk, dv, k, v, k_pos, k_doc, plen, q_base, do_base, lse_base, d
 
 @triton.autotune(configs=_configs("bwd_kv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS, DOC_LO, DOC_HI, PREFIX, scale_log2, scale,
-                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt,
-                   sdvb, sdvh, sdvt, sdoc,
-                   HQ, HKV, GROUP, T_Q, T_K, Q_OFFSET, SEQ_BUCKET, GROUP_KEY,
-                   HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_kv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DOCS,
+    DOC_LO,
+    DOC_HI,
+    PREFIX,
+    scale_log2,
+    scale,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sdob,
+    sdoh,
+    sdot,
+    sdkb,
+    sdkh,
+    sdkt,
+    sdvb,
+    sdvh,
+    sdvt,
+    sdoc,
+    HQ,
+    HKV,
+    GROUP,
+    T_Q,
+    T_K,
+    Q_OFFSET,
+    SEQ_BUCKET,
+    GROUP_KEY,
+    HEAD_DIM: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -309,24 +517,108 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS, DOC_LO, DOC_HI, PREFIX
         do_base = DO + b * sdob + h * sdoh
         lse_base = LSE + (b * HQ + h) * T_Q
         delta_base = DELTA + (b * HQ + h) * T_Q
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, offs_n, k_doc, plen, q_base, do_base, lse_base, delta_base, sqt, sdot,
-                               T_Q, Q_OFFSET, lo, mid, scale_log2, offs_m0, offs_d, MASK_KIND, HAS_DOCS, True,
-                               BLOCK_M, DOT_PRECISION, DOCS, b, sdoc)
-        dk, dv = _bwd_kv_tiles(dk, dv, k, v, offs_n, k_doc, plen, q_base, do_base, lse_base, delta_base, sqt, sdot,
-                               T_Q, Q_OFFSET, mid, hi, scale_log2, offs_m0, offs_d, MASK_KIND, HAS_DOCS, False,
-                               BLOCK_M, DOT_PRECISION, DOCS, b, sdoc)
+        dk, dv = _bwd_kv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            offs_n,
+            k_doc,
+            plen,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            sqt,
+            sdot,
+            T_Q,
+            Q_OFFSET,
+            lo,
+            mid,
+            scale_log2,
+            offs_m0,
+            offs_d,
+            MASK_KIND,
+            HAS_DOCS,
+            True,
+            BLOCK_M,
+            DOT_PRECISION,
+            DOCS,
+            b,
+            sdoc,
+        )
+        dk, dv = _bwd_kv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            offs_n,
+            k_doc,
+            plen,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            sqt,
+            sdot,
+            T_Q,
+            Q_OFFSET,
+            mid,
+            hi,
+            scale_log2,
+            offs_m0,
+            offs_d,
+            MASK_KIND,
+            HAS_DOCS,
+            False,
+            BLOCK_M,
+            DOT_PRECISION,
+            DOCS,
+            b,
+            sdoc,
+        )
     dk = dk * scale
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=n_valid[:, None])
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=n_valid[:, None])
+    tl.store(
+        DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=n_valid[:, None],
+    )
+    tl.store(
+        DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=n_valid[:, None],
+    )
 
 
 @triton.jit
-def _bwd_q_tiles(dq, q, do, lse2, delta, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K, lo, hi,
-                 scale_log2, offs_n0, offs_d,
-                 MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr, POS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+def _bwd_q_tiles(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    q_pos,
+    q_doc,
+    plen,
+    k_base,
+    v_base,
+    skt,
+    svt,
+    DOCS,
+    b,
+    sdoc,
+    T_K,
+    lo,
+    hi,
+    scale_log2,
+    offs_n0,
+    offs_d,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    POS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_valid = offs_n < T_K
@@ -352,11 +644,50 @@ def _bwd_q_tiles(dq, q, do, lse2, delta, q_pos, q_doc, plen, k_base, v_base, skt
 
 @triton.autotune(configs=_configs("bwd_q"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOCS, DOC_LO, DOC_HI, PREFIX, scale_log2, scale,
-                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, sdoc,
-                  H, GROUP, T_Q, T_K, Q_OFFSET, SEQ_BUCKET, GROUP_KEY,
-                  HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DOCS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_q_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DOCS,
+    DOC_LO,
+    DOC_HI,
+    PREFIX,
+    scale_log2,
+    scale,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sdob,
+    sdoh,
+    sdot,
+    sdqb,
+    sdqh,
+    sdqt,
+    sdoc,
+    H,
+    GROUP,
+    T_Q,
+    T_K,
+    Q_OFFSET,
+    SEQ_BUCKET,
+    GROUP_KEY,
+    HEAD_DIM: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, under a causal mask) query tiles first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -369,8 +700,7 @@ def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOCS, DOC_LO, DOC_HI, PREFIX, sca
     m_valid = offs_m < T_Q
     q_pos = offs_m + Q_OFFSET
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None],
-                 other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     lse2 = tl.load(LSE + pid_bh * T_Q + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * T_Q + offs_m, mask=m_valid, other=0.0)
     plen = 0
@@ -379,18 +709,88 @@ def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOCS, DOC_LO, DOC_HI, PREFIX, sca
     q_doc = q_pos
     if HAS_DOCS:
         q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
-    lo, mid, hi = _query_tile_key_range(start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI,
-                                        sdoc, MASK_KIND, HAS_DOCS, BLOCK_M, BLOCK_N)
+    lo, mid, hi = _query_tile_key_range(
+        start_m,
+        b,
+        T_Q,
+        T_K,
+        Q_OFFSET,
+        plen,
+        q_pos,
+        m_valid,
+        DOC_LO,
+        DOC_HI,
+        sdoc,
+        MASK_KIND,
+        HAS_DOCS,
+        BLOCK_M,
+        BLOCK_N,
+    )
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _bwd_q_tiles(dq, q, do, lse2, delta, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K,
-                      lo, mid, scale_log2, offs_n0, offs_d, MASK_KIND, HAS_DOCS, False, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_q_tiles(dq, q, do, lse2, delta, q_pos, q_doc, plen, k_base, v_base, skt, svt, DOCS, b, sdoc, T_K,
-                      mid, hi, scale_log2, offs_n0, offs_d, MASK_KIND, HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_q_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        q_pos,
+        q_doc,
+        plen,
+        k_base,
+        v_base,
+        skt,
+        svt,
+        DOCS,
+        b,
+        sdoc,
+        T_K,
+        lo,
+        mid,
+        scale_log2,
+        offs_n0,
+        offs_d,
+        MASK_KIND,
+        HAS_DOCS,
+        False,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
+    dq = _bwd_q_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        q_pos,
+        q_doc,
+        plen,
+        k_base,
+        v_base,
+        skt,
+        svt,
+        DOCS,
+        b,
+        sdoc,
+        T_K,
+        mid,
+        hi,
+        scale_log2,
+        offs_n0,
+        offs_d,
+        MASK_KIND,
+        HAS_DOCS,
+        True,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
     dq = dq * scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=m_valid[:, None])
+    tl.store(
+        DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=m_valid[:, None],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- host side
@@ -443,9 +843,18 @@ def _bucket(n: int) -> int:
 class _Meta:
     """What the kernels need to know about the mask, prepared once per call."""
 
-    def __init__(self, kind: str, doc_ids: torch.Tensor | None, prefix_len: torch.Tensor | int | None,
-                 q_offset: int, q_len: int, k_len: int, batch: int, device: torch.device,
-                 spans: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        doc_ids: torch.Tensor | None,
+        prefix_len: torch.Tensor | int | None,
+        q_offset: int,
+        q_len: int,
+        k_len: int,
+        batch: int,
+        device: torch.device,
+        spans: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
         if kind not in MASK_CODES:
             raise ValueError(f"mask kind {kind!r}; allowed: {', '.join(MASK_CODES)}")
         self.code = MASK_CODES[kind]
@@ -469,8 +878,10 @@ class _Meta:
             if doc_ids.shape != (batch, k_len):
                 raise ValueError(f"doc_ids of shape {tuple(doc_ids.shape)}; expected (B, Tk) = ({batch}, {k_len})")
             if self.q_offset + q_len > k_len:
-                raise ValueError(f"queries at positions {self.q_offset}..{self.q_offset + q_len - 1} have no "
-                                 f"document id (doc_ids cover {k_len} keys)")
+                raise ValueError(
+                    f"queries at positions {self.q_offset}..{self.q_offset + q_len - 1} have no "
+                    f"document id (doc_ids cover {k_len} keys)"
+                )
             self.docs = doc_ids.to(device=device, dtype=torch.int32).contiguous()
             lo, hi = spans if spans is not None else document_spans(self.docs)
             self.doc_lo, self.doc_hi = lo.contiguous(), hi.contiguous()
@@ -478,8 +889,9 @@ class _Meta:
             self.docs = self.doc_lo = self.doc_hi = dummy
 
 
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _Meta, scale: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _Meta, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
@@ -490,17 +902,54 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _Meta, sca
         return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
 
     _fwd_kernel[grid](
-        q, k, v, o, lse, meta.docs, meta.doc_lo, meta.doc_hi, meta.prefix, scale * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), meta.docs.stride(0),
-        hq, hq // hkv, tq, tk, meta.q_offset, _bucket(max(tq, tk)), min(hq // hkv, 8),
-        HEAD_DIM=d, MASK_KIND=meta.code, HAS_DOCS=meta.has_docs, DOT_PRECISION=precision,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        meta.docs,
+        meta.doc_lo,
+        meta.doc_hi,
+        meta.prefix,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        meta.docs.stride(0),
+        hq,
+        hq // hkv,
+        tq,
+        tk,
+        meta.q_offset,
+        _bucket(max(tq, tk)),
+        min(hq // hkv, 8),
+        HEAD_DIM=d,
+        MASK_KIND=meta.code,
+        HAS_DOCS=meta.has_docs,
+        DOT_PRECISION=precision,
     )
     return o, lse
 
 
-def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-              lse: torch.Tensor, meta: _Meta, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    meta: _Meta,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     do = _unit_last(do)
@@ -515,24 +964,97 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return triton.cdiv(tk, meta_["BLOCK_N"]), b * hkv
 
     _bwd_kv_kernel[grid_kv](
-        q, k, v, do, lse, delta, dk, dv, meta.docs, meta.doc_lo, meta.doc_hi, meta.prefix, scale * _LOG2E, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), meta.docs.stride(0),
-        hq, hkv, group, tq, tk, meta.q_offset, bucket, min(group, 8),
-        HEAD_DIM=d, MASK_KIND=meta.code, HAS_DOCS=meta.has_docs, DOT_PRECISION=precision,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        meta.docs,
+        meta.doc_lo,
+        meta.doc_hi,
+        meta.prefix,
+        scale * _LOG2E,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        dv.stride(0),
+        dv.stride(1),
+        dv.stride(2),
+        meta.docs.stride(0),
+        hq,
+        hkv,
+        group,
+        tq,
+        tk,
+        meta.q_offset,
+        bucket,
+        min(group, 8),
+        HEAD_DIM=d,
+        MASK_KIND=meta.code,
+        HAS_DOCS=meta.has_docs,
+        DOT_PRECISION=precision,
     )
 
     def grid_q(meta_: dict) -> tuple[int, int]:
         return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
 
     _bwd_q_kernel[grid_q](
-        q, k, v, do, lse, delta, dq, meta.docs, meta.doc_lo, meta.doc_hi, meta.prefix, scale * _LOG2E, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), meta.docs.stride(0),
-        hq, group, tq, tk, meta.q_offset, bucket, min(group, 8),
-        HEAD_DIM=d, MASK_KIND=meta.code, HAS_DOCS=meta.has_docs, DOT_PRECISION=precision,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        meta.docs,
+        meta.doc_lo,
+        meta.doc_hi,
+        meta.prefix,
+        scale * _LOG2E,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        meta.docs.stride(0),
+        hq,
+        group,
+        tq,
+        tk,
+        meta.q_offset,
+        bucket,
+        min(group, 8),
+        HEAD_DIM=d,
+        MASK_KIND=meta.code,
+        HAS_DOCS=meta.has_docs,
+        DOT_PRECISION=precision,
     )
     return dq, dk, dv
 
@@ -541,8 +1063,14 @@ class FlashAttentionFunction(torch.autograd.Function):
     """softmax(q k^T * scale + mask) v with the log-sum-exp saved and probabilities recomputed in backward."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: _Meta, scale: float) -> torch.Tensor:
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: _Meta,
+        scale: float,
+    ) -> torch.Tensor:
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         o, lse = _forward(q, k, v, meta, scale)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -550,17 +1078,26 @@ class FlashAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.meta, ctx.scale)
         return dq, dk, dv, None, None
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str = "causal", *,
-                    doc_ids: torch.Tensor | None = None, prefix_len: torch.Tensor | int | None = None,
-                    q_offset: int = 0, softmax_scale: float | None = None,
-                    doc_spans: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str = "causal",
+    *,
+    doc_ids: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | int | None = None,
+    q_offset: int = 0,
+    softmax_scale: float | None = None,
+    doc_spans: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Masked attention through the Triton kernels; differentiable in q, k and v.
 
     kind: ``causal``, ``bidirectional`` or ``prefix`` (then ``prefix_len``, (B,) or a scalar). ``doc_ids`` (B, Tk)
@@ -569,8 +1106,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str
     """
     _check_inputs(q, k, v)
     if q.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError("the Triton attention kernel runs on CPU only under TRITON_INTERPRET=1 (set before "
-                           "megatron_dual.kernels.attention is imported)")
+        raise RuntimeError(
+            "the Triton attention kernel runs on CPU only under TRITON_INTERPRET=1 (set before "
+            "megatron_dual.kernels.attention is imported)"
+        )
     meta = _Meta(kind, doc_ids, prefix_len, q_offset, q.shape[2], k.shape[2], q.shape[0], q.device, doc_spans)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return FlashAttentionFunction.apply(q, k, v, meta, scale)
@@ -585,10 +1124,25 @@ class FlashAttention(torch.nn.Module):
             raise ValueError(f"mask kind {kind!r}; allowed: {', '.join(MASK_CODES)}")
         self.kind, self.softmax_scale = kind, softmax_scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                prefix_len: torch.Tensor | int | None = None, q_offset: int = 0) -> torch.Tensor:
-        return flash_attention(q, k, v, self.kind, doc_ids=doc_ids, prefix_len=prefix_len, q_offset=q_offset,
-                               softmax_scale=self.softmax_scale)
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | int | None = None,
+        q_offset: int = 0,
+    ) -> torch.Tensor:
+        return flash_attention(
+            q,
+            k,
+            v,
+            self.kind,
+            doc_ids=doc_ids,
+            prefix_len=prefix_len,
+            q_offset=q_offset,
+            softmax_scale=self.softmax_scale,
+        )
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"

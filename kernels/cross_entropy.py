@@ -40,8 +40,15 @@ IGNORE_INDEX = -100
 
 @triton.jit
 def _ce_stats_kernel(
-    logits_ptr, labels_ptr, max_ptr, sumexp_ptr, target_ptr, argmax_ptr,
-    stride_l, n_vocab, vocab_start,
+    logits_ptr,
+    labels_ptr,
+    max_ptr,
+    sumexp_ptr,
+    target_ptr,
+    argmax_ptr,
+    stride_l,
+    n_vocab,
+    vocab_start,
     BLOCK_V: tl.constexpr,
 ):
     """Per row: max, sum(exp(x - max)), the target logit (0 when the label is not in this shard), first argmax."""
@@ -71,8 +78,14 @@ def _ce_stats_kernel(
 
 @triton.jit
 def _ce_grad_kernel(
-    logits_ptr, labels_ptr, lse_ptr, scale_ptr,
-    stride_l, n_vocab, vocab_start, two_z,
+    logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    scale_ptr,
+    stride_l,
+    n_vocab,
+    vocab_start,
+    two_z,
     BLOCK_V: tl.constexpr,
 ):
     """Overwrite a row of logits with d(weighted)/d(logits) = w * (softmax * (1 + 2 z lse) - onehot)."""
@@ -124,8 +137,9 @@ def _check_shapes(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -
         raise ValueError(f"labels of shape {tuple(labels.shape)}; expected ({h.shape[0]},)")
 
 
-def _row_stats(logits: torch.Tensor, y: torch.Tensor, vocab_start: int, block_v: int,
-               group: dist.ProcessGroup | None, tp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_stats(
+    logits: torch.Tensor, y: torch.Tensor, vocab_start: int, block_v: int, group: dist.ProcessGroup | None, tp: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of a chunk of (local) logits: (logsumexp over the whole vocabulary, the label's logit, the global
     argmax), reducing the shards' statistics over the TP ``group``."""
     rows, v_local = logits.shape[0], logits.shape[1]
@@ -147,13 +161,24 @@ def _row_stats(logits: torch.Tensor, y: torch.Tensor, vocab_start: int, block_v:
     return mx + torch.log(se), tgt, arg
 
 
-def _chunk_grads(logits: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, w_c: torch.Tensor, h_c: torch.Tensor,
-                 wc: torch.Tensor, grads: tuple, dh_rows: slice, vocab_start: int, z_loss: float,
-                 block_v: int) -> None:
+def _chunk_grads(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    lse: torch.Tensor,
+    w_c: torch.Tensor,
+    h_c: torch.Tensor,
+    wc: torch.Tensor,
+    grads: tuple,
+    dh_rows: slice,
+    vocab_start: int,
+    z_loss: float,
+    block_v: int,
+) -> None:
     """Turn the chunk's logits into d(loss)/d(logits) in place, then accumulate dh (rows ``dh_rows``), dw, db."""
     dh, dw, db = grads
-    _ce_grad_kernel[(logits.shape[0],)](logits, y, lse.contiguous(), w_c, logits.stride(0), logits.shape[1],
-                                        vocab_start, 2.0 * z_loss, BLOCK_V=block_v)
+    _ce_grad_kernel[(logits.shape[0],)](
+        logits, y, lse.contiguous(), w_c, logits.stride(0), logits.shape[1], vocab_start, 2.0 * z_loss, BLOCK_V=block_v
+    )
     if dh is not None:
         torch.mm(logits, wc, out=dh[dh_rows])
     if dw is not None:  # fp32 accumulation over chunks (bf16 products, as the unfused linear's)
@@ -165,8 +190,9 @@ def _chunk_grads(logits: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, w_c: 
         db += logits.sum(0, dtype=torch.float32)
 
 
-def _grad_buffers(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wants: list[bool],
-                  cdt: torch.dtype) -> tuple:
+def _grad_buffers(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wants: list[bool], cdt: torch.dtype
+) -> tuple:
     n, hidden = h.shape
     dh = torch.empty((n, hidden), dtype=cdt, device=h.device) if wants[0] else None
     dw = torch.zeros(tuple(weight.shape), dtype=torch.float32, device=h.device) if wants[1] else None
@@ -177,9 +203,18 @@ def _grad_buffers(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-        token_weights: torch.Tensor | None, z_loss: float, chunk_size: int | None,
-        group: dist.ProcessGroup | None, ignore_index: int, reduce_input_grad: bool, grad_enabled: bool,
+        ctx,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        token_weights: torch.Tensor | None,
+        z_loss: float,
+        chunk_size: int | None,
+        group: dist.ProcessGroup | None,
+        ignore_index: int,
+        reduce_input_grad: bool,
+        grad_enabled: bool,
         vocab_start: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_shapes(h, weight, labels)
@@ -231,9 +266,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    token_weights: torch.Tensor | None = None, z_loss: float = 0.0, chunk_size: int | None = None,
-    group: dist.ProcessGroup | None = None, ignore_index: int = IGNORE_INDEX, reduce_input_grad: bool = True,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    reduce_input_grad: bool = True,
     vocab_start: int | None = None,
 ) -> FusedCESums:
     """Weighted CE + z-loss sums of ``h @ weight.T + bias`` against ``labels`` without materialising the logits.
@@ -246,6 +288,17 @@ def fused_linear_cross_entropy(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     weighted, nll, z, correct = FusedLinearCrossEntropy.apply(
-        h, weight, bias, labels, token_weights, float(z_loss), chunk_size, group, int(ignore_index),
-        bool(reduce_input_grad), torch.is_grad_enabled(), vocab_start)
+        h,
+        weight,
+        bias,
+        labels,
+        token_weights,
+        float(z_loss),
+        chunk_size,
+        group,
+        int(ignore_index),
+        bool(reduce_input_grad),
+        torch.is_grad_enabled(),
+        vocab_start,
+    )
     return FusedCESums(weighted, nll, z, correct)

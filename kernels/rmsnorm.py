@@ -21,8 +21,14 @@ _MAX_FUSED_SIZE = 65536
 
 @triton.jit
 def _rmsnorm_fwd_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr,
-    stride_x, stride_y, n_cols, eps,
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    rstd_ptr,
+    stride_x,
+    stride_y,
+    n_cols,
+    eps,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -38,8 +44,18 @@ def _rmsnorm_fwd_kernel(
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-    stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    n_cols,
+    rows_per_program,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -101,8 +117,9 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = _block_size(n_cols)
         if n_rows > 0:
-            _rmsnorm_fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                                           BLOCK=block, num_warps=_num_warps(block))
+            _rmsnorm_fwd_kernel[(n_rows,)](
+                x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block, num_warps=_num_warps(block)
+            )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(shape)
@@ -120,9 +137,22 @@ class RMSNormFunction(torch.autograd.Function):
         block = _block_size(n_cols)
         if n_rows > 0:
             rows_per_program = triton.cdiv(n_rows, programs)
-            _rmsnorm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0),
-                                             dx.stride(0), n_rows, n_cols, rows_per_program,
-                                             BLOCK=block, num_warps=_num_warps(block))
+            _rmsnorm_bwd_kernel[(programs,)](
+                dy2,
+                x2,
+                weight,
+                rstd,
+                dx,
+                dw_partial,
+                dy2.stride(0),
+                x2.stride(0),
+                dx.stride(0),
+                n_rows,
+                n_cols,
+                rows_per_program,
+                BLOCK=block,
+                num_warps=_num_warps(block),
+            )
             dw = dw_partial.sum(0).to(weight.dtype)
         else:
             dw = torch.zeros_like(weight)
@@ -137,8 +167,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class FusedRMSNorm(torch.nn.Module):
     """Drop-in for ``torch.nn.RMSNorm(hidden, eps)`` with a learnable scale (same ``weight`` parameter name)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-7, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-7,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))

@@ -22,12 +22,26 @@ __all__ = ["apply_rotary", "rotary_qkv_", "RotaryFunction", "RotaryQKVInplace"]
 
 @triton.jit
 def _rotary_kernel(
-    x_ptr, out_ptr, cos_ptr, sin_ptr,
-    seq_len, n_heads,
-    sx_b, sx_t, sx_h, sx_d,
-    so_b, so_t, so_h, so_d,
-    sc_b, sc_t,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    cos_ptr,
+    sin_ptr,
+    seq_len,
+    n_heads,
+    sx_b,
+    sx_t,
+    sx_h,
+    sx_d,
+    so_b,
+    so_t,
+    so_h,
+    so_d,
+    sc_b,
+    sc_t,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr,
 ):
     token = tl.program_id(0)
     b = (token // seq_len).to(tl.int64)
@@ -55,23 +69,24 @@ def _rotary_kernel(
         tl.store(o_base + o2_off, o2.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _cos_sin_strides(cos: torch.Tensor, sin: torch.Tensor, batch: int, seq_len: int,
-                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _cos_sin_strides(
+    cos: torch.Tensor, sin: torch.Tensor, batch: int, seq_len: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     if cos.shape != sin.shape:
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape")
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     if cos.dim() != 3 or cos.shape[-2:] != (seq_len, head_dim) or cos.shape[0] not in (1, batch):
-        raise ValueError(f"cos/sin of shape {tuple(cos.shape)} do not match (T, D) or (B, T, D) = "
-                         f"({batch}, {seq_len}, {head_dim})")
+        raise ValueError(
+            f"cos/sin of shape {tuple(cos.shape)} do not match (T, D) or (B, T, D) = ({batch}, {seq_len}, {head_dim})"
+        )
     cos = cos.float().contiguous()
     sin = sin.float().contiguous()
     stride_b = 0 if cos.shape[0] == 1 else cos.stride(0)
     return cos, sin, stride_b, cos.stride(1)
 
 
-def _launch(x_bthd: torch.Tensor, out_bthd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            backward: bool) -> None:
+def _launch(x_bthd: torch.Tensor, out_bthd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
     """Rotate x viewed as (B, T, H, D) (any strides) into out (same shape, may alias x)."""
     batch, seq_len, n_heads, head_dim = x_bthd.shape
     if head_dim % 2:
@@ -83,9 +98,20 @@ def _launch(x_bthd: torch.Tensor, out_bthd: torch.Tensor, cos: torch.Tensor, sin
     block_d = triton.next_power_of_2(half)
     block_h = max(1, min(triton.next_power_of_2(n_heads), 4096 // block_d))
     _rotary_kernel[(batch * seq_len,)](
-        x_bthd, out_bthd, cos, sin, seq_len, n_heads,
-        *x_bthd.stride(), *out_bthd.stride(), sc_b, sc_t,
-        HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward,
+        x_bthd,
+        out_bthd,
+        cos,
+        sin,
+        seq_len,
+        n_heads,
+        *x_bthd.stride(),
+        *out_bthd.stride(),
+        sc_b,
+        sc_t,
+        HALF=half,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        BACKWARD=backward,
     )
 
 
@@ -111,8 +137,14 @@ class RotaryQKVInplace(torch.autograd.Function):
     """In-place rotary on the first ``n_rotated`` heads of a fused qkv tensor (B, T, H_total * D)."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[override]
-                n_rotated: int, head_dim: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,  # type: ignore[override]
+        n_rotated: int,
+        head_dim: int,
+    ) -> torch.Tensor:
         heads = qkv.view(qkv.shape[0], qkv.shape[1], -1, head_dim)[:, :, :n_rotated]
         _launch(heads, heads, cos, sin, backward=False)
         ctx.mark_dirty(qkv)
@@ -125,8 +157,11 @@ class RotaryQKVInplace(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         n, d = ctx.n_rotated, ctx.head_dim
         dqkv = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        g4 = grad.view(grad.shape[0], grad.shape[1], -1, d) if grad.stride(-1) == 1 else grad.reshape(
-            grad.shape[0], grad.shape[1], -1, d)
+        g4 = (
+            grad.view(grad.shape[0], grad.shape[1], -1, d)
+            if grad.stride(-1) == 1
+            else grad.reshape(grad.shape[0], grad.shape[1], -1, d)
+        )
         d4 = dqkv.view(g4.shape)
         d4[:, :, n:] = g4[:, :, n:]
         _launch(g4[:, :, :n], d4[:, :, :n], cos, sin, backward=True)
@@ -138,16 +173,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return RotaryFunction.apply(x, cos, sin)
 
 
-def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int,
-                head_dim: int) -> torch.Tensor:
+def rotary_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int, head_dim: int) -> torch.Tensor:
     """Rotate heads ``[0, n_rotated)`` (q then k heads) of ``qkv`` (B, T, H_total * D) in place; returns ``qkv``.
 
     The intended input is the qkv projection's output itself (not a leaf that requires grad): rotating it rather
     than a view of it keeps autograd from wrapping the op in a view-replay (CopySlices) node.
     """
     if qkv.dim() != 3 or qkv.shape[-1] % head_dim or qkv.stride(-1) != 1:
-        raise ValueError(f"rotary_qkv_ expects (B, T, H_total * {head_dim}) with unit last stride, got shape "
-                         f"{tuple(qkv.shape)}")
+        raise ValueError(
+            f"rotary_qkv_ expects (B, T, H_total * {head_dim}) with unit last stride, got shape {tuple(qkv.shape)}"
+        )
     if not 0 <= n_rotated <= qkv.shape[-1] // head_dim:
         raise ValueError(f"n_rotated = {n_rotated} is outside [0, {qkv.shape[-1] // head_dim}] heads")
     return RotaryQKVInplace.apply(qkv, cos, sin, n_rotated, head_dim)

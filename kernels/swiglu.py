@@ -75,8 +75,9 @@ class SwiGLUFunction(torch.autograd.Function):
         dx = torch.empty_like(x2)
         if n_rows and n_cols:
             block = min(_BLOCK, triton.next_power_of_2(n_cols))
-            _swiglu_bwd_kernel[_grid(n_rows, n_cols)](d2, x2, dx, d2.stride(0), x2.stride(0), dx.stride(0), n_cols,
-                                                      BLOCK=block)
+            _swiglu_bwd_kernel[_grid(n_rows, n_cols)](
+                d2, x2, dx, d2.stride(0), x2.stride(0), dx.stride(0), n_cols, BLOCK=block
+            )
         return dx.view(ctx.shape)
 
 

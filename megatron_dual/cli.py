@@ -27,37 +27,60 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = cfg.model
     info = {
         "preset": cfg.preset or "(custom)",
-        "layers": m.n_layers, "hidden": m.hidden_size, "heads": m.n_heads, "kv_heads": m.n_kv_heads,
-        "head_dim": m.head_dim, "intermediate": m.intermediate_size, "vocab": m.vocab_size, "seq_len": seq,
+        "layers": m.n_layers,
+        "hidden": m.hidden_size,
+        "heads": m.n_heads,
+        "kv_heads": m.n_kv_heads,
+        "head_dim": m.head_dim,
+        "intermediate": m.intermediate_size,
+        "vocab": m.vocab_size,
+        "seq_len": seq,
         "intermediate_executed": round_up(m.intermediate_size, m.pad_intermediate_to),
-        "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
-        "params_per_layer": counts["per_layer"], "params_embedding": counts["embedding"], "params_head": counts["head"],
-        "train_flops_per_token_causal": fl_causal["train"], "train_flops_per_token_bidirectional": fl_bidir["train"],
+        "params_total": counts["total"],
+        "params_non_embedding": counts["non_embedding"],
+        "params_per_layer": counts["per_layer"],
+        "params_embedding": counts["embedding"],
+        "params_head": counts["head"],
+        "train_flops_per_token_causal": fl_causal["train"],
+        "train_flops_per_token_bidirectional": fl_bidir["train"],
         "tokens_per_step": cfg.train.micro_batch_size * cfg.train.grad_accum * seq,
     }
-    schedule = schedule_from_config(cfg.objective, 1, cfg.train.grad_accum, cfg.train.steps,
-                                    cfg.data.epoch_repetitions())
+    schedule = schedule_from_config(
+        cfg.objective, 1, cfg.train.grad_accum, cfg.train.steps, cfg.data.epoch_repetitions()
+    )
     segments = realised_segments(schedule, cfg.objective.recipe)
-    info.update(recipe=cfg.objective.recipe, alpha_nominal=str(segments[0]["alpha"]),
-                alpha_effective=str(segments[0]["effective"]),
-                alpha_nominal_last=str(segments[-1]["alpha"]), alpha_effective_last=str(segments[-1]["effective"]),
-                objective_slots={o: schedule.counts(0).get(o, 0) for o in schedule.objectives})
+    info.update(
+        recipe=cfg.objective.recipe,
+        alpha_nominal=str(segments[0]["alpha"]),
+        alpha_effective=str(segments[0]["effective"]),
+        alpha_nominal_last=str(segments[-1]["alpha"]),
+        alpha_effective_last=str(segments[-1]["effective"]),
+        objective_slots={o: schedule.counts(0).get(o, 0) for o in schedule.objectives},
+    )
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['preset']}: {m.n_layers} layers, hidden {m.hidden_size}, {m.n_heads} heads x {m.head_dim} "
-          f"({m.n_kv_heads} kv), SwiGLU {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}")
+    print(
+        f"{info['preset']}: {m.n_layers} layers, hidden {m.hidden_size}, {m.n_heads} heads x {m.head_dim} "
+        f"({m.n_kv_heads} kv), SwiGLU {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}"
+    )
     if info["intermediate_executed"] != m.intermediate_size:
-        print(f"  MLP executed   {info['intermediate_executed']} wide (model.pad_intermediate_to = "
-              f"{m.pad_intermediate_to}: zero units; parameters, FLOPs and checkpoints at {m.intermediate_size})")
+        print(
+            f"  MLP executed   {info['intermediate_executed']} wide (model.pad_intermediate_to = "
+            f"{m.pad_intermediate_to}: zero units; parameters, FLOPs and checkpoints at {m.intermediate_size})"
+        )
     print(f"  parameters     total {counts['total']:>15,}  ({counts['total'] / 1e6:.1f}M)")
     print(f"                 non-embedding {counts['non_embedding']:>7,}  ({counts['non_embedding'] / 1e6:.1f}M)")
     print(f"                 per layer {counts['per_layer']:>11,}")
     print(f"                 embedding {counts['embedding']:>11,}   head {counts['head']:,}")
-    print(f"  FLOPs/token    training (fwd+bwd) at seq {seq}: causal {fl_causal['train'] / 1e9:.3f} GFLOP, "
-          f"bidirectional {fl_bidir['train'] / 1e9:.3f} GFLOP")
-    print(f"  tokens/step    {info['tokens_per_step']:,} per data-parallel rank "
-          f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} slots x {seq})")
+    print(
+        f"  FLOPs/token    training (fwd+bwd) at seq {seq}: causal {fl_causal['train'] / 1e9:.3f} GFLOP, "
+        f"bidirectional {fl_bidir['train'] / 1e9:.3f} GFLOP"
+    )
+    print(
+        f"  tokens/step    {info['tokens_per_step']:,} per data-parallel rank "
+        f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum} slots x {seq})"
+    )
     lines = describe_objective(cfg.objective, schedule)
     print(f"  objective      {lines[0]} (one rank; slots = dp x train.grad_accum)")
     for line in lines[1:]:
@@ -77,14 +100,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     if mode == "diffusion":
         steps = args.steps or args.max_new_tokens
-        dcfg = DiffusionConfig(length=args.max_new_tokens, steps=steps, block_length=args.block_length,
-                               remasking=args.remasking, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, mask_id=tok.mask_id, n_special=cfg.objective.n_special)
+        dcfg = DiffusionConfig(
+            length=args.max_new_tokens,
+            steps=steps,
+            block_length=args.block_length,
+            remasking=args.remasking,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            mask_id=tok.mask_id,
+            n_special=cfg.objective.n_special,
+        )
         outs = diffusion_text(model, tok, args.prompt, dcfg, generator=g)
     else:
-        outs = generate_text(model, tok, args.prompt, stop=args.stop, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=g,
-                             mode=mode)
+        outs = generate_text(
+            model,
+            tok,
+            args.prompt,
+            stop=args.stop,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            generator=g,
+            mode=mode,
+        )
     for prompt, out in zip(args.prompt, outs, strict=True):
         print(f"{prompt}\033[1m{out}\033[0m" if sys.stdout.isatty() else f"{prompt}{out}")
     return 0
@@ -119,8 +159,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--preset", help=", ".join(PRESETS))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set model.n_layers=4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set model.n_layers=4 (repeatable)",
+    )
 
 
 def _inference_args(p: argparse.ArgumentParser) -> None:
@@ -147,8 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generation: causal (KV cache), prefix-LM, or masked diffusion")
     _inference_args(g)
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
-    g.add_argument("--mode", choices=["causal", "prefix", "diffusion"], default="causal",
-                   help="causal; prefix (prompt attended bidirectionally); diffusion (unmask a span of masks)")
+    g.add_argument(
+        "--mode",
+        choices=["causal", "prefix", "diffusion"],
+        default="causal",
+        help="causal; prefix (prompt attended bidirectionally); diffusion (unmask a span of masks)",
+    )
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (diffusion: span length)")
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-p", type=float, default=0.95)
@@ -156,10 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (causal modes; repeatable)")
     g.add_argument("--steps", type=int, default=0, help="diffusion: unmasking steps (default: one per token)")
-    g.add_argument("--block-length", type=int, default=0,
-                   help="diffusion: semi-autoregressive block length (default: the whole span)")
-    g.add_argument("--remasking", choices=["confidence", "random"], default="confidence",
-                   help="diffusion: keep the most confident predictions (low-confidence remasking) or random ones")
+    g.add_argument(
+        "--block-length",
+        type=int,
+        default=0,
+        help="diffusion: semi-autoregressive block length (default: the whole span)",
+    )
+    g.add_argument(
+        "--remasking",
+        choices=["confidence", "random"],
+        default="confidence",
+        help="diffusion: keep the most confident predictions (low-confidence remasking) or random ones",
+    )
     g.add_argument("--prefix-lm", action="store_true", help="same as --mode prefix")
     g.set_defaults(func=cmd_generate)
 
@@ -180,10 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_dual.engine.checkpoint import CheckpointError
+    from megatron_dual.parallel.resharding import ReshardError
+
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, ReshardError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)  # e.g. a corrupt model.safetensors given to generate / eval
         return 2
 
 

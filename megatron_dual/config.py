@@ -67,23 +67,43 @@ class ModelConfig:
         for name in ("n_layers", "hidden_size", "n_heads", "intermediate_size", "vocab_size", "max_seq_len"):
             _check(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "must be a positive integer")
         if self.head_dim is None:
-            _check(self.hidden_size % self.n_heads == 0, "model.hidden_size", self.hidden_size,
-                   f"must be divisible by model.n_heads = {self.n_heads} (or set model.head_dim)")
+            _check(
+                self.hidden_size % self.n_heads == 0,
+                "model.hidden_size",
+                self.hidden_size,
+                f"must be divisible by model.n_heads = {self.n_heads} (or set model.head_dim)",
+            )
         else:
             _check(self.head_dim > 0, "model.head_dim", self.head_dim, "must be a positive integer")
         if self.n_kv_heads is not None:
-            _check(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
-                   f"must be a positive divisor of model.n_heads = {self.n_heads}")
+            _check(
+                self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
+                "model.n_kv_heads",
+                self.n_kv_heads,
+                f"must be a positive divisor of model.n_heads = {self.n_heads}",
+            )
         self._resolve_heads()
         _check(self.head_dim % 2 == 0, "model.head_dim", self.head_dim, "must be even (rotary embeddings rotate pairs)")
         _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
         _check(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
-        _check(self.attention_backend in BACKENDS, "model.attention_backend", self.attention_backend,
-               f"one of {', '.join(BACKENDS)}")
-        _check(self.fused_ops in FUSED_OPS, "model.fused_ops", self.fused_ops,
-               f"one of {', '.join(FUSED_OPS)} (auto: triton on CUDA, none on CPU)")
-        _check(self.pad_intermediate_to >= 1, "model.pad_intermediate_to", self.pad_intermediate_to,
-               "must be >= 1 (1: no padding; 64: the MLP runs 64-aligned wide with zero units)")
+        _check(
+            self.attention_backend in BACKENDS,
+            "model.attention_backend",
+            self.attention_backend,
+            f"one of {', '.join(BACKENDS)}",
+        )
+        _check(
+            self.fused_ops in FUSED_OPS,
+            "model.fused_ops",
+            self.fused_ops,
+            f"one of {', '.join(FUSED_OPS)} (auto: triton on CUDA, none on CPU)",
+        )
+        _check(
+            self.pad_intermediate_to >= 1,
+            "model.pad_intermediate_to",
+            self.pad_intermediate_to,
+            "must be >= 1 (1: no padding; 64: the MLP runs 64-aligned wide with zero units)",
+        )
 
     def _resolve_heads(self) -> None:
         derived = {}
@@ -136,12 +156,20 @@ class ObjectiveConfig:
         _check(0.0 <= self.alpha <= 1.0, "objective.alpha", self.alpha, "must be in [0, 1] (1 = pure AR, 0 = pure MD)")
         _check(0.0 < self.t_min < 1.0, "objective.t_min", self.t_min, "must be in (0, 1)")
         _check(self.z_loss >= 0, "objective.z_loss", self.z_loss, "must be >= 0")
-        _check(0 <= self.mask_token_id < vocab_size, "objective.mask_token_id", self.mask_token_id,
-               f"must be a token id below model.vocab_size = {vocab_size}")
+        _check(
+            0 <= self.mask_token_id < vocab_size,
+            "objective.mask_token_id",
+            self.mask_token_id,
+            f"must be a token id below model.vocab_size = {vocab_size}",
+        )
         _check(0 < self.n_special < vocab_size, "objective.n_special", self.n_special, "must be in (0, vocab_size)")
         self.rotate = _rotation(self.rotate)
-        _check(self.rotate in ROTATIONS, "objective.rotate", self.rotate, f"one of {', '.join(ROTATIONS)} (or true "
-               "/ false for step / none)")
+        _check(
+            self.rotate in ROTATIONS,
+            "objective.rotate",
+            self.rotate,
+            f"one of {', '.join(ROTATIONS)} (or true / false for step / none)",
+        )
         _check(self.recipe in RECIPES, "objective.recipe", self.recipe, f"one of {', '.join(RECIPES)}")
         lo, hi = self.prefix_range
         _check(0 <= lo <= hi <= 1, "objective.prefix_range", list(self.prefix_range), "needs 0 <= low <= high <= 1")
@@ -149,10 +177,18 @@ class ObjectiveConfig:
         mix = parse_mix(self.mix) if self.mix else {}
         if self.alpha_schedule:
             parse_alpha_schedule(self.alpha_schedule)
-        _check(not (mix and self.alpha_schedule), "objective.alpha_schedule", self.alpha_schedule,
-               "cannot be combined with objective.mix (a schedule is over alpha, AR vs MD)")
-        _check(self.recipe == "paper" or not mix.get(PREFIX), "objective.mix", self.mix,
-               "prefix is not part of objective.recipe = reference (the reference trains AR and MD only)")
+        _check(
+            not (mix and self.alpha_schedule),
+            "objective.alpha_schedule",
+            self.alpha_schedule,
+            "cannot be combined with objective.mix (a schedule is over alpha, AR vs MD)",
+        )
+        _check(
+            self.recipe == "paper" or not mix.get(PREFIX),
+            "objective.mix",
+            self.mix,
+            "prefix is not part of objective.recipe = reference (the reference trains AR and MD only)",
+        )
 
 
 def _rotation(value: Any) -> str:
@@ -186,14 +222,22 @@ class OptimizerConfig:
 
         _check(self.name in OPTIMIZERS, "optimizer.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
         _check(math.isfinite(self.lr) and self.lr > 0, "optimizer.lr", self.lr, "must be a positive finite number")
-        _check(self.adamw_lr is None or (math.isfinite(self.adamw_lr) and self.adamw_lr > 0), "optimizer.adamw_lr",
-               self.adamw_lr, "must be a positive finite number or null")
+        _check(
+            self.adamw_lr is None or (math.isfinite(self.adamw_lr) and self.adamw_lr > 0),
+            "optimizer.adamw_lr",
+            self.adamw_lr,
+            "must be a positive finite number or null",
+        )
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
         _check(all(0 <= b < 1 for b in self.betas), "optimizer.betas", list(self.betas), "each in [0, 1)")
         _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
         _check(self.ns_steps > 0, "optimizer.ns_steps", self.ns_steps, "must be positive")
-        _check(self.muon_adjust_lr in LR_ADJUSTMENTS, "optimizer.muon_adjust_lr", self.muon_adjust_lr,
-               f"one of {', '.join(LR_ADJUSTMENTS)}")
+        _check(
+            self.muon_adjust_lr in LR_ADJUSTMENTS,
+            "optimizer.muon_adjust_lr",
+            self.muon_adjust_lr,
+            f"one of {', '.join(LR_ADJUSTMENTS)}",
+        )
         _check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         _check(self.adamw_impl in ("torch", "apex"), "optimizer.adamw_impl", self.adamw_impl, "one of torch, apex")
 
@@ -227,8 +271,12 @@ class ScheduleConfig:
         decay = self.decay_steps_for(total_steps)
         _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         resolved = f" (here {decay} steps)" if decay != self.decay_steps else ""
-        _check(self.name != "wsd" or decay + self.warmup_steps <= total_steps, "schedule.decay_steps",
-               self.decay_steps, f"warmup_steps + decay_steps{resolved} must not exceed train.steps = {total_steps}")
+        _check(
+            self.name != "wsd" or decay + self.warmup_steps <= total_steps,
+            "schedule.decay_steps",
+            self.decay_steps,
+            f"warmup_steps + decay_steps{resolved} must not exceed train.steps = {total_steps}",
+        )
 
 
 @dataclass
@@ -248,8 +296,12 @@ class DataConfig:
     def validate(self, max_seq_len: int) -> None:
         """The fields, ``seq_len`` against ``model.max_seq_len``."""
         _check(self.seq_len > 0, "data.seq_len", self.seq_len, "must be positive")
-        _check(self.seq_len <= max_seq_len, "data.seq_len", self.seq_len,
-               f"must not exceed model.max_seq_len = {max_seq_len}")
+        _check(
+            self.seq_len <= max_seq_len,
+            "data.seq_len",
+            self.seq_len,
+            f"must not exceed model.max_seq_len = {max_seq_len}",
+        )
         _check(0 <= self.valid_fraction < 1, "data.valid_fraction", self.valid_fraction, "must be in [0, 1)")
         if isinstance(self.repetitions, str):
             from megatron_dual.data.loader import DataPathError, parse_repetitions
@@ -259,10 +311,18 @@ class DataConfig:
             except DataPathError as e:
                 raise ConfigError(str(e)) from None
         else:
-            _check(self.repetitions >= 0, "data.repetitions", self.repetitions,
-                   "must be >= 0 (R >= 1: a unique subset of budget/R tokens seen R times; 0: every document)")
-        _check(self.budget_tokens >= 0, "data.budget_tokens", self.budget_tokens,
-               "must be >= 0 (0: train.steps x micro_batch_size x grad_accum x data-parallel ranks x seq_len)")
+            _check(
+                self.repetitions >= 0,
+                "data.repetitions",
+                self.repetitions,
+                "must be >= 0 (R >= 1: a unique subset of budget/R tokens seen R times; 0: every document)",
+            )
+        _check(
+            self.budget_tokens >= 0,
+            "data.budget_tokens",
+            self.budget_tokens,
+            "must be >= 0 (0: train.steps x micro_batch_size x grad_accum x data-parallel ranks x seq_len)",
+        )
 
     def epoch_repetitions(self) -> int:
         """R for the length of a data epoch (objective.rotate = epoch): the repetitions, the largest of a per-dataset
@@ -293,14 +353,22 @@ class TrainConfig:
     def validate(self) -> None:
         from megatron_dual.model.checkpointing import ACTIVATION_CHECKPOINTING
 
-        _check(self.activation_checkpointing in ACTIVATION_CHECKPOINTING, "train.activation_checkpointing",
-               self.activation_checkpointing, f"one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+        _check(
+            self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+            "train.activation_checkpointing",
+            self.activation_checkpointing,
+            f"one of {', '.join(ACTIVATION_CHECKPOINTING)}",
+        )
         _check(self.steps > 0, "train.steps", self.steps, "must be positive")
         _check(self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "must be positive")
         _check(self.grad_accum > 0, "train.grad_accum", self.grad_accum, "must be positive")
         _check(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
-        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "train.device", self.device,
-               "auto, cpu, cuda or cuda:N")
+        _check(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            "train.device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
         _check(self.eval_interval >= 0, "train.eval_interval", self.eval_interval, "must be >= 0 (0 disables)")
         _check(self.eval_batches > 0, "train.eval_batches", self.eval_batches, "must be positive")
         _check(self.threads >= 0, "train.threads", self.threads, "must be >= 0")
@@ -320,18 +388,33 @@ class ParallelConfig:
         _check(self.tp >= 1, "parallel.tp", self.tp, "must be >= 1")
         _check(self.backend in DIST_BACKENDS, "parallel.backend", self.backend, f"one of {', '.join(DIST_BACKENDS)}")
         _check(self.bucket_mb > 0, "parallel.bucket_mb", self.bucket_mb, "must be positive")
-        _check(math.isfinite(self.timeout) and self.timeout > 0, "parallel.timeout", self.timeout,
-               "must be a positive number of seconds")
-        _check(self.tp == 1 or self.distributed_muon or optimizer_name != "muon", "parallel.distributed_muon",
-               self.distributed_muon, "must be true with parallel.tp > 1 (Muon must orthogonalise whole matrices, "
-               "not TP shards)")
+        _check(
+            math.isfinite(self.timeout) and self.timeout > 0,
+            "parallel.timeout",
+            self.timeout,
+            "must be a positive number of seconds",
+        )
+        _check(
+            self.tp == 1 or self.distributed_muon or optimizer_name != "muon",
+            "parallel.distributed_muon",
+            self.distributed_muon,
+            "must be true with parallel.tp > 1 (Muon must orthogonalise whole matrices, not TP shards)",
+        )
         if self.tp == 1:
             return
         m = model
-        _check(m.n_heads % self.tp == 0 and m.n_kv_heads % self.tp == 0, "parallel.tp", self.tp,
-               f"must divide model.n_heads = {m.n_heads} and the key/value heads = {m.n_kv_heads}")
-        _check(m.intermediate_size % self.tp == 0, "parallel.tp", self.tp,
-               f"must divide model.intermediate_size = {m.intermediate_size}")
+        _check(
+            m.n_heads % self.tp == 0 and m.n_kv_heads % self.tp == 0,
+            "parallel.tp",
+            self.tp,
+            f"must divide model.n_heads = {m.n_heads} and the key/value heads = {m.n_kv_heads}",
+        )
+        _check(
+            m.intermediate_size % self.tp == 0,
+            "parallel.tp",
+            self.tp,
+            f"must divide model.intermediate_size = {m.intermediate_size}",
+        )
         _check(m.vocab_size % self.tp == 0, "parallel.tp", self.tp, f"must divide model.vocab_size = {m.vocab_size}")
 
 
@@ -351,18 +434,26 @@ class EngineConfig:
         _check(self.name in ENGINES, "engine.name", self.name, f"one of {', '.join(ENGINES)}")
         _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
         _check(self.reduce_bucket_mb > 0, "engine.reduce_bucket_mb", self.reduce_bucket_mb, "must be positive")
-        _check(self.allgather_bucket_mb > 0, "engine.allgather_bucket_mb", self.allgather_bucket_mb,
-               "must be positive")
+        _check(self.allgather_bucket_mb > 0, "engine.allgather_bucket_mb", self.allgather_bucket_mb, "must be positive")
         if self.name == "deepspeed":
             import importlib.util
 
-            _check(importlib.util.find_spec("deepspeed") is not None, "engine.name", self.name,
-                   "DeepSpeed is not installed (DS_BUILD_OPS=0 pip install -e '.[deepspeed]')")
+            _check(
+                importlib.util.find_spec("deepspeed") is not None,
+                "engine.name",
+                self.name,
+                "DeepSpeed is not installed (DS_BUILD_OPS=0 pip install -e '.[deepspeed]')",
+            )
         if self.deepspeed_config:
-            _check(self.name == "deepspeed", "engine.deepspeed_config", self.deepspeed_config,
-                   "needs engine.name = deepspeed")
-            _check(Path(self.deepspeed_config).is_file(), "engine.deepspeed_config", self.deepspeed_config,
-                   "no such file")
+            _check(
+                self.name == "deepspeed",
+                "engine.deepspeed_config",
+                self.deepspeed_config,
+                "needs engine.name = deepspeed",
+            )
+            _check(
+                Path(self.deepspeed_config).is_file(), "engine.deepspeed_config", self.deepspeed_config, "no such file"
+            )
 
 
 @dataclass
@@ -423,9 +514,13 @@ class Config:
         self.schedule.validate(self.train.steps)
         self.parallel.validate(self.model, self.optimizer.name)
         self.engine.validate()
-        _check(self.engine.name == "ddp" or not self.parallel.sequence_parallel, "parallel.sequence_parallel",
-               True, "not supported with engine.name = deepspeed (ZeRO would reduce the partial TP gradients of "
-               "the sequence-parallel norms before they are summed over TP)")
+        _check(
+            self.engine.name == "ddp" or not self.parallel.sequence_parallel,
+            "parallel.sequence_parallel",
+            True,
+            "not supported with engine.name = deepspeed (ZeRO would reduce the partial TP gradients of "
+            "the sequence-parallel norms before they are summed over TP)",
+        )
         self.checkpoint.validate()
         self.logging.validate()
         if world_size is not None:
@@ -441,8 +536,14 @@ class Config:
         dp = world // tp
         from megatron_dual.objectives import schedule_from_config
 
-        schedule_from_config(self.objective, dp, self.train.grad_accum, self.train.steps, self.data.epoch_repetitions(),
-                             field_name="objective.alpha" + (f" (with {dp} data-parallel ranks)" if dp > 1 else ""))
+        schedule_from_config(
+            self.objective,
+            dp,
+            self.train.grad_accum,
+            self.train.steps,
+            self.data.epoch_repetitions(),
+            field_name="objective.alpha" + (f" (with {dp} data-parallel ranks)" if dp > 1 else ""),
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,8 +586,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         # head's hidden projection, AdamW (betas 0.9/0.95, eps 1e-8) on embedding, vocabulary projection and 1-D
         # parameters, one lr, weight decay on every parameter, Moonlight scaling 0.2 sqrt(max(A, B)); clipping off
         # (the reference clips at max_gradient = 1e9, i.e. never)
-        "optimizer": {"name": "muon", "lr": 0.007, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8,
-                      "muon_adjust_lr": "match_rms_adamw", "decay_all": True, "muon_head": True, "grad_clip": 0.0},
+        "optimizer": {
+            "name": "muon",
+            "lr": 0.007,
+            "weight_decay": 0.1,
+            "betas": [0.9, 0.95],
+            "eps": 1e-8,
+            "muon_adjust_lr": "match_rms_adamw",
+            "decay_all": True,
+            "muon_head": True,
+            "grad_clip": 0.0,
+        },
         "schedule": {"name": "wsd", "warmup_steps": 0, "decay_steps": 0.25},  # 2048 of 8192 steps
         # 4M-token global batch: 2048 sequences = micro_batch_size x grad_accum x data-parallel ranks.
         "train": {"steps": 8192, "micro_batch_size": 8, "grad_accum": 256},
@@ -494,20 +604,44 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Larger presets keep the recipe (the default WSD decay over the last quarter) and scale the shape like Llama
     # (GQA with 8 KV heads).
     "dual-1b": {
-        "model": {"n_layers": 16, "hidden_size": 2048, "n_heads": 32, "n_kv_heads": 8, "intermediate_size": 8192,
-                  "vocab_size": 51200, "max_seq_len": 2048, "rope_theta": 160_000.0},
+        "model": {
+            "n_layers": 16,
+            "hidden_size": 2048,
+            "n_heads": 32,
+            "n_kv_heads": 8,
+            "intermediate_size": 8192,
+            "vocab_size": 51200,
+            "max_seq_len": 2048,
+            "rope_theta": 160_000.0,
+        },
         "objective": {"alpha": 63 / 64},
         "train": {"steps": 8192, "micro_batch_size": 4, "grad_accum": 512},
     },
     "dual-3b": {
-        "model": {"n_layers": 28, "hidden_size": 3072, "n_heads": 24, "n_kv_heads": 8, "intermediate_size": 8192,
-                  "vocab_size": 51200, "max_seq_len": 2048, "rope_theta": 160_000.0},
+        "model": {
+            "n_layers": 28,
+            "hidden_size": 3072,
+            "n_heads": 24,
+            "n_kv_heads": 8,
+            "intermediate_size": 8192,
+            "vocab_size": 51200,
+            "max_seq_len": 2048,
+            "rope_theta": 160_000.0,
+        },
         "objective": {"alpha": 63 / 64},
         "train": {"steps": 8192, "micro_batch_size": 2, "grad_accum": 1024},
     },
     "dual-7b": {
-        "model": {"n_layers": 32, "hidden_size": 4096, "n_heads": 32, "n_kv_heads": 8, "intermediate_size": 14336,
-                  "vocab_size": 51200, "max_seq_len": 4096, "rope_theta": 500_000.0},
+        "model": {
+            "n_layers": 32,
+            "hidden_size": 4096,
+            "n_heads": 32,
+            "n_kv_heads": 8,
+            "intermediate_size": 14336,
+            "vocab_size": 51200,
+            "max_seq_len": 4096,
+            "rope_theta": 500_000.0,
+        },
         "objective": {"alpha": 63 / 64},
         "data": {"seq_len": 4096},
         "train": {"steps": 8192, "micro_batch_size": 1, "grad_accum": 1024},

@@ -13,8 +13,16 @@ from typing import Any, TextIO
 
 from megatron_dual.config import ConfigError
 
-__all__ = ["JSONLSink", "WandbSink", "TensorBoardSink", "Progress", "format_duration", "format_count", "read_metrics",
-           "plot_metrics"]
+__all__ = [
+    "JSONLSink",
+    "WandbSink",
+    "TensorBoardSink",
+    "Progress",
+    "format_duration",
+    "format_count",
+    "read_metrics",
+    "plot_metrics",
+]
 
 
 def format_duration(seconds: float) -> str:
@@ -116,15 +124,26 @@ class JSONLSink:
 class WandbSink:
     """Numeric metrics to a wandb run (``mode`` offline by default; resumed runs continue the same run)."""
 
-    def __init__(self, project: str, mode: str = "offline", directory: str | Path | None = None,
-                 config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        project: str,
+        mode: str = "offline",
+        directory: str | Path | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         try:
             import wandb
         except ImportError as e:
-            raise ConfigError("logging.wandb_project is set but wandb is not installed: "
-                              "pip install 'megatron-dual[wandb]'") from e
-        self._run = wandb.init(project=project, mode=mode, dir=None if directory is None else str(directory),
-                               config=dict(config or {}), resume="allow")
+            raise ConfigError(
+                "logging.wandb_project is set but wandb is not installed: pip install 'megatron-dual[wandb]'"
+            ) from e
+        self._run = wandb.init(
+            project=project,
+            mode=mode,
+            dir=None if directory is None else str(directory),
+            config=dict(config or {}),
+            resume="allow",
+        )
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         self._run.log(_numeric(metrics), step=step)
@@ -142,8 +161,9 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ConfigError("logging.tensorboard is true but tensorboard is not installed: "
-                              "pip install 'megatron-dual[wandb]'") from e
+            raise ConfigError(
+                "logging.tensorboard is true but tensorboard is not installed: pip install 'megatron-dual[wandb]'"
+            ) from e
         self._writer = SummaryWriter(str(directory), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -159,8 +179,14 @@ class TensorBoardSink:
 class Progress:
     """A tqdm bar on a terminal; plain lines every ``print_every`` steps otherwise (logs, CI, SLURM)."""
 
-    def __init__(self, total_steps: int, start_step: int = 0, print_every: int = 10, disable: bool = False,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int = 0,
+        print_every: int = 10,
+        disable: bool = False,
+        stream: TextIO | None = None,
+    ) -> None:
         self.total = total_steps
         self.start_step = start_step
         self.print_every = max(1, print_every)
@@ -171,8 +197,9 @@ class Progress:
         if not disable and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step",
-                             dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, file=self.stream, unit="step", dynamic_ncols=True, smoothing=0.1
+            )
 
     def eta(self, step: int) -> float:
         done = step - self.start_step
@@ -204,8 +231,10 @@ class Progress:
         if step % self.print_every == 0 or step == self.total:
             pct = 100.0 * step / max(1, self.total)
             elapsed = time.perf_counter() - self.t0
-            self.write(f"step {step}/{self.total} ({pct:.0f}%) | {self.describe(step, metrics)} | "
-                       f"elapsed {format_duration(elapsed)} | ETA {format_duration(self.eta(step))}")
+            self.write(
+                f"step {step}/{self.total} ({pct:.0f}%) | {self.describe(step, metrics)} | "
+                f"elapsed {format_duration(elapsed)} | ETA {format_duration(self.eta(step))}"
+            )
 
     def write(self, message: str) -> None:
         if self.disable:
@@ -250,8 +279,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_metrics(jsonl: str | Path, png: str | Path, keys: Iterable[str] = ("ar_loss", "md_loss"),
-                 title: str = "") -> Path:
+def plot_metrics(
+    jsonl: str | Path, png: str | Path, keys: Iterable[str] = ("ar_loss", "md_loss"), title: str = ""
+) -> Path:
     """Training losses (raw and smoothed) against tokens seen, and validation losses of both objectives."""
     import matplotlib
 

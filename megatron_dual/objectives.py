@@ -59,10 +59,15 @@ class ObjectiveBatch:
     def map_tensors(self, fn) -> ObjectiveBatch:
         """A copy with ``fn`` applied to every tensor (ids, labels, weights and the mask's tensors)."""
         m = self.mask
-        mask = AttentionMask(m.kind, None if m.doc_ids is None else fn(m.doc_ids),
-                             None if m.prefix_len is None else fn(m.prefix_len), m.q_offset)
-        return ObjectiveBatch(self.objective, fn(self.input_ids), fn(self.labels), fn(self.weights), mask,
-                              self.n_tokens)
+        mask = AttentionMask(
+            m.kind,
+            None if m.doc_ids is None else fn(m.doc_ids),
+            None if m.prefix_len is None else fn(m.prefix_len),
+            m.q_offset,
+        )
+        return ObjectiveBatch(
+            self.objective, fn(self.input_ids), fn(self.labels), fn(self.weights), mask, self.n_tokens
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ObjectiveBatch:
         return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
@@ -81,12 +86,25 @@ def ar_batch(tokens: torch.Tensor, doc_ids: torch.Tensor) -> ObjectiveBatch:
     targets = tokens[:, 1:]
     valid = _same_doc(doc_ids)
     labels = torch.where(valid, targets, torch.full_like(targets, IGNORE))
-    return ObjectiveBatch(AR, tokens[:, :-1].clone(), labels, valid.float(),
-                          AttentionMask("causal", doc_ids=doc_ids[:, :-1].clone()), int(valid.sum()))
+    return ObjectiveBatch(
+        AR,
+        tokens[:, :-1].clone(),
+        labels,
+        valid.float(),
+        AttentionMask("causal", doc_ids=doc_ids[:, :-1].clone()),
+        int(valid.sum()),
+    )
 
 
-def md_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, generator: torch.Generator, *, mask_token_id: int,
-             n_special: int, t_min: float = 1e-3) -> ObjectiveBatch:
+def md_batch(
+    tokens: torch.Tensor,
+    doc_ids: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    mask_token_id: int,
+    n_special: int,
+    t_min: float = 1e-3,
+) -> ObjectiveBatch:
     """Masked diffusion as MNTP with a bidirectional, document-aware mask (see module docstring)."""
     _check_shapes(tokens, doc_ids)
     b = tokens.shape[0]
@@ -99,14 +117,22 @@ def md_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, generator: torch.Gener
     labels = torch.where(predict, tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE))
     weights = torch.where(predict, (1.0 / t).expand_as(predict), torch.zeros((), dtype=torch.float64))
     n_tokens = int((maskable[:, 1:] & same).sum())
-    return ObjectiveBatch(MD, corrupted[:, :-1].contiguous(), labels, weights.float(),
-                          AttentionMask("bidirectional", doc_ids=doc_ids[:, :-1].clone()), n_tokens)
+    return ObjectiveBatch(
+        MD,
+        corrupted[:, :-1].contiguous(),
+        labels,
+        weights.float(),
+        AttentionMask("bidirectional", doc_ids=doc_ids[:, :-1].clone()),
+        n_tokens,
+    )
 
 
 def _check_shapes(tokens: torch.Tensor, doc_ids: torch.Tensor) -> None:
     if tokens.dim() != 2 or tokens.shape != doc_ids.shape or tokens.shape[1] < 2:
-        raise ValueError(f"expected tokens and doc_ids of one shape (B, T+1) with T >= 1; got "
-                         f"{tuple(tokens.shape)} and {tuple(doc_ids.shape)}")
+        raise ValueError(
+            f"expected tokens and doc_ids of one shape (B, T+1) with T >= 1; got "
+            f"{tuple(tokens.shape)} and {tuple(doc_ids.shape)}"
+        )
 
 
 def masking_generator(seed: int, step: int, slot: int) -> torch.Generator:
@@ -119,8 +145,9 @@ def masking_generator(seed: int, step: int, slot: int) -> torch.Generator:
     return g
 
 
-def reference_md_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, generator: torch.Generator, *,
-                       mask_token_id: int, n_special: int) -> ObjectiveBatch:
+def reference_md_batch(
+    tokens: torch.Tensor, doc_ids: torch.Tensor, generator: torch.Generator, *, mask_token_id: int, n_special: int
+) -> ObjectiveBatch:
     """MD as the paper's training code draws it (``objective.recipe = reference``; dataset.py,
     ``DiffusionMaskingStrategy`` and ``DiffusionDatasetv2.apply_mask``), per sequence of T inputs:
 
@@ -150,12 +177,22 @@ def reference_md_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, generator: t
     labels = torch.where(predict, tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE))
     weights = torch.where(predict, weight.expand_as(predict), torch.zeros((), dtype=torch.float64))
     corrupted = torch.where(masked, torch.full_like(inputs, mask_token_id), inputs)
-    return ObjectiveBatch(MD, corrupted.contiguous(), labels, weights.float(),
-                          AttentionMask("bidirectional", doc_ids=doc_ids[:, :-1].clone()), b * t_len)
+    return ObjectiveBatch(
+        MD,
+        corrupted.contiguous(),
+        labels,
+        weights.float(),
+        AttentionMask("bidirectional", doc_ids=doc_ids[:, :-1].clone()),
+        b * t_len,
+    )
 
 
-def prefix_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, generator: torch.Generator,
-                 prefix_range: tuple[float, float] = (0.0, 1.0)) -> ObjectiveBatch:
+def prefix_batch(
+    tokens: torch.Tensor,
+    doc_ids: torch.Tensor,
+    generator: torch.Generator,
+    prefix_range: tuple[float, float] = (0.0, 1.0),
+) -> ObjectiveBatch:
     """Prefix-LM: per sequence ``P = floor(f T)``, ``f ~ U(prefix_range)``; inputs ``0 .. P-1`` attend to each other
     bidirectionally (within documents, the prefix mask of :class:`AttentionMask`), the rest causally; position i
     is labelled iff its target ``i + 1`` lies in the continuation (``i >= P - 1``) and in the same document, so
@@ -172,8 +209,9 @@ def prefix_batch(tokens: torch.Tensor, doc_ids: torch.Tensor, generator: torch.G
     return ObjectiveBatch(PREFIX, tokens[:, :-1].clone(), labels, valid.float(), mask, int(valid.sum()))
 
 
-def make_objective_batch(objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, cfg: ObjectiveConfig,
-                         generator: torch.Generator) -> ObjectiveBatch:
+def make_objective_batch(
+    objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator
+) -> ObjectiveBatch:
     """The :class:`ObjectiveBatch` of ``objective`` for packed ``tokens``/``doc_ids`` (B, T + 1), under
     ``cfg.recipe`` (paper: the module docstring; reference: AR normalised by B x T positions, MD as
     :func:`reference_md_batch`)."""
@@ -185,10 +223,12 @@ def make_objective_batch(objective: str, tokens: torch.Tensor, doc_ids: torch.Te
         return batch
     if objective == MD:
         if reference:
-            return reference_md_batch(tokens, doc_ids, generator, mask_token_id=cfg.mask_token_id,
-                                      n_special=cfg.n_special)
-        return md_batch(tokens, doc_ids, generator, mask_token_id=cfg.mask_token_id, n_special=cfg.n_special,
-                        t_min=cfg.t_min)
+            return reference_md_batch(
+                tokens, doc_ids, generator, mask_token_id=cfg.mask_token_id, n_special=cfg.n_special
+            )
+        return md_batch(
+            tokens, doc_ids, generator, mask_token_id=cfg.mask_token_id, n_special=cfg.n_special, t_min=cfg.t_min
+        )
     if objective == PREFIX:
         return prefix_batch(tokens, doc_ids, generator, tuple(cfg.prefix_range))
     raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
@@ -202,8 +242,9 @@ class ObjectiveBatcher:
         self.cfg = cfg
         self.seed = seed
 
-    def __call__(self, objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, step: int,
-                 global_slot: int) -> ObjectiveBatch:
+    def __call__(
+        self, objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, step: int, global_slot: int
+    ) -> ObjectiveBatch:
         gen = masking_generator(self.seed, step, global_slot)
         return make_objective_batch(objective, tokens, doc_ids, self.cfg, gen)
 
@@ -227,8 +268,10 @@ def parse_mix(text: str, field_name: str = "objective.mix") -> dict[str, Fractio
     for item in text.replace(",", " ").split():
         name, sep, value = item.partition("=")
         if not sep or name not in OBJECTIVES:
-            raise ConfigError(f"{field_name} = {text!r}: {item!r} is not objective=share with objective one of "
-                              f"{', '.join(OBJECTIVES)} (e.g. \"ar=3/4 md=1/8 prefix=1/8\")")
+            raise ConfigError(
+                f"{field_name} = {text!r}: {item!r} is not objective=share with objective one of "
+                f'{", ".join(OBJECTIVES)} (e.g. "ar=3/4 md=1/8 prefix=1/8")'
+            )
         if name in mix:
             raise ConfigError(f"{field_name} = {text!r}: {name} is given twice")
         mix[name] = _fraction(value, f"{field_name} = {text!r}", f"the share of {name}")
@@ -264,10 +307,11 @@ def parse_alpha_schedule(text: str, field_name: str = "objective.alpha_schedule"
     63/64; steps are 0-based optimizer steps, increasing, the first 0) or ``"linear 1 -> 1/8"`` (over the run)."""
     body = text.strip()
     if body.startswith("linear"):
-        ends = body[len("linear"):].split("->")
+        ends = body[len("linear") :].split("->")
         if len(ends) != 2:
-            raise ConfigError(f"{field_name} = {text!r}: a linear schedule reads 'linear A -> B' (e.g. 'linear 1 -> "
-                              f"1/8')")
+            raise ConfigError(
+                f"{field_name} = {text!r}: a linear schedule reads 'linear A -> B' (e.g. 'linear 1 -> 1/8')"
+            )
         a0, a1 = (_fraction(e, f"{field_name} = {text!r}", f"linear end {i + 1}") for i, e in enumerate(ends))
         return AlphaSchedule(((0, a0), (-1, a1)), linear=True, text=body)
     points: list[tuple[int, Fraction]] = []
@@ -309,9 +353,19 @@ class ObjectiveSchedule:
     * ``rotate = "none"``: p = g.
     """
 
-    def __init__(self, alpha: float = 1.0, n_ranks: int = 1, n_slots: int = 1, rotate: bool | str = True, *,
-                 mix: Mapping[str, Fraction] | None = None, alpha_schedule: AlphaSchedule | None = None,
-                 total_steps: int = 1, epoch_steps: int = 0, field_name: str = "objective.alpha") -> None:
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        n_ranks: int = 1,
+        n_slots: int = 1,
+        rotate: bool | str = True,
+        *,
+        mix: Mapping[str, Fraction] | None = None,
+        alpha_schedule: AlphaSchedule | None = None,
+        total_steps: int = 1,
+        epoch_steps: int = 0,
+        field_name: str = "objective.alpha",
+    ) -> None:
         if n_ranks < 1 or n_slots < 1:
             raise ValueError(f"n_ranks = {n_ranks} and n_slots = {n_slots} must both be >= 1")
         self.total = n_ranks * n_slots
@@ -340,8 +394,11 @@ class ObjectiveSchedule:
         if not sched.linear:
             for first, alpha in sched.points:
                 if first < self.total_steps:
-                    alpha_to_slots(float(alpha), self.total,
-                                   field_name=f"objective.alpha_schedule (alpha {alpha} from step {first})")
+                    alpha_to_slots(
+                        float(alpha),
+                        self.total,
+                        field_name=f"objective.alpha_schedule (alpha {alpha} from step {first})",
+                    )
             return
         for s in range(self.total_steps):
             nominal = sched.at(s, self.total_steps)
@@ -355,8 +412,11 @@ class ObjectiveSchedule:
         """Slots per objective at ``step`` (their sum is S)."""
         if self._fixed is not None:
             return self._fixed
-        k = int(self._ar_slots(step)) if self.alpha_schedule.linear else int(
-            self.alpha_schedule.at(step, self.total_steps) * self.total)
+        k = (
+            int(self._ar_slots(step))
+            if self.alpha_schedule.linear
+            else int(self.alpha_schedule.at(step, self.total_steps) * self.total)
+        )
         return {AR: k, MD: self.total - k}
 
     def shares(self, step: int) -> dict[str, Fraction]:
@@ -390,8 +450,10 @@ class ObjectiveSchedule:
         """'' or, for a linear schedule, how far the realised k_s / S strays from the nominal alpha (reported once)."""
         if self.alpha_schedule is None or not self.alpha_schedule.linear:
             return ""
-        return (f"; the linear schedule is realised as k/{self.total} per step (round half up), largest error "
-                f"{self.rounding_error:.4g}")
+        return (
+            f"; the linear schedule is realised as k/{self.total} per step (round half up), largest error "
+            f"{self.rounding_error:.4g}"
+        )
 
 
 def loss_coefficients(alpha: float, ar_tokens: int, md_tokens: int) -> dict[str, float]:
@@ -403,8 +465,7 @@ def loss_coefficients(alpha: float, ar_tokens: int, md_tokens: int) -> dict[str,
     }
 
 
-def step_coefficients(slots: Mapping[str, int], tokens: Mapping[str, int], recipe: str = "paper"
-                      ) -> dict[str, float]:
+def step_coefficients(slots: Mapping[str, int], tokens: Mapping[str, int], recipe: str = "paper") -> dict[str, float]:
     """Factor on each objective's summed per-token loss at one step, from the step's slot counts and each
     objective's normaliser summed over the job.
 
@@ -433,16 +494,31 @@ def effective_alpha(alpha: Fraction, recipe: str = "paper") -> Fraction:
     return alpha
 
 
-def schedule_from_config(cfg: ObjectiveConfig, n_ranks: int, n_slots: int, total_steps: int,
-                         repetitions: int = 0, field_name: str = "objective.alpha") -> ObjectiveSchedule:
+def schedule_from_config(
+    cfg: ObjectiveConfig,
+    n_ranks: int,
+    n_slots: int,
+    total_steps: int,
+    repetitions: int = 0,
+    field_name: str = "objective.alpha",
+) -> ObjectiveSchedule:
     """The :class:`ObjectiveSchedule` of a (validated) ``objective`` section on ``n_ranks`` x ``n_slots``; an epoch
     (for ``rotate = epoch``) is ``objective.epoch_steps`` or train.steps / R (the reference's ``steps_in_epoch =
     int(max_steps / n_repetitions)``)."""
     mix = parse_mix(cfg.mix) if cfg.mix else None
     sched = parse_alpha_schedule(cfg.alpha_schedule) if cfg.alpha_schedule else None
     epoch = cfg.epoch_steps or int(total_steps / max(1, repetitions))
-    return ObjectiveSchedule(cfg.alpha, n_ranks, n_slots, cfg.rotate, mix=mix, alpha_schedule=sched,
-                             total_steps=total_steps, epoch_steps=epoch, field_name=field_name)
+    return ObjectiveSchedule(
+        cfg.alpha,
+        n_ranks,
+        n_slots,
+        cfg.rotate,
+        mix=mix,
+        alpha_schedule=sched,
+        total_steps=total_steps,
+        epoch_steps=epoch,
+        field_name=field_name,
+    )
 
 
 def realised_segments(schedule: ObjectiveSchedule, recipe: str = "paper") -> list[dict]:
@@ -455,27 +531,33 @@ def realised_segments(schedule: ObjectiveSchedule, recipe: str = "paper") -> lis
             rows[-1]["last"] = step
             continue
         alpha = schedule.alpha_at(step)
-        rows.append({"first": step, "last": step, "counts": counts, "alpha": alpha,
-                     "effective": effective_alpha(alpha, recipe)})
+        rows.append(
+            {"first": step, "last": step, "counts": counts, "alpha": alpha, "effective": effective_alpha(alpha, recipe)}
+        )
     return rows
 
 
 def describe_objective(cfg: ObjectiveConfig, schedule: ObjectiveSchedule, max_rows: int = 12) -> list[str]:
     """Lines for ``megatron-dual info`` and the planner: the recipe, the nominal (realised) and the effective alpha
     per run of steps of equal allocation."""
-    weights = "AR tokens x 2.0, MD 1/(smoothed mask fraction), all over B x T" if cfg.recipe == "reference" else \
-        "each objective over its own tokens"
+    weights = (
+        "AR tokens x 2.0, MD 1/(smoothed mask fraction), all over B x T"
+        if cfg.recipe == "reference"
+        else "each objective over its own tokens"
+    )
     lines = [f"recipe {cfg.recipe} ({weights}); {schedule.total} slots, rotate = {schedule.rotate}"]
     rows = realised_segments(schedule, cfg.recipe)
-    shown = rows if len(rows) <= max_rows else rows[: max_rows // 2] + [None] + rows[-(max_rows // 2):]
+    shown = rows if len(rows) <= max_rows else rows[: max_rows // 2] + [None] + rows[-(max_rows // 2) :]
     for row in shown:
         if row is None:
             lines.append(f"  ... {len(rows) - 2 * (max_rows // 2)} more runs of steps ...")
             continue
         split = " + ".join(f"{row['counts'].get(o, 0)} {o.upper()}" for o in schedule.objectives)
         steps = f"steps {row['first']}-{row['last']}: " if len(rows) > 1 else ""
-        lines.append(f"  {steps}nominal alpha {row['alpha']} = {float(row['alpha']):.6g} ({split}); effective alpha "
-                     f"{row['effective']} = {float(row['effective']):.6g}")
+        lines.append(
+            f"  {steps}nominal alpha {row['alpha']} = {float(row['alpha']):.6g} ({split}); effective alpha "
+            f"{row['effective']} = {float(row['effective']):.6g}"
+        )
     note = schedule.rounding_note()
     if note:
         lines.append(f"  {note.lstrip('; ')}")

@@ -19,22 +19,62 @@ from typing import Any
 from megatron_dual.config import resolve_model_dict
 from megatron_dual.engine.checkpoint import CheckpointError
 
-__all__ = ["APPLIED", "RUNTIME", "IGNORED", "SCHEDULE_FIELDS", "matches", "resume_changes", "saved_dp_size",
-           "run_budget"]
+__all__ = [
+    "APPLIED",
+    "RUNTIME",
+    "IGNORED",
+    "SCHEDULE_FIELDS",
+    "matches",
+    "resume_changes",
+    "saved_dp_size",
+    "run_budget",
+]
 
 # may change: applied from the current config after the checkpoint is loaded
-APPLIED = ("optimizer.lr", "optimizer.adamw_lr", "optimizer.grad_clip", "schedule.*", "train.steps",
-           "train.eval_interval", "train.eval_batches", "train.threads", "checkpoint.interval", "checkpoint.keep_last",
-           "checkpoint.dir", "logging.*")
+APPLIED = (
+    "optimizer.lr",
+    "optimizer.adamw_lr",
+    "optimizer.grad_clip",
+    "schedule.*",
+    "train.steps",
+    "train.eval_interval",
+    "train.eval_batches",
+    "train.threads",
+    "checkpoint.interval",
+    "checkpoint.keep_last",
+    "checkpoint.dir",
+    "logging.*",
+)
 # may change: how the same run executes, not what it computes
-RUNTIME = ("train.device", "train.precision", "train.callbacks", "train.activation_checkpointing",
-           "model.attention_backend", "model.fused_ops", "model.pad_intermediate_to", "data.cache_dir",
-           "data.tokenizer", "parallel.*", "engine.*", "optimizer.adamw_impl")
+RUNTIME = (
+    "train.device",
+    "train.precision",
+    "train.callbacks",
+    "train.activation_checkpointing",
+    "model.attention_backend",
+    "model.fused_ops",
+    "model.pad_intermediate_to",
+    "data.cache_dir",
+    "data.tokenizer",
+    "parallel.*",
+    "engine.*",
+    "optimizer.adamw_impl",
+)
 # not compared: where this invocation runs and how it was asked to resume; the model's shape, which the weight
 # loader refuses naming the tensor and the differing fields (CheckpointMismatchError)
-IGNORED = ("output_dir", "preset", "checkpoint.resume", "checkpoint.init_from", "model.n_layers",
-           "model.hidden_size", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.intermediate_size",
-           "model.vocab_size")
+IGNORED = (
+    "output_dir",
+    "preset",
+    "checkpoint.resume",
+    "checkpoint.init_from",
+    "model.n_layers",
+    "model.hidden_size",
+    "model.n_heads",
+    "model.n_kv_heads",
+    "model.head_dim",
+    "model.intermediate_size",
+    "model.vocab_size",
+)
 # fields whose change the engine must apply to its restored optimizer and schedule state
 SCHEDULE_FIELDS = ("optimizer.lr", "optimizer.adamw_lr", "train.steps", "schedule.*")
 # special rules below (global batch, token budget)
@@ -70,14 +110,22 @@ def run_budget(flat: Mapping[str, Any], dp: int) -> int:
     pinned = int(flat.get("data.budget_tokens") or 0)
     if pinned:
         return pinned
-    return (int(flat["train.steps"]) * int(flat["train.micro_batch_size"]) * int(flat["train.grad_accum"]) * dp
-            * int(flat["data.seq_len"]))
+    return (
+        int(flat["train.steps"])
+        * int(flat["train.micro_batch_size"])
+        * int(flat["train.grad_accum"])
+        * dp
+        * int(flat["data.seq_len"])
+    )
 
 
 def _refuse(where: Any, key: str, old: Any, new: Any, why: str = "") -> CheckpointError:
     if not why:
-        what = "the run would train on a different dataset or data order" if key.startswith("data.") else \
-            "it may not change on resume"
+        what = (
+            "the run would train on a different dataset or data order"
+            if key.startswith("data.")
+            else "it may not change on resume"
+        )
         why = f"{what} (set it back, or start a new run with --resume restart)"
     return CheckpointError(f"cannot resume from {where}: {key} is {old!r} in the checkpoint but {new!r} now; {why}")
 
@@ -86,9 +134,14 @@ def _check_batch(where: Any, old: dict[str, Any], new: dict[str, Any], dp_old: i
     if "train.grad_accum" not in old or old["train.grad_accum"] == new.get("train.grad_accum"):
         return
     if old["train.grad_accum"] * dp_old != new["train.grad_accum"] * dp_new:
-        raise _refuse(where, "train.grad_accum", old["train.grad_accum"], new["train.grad_accum"],
-                      f"the global batch must stay {old['train.grad_accum'] * dp_old} micro-batch slots "
-                      f"(grad_accum x data-parallel size, {dp_old} then, {dp_new} now)")
+        raise _refuse(
+            where,
+            "train.grad_accum",
+            old["train.grad_accum"],
+            new["train.grad_accum"],
+            f"the global batch must stay {old['train.grad_accum'] * dp_old} micro-batch slots "
+            f"(grad_accum x data-parallel size, {dp_old} then, {dp_new} now)",
+        )
 
 
 def _check_budget(where: Any, old: dict[str, Any], new: dict[str, Any], dp_old: int, dp_new: int) -> None:
@@ -99,16 +152,32 @@ def _check_budget(where: Any, old: dict[str, Any], new: dict[str, Any], dp_old: 
     if before == now:
         return
     if old["data.budget_tokens"] or new["data.budget_tokens"]:
-        raise _refuse(where, "data.budget_tokens", old["data.budget_tokens"], new["data.budget_tokens"],
-                      f"the data was built for a budget of {before} tokens and would now be {now}")
-    raise _refuse(where, "train.steps", old["train.steps"], new["train.steps"],
-                  f"data.budget_tokens is unset, so the token budget follows train.steps ({before} tokens then, "
-                  f"{now} now) and the dataset with it; to extend this run on its data, resume with "
-                  f"--set data.budget_tokens={before}")
+        raise _refuse(
+            where,
+            "data.budget_tokens",
+            old["data.budget_tokens"],
+            new["data.budget_tokens"],
+            f"the data was built for a budget of {before} tokens and would now be {now}",
+        )
+    raise _refuse(
+        where,
+        "train.steps",
+        old["train.steps"],
+        new["train.steps"],
+        f"data.budget_tokens is unset, so the token budget follows train.steps ({before} tokens then, "
+        f"{now} now) and the dataset with it; to extend this run on its data, resume with "
+        f"--set data.budget_tokens={before}",
+    )
 
 
-def resume_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, where: Any = "checkpoint",
-                   dp_saved: int = 1, dp: int = 1) -> list[tuple[str, Any, Any]]:
+def resume_changes(
+    saved: Mapping[str, Any] | None,
+    current: Mapping[str, Any],
+    *,
+    where: Any = "checkpoint",
+    dp_saved: int = 1,
+    dp: int = 1,
+) -> list[tuple[str, Any, Any]]:
     """The ``(field, checkpoint value, current value)`` of every field that may change and did; a CheckpointError
     naming the first field that may not change and did (with both values). Fields absent from either side (a
     checkpoint older than the field) are not compared."""

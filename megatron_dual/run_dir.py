@@ -28,11 +28,17 @@ RUN_ARTEFACTS = ("metrics.jsonl", "summary.json", "loss.png", "config.yaml", "tb
 
 
 def _unwritable(path: Path, field: str, e: OSError) -> ConfigError:
-    reason = {errno.EROFS: "is on a read-only filesystem", errno.ENOSPC: "is on a full device",
-              errno.EACCES: "is not writable (permission denied)", errno.EPERM: "is not writable (not permitted)"}
+    reason = {
+        errno.EROFS: "is on a read-only filesystem",
+        errno.ENOSPC: "is on a full device",
+        errno.EACCES: "is not writable (permission denied)",
+        errno.EPERM: "is not writable (not permitted)",
+    }
     what = reason.get(e.errno or 0, f"cannot be written ({e.strerror or e})")
-    return ConfigError(f"{field} = {str(path)!r} {what}: point {field} at a writable place (checked before any "
-                       f"work, nothing was written)")
+    return ConfigError(
+        f"{field} = {str(path)!r} {what}: point {field} at a writable place (checked before any "
+        f"work, nothing was written)"
+    )
 
 
 def _check_dir(path: Path, field: str) -> None:
@@ -80,7 +86,8 @@ def refuse_fresh_start(output_dir: Path, checkpoints: list[Path]) -> None:
         raise ConfigError(
             f"checkpoint.resume = none but {output_dir} holds a run (checkpoints up to {checkpoints[-1].name}): "
             f"continue it with --resume auto, or start afresh with --resume restart (moves the old run to "
-            f"{output_dir / 'previous'}/<time>/), or choose another output_dir")
+            f"{output_dir / 'previous'}/<time>/), or choose another output_dir"
+        )
 
 
 def move_run_aside(output_dir: Path, ckpt_dir: Path, metrics_file: Path | None) -> Path | None:

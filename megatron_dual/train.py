@@ -34,10 +34,19 @@ def train(cfg: Config, quiet: bool = False) -> dict[str, Any]:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--preset", help=", ".join(PRESETS))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set model.n_layers=4 (repeatable)")
-    p.add_argument("--resume", help="auto | none | restart (move the old run aside, start afresh) | a checkpoint path "
-                                    "(shortcut for --set checkpoint.resume=...)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set model.n_layers=4 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        help="auto | none | restart (move the old run aside, start afresh) | a checkpoint path "
+        "(shortcut for --set checkpoint.resume=...)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
 
@@ -49,16 +58,24 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides, preset=args.preset)
 
 
-ORDINARY = (ConfigError, CheckpointError, TrainingDivergedError, FileNotFoundError, ValueError,
-            watchdog.StalledRankError)
+ORDINARY = (
+    ConfigError,
+    CheckpointError,
+    TrainingDivergedError,
+    FileNotFoundError,
+    ValueError,
+    watchdog.StalledRankError,
+)
 RESUMES = "the run resumes from its last complete checkpoint"
 
 
 def _os_error(e: OSError) -> str:
     where = f"{e.filename}: " if e.filename else ""
     if e.errno == errno.ENOSPC:
-        return (f"{where}no space left on device: free space (or point output_dir, checkpoint.dir or "
-                f"logging.metrics_file elsewhere) and rerun; {RESUMES}")
+        return (
+            f"{where}no space left on device: free space (or point output_dir, checkpoint.dir or "
+            f"logging.metrics_file elsewhere) and rerun; {RESUMES}"
+        )
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"{where}not writable ({e.strerror}): point output_dir or the file's field at a writable place"
     return f"{where}{e.strerror or e}; rerun once it is fixed: {RESUMES}"
@@ -94,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
         return 130 if isinstance(e, KeyboardInterrupt) else 2
     if dist_env()[0] == 0:
         if summary.get("stopped"):
-            print(f"stopped by {summary['stopped']} after step {summary['steps']}: checkpoint "
-                  f"{summary.get('checkpoint')}; rerun the same command to continue")
+            print(
+                f"stopped by {summary['stopped']} after step {summary['steps']}: checkpoint "
+                f"{summary.get('checkpoint')}; rerun the same command to continue"
+            )
         else:
             print(json.dumps(summary, indent=2))
     return 0

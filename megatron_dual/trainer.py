@@ -85,8 +85,14 @@ class StepTotals:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, quiet: bool = False, callbacks: Iterable[Callback] = (),
-                 engine: EngineFactory | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        quiet: bool = False,
+        callbacks: Iterable[Callback] = (),
+        engine: EngineFactory | None = None,
+    ) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out / "checkpoints"
@@ -103,10 +109,17 @@ class Trainer:
         self.schedule = self.par.schedule
         # executed FLOPs per step, for MFU, only where a peak is known (computed on the host, in the loader)
         cost = (lambda b: objective_batch_flops(cfg.model, b)["total"]) if peak_flops(self.device) else None
-        self.loader = TrainDataLoader(self.data.train, self.data.fingerprint, self.schedule,
-                                      ObjectiveBatcher(cfg.objective, cfg.train.seed), seed=cfg.data.seed,
-                                      micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.par.dp_rank,
-                                      device=self.device, cost=cost)
+        self.loader = TrainDataLoader(
+            self.data.train,
+            self.data.fingerprint,
+            self.schedule,
+            ObjectiveBatcher(cfg.objective, cfg.train.seed),
+            seed=cfg.data.seed,
+            micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=self.par.dp_rank,
+            device=self.device,
+            cost=cost,
+        )
         self.batches: StepBatches | None = None  # the step being run (callbacks read its FLOPs)
         self.step = 0
         self.tokens_seen = 0
@@ -118,16 +131,19 @@ class Trainer:
         self._restarted = False
         # tokens of one optimizer step over the whole job (all data-parallel ranks)
         self.tokens_per_step = self.loader.samples_per_step * cfg.data.seq_len
-        self.callbacks = sorted([*default_callbacks(cfg, self.is_main, quiet), *callbacks],
-                                key=lambda c: -c.priority)
+        self.callbacks = sorted([*default_callbacks(cfg, self.is_main, quiet), *callbacks], key=lambda c: -c.priority)
         for cb in self.callbacks:
             cb.trainer = self
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state (JSON): step, tokens, the data loader's position and every callback's state."""
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.loader.state_dict(),
-                "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "sampler": self.loader.state_dict(),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["sampler"])
@@ -139,9 +155,15 @@ class Trainer:
 
     def save(self) -> Path:
         """A checkpoint of the current step (collective over all ranks)."""
-        path = self.engine.save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), self.cfg.to_dict(), self.par,
-                                           keep_last=self.cfg.checkpoint.keep_last,
-                                           extra={"layout": self.par.describe()})
+        path = self.engine.save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            self.state_dict(),
+            self.cfg.to_dict(),
+            self.par,
+            keep_last=self.cfg.checkpoint.keep_last,
+            extra={"layout": self.par.describe()},
+        )
         self.saved_step, self.last_checkpoint = self.step, path
         return path
 
@@ -193,8 +215,13 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
-        changes = resume_changes(meta.get("config"), self.cfg.to_dict(), where=path, dp=self.par.dp_size,
-                                 dp_saved=saved_dp_size(meta.get("extra"), self.par.dp_size))
+        changes = resume_changes(
+            meta.get("config"),
+            self.cfg.to_dict(),
+            where=path,
+            dp=self.par.dp_size,
+            dp_saved=saved_dp_size(meta.get("extra"), self.par.dp_size),
+        )
         self.engine.load_checkpoint(path, self.par, model_config=self.cfg.to_dict()["model"])
         self._apply_changes(path, changes)
         try:
@@ -203,24 +230,29 @@ class Trainer:
             raise ckpt.CheckpointError(f"cannot resume from {path}: {e}") from e
         rng = ckpt.read_rng_state(path)
         if rng is None:
-            raise ckpt.CheckpointCorruptError(f"{path} has no rng.pt: resuming would not be exact; restore the file "
-                                              f"or start afresh with --resume restart")
+            raise ckpt.CheckpointCorruptError(
+                f"{path} has no rng.pt: resuming would not be exact; restore the file "
+                f"or start afresh with --resume restart"
+            )
         ckpt.restore_rng_state(rng)
 
     def _apply_changes(self, path: Path, changes: list[tuple[str, Any, Any]]) -> None:
         """Make the settings changed since checkpoint ``path`` take effect on the restored state; one line each."""
         scheduled = [k for k, _, _ in changes if matches(k, SCHEDULE_FIELDS)]
         if scheduled and not self.engine.apply_schedule(self.cfg):
-            raise ckpt.CheckpointError(f"cannot resume from {path}: engine {self.cfg.engine.name} cannot apply a "
-                                       f"changed {scheduled[0]} to restored optimizer state; set it back")
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: engine {self.cfg.engine.name} cannot apply a "
+                f"changed {scheduled[0]} to restored optimizer state; set it back"
+            )
         self.resume_changes = changes
 
     # ------------------------------------------------------------------------------------------------ steps
     def forward_loss(self, batch: ObjectiveBatch) -> LossSums:
         """The model and the loss of one objective batch (call inside ``engine.autocast()``)."""
         hidden = self.model(batch.input_ids, batch.mask)
-        return labelled_loss(self.model.head, hidden, batch.labels, batch.weights, self.cfg.objective.z_loss,
-                             tp_group=self.par.tp_group)
+        return labelled_loss(
+            self.model.head, hidden, batch.labels, batch.weights, self.cfg.objective.z_loss, tp_group=self.par.tp_group
+        )
 
     def train_step(self, step_batches: StepBatches) -> dict[str, float]:
         """One optimizer step over this rank's slots of the global batch; the step's metrics."""
@@ -259,8 +291,9 @@ class Trainer:
             metrics["alpha_effective"] = float(effective_alpha(alpha, self.cfg.objective.recipe))
         return metrics
 
-    def _metrics(self, summed: list[list[float]], counts: list[int], loss: float, lr: float,
-                 grad_norm: float) -> dict[str, float]:
+    def _metrics(
+        self, summed: list[list[float]], counts: list[int], loss: float, lr: float, grad_norm: float
+    ) -> dict[str, float]:
         metrics: dict[str, float] = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen}
         for (nll, z, correct, labelled, _), obj, n in zip(summed, OBJECTIVES, counts, strict=True):
             if obj not in self.schedule.objectives:
@@ -276,8 +309,11 @@ class Trainer:
     def _check_loss(self, local: list[list[float]], step_loss: float, start: int) -> None:
         if math.isfinite(step_loss):
             return
-        bad = [f"{obj.upper()} loss is {row[4]}" for obj, row in zip(OBJECTIVES, local, strict=True)
-               if not math.isfinite(row[4])]
+        bad = [
+            f"{obj.upper()} loss is {row[4]}"
+            for obj, row in zip(OBJECTIVES, local, strict=True)
+            if not math.isfinite(row[4])
+        ]
         self._diverged(bad[0] if bad else "a loss on another data-parallel rank is not finite", start)
 
     def _diverged(self, what: str, start: int) -> None:
@@ -296,10 +332,12 @@ class Trainer:
         if path is None:
             raise TrainingDivergedError(
                 f"training diverged at step {self.step + 1}: {what}. No good state was saved (no checkpoint exists "
-                f"and the parameters are not finite); {fix} and start afresh with --resume restart")
+                f"and the parameters are not finite); {fix} and start afresh with --resume restart"
+            )
         raise TrainingDivergedError(
             f"training diverged at step {self.step + 1}: {what}. The last good state is saved in {path}; {fix} and "
-            f"resume from it with --resume {path}")
+            f"resume from it with --resume {path}"
+        )
 
     # ------------------------------------------------------------------------------------------------ loop
     def _call(self, hook: str, *args: Any) -> None:
@@ -333,8 +371,12 @@ class Trainer:
         """Before any work: the places this rank writes to are writable, and a fresh start never lands on a run."""
         c = self.cfg.checkpoint
         if self.par.dp_rank == 0:
-            run_dir.check_writable(self.out, self.ckpt_dir, metrics_path(self) if self.is_main else None,
-                                   "checkpoint.dir" if c.dir else "output_dir")
+            run_dir.check_writable(
+                self.out,
+                self.ckpt_dir,
+                metrics_path(self) if self.is_main else None,
+                "checkpoint.dir" if c.dir else "output_dir",
+            )
         if c.resume.strip().lower() == "none":
             run_dir.refuse_fresh_start(self.out, ckpt.list_checkpoints(self.ckpt_dir))
 
@@ -393,9 +435,14 @@ class Trainer:
 
     def _summary(self, wall: float, steps_run: int) -> dict[str, Any]:
         tokens_run = steps_run * self.tokens_per_step
-        summary = {"steps": self.step, "steps_this_run": steps_run, "wall_s": wall,
-                   "tokens_per_s": tokens_run / wall if wall > 0 else 0.0, "tokens_seen": self.tokens_seen,
-                   "alpha": str(self.schedule.alpha)}
+        summary = {
+            "steps": self.step,
+            "steps_this_run": steps_run,
+            "wall_s": wall,
+            "tokens_per_s": tokens_run / wall if wall > 0 else 0.0,
+            "tokens_seen": self.tokens_seen,
+            "alpha": str(self.schedule.alpha),
+        }
         if self.stop_reason is not None:
             summary["stopped"] = self.stop_reason
         return summary

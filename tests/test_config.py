@@ -111,8 +111,11 @@ def test_decay_steps_fraction_count_or_zero():
     assert ScheduleConfig(decay_steps=1).decay_steps_for(300) == 1  # an integer is a count, not the whole run
     assert ScheduleConfig(decay_steps=0).decay_steps_for(300) == 0
     for bad in (1.5, -1, -0.25):
-        with pytest.raises(ConfigError, match=rf"schedule.decay_steps = {bad} is not allowed: must be 0 \(no decay\), "
-                                              r"a fraction of train.steps in \(0, 1\)"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"schedule.decay_steps = {bad} is not allowed: must be 0 \(no decay\), "
+            r"a fraction of train.steps in \(0, 1\)",
+        ):
             ScheduleConfig(decay_steps=bad).decay_steps_for(300)
 
 
@@ -141,11 +144,17 @@ def test_decay_steps_overrides(value, parsed):
 
 def test_warmup_plus_fractional_decay_must_fit():
     load_config(preset="tiny", overrides=["train.steps=12", "schedule.warmup_steps=9"])  # 9 + 3 = 12
-    with pytest.raises(ConfigError, match=r"schedule.decay_steps = 0.25 is not allowed: warmup_steps \+ decay_steps "
-                                          r"\(here 3 steps\) must not exceed train.steps = 12"):
+    with pytest.raises(
+        ConfigError,
+        match=r"schedule.decay_steps = 0.25 is not allowed: warmup_steps \+ decay_steps "
+        r"\(here 3 steps\) must not exceed train.steps = 12",
+    ):
         load_config(preset="tiny", overrides=["train.steps=12", "schedule.warmup_steps=10"])
-    with pytest.raises(ConfigError, match=r"schedule.decay_steps = 13 is not allowed: warmup_steps \+ decay_steps "
-                                          r"must not exceed train.steps = 12"):
+    with pytest.raises(
+        ConfigError,
+        match=r"schedule.decay_steps = 13 is not allowed: warmup_steps \+ decay_steps "
+        r"must not exceed train.steps = 12",
+    ):
         load_config(preset="tiny", overrides=["train.steps=12", "schedule.decay_steps=13"])
     load_config(preset="tiny", overrides=["train.steps=12", "schedule.decay_steps=13", "schedule.name=cosine"])
 
@@ -245,11 +254,15 @@ def _model_cfg(**kw) -> ModelConfig:
         (lambda: ModelConfig(hidden_size=130, n_heads=4).validate(), ["model.hidden_size = 130", "model.n_heads = 4"]),
         (lambda: ModelConfig(head_dim=33).validate(), ["model.head_dim = 33", "even"]),
         (lambda: ModelConfig(n_kv_heads=5).validate(), ["model.n_kv_heads = 5", "divisor of model.n_heads = 16"]),
-        (lambda: ModelConfig(attention_backend="flash2").validate(),
-         ["model.attention_backend = 'flash2'", "one of auto, sdpa, triton, flash, flex"]),
+        (
+            lambda: ModelConfig(attention_backend="flash2").validate(),
+            ["model.attention_backend = 'flash2'", "one of auto, sdpa, triton, flash, flex"],
+        ),
         (lambda: ModelConfig(fused_ops="cuda").validate(), ["model.fused_ops = 'cuda'", "auto, none, triton"]),
-        (lambda: ObjectiveConfig(mask_token_id=64).validate(64),
-         ["objective.mask_token_id = 64", "below model.vocab_size = 64"]),
+        (
+            lambda: ObjectiveConfig(mask_token_id=64).validate(64),
+            ["objective.mask_token_id = 64", "below model.vocab_size = 64"],
+        ),
         (lambda: ObjectiveConfig(alpha=1.5).validate(64), ["objective.alpha = 1.5", "[0, 1]"]),
         (lambda: OptimizerConfig(name="sgd").validate(), ["optimizer.name = 'sgd'", "one of muon, adamw"]),
         (lambda: OptimizerConfig(muon_adjust_lr="x").validate(), ["one of match_rms_adamw, original"]),
@@ -260,10 +273,14 @@ def _model_cfg(**kw) -> ModelConfig:
         (lambda: TrainConfig(precision="fp8").validate(), ["train.precision = 'fp8'", "one of auto, bf16, fp32"]),
         (lambda: TrainConfig(device="tpu").validate(), ["train.device = 'tpu'", "cuda:N"]),
         (lambda: ParallelConfig(tp=3).validate(_model_cfg(), "muon"), ["parallel.tp = 3", "model.n_heads = 16"]),
-        (lambda: ParallelConfig(tp=4).validate(_model_cfg(n_kv_heads=2), "muon"),
-         ["parallel.tp = 4", "key/value heads = 2"]),
-        (lambda: ParallelConfig(tp=2, distributed_muon=False).validate(_model_cfg(), "muon"),
-         ["parallel.distributed_muon = False"]),
+        (
+            lambda: ParallelConfig(tp=4).validate(_model_cfg(n_kv_heads=2), "muon"),
+            ["parallel.tp = 4", "key/value heads = 2"],
+        ),
+        (
+            lambda: ParallelConfig(tp=2, distributed_muon=False).validate(_model_cfg(), "muon"),
+            ["parallel.distributed_muon = False"],
+        ),
         (lambda: ParallelConfig(backend="mpi").validate(_model_cfg(), "muon"), ["one of auto, nccl, gloo"]),
         (lambda: CheckpointConfig(interval=-1).validate(), ["checkpoint.interval = -1"]),
         (lambda: CheckpointConfig(keep_last=-1).validate(), ["checkpoint.keep_last = -1"]),

@@ -50,13 +50,29 @@ def corpus(tmp_path_factory):
 
 
 def tiny(corpus, out, *extra):
-    return load_config(overrides=[
-        f"output_dir={out}", f"data.path={corpus}", "data.seq_len=16", "data.valid_fraction=0.1",
-        "model.n_layers=2", "model.hidden_size=32", "model.n_heads=2", "model.intermediate_size=48",
-        f"model.vocab_size={VOCAB}", "model.max_seq_len=32", "train.micro_batch_size=2", "train.grad_accum=4",
-        "train.steps=4", "schedule.decay_steps=1", "train.eval_interval=0", "checkpoint.interval=2",
-        "logging.plot=false", "train.threads=1", *extra,
-    ])
+    return load_config(
+        overrides=[
+            f"output_dir={out}",
+            f"data.path={corpus}",
+            "data.seq_len=16",
+            "data.valid_fraction=0.1",
+            "model.n_layers=2",
+            "model.hidden_size=32",
+            "model.n_heads=2",
+            "model.intermediate_size=48",
+            f"model.vocab_size={VOCAB}",
+            "model.max_seq_len=32",
+            "train.micro_batch_size=2",
+            "train.grad_accum=4",
+            "train.steps=4",
+            "schedule.decay_steps=1",
+            "train.eval_interval=0",
+            "checkpoint.interval=2",
+            "logging.plot=false",
+            "train.threads=1",
+            *extra,
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------ reference recipe
@@ -86,8 +102,16 @@ def test_reference_md_batch_matches_the_formulas_by_hand():
                 assert b.weights[r, i].item() == pytest.approx(weight if labelled else 0.0, rel=1e-6)
     # row 1 holds 3 maskable inputs of 8: some seed draws k > 3, which masks the special tokens too
     masked_specials = [
-        bool((reference_md_batch(tokens, doc_ids, masking_generator(s, 0, 0), mask_token_id=4,
-                                 n_special=16).input_ids[1] == 4).all()) for s in range(40)]
+        bool(
+            (
+                reference_md_batch(
+                    tokens, doc_ids, masking_generator(s, 0, 0), mask_token_id=4, n_special=16
+                ).input_ids[1]
+                == 4
+            ).all()
+        )
+        for s in range(40)
+    ]
     assert any(masked_specials)
 
 
@@ -151,8 +175,13 @@ def test_schedule_parsing_and_one_line_errors():
     assert s.at(0, 8192) == 1 and s.at(6143, 8192) == 1 and s.at(6144, 8192) == Fraction(63, 64)
     lin = parse_alpha_schedule("linear 1 -> 1/8")
     assert lin.at(0, 9) == 1 and lin.at(8, 9) == Fraction(1, 8)
-    for bad, where in [("0:1, 100:1/2, 50:1/4", "item 3"), ("5:1", "item 1"), ("0:1, x:1/2", "item 2"),
-                       ("0:3/2", "outside"), ("linear 1", "linear A -> B")]:
+    for bad, where in [
+        ("0:1, 100:1/2, 50:1/4", "item 3"),
+        ("5:1", "item 1"),
+        ("0:1, x:1/2", "item 2"),
+        ("0:3/2", "outside"),
+        ("linear 1", "linear A -> B"),
+    ]:
         with pytest.raises(ConfigError, match="objective.alpha_schedule") as e:
             parse_alpha_schedule(bad)
         assert where in str(e.value) and "\n" not in str(e.value)
@@ -193,8 +222,9 @@ def test_schedule_realised_per_step_exactly_normalised_and_resumes_bit_exact(cor
     resumed.fit()
     assert resumed.resumed_from is not None and resumed.resumed_from.name.endswith("2")
     keep = ("loss", "ar_loss", "md_loss", "alpha", "grad_norm")
-    assert [{k: r.get(k) for k in keep} for r in _records(tmp_path / "part" / "metrics.jsonl")] == \
-        [{k: r.get(k) for k in keep} for r in rows]
+    assert [{k: r.get(k) for k in keep} for r in _records(tmp_path / "part" / "metrics.jsonl")] == [
+        {k: r.get(k) for k in keep} for r in rows
+    ]
     for (n1, p1), (_, p2) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
         assert torch.equal(p1, p2), n1
 
@@ -236,8 +266,14 @@ def test_mix_parsing_and_errors():
 
 
 def test_three_objectives_gradient_is_the_weighted_mixture(corpus, tmp_path):
-    cfg = tiny(corpus, tmp_path / "m", "objective.mix=ar=1/2 md=1/4 prefix=1/4", "train.eval_interval=1",
-               "train.eval_batches=1", "optimizer.grad_clip=0")
+    cfg = tiny(
+        corpus,
+        tmp_path / "m",
+        "objective.mix=ar=1/2 md=1/4 prefix=1/4",
+        "train.eval_interval=1",
+        "train.eval_batches=1",
+        "optimizer.grad_clip=0",
+    )
     tr = Trainer(cfg, quiet=True)
     indices = tr.loader.sampler.indices(0, 8)
     sums, tokens = {AR: 0, MD: 0, PREFIX: 0}, {AR: 0, MD: 0, PREFIX: 0}
@@ -269,8 +305,13 @@ def test_three_objectives_gradient_is_the_weighted_mixture(corpus, tmp_path):
 def test_reference_optimizer_puts_the_head_projection_on_muon(corpus, tmp_path):
     cfg = load_config(preset="dual-470m")
     o = cfg.optimizer
-    assert (o.muon_head, o.grad_clip, tuple(o.betas), o.decay_all, o.muon_adjust_lr) == \
-        (True, 0.0, (0.9, 0.95), True, "match_rms_adamw")
+    assert (o.muon_head, o.grad_clip, tuple(o.betas), o.decay_all, o.muon_adjust_lr) == (
+        True,
+        0.0,
+        (0.9, 0.95),
+        True,
+        "match_rms_adamw",
+    )
     small = tiny(corpus, tmp_path, "optimizer.muon_head=true")
     tr = Trainer(small, quiet=True)
     opts = build_optimizers(tr.model, small.optimizer)
@@ -278,8 +319,11 @@ def test_reference_optimizer_puts_the_head_projection_on_muon(corpus, tmp_path):
     names = {n for n, p in tr.model.named_parameters() if id(p) in muon}
     assert "head.proj.weight" in names and not any(n.startswith(("embed", "head.out")) for n in names)
     default = build_optimizers(tr.model, tiny(corpus, tmp_path).optimizer)
-    assert "head.proj.weight" not in {n for n, p in tr.model.named_parameters()
-                                      if any(p is q for g in default["muon"].param_groups for q in g["params"])}
+    assert "head.proj.weight" not in {
+        n
+        for n, p in tr.model.named_parameters()
+        if any(p is q for g in default["muon"].param_groups for q in g["params"])
+    }
 
 
 def test_per_dataset_repetitions(tmp_path):

@@ -87,8 +87,9 @@ def test_masking_generator_is_pure():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("alpha, ranks, slots", [(0.75, 1, 4), (63 / 64, 16, 4), (0.0, 2, 2), (1.0, 1, 1),
-                                                 (0.5, 4, 1), (1 / 256, 64, 4)])
+@pytest.mark.parametrize(
+    "alpha, ranks, slots", [(0.75, 1, 4), (63 / 64, 16, 4), (0.0, 2, 2), (1.0, 1, 1), (0.5, 4, 1), (1 / 256, 64, 4)]
+)
 def test_schedule_realises_alpha_every_step_and_rotates(alpha, ranks, slots):
     s = ObjectiveSchedule(alpha, ranks, slots)
     assert s.alpha == Fraction(alpha).limit_denominator(1024)

@@ -52,11 +52,29 @@ def corpus(tmp_path_factory):
 
 
 def overrides(corpus, out, *extra):
-    return [f"output_dir={out}", f"data.path={corpus}", "data.seq_len=16", "data.valid_fraction=0.1",
-            "model.n_layers=2", "model.hidden_size=32", "model.n_heads=2", "model.intermediate_size=48",
-            f"model.vocab_size={VOCAB}", "model.max_seq_len=32", "train.micro_batch_size=2", "train.grad_accum=4",
-            "objective.alpha=3/4", "train.steps=6", "schedule.decay_steps=2", "train.eval_interval=3",
-            "train.eval_batches=2", "checkpoint.interval=3", "checkpoint.keep_last=5", "logging.plot=false", *extra]
+    return [
+        f"output_dir={out}",
+        f"data.path={corpus}",
+        "data.seq_len=16",
+        "data.valid_fraction=0.1",
+        "model.n_layers=2",
+        "model.hidden_size=32",
+        "model.n_heads=2",
+        "model.intermediate_size=48",
+        f"model.vocab_size={VOCAB}",
+        "model.max_seq_len=32",
+        "train.micro_batch_size=2",
+        "train.grad_accum=4",
+        "objective.alpha=3/4",
+        "train.steps=6",
+        "schedule.decay_steps=2",
+        "train.eval_interval=3",
+        "train.eval_batches=2",
+        "checkpoint.interval=3",
+        "checkpoint.keep_last=5",
+        "logging.plot=false",
+        *extra,
+    ]
 
 
 def tiny(corpus, out, *extra):
@@ -305,8 +323,12 @@ def test_restart_moves_the_old_run_aside(corpus, tmp_path):
     out = tmp_path / "run"
     Trainer(tiny(corpus, out), quiet=True).fit(max_steps=4)
     old_metrics = (out / "metrics.jsonl").read_text()
-    Trainer(tiny(corpus, out, "checkpoint.resume=restart", "train.steps=2", "schedule.decay_steps=1",
-                 "checkpoint.interval=1"), quiet=True).fit()
+    Trainer(
+        tiny(
+            corpus, out, "checkpoint.resume=restart", "train.steps=2", "schedule.decay_steps=1", "checkpoint.interval=1"
+        ),
+        quiet=True,
+    ).fit()
     (previous,) = (out / "previous").iterdir()
     assert (previous / "metrics.jsonl").read_text() == old_metrics
     assert [p.name for p in ckpt.list_checkpoints(previous / "checkpoints")] == ["step_00000003"]
@@ -357,23 +379,33 @@ def test_second_ctrl_c_aborts_with_one_line(corpus, tmp_path, monkeypatch, capsy
 def launch_two_ranks(corpus, out, tmp_path, behaviour, *extra, wait=120):
     """Two gloo ranks of ``python -m megatron_dual.train``; rank 1 does ``behaviour`` before step 2. Returns
     (rank 0's exit code, its stderr, rank 1's process)."""
-    (tmp_path / "rel_hooks.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "rel_hooks.py").write_text(
+        textwrap.dedent(f"""
         import os, signal, time
         from megatron_dual.callbacks import Callback
         class Rank1(Callback):
             def pre_step(self, step):
                 if step == 2 and os.environ["RANK"] == "1":
                     {behaviour}
-    """))
+    """)
+    )
     port = free_port()
     args = [sys.executable, "-m", "megatron_dual.train", "--quiet"]
-    for item in overrides(corpus, out, "train.grad_accum=2", "train.callbacks=[rel_hooks:Rank1]",
-                          "train.threads=1", *extra):
+    for item in overrides(
+        corpus, out, "train.grad_accum=2", "train.callbacks=[rel_hooks:Rank1]", "train.threads=1", *extra
+    ):
         args += ["--set", item]
     procs = []
     for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
+        )
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         out0, err0 = procs[0].communicate(timeout=wait)
@@ -383,15 +415,13 @@ def launch_two_ranks(corpus, out, tmp_path, behaviour, *extra, wait=120):
 
 
 def test_two_ranks_stop_together_when_one_gets_sigterm(corpus, tmp_path):
-    rc, out0, err0, rank1 = launch_two_ranks(corpus, tmp_path / "run", tmp_path,
-                                             "os.kill(os.getpid(), signal.SIGTERM)")
+    rc, out0, err0, rank1 = launch_two_ranks(corpus, tmp_path / "run", tmp_path, "os.kill(os.getpid(), signal.SIGTERM)")
     assert rank1.wait(timeout=60) == 0 and rc == 0, err0
     assert out0.strip().startswith("stopped by a stop request on another rank after step 2"), out0
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002"]
 
 
-@pytest.mark.parametrize("behaviour", ["os.kill(os.getpid(), signal.SIGSTOP)", "os._exit(3)"],
-                         ids=["stopped", "died"])
+@pytest.mark.parametrize("behaviour", ["os.kill(os.getpid(), signal.SIGSTOP)", "os._exit(3)"], ids=["stopped", "died"])
 def test_a_stalled_or_dead_peer_ends_the_job_with_one_line(corpus, tmp_path, behaviour):
     t0 = time.monotonic()
     rc, _, err0, rank1 = launch_two_ranks(corpus, tmp_path / "run", tmp_path, behaviour, "parallel.timeout=2")
@@ -415,8 +445,11 @@ def test_out_of_range_token_anywhere_is_refused_at_start_up(tmp_path):
     with IndexedDatasetWriter(prefix, np.uint16) as w:
         for i in range(100):
             w.add_document([1] + [20] * 30 + ([VOCAB + 5] if i == 90 else []))
-    with pytest.raises(ConfigError, match=rf"model.vocab_size = {VOCAB} but .*bad_text_document holds token id "
-                                          rf"{VOCAB + 5}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"model.vocab_size = {VOCAB} but .*bad_text_document holds token id "
+        rf"{VOCAB + 5}",
+    ):
         Trainer(tiny(prefix, tmp_path / "run"), quiet=True)
     (cached,) = (tmp_path / "bad_text_document_cache").glob("token_range_*.json")
     assert json.loads(cached.read_text())["range"] == [0, VOCAB + 5]
@@ -448,8 +481,9 @@ def read_only_dir(tmp_path):
         yield path
         path.chmod(0o755)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
+    ).returncode:
         pytest.skip("root without permission to mount a read-only tmpfs")
     try:
         yield path
@@ -489,3 +523,28 @@ def test_failed_resume_keeps_config_yaml(corpus, tmp_path):
 def test_non_finite_lr_is_refused(corpus, tmp_path, value):
     with pytest.raises(ConfigError, match="optimizer.lr = .* positive finite"):
         tiny(corpus, tmp_path, f"optimizer.lr={value}")
+
+
+def test_generate_on_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
+    import json as _json
+
+    from megatron_dual.cli import main as cli_main
+
+    step = tmp_path / "ckpts" / "step_00000001"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"\x00not a safetensors file")
+    cfg = {
+        "model": {
+            "n_layers": 1,
+            "hidden_size": 32,
+            "n_heads": 2,
+            "intermediate_size": 48,
+            "vocab_size": 51200,
+            "max_seq_len": 32,
+        },
+        "data": {"tokenizer": "ltg", "seq_len": 16},
+    }
+    (step / "meta.json").write_text(_json.dumps({"step": 1, "trainer_state": {}, "config": cfg}))
+    assert cli_main(["generate", "--checkpoint", str(step), "--prompt", "Hi", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "model.safetensors" in err[0]

@@ -61,9 +61,16 @@ def test_steps_extension_without_pinned_budget_says_how(corpus, tmp_path):  # no
     assert tr.step == 10 and [r["step"] for r in _metrics(out)] == list(range(1, 11))
 
 
-@pytest.mark.parametrize("field,old,new", [("train.seed", 42, 7), ("model.rope_theta", 160000.0, 10000.0),
-                                           ("model.norm_eps", 1e-07, 1e-05), ("objective.z_loss", 0.0001, 0.0),
-                                           ("train.micro_batch_size", 2, 1)])
+@pytest.mark.parametrize(
+    "field,old,new",
+    [
+        ("train.seed", 42, 7),
+        ("model.rope_theta", 160000.0, 10000.0),
+        ("model.norm_eps", 1e-07, 1e-05),
+        ("objective.z_loss", 0.0001, 0.0),
+        ("train.micro_batch_size", 2, 1),
+    ],
+)
 def test_fixed_fields_are_refused_by_name(corpus, tmp_path, field, old, new):  # noqa: F811
     out = tmp_path / "fixed"
     Trainer(tiny(corpus, out), quiet=True).fit(max_steps=3)
@@ -74,8 +81,12 @@ def test_fixed_fields_are_refused_by_name(corpus, tmp_path, field, old, new):  #
 
 
 def test_resume_changes_is_pure():
-    saved = {"optimizer": {"lr": 0.007}, "train": {"steps": 6, "seed": 1, "grad_accum": 4, "micro_batch_size": 2},
-             "data": {"budget_tokens": 0, "seq_len": 16}, "logging": {"log_interval": 10}}
+    saved = {
+        "optimizer": {"lr": 0.007},
+        "train": {"steps": 6, "seed": 1, "grad_accum": 4, "micro_batch_size": 2},
+        "data": {"budget_tokens": 0, "seq_len": 16},
+        "logging": {"log_interval": 10},
+    }
     current = json.loads(json.dumps(saved))
     assert resume_changes(saved, current) == []
     current["optimizer"]["lr"], current["logging"]["log_interval"] = 0.001, 1

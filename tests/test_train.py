@@ -41,19 +41,46 @@ def corpus(tmp_path_factory):
 
 
 def tiny(corpus, out, *extra):
-    return load_config(overrides=[
-        f"output_dir={out}", f"data.path={corpus}", "data.seq_len=16", "data.valid_fraction=0.1",
-        "model.n_layers=2", "model.hidden_size=32", "model.n_heads=2", "model.intermediate_size=48",
-        f"model.vocab_size={VOCAB}", "model.max_seq_len=32", "train.micro_batch_size=2", "train.grad_accum=4",
-        "objective.alpha=3/4", "train.steps=6", "schedule.decay_steps=2", "train.eval_interval=3",
-        "train.eval_batches=2", "checkpoint.interval=3", "checkpoint.keep_last=5", "logging.plot=false",
-        *extra,
-    ])
+    return load_config(
+        overrides=[
+            f"output_dir={out}",
+            f"data.path={corpus}",
+            "data.seq_len=16",
+            "data.valid_fraction=0.1",
+            "model.n_layers=2",
+            "model.hidden_size=32",
+            "model.n_heads=2",
+            "model.intermediate_size=48",
+            f"model.vocab_size={VOCAB}",
+            "model.max_seq_len=32",
+            "train.micro_batch_size=2",
+            "train.grad_accum=4",
+            "objective.alpha=3/4",
+            "train.steps=6",
+            "schedule.decay_steps=2",
+            "train.eval_interval=3",
+            "train.eval_batches=2",
+            "checkpoint.interval=3",
+            "checkpoint.keep_last=5",
+            "logging.plot=false",
+            *extra,
+        ]
+    )
 
 
 def _losses(path):
-    keep = ("step", "loss", "ar_loss", "md_loss", "grad_norm", "lr", "val_ar_loss", "val_md_loss", "ar_tokens",
-            "md_tokens")
+    keep = (
+        "step",
+        "loss",
+        "ar_loss",
+        "md_loss",
+        "grad_norm",
+        "lr",
+        "val_ar_loss",
+        "val_md_loss",
+        "ar_tokens",
+        "md_tokens",
+    )
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, open(path))]
 
 
@@ -115,8 +142,16 @@ def test_gradient_is_the_alpha_mixture(corpus, tmp_path):
 
 
 def test_tiny_model_overfits_a_tiny_batch(corpus, tmp_path):
-    cfg = tiny(corpus, tmp_path / "o", "objective.alpha=1", "train.grad_accum=1", "optimizer.lr=0.02",
-               "train.steps=150", "schedule.decay_steps=30", "schedule.name=constant")
+    cfg = tiny(
+        corpus,
+        tmp_path / "o",
+        "objective.alpha=1",
+        "train.grad_accum=1",
+        "optimizer.lr=0.02",
+        "train.steps=150",
+        "schedule.decay_steps=30",
+        "schedule.name=constant",
+    )
     tr = Trainer(cfg, quiet=True)
     t, d = collate(tr.data.train, [0, 1])
     b = make_objective_batch(AR, t, d, cfg.objective, masking_generator(0, 0, 0))
@@ -134,8 +169,15 @@ def test_tiny_model_overfits_a_tiny_batch(corpus, tmp_path):
 
 
 def test_training_reduces_validation_loss_of_both_objectives(corpus, tmp_path):
-    cfg = tiny(corpus, tmp_path / "v", "train.steps=40", "schedule.decay_steps=10", "train.eval_interval=20",
-               "optimizer.lr=0.02", "logging.plot=true")
+    cfg = tiny(
+        corpus,
+        tmp_path / "v",
+        "train.steps=40",
+        "schedule.decay_steps=10",
+        "train.eval_interval=20",
+        "optimizer.lr=0.02",
+        "logging.plot=true",
+    )
     tr = Trainer(cfg, quiet=True)
     before = validation_losses(tr)
     summary = tr.fit()

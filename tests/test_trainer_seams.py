@@ -30,12 +30,30 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(corpus, out, *extra):
-    return load_config(overrides=[
-        f"output_dir={out}", f"data.path={corpus}", "data.seq_len=16", "data.valid_fraction=0.1",
-        "model.n_layers=1", "model.hidden_size=32", "model.n_heads=2", "model.intermediate_size=48",
-        f"model.vocab_size={VOCAB}", "model.max_seq_len=32", "train.micro_batch_size=2", "train.grad_accum=4",
-        "objective.alpha=1/2", "train.steps=4", "schedule.decay_steps=1", "train.eval_interval=2",
-        "train.eval_batches=1", "checkpoint.interval=2", "logging.plot=false", *extra])
+    return load_config(
+        overrides=[
+            f"output_dir={out}",
+            f"data.path={corpus}",
+            "data.seq_len=16",
+            "data.valid_fraction=0.1",
+            "model.n_layers=1",
+            "model.hidden_size=32",
+            "model.n_heads=2",
+            "model.intermediate_size=48",
+            f"model.vocab_size={VOCAB}",
+            "model.max_seq_len=32",
+            "train.micro_batch_size=2",
+            "train.grad_accum=4",
+            "objective.alpha=1/2",
+            "train.steps=4",
+            "schedule.decay_steps=1",
+            "train.eval_interval=2",
+            "train.eval_batches=1",
+            "checkpoint.interval=2",
+            "logging.plot=false",
+            *extra,
+        ]
+    )
 
 
 class Recorder(Callback):
@@ -126,8 +144,15 @@ def test_custom_callback_and_stand_in_engine_run_the_loop(corpus, tmp_path):
     assert rec.hooks[:6] == ["pre_train", "pre_step 1", "post_step 1", "log_metrics 1", "end_step 1", "pre_step 2"]
     assert rec.hooks[-2:] == ["post_train", "close"] and len(rec.losses) == 3
     assert all(np.isfinite(a) and np.isfinite(m) for a, m in rec.losses)
-    per_step = ["zero_grad", "backward last=False", "backward last=False", "backward last=False",
-                "backward last=True", "reduce", "step"]
+    per_step = [
+        "zero_grad",
+        "backward last=False",
+        "backward last=False",
+        "backward last=False",
+        "backward last=True",
+        "reduce",
+        "step",
+    ]
     assert tr.engine.calls == per_step * 3
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["recorder_mark"] for r in lines] == [1, 2, 3]  # metrics added in post_step reach the sinks
@@ -155,14 +180,26 @@ def test_callbacks_from_config_import_paths(corpus, tmp_path):
 
 def _loader(cfg, data, dp_rank=0, dp=1, prefetch=False):
     schedule = ObjectiveSchedule(cfg.objective.alpha, dp, cfg.train.grad_accum)
-    return TrainDataLoader(data.train, data.fingerprint, schedule, ObjectiveBatcher(cfg.objective, 7),
-                           seed=cfg.data.seed, micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
-                           prefetch=prefetch)
+    return TrainDataLoader(
+        data.train,
+        data.fingerprint,
+        schedule,
+        ObjectiveBatcher(cfg.objective, 7),
+        seed=cfg.data.seed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=dp_rank,
+        prefetch=prefetch,
+    )
 
 
 def _same(a, b):
-    return (a.objective == b.objective and torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
-            and torch.equal(a.weights, b.weights) and torch.equal(a.mask.doc_ids, b.mask.doc_ids))
+    return (
+        a.objective == b.objective
+        and torch.equal(a.input_ids, b.input_ids)
+        and torch.equal(a.labels, b.labels)
+        and torch.equal(a.weights, b.weights)
+        and torch.equal(a.mask.doc_ids, b.mask.doc_ids)
+    )
 
 
 def test_loader_prefetch_state_and_resume(corpus, tmp_path):

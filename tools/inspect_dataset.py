@@ -25,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="'ltg', a tokenizer.json or a .model: names ids and decodes")
     p.add_argument("--doc", type=int, action="append", default=[], help="print document K (repeatable; -1 = last)")
     p.add_argument("--top", type=int, default=20, help="most frequent token ids to list (default: 20)")
-    p.add_argument("--max-tokens", type=int, default=100_000_000,
-                   help="histogram over at most this many tokens, in evenly spaced chunks (default: 1e8)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=100_000_000,
+        help="histogram over at most this many tokens, in evenly spaced chunks (default: 1e8)",
+    )
     p.add_argument("--ids", action="store_true", help="print the token ids of --doc documents, not only the text")
     return p
 

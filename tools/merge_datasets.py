@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"merge_datasets: error: {e}", file=sys.stderr)
         return 2
-    print(f"merged {len(prefixes)} datasets -> {args.output_prefix}.bin/.idx: {counts['sequences']:,} sequences, "
-          f"{counts['documents']:,} documents, {counts['tokens']:,} tokens")
+    print(
+        f"merged {len(prefixes)} datasets -> {args.output_prefix}.bin/.idx: {counts['sequences']:,} sequences, "
+        f"{counts['documents']:,} documents, {counts['tokens']:,} tokens"
+    )
     return 0
 
 

@@ -50,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-dir", default=".", help="where alpha_surface.png and best_alpha.png go (default .)")
     p.add_argument("--samples", type=int, default=4000, help="posterior draws per R (default 4000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", default="paper", choices=["paper", "reference"],
-                   help="objective.recipe: print the effective alpha it optimises (reference: AR tokens x 2.0)")
+    p.add_argument(
+        "--recipe",
+        default="paper",
+        choices=["paper", "reference"],
+        help="objective.recipe: print the effective alpha it optimises (reference: AR tokens x 2.0)",
+    )
     p.add_argument("--alpha-schedule", help="objective.alpha_schedule to realise on the layout, e.g. '0:1, 6144:63/64'")
     p.add_argument("--steps", type=int, default=8192, help="train.steps for --alpha-schedule (default 8192)")
     p.add_argument("--json", action="store_true", help="machine-readable output (rule and layout only)")
@@ -63,8 +67,10 @@ def resolve_repetitions(args: argparse.Namespace) -> tuple[float, str]:
         if args.unique_tokens is not None and args.budget_tokens is not None:
             implied = repetitions_from_tokens(args.unique_tokens, args.budget_tokens)
             if abs(implied - args.repetitions) > 1e-6 * implied:
-                raise ValueError(f"--repetitions {args.repetitions:g} contradicts --budget-tokens / --unique-tokens "
-                                 f"= {implied:.4g}: give one or the other")
+                raise ValueError(
+                    f"--repetitions {args.repetitions:g} contradicts --budget-tokens / --unique-tokens "
+                    f"= {implied:.4g}: give one or the other"
+                )
         if not args.repetitions >= 1:
             raise ValueError(f"--repetitions = {args.repetitions:g}: must be >= 1")
         return args.repetitions, f"R = {args.repetitions:g} (given)"
@@ -81,9 +87,11 @@ def print_objective(args: argparse.Namespace, plan) -> None:
     for i, line in enumerate(describe_objective(cfg, schedule)):
         print(f"{'objective: ' if i == 0 else '  '}{line.strip()}")
     if args.recipe == "reference" and not args.alpha_schedule:
-        print(f"  (the reference recipe weighs AR tokens 2.0 and normalises both objectives by all positions: a share "
-              f"r of MD slots optimises an effective alpha of 2(1 - r)/(2 - r) = "
-              f"{effective_alpha(plan.alpha, 'reference')})")
+        print(
+            f"  (the reference recipe weighs AR tokens 2.0 and normalises both objectives by all positions: a share "
+            f"r of MD slots optimises an effective alpha of 2(1 - r)/(2 - r) = "
+            f"{effective_alpha(plan.alpha, 'reference')})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,41 +105,67 @@ def main(argv: list[str] | None = None) -> int:
         budget = args.budget_tokens
         lines = config_lines(plan, args.preset, r, fields, budget, gpus_per_node=args.gpus_per_node)
         if args.json:
-            print(json.dumps({"repetitions": r, "regime": rec.regime, "rule_alpha": rec.alpha,
-                              "effective_ar_repetitions": rec.effective_ar_repetitions, "band": rec.band,
-                              "paper_pick": str(rec.paper_pick) if rec.paper_pick else None, "target": target,
-                              "realised_alpha": str(plan.alpha), "ar_slots": plan.ar_slots,
-                              "md_slots": plan.md_slots, "total_slots": plan.total, "exact": plan.exact,
-                              "recipe": args.recipe,
-                              "effective_alpha": str(effective_alpha(plan.alpha, args.recipe)),
-                              "config": lines}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "repetitions": r,
+                        "regime": rec.regime,
+                        "rule_alpha": rec.alpha,
+                        "effective_ar_repetitions": rec.effective_ar_repetitions,
+                        "band": rec.band,
+                        "paper_pick": str(rec.paper_pick) if rec.paper_pick else None,
+                        "target": target,
+                        "realised_alpha": str(plan.alpha),
+                        "ar_slots": plan.ar_slots,
+                        "md_slots": plan.md_slots,
+                        "total_slots": plan.total,
+                        "exact": plan.exact,
+                        "recipe": args.recipe,
+                        "effective_alpha": str(effective_alpha(plan.alpha, args.recipe)),
+                        "config": lines,
+                    },
+                    indent=2,
+                )
+            )
             return 0
         print(how)
         print(f"regime: {rec.regime}")
         print(f"rule: {rec.rule}")
-        print(f"  -> alpha = {rec.alpha:.6g} (~{rec.alpha_fraction}); the AR objective sees alpha x R = "
-              f"{rec.effective_ar_repetitions:.3g} repetitions")
+        print(
+            f"  -> alpha = {rec.alpha:.6g} (~{rec.alpha_fraction}); the AR objective sees alpha x R = "
+            f"{rec.effective_ar_repetitions:.3g} repetitions"
+        )
         if rec.regime != "regular":
-            print(f"  tolerance band 8 <= alpha x R <= 32 (paper: \"{BAND_TEXT}\"): alpha in "
-                  f"[{rec.band[0]:.4g}, {rec.band[1]:.4g}]")
+            print(
+                f'  tolerance band 8 <= alpha x R <= 32 (paper: "{BAND_TEXT}"): alpha in '
+                f"[{rec.band[0]:.4g}, {rec.band[1]:.4g}]"
+            )
         if rec.paper_pick is not None:
-            print(f"  the paper's published pick at {r:g}x: alpha = {rec.paper_pick} "
-                  f"({float(rec.paper_pick) * r:.3g} effective AR repetitions)")
+            print(
+                f"  the paper's published pick at {r:g}x: alpha = {rec.paper_pick} "
+                f"({float(rec.paper_pick) * r:.3g} effective AR repetitions)"
+            )
         if args.alpha:
             print(f"planning alpha = {args.alpha} as asked (rule: {rec.alpha:.6g})")
-        print(f"layout: {args.devices} device(s) x {args.slots} slot(s) = {plan.total} objective slots; alpha must "
-              f"be k/{plan.total}")
+        print(
+            f"layout: {args.devices} device(s) x {args.slots} slot(s) = {plan.total} objective slots; alpha must "
+            f"be k/{plan.total}"
+        )
         status = "exactly" if plan.exact else f"nearest; |error| = {abs(float(plan.alpha) - target):.4g}"
         reduced = f" = {plan.alpha}" if plan.alpha.denominator != plan.total else ""
         print(f"  realised alpha = {plan.ar_slots}/{plan.total}{reduced} = {float(plan.alpha):.6g} ({status})")
         if not plan.exact:
             exact = Fraction(target).limit_denominator(ALPHA_MAX_DENOMINATOR)
             need = slots_for_exact(exact, args.devices)
-            print(f"  realisable neighbours: {', '.join(f'{a} = {float(a):.4g}' for a in plan.neighbours)}; "
-                  f"{exact} exactly needs slots per rank a multiple of {need}")
-        print(f"  per step: {plan.ar_slots} slot(s) run AR, {plan.md_slots} run MD; at step 0: {plan.ranks_all_ar} "
-              f"rank(s) all-AR, {plan.ranks_all_md} all-MD, {plan.ranks_mixed} mixed (the assignment rotates every "
-              f"step, so every rank sees both objectives)")
+            print(
+                f"  realisable neighbours: {', '.join(f'{a} = {float(a):.4g}' for a in plan.neighbours)}; "
+                f"{exact} exactly needs slots per rank a multiple of {need}"
+            )
+        print(
+            f"  per step: {plan.ar_slots} slot(s) run AR, {plan.md_slots} run MD; at step 0: {plan.ranks_all_ar} "
+            f"rank(s) all-AR, {plan.ranks_all_md} all-MD, {plan.ranks_mixed} mixed (the assignment rotates every "
+            f"step, so every rank sees both objectives)"
+        )
         if plan.md_slots == 0 and rec.alpha < 1:
             print(f"  warning: this layout runs no MD at all; the smallest MD share it offers is 1/{plan.total}")
         print_objective(args, plan)
@@ -139,15 +173,23 @@ def main(argv: list[str] | None = None) -> int:
         for line in lines:
             print(f"  {line}")
         if args.results:
-            report, best, _ = planner_report(args.results, args.plot_dir, extra_repetitions=[r],
-                                             samples=args.samples, seed=args.seed, model_size=args.model_size)
+            report, best, _ = planner_report(
+                args.results,
+                args.plot_dir,
+                extra_repetitions=[r],
+                samples=args.samples,
+                seed=args.seed,
+                model_size=args.model_size,
+            )
             print(report)
             mine = next(b for b in best if abs(b.repetitions - r) < 1e-9)
             near = realise_alpha(mine.map_alpha, args.devices, args.slots)
-            print(f"your R = {r:g}: most probable best alpha {mine.map_alpha:.3f} (80% interval "
-                  f"[{mine.interval[0]:.3f}, {mine.interval[1]:.3f}]), expected gain over alpha=1 "
-                  f"{mine.expected_gain:+.4g}; nearest realisable {near.alpha} "
-                  f"(objective.alpha={near.ar_slots}/{near.total})")
+            print(
+                f"your R = {r:g}: most probable best alpha {mine.map_alpha:.3f} (80% interval "
+                f"[{mine.interval[0]:.3f}, {mine.interval[1]:.3f}]), expected gain over alpha=1 "
+                f"{mine.expected_gain:+.4g}; nearest realisable {near.alpha} "
+                f"(objective.alpha={near.ar_slots}/{near.total})"
+            )
     except (ValueError, ConfigError, ResultsError) as e:
         print(f"plan_alpha: error: {e}", file=sys.stderr)
         return 2

@@ -37,13 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget-tokens", type=float, help="training tokens per run (rounded down to whole steps)")
     budget.add_argument("--steps", type=int, help="optimizer steps per run")
     g.add_argument("--devices", type=int, default=1, help="data-parallel ranks per run (default 1)")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every task (repeatable), e.g. --set train.grad_accum=64")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every task (repeatable), e.g. --set train.grad_accum=64",
+    )
     g.add_argument("--decay-fraction", type=float, default=0.25, help="WSD decay share of the steps (default 0.25)")
     g.add_argument("--job-name", default="dual-sweep")
     g.add_argument("--max-parallel", type=int, default=0, help="SLURM array throttle (%%N); 0: none")
-    g.add_argument("--sbatch", action="append", default=[], metavar="LINE",
-                   help="extra #SBATCH line, e.g. --sbatch=--partition=gpu (repeatable)")
+    g.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="extra #SBATCH line, e.g. --sbatch=--partition=gpu (repeatable)",
+    )
     r = sub.add_parser("run", help="run the tasks here, one after another (finished runs are skipped)")
     r.add_argument("--sweep", required=True)
     r.add_argument("--tasks", help="comma-separated task ids (default: all)")
@@ -63,16 +74,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "generate":
-            tasks = generate_sweep(args.out, preset=args.preset, data_path=args.data, repetitions=args.repetitions,
-                                   alphas=args.alphas, budget_tokens=None if args.budget_tokens is None
-                                   else int(args.budget_tokens), steps=args.steps, devices=args.devices,
-                                   overrides=args.overrides, decay_fraction=args.decay_fraction,
-                                   job_name=args.job_name, max_parallel=args.max_parallel, slurm_extra=args.sbatch)
+            tasks = generate_sweep(
+                args.out,
+                preset=args.preset,
+                data_path=args.data,
+                repetitions=args.repetitions,
+                alphas=args.alphas,
+                budget_tokens=None if args.budget_tokens is None else int(args.budget_tokens),
+                steps=args.steps,
+                devices=args.devices,
+                overrides=args.overrides,
+                decay_fraction=args.decay_fraction,
+                job_name=args.job_name,
+                max_parallel=args.max_parallel,
+                slurm_extra=args.sbatch,
+            )
             for t in tasks:
-                print(f"task {t.task:3d}: R = {t.repetitions:>6g}  alpha = {t.alpha:>7}  steps {t.steps}  "
-                      f"unique tokens {t.unique_tokens:,} ({t.realised_by})  {t.config}")
-            print(f"{len(tasks)} tasks; SLURM: sbatch {os.path.join(args.out, 'sweep.sbatch')}; "
-                  f"here: python tools/sweep.py run --sweep {args.out}")
+                print(
+                    f"task {t.task:3d}: R = {t.repetitions:>6g}  alpha = {t.alpha:>7}  steps {t.steps}  "
+                    f"unique tokens {t.unique_tokens:,} ({t.realised_by})  {t.config}"
+                )
+            print(
+                f"{len(tasks)} tasks; SLURM: sbatch {os.path.join(args.out, 'sweep.sbatch')}; "
+                f"here: python tools/sweep.py run --sweep {args.out}"
+            )
         elif args.cmd == "run":
             ids = [int(x) for x in args.tasks.split(",")] if args.tasks else None
             records = run_local(args.sweep, ids, threads=args.threads, nice=args.nice, dry_run=args.dry_run)
@@ -81,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             if any(rec["status"] == "failed" for rec in records):
                 return 1
         else:
-            rows, missing = collect_results(args.sweep, args.out, metric=args.metric,
-                                            lower_is_better=not args.higher_is_better, strict=args.strict)
+            rows, missing = collect_results(
+                args.sweep, args.out, metric=args.metric, lower_is_better=not args.higher_is_better, strict=args.strict
+            )
             for m in missing:
                 print(f"missing: {m}", file=sys.stderr)
             print(f"{len(rows)} rows -> {args.out}")

@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary size, specials included")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: 2)")
-    p.add_argument("--txt-mode", choices=TXT_MODES, default="blank-line",
-                   help=".txt inputs: one text per blank-line block (default) or per file")
+    p.add_argument(
+        "--txt-mode",
+        choices=TXT_MODES,
+        default="blank-line",
+        help=".txt inputs: one text per blank-line block (default) or per file",
+    )
     p.add_argument("--max-documents", type=int, default=0, help="stop after this many texts (0: all)")
     p.add_argument("--max-bytes", type=int, default=0, help="stop after this many characters of text (0: all)")
     p.add_argument("--output", required=True, help="output directory (writes <DIR>/tokenizer.json)")
@@ -59,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"train_tokenizer: error: {e}", file=sys.stderr)
         return 2
-    print(f"trained on {seen['documents']:,} texts ({seen['chars']:,} characters); skipped "
-          f"{sum(skipped.values()):,}" + (f" ({dict(skipped)})" if skipped else ""))
+    print(
+        f"trained on {seen['documents']:,} texts ({seen['chars']:,} characters); skipped "
+        f"{sum(skipped.values()):,}" + (f" ({dict(skipped)})" if skipped else "")
+    )
     print(f"wrote {path}: {tok.vocab_size:,} tokens ({tok.n_special} special at ids 0..{tok.n_special - 1})")
     return 0
 

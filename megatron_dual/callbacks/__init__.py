@@ -16,16 +16,34 @@ from megatron_dual.callbacks.monitoring import (
 )
 from megatron_dual.callbacks.preemption import StopOnSignal
 
-__all__ = ["Callback", "load_callback", "default_callbacks", "Checkpointer", "Validation", "validation_losses",
-           "LossPlot", "MetricsFile", "ProgressDisplay", "SpeedMonitor", "SummaryFile", "TensorBoardLogger",
-           "WandbLogger", "StopOnSignal"]
+__all__ = [
+    "Callback",
+    "load_callback",
+    "default_callbacks",
+    "Checkpointer",
+    "Validation",
+    "validation_losses",
+    "LossPlot",
+    "MetricsFile",
+    "ProgressDisplay",
+    "SpeedMonitor",
+    "SummaryFile",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "StopOnSignal",
+]
 
 
 def default_callbacks(cfg, is_main: bool, quiet: bool = False) -> list[Callback]:
     """The callbacks ``cfg`` asks for: signals, speed, validation, checkpoints and progress on every rank (they take
     part in collectives or stay silent off rank 0), files and sinks on rank 0 only, then ``train.callbacks``."""
-    out: list[Callback] = [StopOnSignal(), SpeedMonitor(), Validation(), Checkpointer(),
-                           ProgressDisplay(disable=quiet or not is_main)]
+    out: list[Callback] = [
+        StopOnSignal(),
+        SpeedMonitor(),
+        Validation(),
+        Checkpointer(),
+        ProgressDisplay(disable=quiet or not is_main),
+    ]
     if is_main:
         out += [MetricsFile(), SummaryFile()]
         if cfg.logging.wandb_project:

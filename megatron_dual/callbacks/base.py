@@ -88,6 +88,7 @@ def load_callback(spec: str, field: str = "train.callbacks") -> Callback:
         raise ConfigError(f"{field}: module {module_name!r} has no {attr!r} (from {spec!r})") from e
     callback = obj() if isinstance(obj, type) else obj
     if not isinstance(callback, Callback):
-        raise ConfigError(f"{field}: {spec!r} is not a megatron_dual.callbacks.Callback "
-                          f"(got {type(callback).__name__})")
+        raise ConfigError(
+            f"{field}: {spec!r} is not a megatron_dual.callbacks.Callback (got {type(callback).__name__})"
+        )
     return callback

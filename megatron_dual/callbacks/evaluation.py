@@ -31,8 +31,15 @@ def validation_losses(trainer: Any) -> dict[str, float]:
     tr.model.eval()
     batcher = ObjectiveBatcher(cfg.objective, cfg.train.seed + VALID_SEED_OFFSET)
     sums = torch.zeros(2 * len(OBJECTIVES), dtype=torch.float64, device=tr.device)  # nll, tokens per objective
-    for b in validation_batches(tr.data.valid, cfg.train.micro_batch_size, cfg.train.eval_batches, batcher,
-                                tr.par.dp_rank, tr.par.dp_size, tr.schedule.objectives):
+    for b in validation_batches(
+        tr.data.valid,
+        cfg.train.micro_batch_size,
+        cfg.train.eval_batches,
+        batcher,
+        tr.par.dp_rank,
+        tr.par.dp_size,
+        tr.schedule.objectives,
+    ):
         k = OBJECTIVES.index(b.objective)
         with tr.engine.autocast():
             out = tr.forward_loss(b.to(tr.device))
@@ -41,10 +48,18 @@ def validation_losses(trainer: Any) -> dict[str, float]:
     tr.par.all_reduce_dp(sums)
     tr.model.train()
     values = sums.tolist()
-    result = {f"val_{obj}_loss": values[2 * k] / values[2 * k + 1]
-              for k, obj in enumerate(OBJECTIVES) if values[2 * k + 1] > 0}
-    result.update({f"val_{obj}_ppl": math.exp(min(50.0, result[f"val_{obj}_loss"]))
-                   for obj in OBJECTIVES if f"val_{obj}_loss" in result})
+    result = {
+        f"val_{obj}_loss": values[2 * k] / values[2 * k + 1]
+        for k, obj in enumerate(OBJECTIVES)
+        if values[2 * k + 1] > 0
+    }
+    result.update(
+        {
+            f"val_{obj}_ppl": math.exp(min(50.0, result[f"val_{obj}_loss"]))
+            for obj in OBJECTIVES
+            if f"val_{obj}_loss" in result
+        }
+    )
     return result
 
 

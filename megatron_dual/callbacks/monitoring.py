@@ -13,8 +13,16 @@ from megatron_dual.logging import JSONLSink, Progress, TensorBoardSink, WandbSin
 from megatron_dual.model.flops import matmul_ceiling, mfu, peak_flops
 from megatron_dual.model.transformer import param_counts
 
-__all__ = ["SpeedMonitor", "ProgressDisplay", "MetricsFile", "WandbLogger",
-           "TensorBoardLogger", "SummaryFile", "LossPlot"]
+__all__ = [
+    "SpeedMonitor",
+    "ProgressDisplay",
+    "MetricsFile",
+    "WandbLogger",
+    "TensorBoardLogger",
+    "SummaryFile",
+    "LossPlot",
+]
+
 
 class SpeedMonitor(Callback):
     """``tokens_per_s`` and ``step_time`` (data loading included) of every step; on a GPU of known peak also ``mfu``:
@@ -108,14 +116,16 @@ class ProgressDisplay(Callback):
 
     def pre_train(self) -> None:
         tr = self.trainer
-        self.progress = Progress(tr.cfg.train.steps, start_step=tr.step, print_every=tr.cfg.logging.log_interval,
-                                 disable=self.disable)
+        self.progress = Progress(
+            tr.cfg.train.steps, start_step=tr.step, print_every=tr.cfg.logging.log_interval, disable=self.disable
+        )
         counts = param_counts(tr.model)
         self.progress.write(
             f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
             f"{tr.device.type}, {tr.engine.precision}; {tr.par.describe()}; "
             f"{len(tr.data.train):,} training sequences of {tr.cfg.data.seq_len} tokens"
-            + (f"; resumed from {tr.resumed_from} at step {tr.step}" if tr.resumed_from else ""))
+            + (f"; resumed from {tr.resumed_from} at step {tr.step}" if tr.resumed_from else "")
+        )
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         val = {k: v for k, v in metrics.items() if k.startswith("val_") and k.endswith("loss")}

@@ -32,8 +32,16 @@ from megatron_dual.data.sampler import ResumableSampler
 from megatron_dual.data.tokenizer import load_tokenizer
 from megatron_dual.objectives import OBJECTIVES, TWO_OBJECTIVES, ObjectiveBatch, ObjectiveBatcher, ObjectiveSchedule
 
-__all__ = ["SampleSource", "DataBundle", "build_data", "collate", "StepBatches", "TrainDataLoader",
-           "validation_batches", "token_id_range"]
+__all__ = [
+    "SampleSource",
+    "DataBundle",
+    "build_data",
+    "collate",
+    "StepBatches",
+    "TrainDataLoader",
+    "validation_batches",
+    "token_id_range",
+]
 
 
 class SampleSource(Protocol):
@@ -59,9 +67,11 @@ def _run_tokens(cfg: Config, dp_size: int, extending: bool = False) -> int:
     step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * dp_size * cfg.data.seq_len
     run_tokens = cfg.train.steps * step_tokens
     if cfg.data.budget_tokens and cfg.data.budget_tokens < run_tokens and not extending:
-        raise ConfigError(f"data.budget_tokens = {cfg.data.budget_tokens} is less than the {run_tokens:,} tokens "
-                          f"training consumes (train.steps {cfg.train.steps} x {step_tokens:,} tokens per step): "
-                          f"raise it or set it to 0")
+        raise ConfigError(
+            f"data.budget_tokens = {cfg.data.budget_tokens} is less than the {run_tokens:,} tokens "
+            f"training consumes (train.steps {cfg.train.steps} x {step_tokens:,} tokens per step): "
+            f"raise it or set it to 0"
+        )
     return cfg.data.budget_tokens or run_tokens
 
 
@@ -111,9 +121,11 @@ def _check_vocab(cfg: Config, prefixes: list[str], cache_dir: str | None = None)
         lo, hi = token_id_range(prefix, cache_dir)
         if hi >= cfg.model.vocab_size or lo < 0:
             bad = hi if hi >= cfg.model.vocab_size else lo
-            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} but {prefix} holds token id {bad}: "
-                              f"set model.vocab_size to the tokenizer's vocabulary size (at least {hi + 1}) or "
-                              f"re-tokenise the data with the model's tokenizer")
+            raise ConfigError(
+                f"model.vocab_size = {cfg.model.vocab_size} but {prefix} holds token id {bad}: "
+                f"set model.vocab_size to the tokenizer's vocabulary size (at least {hi + 1}) or "
+                f"re-tokenise the data with the model's tokenizer"
+            )
 
 
 def _check_tokenizer(cfg: Config) -> None:
@@ -126,8 +138,10 @@ def _check_tokenizer(cfg: Config) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.tokenizer = {spec!r}: {e}") from e
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"data.tokenizer = {spec!r} has {tok.vocab_size} tokens but model.vocab_size = "
-                          f"{cfg.model.vocab_size}: set model.vocab_size to at least {tok.vocab_size}")
+        raise ConfigError(
+            f"data.tokenizer = {spec!r} has {tok.vocab_size} tokens but model.vocab_size = "
+            f"{cfg.model.vocab_size}: set model.vocab_size to at least {tok.vocab_size}"
+        )
 
 
 def build_data(cfg: Config, dp_size: int = 1, extending: bool = False) -> DataBundle:
@@ -137,8 +151,10 @@ def build_data(cfg: Config, dp_size: int = 1, extending: bool = False) -> DataBu
     (the data of the run being extended) rather than refused."""
     d = cfg.data
     if not d.path.strip():
-        raise ConfigError("data.path is empty: set it to the prefix of a .bin/.idx pair "
-                          "(e.g. --set data.path=data/corpus_text_document); see tools/preprocess_data.py")
+        raise ConfigError(
+            "data.path is empty: set it to the prefix of a .bin/.idx pair "
+            "(e.g. --set data.path=data/corpus_text_document); see tools/preprocess_data.py"
+        )
     budget = _run_tokens(cfg, dp_size, extending)
     try:
         entries = parse_data_path(d.path)
@@ -146,13 +162,16 @@ def build_data(cfg: Config, dp_size: int = 1, extending: bool = False) -> DataBu
         raise ConfigError(str(e)) from e
     cache_dir = d.cache_dir or f"{entries[0][1]}_cache"
     try:
-        train, valid, fingerprint, plan = build_datasets(d.path, d.seq_len, d.seed, d.valid_fraction, budget,
-                                                         d.repetitions, cache_dir=cache_dir)
+        train, valid, fingerprint, plan = build_datasets(
+            d.path, d.seq_len, d.seed, d.valid_fraction, budget, d.repetitions, cache_dir=cache_dir
+        )
     except ValueError as e:
         raise ConfigError(f"data.path = {d.path!r}: {e}") from e
     if len(train) == 0:
-        raise ConfigError(f"data.path = {d.path!r}: too few training tokens for one sample of data.seq_len + 1 = "
-                          f"{d.seq_len + 1} tokens")
+        raise ConfigError(
+            f"data.path = {d.path!r}: too few training tokens for one sample of data.seq_len + 1 = "
+            f"{d.seq_len + 1} tokens"
+        )
     _check_tokenizer(cfg)
     _check_vocab(cfg, [prefix for _, prefix in entries], cache_dir)
     return DataBundle(train, valid if valid is not None and len(valid) else None, fingerprint, plan)
@@ -184,10 +203,21 @@ class TrainDataLoader:
     """This rank's slots of each optimizer step (see module docstring). ``batches(step)`` is called once per step,
     in order; ``state_dict()`` covers exactly the steps handed out (a prefetched step is not consumed)."""
 
-    def __init__(self, dataset: SampleSource, fingerprint: str, schedule: ObjectiveSchedule,
-                 batcher: ObjectiveBatcher, *, seed: int, micro_batch_size: int, dp_rank: int = 0,
-                 device: torch.device | str = "cpu", shuffle: bool = False, prefetch: bool | None = None,
-                 cost: Callable[[ObjectiveBatch], float] | None = None) -> None:
+    def __init__(
+        self,
+        dataset: SampleSource,
+        fingerprint: str,
+        schedule: ObjectiveSchedule,
+        batcher: ObjectiveBatcher,
+        *,
+        seed: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        device: torch.device | str = "cpu",
+        shuffle: bool = False,
+        prefetch: bool | None = None,
+        cost: Callable[[ObjectiveBatch], float] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.schedule = schedule
         self.batcher = batcher
@@ -262,9 +292,15 @@ class TrainDataLoader:
             self._pool = None
 
 
-def validation_batches(dataset: SampleSource, micro_batch_size: int, max_batches: int, batcher: ObjectiveBatcher,
-                       dp_rank: int = 0, dp_size: int = 1, objectives: tuple[str, ...] = TWO_OBJECTIVES
-                       ) -> Iterator[ObjectiveBatch]:
+def validation_batches(
+    dataset: SampleSource,
+    micro_batch_size: int,
+    max_batches: int,
+    batcher: ObjectiveBatcher,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    objectives: tuple[str, ...] = TWO_OBJECTIVES,
+) -> Iterator[ObjectiveBatch]:
     """Fixed held-out batches of each of ``objectives``: the first ``max_batches`` micro-batches of ``dataset``
     dealt round-robin to the data-parallel ranks, MD masks seeded by the batch's first sample (same on every run)."""
     n = min(len(dataset), max_batches * micro_batch_size)

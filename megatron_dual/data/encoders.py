@@ -31,8 +31,15 @@ import tokenizers
 
 from megatron_dual.data.tokenizer import _SPLIT_PATTERN, LTG_TOKENIZER_PATH, _ltg_pipeline
 
-__all__ = ["TextEncoder", "HFEncoder", "LtgFastEncoder", "SentencePieceEncoder", "load_encoder", "resolve_spec",
-           "SPECIAL_TOKEN_MODES"]
+__all__ = [
+    "TextEncoder",
+    "HFEncoder",
+    "LtgFastEncoder",
+    "SentencePieceEncoder",
+    "load_encoder",
+    "resolve_spec",
+    "SPECIAL_TOKEN_MODES",
+]
 
 SPECIAL_TOKEN_MODES = ("text", "special")  # how special-token strings inside a text are encoded (module docstring)
 
@@ -245,8 +252,10 @@ class SentencePieceEncoder(TextEncoder):
         import sentencepiece as spm
 
         if special_tokens != "text":
-            raise ValueError(f"{path}: special_tokens = {special_tokens!r} is supported for HF tokenizer.json "
-                             f"tokenizers only (sentencepiece encodes control-token strings as text)")
+            raise ValueError(
+                f"{path}: special_tokens = {special_tokens!r} is supported for HF tokenizer.json "
+                f"tokenizers only (sentencepiece encodes control-token strings as text)"
+            )
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as e:

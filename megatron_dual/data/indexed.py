@@ -419,8 +419,10 @@ def _check_same_dtype(dss: Sequence[IndexedDataset]) -> np.dtype:
     dtype = np.dtype(dss[0].dtype)
     for ds in dss[1:]:
         if np.dtype(ds.dtype) != dtype:
-            raise ValueError(f"{ds.prefix}: dtype {np.dtype(ds.dtype).name} differs from {dss[0].prefix}'s "
-                             f"{dtype.name}; re-tokenize with the same tokenizer")
+            raise ValueError(
+                f"{ds.prefix}: dtype {np.dtype(ds.dtype).name} differs from {dss[0].prefix}'s "
+                f"{dtype.name}; re-tokenize with the same tokenizer"
+            )
     return dtype
 
 

@@ -72,8 +72,7 @@ def _is_number(s: str) -> bool:
 def _weighted_pairs(spec: str, parts: list[str]) -> list[tuple[float | None, str]]:
     """``["0.7", "a", "0.3", "b"]`` -> ``[(0.7, "a"), (0.3, "b")]``, every weight a positive finite number."""
     if len(parts) % 2:
-        raise DataPathError(f"data.path = {spec!r}: weighted form needs pairs 'weight prefix', got {len(parts)} "
-                            f"items")
+        raise DataPathError(f"data.path = {spec!r}: weighted form needs pairs 'weight prefix', got {len(parts)} items")
     pairs: list[tuple[float | None, str]] = []
     for w, p in zip(parts[::2], parts[1::2], strict=True):
         if not _is_number(w):
@@ -88,8 +87,10 @@ def _weighted_pairs(spec: str, parts: list[str]) -> list[tuple[float | None, str
 def _unweighted_pairs(spec: str, parts: list[str]) -> list[tuple[float | None, str]]:
     bad = [p for p in parts if _is_number(p)]
     if bad:
-        raise DataPathError(f"data.path = {spec!r}: mixes weights and prefixes ({bad[0]!r}); give a weight before "
-                            f"every prefix or none at all")
+        raise DataPathError(
+            f"data.path = {spec!r}: mixes weights and prefixes ({bad[0]!r}); give a weight before "
+            f"every prefix or none at all"
+        )
     return [(None, p) for p in parts]
 
 
@@ -130,8 +131,10 @@ def parse_repetitions(spec: str, field_name: str = "data.repetitions") -> dict[s
     for item in spec.replace(",", " ").split():
         name, sep, value = item.partition("=")
         if not sep or not name or not value.strip().isdigit():
-            raise DataPathError(f"{field_name} = {spec!r}: {item!r} is not name=R with a whole R >= 0 (e.g. "
-                                f"\"web=4 books=16\", or \"*=8\" for every dataset not named)")
+            raise DataPathError(
+                f"{field_name} = {spec!r}: {item!r} is not name=R with a whole R >= 0 (e.g. "
+                f'"web=4 books=16", or "*=8" for every dataset not named)'
+            )
         if name in out:
             raise DataPathError(f"{field_name} = {spec!r}: {name} is given twice")
         out[name] = int(value)
@@ -162,7 +165,7 @@ def resolve_repetitions(spec: int | str, prefixes: list[str], field_name: str = 
         out[hits[0]] = r
     missing = [p for p, r in zip(prefixes, out, strict=True) if r is None]
     if missing:
-        raise DataPathError(f"{field_name} = {spec!r}: no R for {missing[0]}; name it or add \"*=R\"")
+        raise DataPathError(f'{field_name} = {spec!r}: no R for {missing[0]}; name it or add "*=R"')
     return [int(r) for r in out]  # type: ignore[arg-type]
 
 
@@ -173,8 +176,9 @@ def choose_subset(train_docs: np.ndarray, lengths: np.ndarray, unique_tokens: in
     cum = np.cumsum(lengths[train_docs[perm]], dtype=np.int64)
     total = int(cum[-1]) if cum.size else 0
     if total < unique_tokens:
-        raise ValueError(f"the unique subset needs {unique_tokens:,} tokens but the training documents hold only "
-                         f"{total:,}")
+        raise ValueError(
+            f"the unique subset needs {unique_tokens:,} tokens but the training documents hold only {total:,}"
+        )
     k = int(np.searchsorted(cum, unique_tokens, side="left")) + 1
     return np.sort(train_docs[perm[:k]]).astype(np.int64)
 
@@ -225,8 +229,16 @@ class RepeatedPackedDataset:
     """R passes over ``documents`` of ``dataset`` (see the module docstring), cut into samples of ``seq_len + 1``
     tokens; ``ds[p]`` is the sample at position p of the (per-pass shuffled) order: ``{"tokens", "doc_ids"}``."""
 
-    def __init__(self, dataset: IndexedDataset, documents: np.ndarray, seq_len: int, passes: int, seed: int,
-                 cache_dir: str | None = None, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: IndexedDataset,
+        documents: np.ndarray,
+        seq_len: int,
+        passes: int,
+        seed: int,
+        cache_dir: str | None = None,
+        shuffle: bool = True,
+    ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len = {seq_len}: must be >= 1")
         if passes < 1:
@@ -336,8 +348,10 @@ class RepeatedPackedDataset:
         return {"tokens": tokens.astype(np.int64), "doc_ids": np.cumsum(is_start, dtype=np.int64)}
 
     def __repr__(self) -> str:
-        return (f"RepeatedPackedDataset({self.dataset.prefix!r}, documents={self.documents.size}, "
-                f"unique_tokens={self.unique_tokens}, passes={self.passes}, samples={self.num_samples})")
+        return (
+            f"RepeatedPackedDataset({self.dataset.prefix!r}, documents={self.documents.size}, "
+            f"unique_tokens={self.unique_tokens}, passes={self.passes}, samples={self.num_samples})"
+        )
 
 
 class BlendedDataset:
@@ -346,8 +360,9 @@ class BlendedDataset:
     Dataset d's k-th sample sits at time ``(k + 0.5) / w_d``; the order sorts the times (ties by dataset), so every
     prefix of n samples holds ``w_d * n`` of dataset d to within one. ``source(p)`` -> (dataset, its index)."""
 
-    def __init__(self, datasets: list, weights: list[float], size: int, cache_dir: str | None = None,
-                 name: str = "blend") -> None:
+    def __init__(
+        self, datasets: list, weights: list[float], size: int, cache_dir: str | None = None, name: str = "blend"
+    ) -> None:
         if len(datasets) != len(weights) or not datasets:
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
         w = np.asarray(weights, dtype=np.float64)
@@ -362,8 +377,9 @@ class BlendedDataset:
         counts = self.counts()
         for d, (ds, c) in enumerate(zip(datasets, counts, strict=True)):
             if c > len(ds):
-                raise ValueError(f"dataset {d} ({getattr(ds, 'dataset', ds)!r}) has {len(ds)} samples but the blend "
-                                 f"needs {c}")
+                raise ValueError(
+                    f"dataset {d} ({getattr(ds, 'dataset', ds)!r}) has {len(ds)} samples but the blend needs {c}"
+                )
 
     def _index(self) -> tuple[np.ndarray, np.ndarray]:
         def build() -> tuple[np.ndarray, np.ndarray]:
@@ -419,8 +435,9 @@ class DataPlan:
 
     def describe(self) -> str:
         rows = []
-        for p, w, u, r, n in zip(self.prefixes, self.weights, self.unique_tokens, self.passes, self.subset_documents,
-                                 strict=True):
+        for p, w, u, r, n in zip(
+            self.prefixes, self.weights, self.unique_tokens, self.passes, self.subset_documents, strict=True
+        ):
             rows.append(f"{p} (weight {w:.3f}): {n:,} documents, {u:,} unique tokens x {r} passes")
         return f"budget {self.budget_tokens:,} tokens, R = {self.repetitions or 'auto'}; " + "; ".join(rows)
 
@@ -455,8 +472,17 @@ def _blend_weights(path: str, raw: list[float | None], train_tokens: list[int]) 
     return [w / total_w for w in weights]
 
 
-def _subset_and_passes(prefix: str, ds: IndexedDataset, tr: np.ndarray, w: float, need_tokens: int, seq_len: int,
-                       seed: int, budget_tokens: int, repetitions: int) -> tuple[np.ndarray, int]:
+def _subset_and_passes(
+    prefix: str,
+    ds: IndexedDataset,
+    tr: np.ndarray,
+    w: float,
+    need_tokens: int,
+    seq_len: int,
+    seed: int,
+    budget_tokens: int,
+    repetitions: int,
+) -> tuple[np.ndarray, int]:
     """The documents this dataset trains on and how many passes over them cover its ``need_tokens``: a unique
     subset of need/R tokens for R passes, or (R = 0) every training document, as many passes as needed."""
     if repetitions > 0:
@@ -495,10 +521,15 @@ def _blend_valid(valids: list[tuple[PackedDataset, float]]) -> BlendedDataset | 
     return valid
 
 
-def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, budget_tokens: int,
-                   repetitions: int | str, cache_dir: str | None = None
-                   ) -> tuple[BlendedDataset | RepeatedPackedDataset, BlendedDataset | PackedDataset | None, str,
-                              DataPlan]:
+def build_datasets(
+    path: str,
+    seq_len: int,
+    seed: int,
+    valid_fraction: float,
+    budget_tokens: int,
+    repetitions: int | str,
+    cache_dir: str | None = None,
+) -> tuple[BlendedDataset | RepeatedPackedDataset, BlendedDataset | PackedDataset | None, str, DataPlan]:
     """Train dataset, validation dataset (or None), fingerprint and plan for ``data.path`` (see module docstring).
 
     ``budget_tokens`` (> 0): the tokens training will consume; ``repetitions`` R >= 1 picks a unique subset of
@@ -514,8 +545,9 @@ def build_datasets(path: str, seq_len: int, seed: int, valid_fraction: float, bu
         raise ValueError(f"repetitions = {repetitions}: must be >= 0")
     datasets = [IndexedDataset(p) for _, p in entries]
     splits = [split_documents(len(ds), valid_fraction, seed) for ds in datasets]
-    train_tokens = [int(ds.sequence_lengths[tr].sum(dtype=np.int64)) for ds, (tr, _) in zip(datasets, splits,
-                                                                                          strict=True)]
+    train_tokens = [
+        int(ds.sequence_lengths[tr].sum(dtype=np.int64)) for ds, (tr, _) in zip(datasets, splits, strict=True)
+    ]
     weights = _blend_weights(path, [w for w, _ in entries], train_tokens)
 
     L = seq_len

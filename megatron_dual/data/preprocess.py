@@ -156,17 +156,22 @@ class _Source:
                 return
             if self.compression == "gz":
                 # wbits=47: gzip header; members concatenated one after another are read in turn
-                yield from self._decompress(f, lambda: zlib.decompressobj(wbits=47), zlib.error, "gz",
-                                            "compressed data ended before the end-of-stream marker")
+                yield from self._decompress(
+                    f,
+                    lambda: zlib.decompressobj(wbits=47),
+                    zlib.error,
+                    "gz",
+                    "compressed data ended before the end-of-stream marker",
+                )
             else:
                 import zstandard
 
                 dctx = zstandard.ZstdDecompressor()
-                yield from self._decompress(f, dctx.decompressobj, zstandard.ZstdError, "zst",
-                                            "compressed data ended inside a frame")
+                yield from self._decompress(
+                    f, dctx.decompressobj, zstandard.ZstdError, "zst", "compressed data ended inside a frame"
+                )
 
-    def _decompress(self, f, new_decompressor, error: type[Exception], name: str, truncated: str
-                    ) -> Iterator[bytes]:
+    def _decompress(self, f, new_decompressor, error: type[Exception], name: str, truncated: str) -> Iterator[bytes]:
         """Streamed decompression of concatenated frames/members with a fresh decompressor per frame."""
         d = new_decompressor()
         started = False
@@ -331,19 +336,30 @@ class _Reader:
 
 
 # ------------------------------------------------------------------------------------------------------ workers
-def _init_worker(tokenizer_spec: str, json_keys: list[str], add_bos: bool, append_eod: bool,
-                 single_thread: bool, fast: bool = True, special_tokens: str = "text") -> None:
+def _init_worker(
+    tokenizer_spec: str,
+    json_keys: list[str],
+    add_bos: bool,
+    append_eod: bool,
+    single_thread: bool,
+    fast: bool = True,
+    special_tokens: str = "text",
+) -> None:
     if single_thread:
         # one process per core already; the Rust thread pool inside each would oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    _set_worker(load_encoder(tokenizer_spec, fast=fast, special_tokens=special_tokens), json_keys, add_bos,
-                append_eod)
+    _set_worker(load_encoder(tokenizer_spec, fast=fast, special_tokens=special_tokens), json_keys, add_bos, append_eod)
 
 
 def _set_worker(enc: TextEncoder, json_keys: list[str], add_bos: bool, append_eod: bool) -> None:
-    _worker.update(enc=enc, keys=list(json_keys), bos=enc.bos_id if add_bos else None,
-                   eod=enc.eos_id if append_eod else None, dtype=best_dtype(enc.vocab_size))
+    _worker.update(
+        enc=enc,
+        keys=list(json_keys),
+        bos=enc.bos_id if add_bos else None,
+        eod=enc.eos_id if append_eod else None,
+        dtype=best_dtype(enc.vocab_size),
+    )
 
 
 def _decode(kind: str, payload: bytes, line: int, keys: list[str]) -> tuple[dict[str, Any] | None, str | None, int]:
@@ -494,8 +510,10 @@ class _Progress:
         rate = bytes_read / dt
         pct = 100.0 * bytes_read / self.total if self.total else 100.0
         eta = (self.total - bytes_read) / rate if rate > 0 else float("nan")
-        msg = (f"processed {docs:,} documents, {tokens:,} tokens ({docs / dt:,.0f} docs/s, {tokens / dt:,.0f} tok/s, "
-               f"{rate / 1e6:.2f} MB/s) {pct:5.1f}% ETA {_fmt_eta(eta)}")
+        msg = (
+            f"processed {docs:,} documents, {tokens:,} tokens ({docs / dt:,.0f} docs/s, {tokens / dt:,.0f} tok/s, "
+            f"{rate / 1e6:.2f} MB/s) {pct:5.1f}% ETA {_fmt_eta(eta)}"
+        )
         self.stream.write(("\r" + msg) if self.tty else msg + "\n")
         self.stream.flush()
         self.printed = True
@@ -529,18 +547,23 @@ def _check_txt_keys(files: list[str], keys: list[str]) -> None:
             )
 
 
-def _load_checked_encoder(tokenizer: str, fast: bool, add_bos: bool, append_eod: bool,
-                          special_tokens: str = "text") -> TextEncoder:
+def _load_checked_encoder(
+    tokenizer: str, fast: bool, add_bos: bool, append_eod: bool, special_tokens: str = "text"
+) -> TextEncoder:
     """The encoder, refused when it lacks the BOS / EOS token that was asked for."""
     if special_tokens not in SPECIAL_TOKEN_MODES:
         raise ValueError(f"special_tokens = {special_tokens!r}: must be one of {', '.join(SPECIAL_TOKEN_MODES)}")
     enc = load_encoder(tokenizer, fast=fast, special_tokens=special_tokens)
     if add_bos and enc.bos_id is None:
-        raise ValueError(f"tokenizer {tokenizer}: has no BOS token (looked for <s>, <|begin_of_text|>, ...): "
-                         f"pass add_bos=False (--no-bos)")
+        raise ValueError(
+            f"tokenizer {tokenizer}: has no BOS token (looked for <s>, <|begin_of_text|>, ...): "
+            f"pass add_bos=False (--no-bos)"
+        )
     if append_eod and enc.eos_id is None:
-        raise ValueError(f"tokenizer {tokenizer}: has no EOS token (looked for </s>, <|endoftext|>, ...): "
-                         f"drop append_eod (--append-eod)")
+        raise ValueError(
+            f"tokenizer {tokenizer}: has no EOS token (looked for </s>, <|endoftext|>, ...): "
+            f"drop append_eod (--append-eod)"
+        )
     return enc
 
 
@@ -592,8 +615,15 @@ class _Collector:
         self.progress.update(self.totals["documents"], self.totals["tokens"], self.reader.bytes_read)
 
 
-def _encode_in_process(reader: _Reader, collector: _Collector, writers: dict[str, list[IndexedDatasetWriter]],
-                       enc: TextEncoder, keys: list[str], add_bos: bool, append_eod: bool) -> None:
+def _encode_in_process(
+    reader: _Reader,
+    collector: _Collector,
+    writers: dict[str, list[IndexedDatasetWriter]],
+    enc: TextEncoder,
+    keys: list[str],
+    add_bos: bool,
+    append_eod: bool,
+) -> None:
     _set_worker(enc, keys, add_bos, append_eod)
     try:
         for batch in reader.batches():
@@ -602,14 +632,32 @@ def _encode_in_process(reader: _Reader, collector: _Collector, writers: dict[str
         _worker.clear()
 
 
-def _encode_in_pool(reader: _Reader, collector: _Collector, writers: dict[str, list[IndexedDatasetWriter]],
-                    enc: TextEncoder, keys: list[str], add_bos: bool, append_eod: bool, workers: int) -> None:
+def _encode_in_pool(
+    reader: _Reader,
+    collector: _Collector,
+    writers: dict[str, list[IndexedDatasetWriter]],
+    enc: TextEncoder,
+    keys: list[str],
+    add_bos: bool,
+    append_eod: bool,
+    workers: int,
+) -> None:
     """Batches encoded by a spawned pool of ``workers``, at most ``2 * workers`` in flight, handled in input order."""
     throttle = _Throttle(2 * workers)
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker,
-                    initargs=(enc.spec, keys, add_bos, append_eod, True, enc.kind == "hf-ltg-fast",
-                              getattr(enc, "special_tokens", "text")))
+    pool = ctx.Pool(
+        workers,
+        initializer=_init_worker,
+        initargs=(
+            enc.spec,
+            keys,
+            add_bos,
+            append_eod,
+            True,
+            enc.kind == "hf-ltg-fast",
+            getattr(enc, "special_tokens", "text"),
+        ),
+    )
     try:
         for result in pool.imap(_encode_batch, throttle.wrap(reader.batches()), chunksize=1):
             throttle.release()
@@ -636,8 +684,7 @@ def _keys_seen(files: list[str], keys: list[str], txt_mode: str) -> list[str]:
     return list(seen)
 
 
-def _check_documents(collector: _Collector, keys: list[str], files: list[str], reader: _Reader,
-                     txt_mode: str) -> None:
+def _check_documents(collector: _Collector, keys: list[str], files: list[str], reader: _Reader, txt_mode: str) -> None:
     """ValueError (one line) when a key produced no document: an empty input or a key no record has."""
     empty = [k for k in keys if collector.per_key[k]["documents"] == 0]
     if not empty:
@@ -655,8 +702,9 @@ def _check_documents(collector: _Collector, keys: list[str], files: list[str], r
     )
 
 
-def _summary(collector: _Collector, dtype: type[np.number], enc: TextEncoder, files: list[str], reader: _Reader,
-             t0: float) -> dict[str, Any]:
+def _summary(
+    collector: _Collector, dtype: type[np.number], enc: TextEncoder, files: list[str], reader: _Reader, t0: float
+) -> dict[str, Any]:
     """``preprocess``'s return value (see its docstring)."""
     return {
         "documents": collector.totals["documents"],
@@ -735,8 +783,9 @@ def preprocess(
     return _summary(collector, dtype, enc, files, reader, t0)
 
 
-def iter_documents(inputs: list[str], json_key: str = "text", txt_mode: str = "file",
-                   skipped: Counter[str] | None = None) -> Iterator[str]:
+def iter_documents(
+    inputs: list[str], json_key: str = "text", txt_mode: str = "file", skipped: Counter[str] | None = None
+) -> Iterator[str]:
     """Stream the texts of ``inputs`` (same formats, compression and bad-input rules as ``preprocess``, one key),
     e.g. for tokenizer training; bad items are skipped and counted by reason in ``skipped`` when given."""
     reader = _Reader(expand_inputs(list(inputs)), [json_key], txt_mode)
@@ -752,4 +801,3 @@ def iter_documents(inputs: list[str], json_key: str = "text", txt_mode: str = "f
                     yield text
                 elif skipped is not None:
                     skipped[(reason or "unknown").split(" (", 1)[0]] += 1
-

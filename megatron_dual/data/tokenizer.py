@@ -130,21 +130,27 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
 
 def _ltg_pipeline(tok: tokenizers.Tokenizer) -> None:
     """Install the ltg normalizer / pre-tokenizer / decoder / ``<s>`` post-processor on ``tok``."""
-    tok.normalizer = normalizers.Sequence([
-        normalizers.Prepend(" "),
-        normalizers.NFC(),
-        normalizers.Replace(Regex("\n"), "\n "),
-        normalizers.Replace(Regex(" *\n"), "\n"),
-    ])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    tok.decoder = decoders.Sequence([
-        decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True),
-        decoders.Strip(" ", 1, 0),
-        decoders.Replace("\n ", "\n"),
-    ])
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.Prepend(" "),
+            normalizers.NFC(),
+            normalizers.Replace(Regex("\n"), "\n "),
+            normalizers.Replace(Regex(" *\n"), "\n"),
+        ]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True),
+            decoders.Strip(" ", 1, 0),
+            decoders.Replace("\n ", "\n"),
+        ]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))]
     )

@@ -67,21 +67,40 @@ class Engine(ABC):
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         """Restore :meth:`state_dict` output; errors name ``source`` and the optimizer whose state does not fit."""
 
-    def save_checkpoint(self, root: Any, step: int, trainer_state: Mapping[str, Any], config: Mapping[str, Any],
-                        parallel: Any, keep_last: int = 0, extra: Mapping[str, Any] | None = None) -> Path:
+    def save_checkpoint(
+        self,
+        root: Any,
+        step: int,
+        trainer_state: Mapping[str, Any],
+        config: Mapping[str, Any],
+        parallel: Any,
+        keep_last: int = 0,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
         """Write checkpoint ``step`` under ``root`` (collective); the plain form of :mod:`.checkpoint` by default."""
         from megatron_dual.engine import checkpoint as ckpt
 
-        return ckpt.save_checkpoint(root, step, self.model, self.state_dict(), trainer_state, config,
-                                    parallel=parallel, keep_last=keep_last, extra=extra)
+        return ckpt.save_checkpoint(
+            root,
+            step,
+            self.model,
+            self.state_dict(),
+            trainer_state,
+            config,
+            parallel=parallel,
+            keep_last=keep_last,
+            extra=extra,
+        )
 
     def load_checkpoint(self, path: Path, parallel: Any, model_config: Mapping[str, Any] | None = None) -> None:
         """Restore the model and this engine's state from checkpoint ``path`` (the loop restores its own)."""
         from megatron_dual.engine import checkpoint as ckpt
 
         if (Path(path) / "deepspeed").is_dir():
-            raise ckpt.CheckpointError(f"{path} is a DeepSpeed checkpoint: resume it with engine.name = deepspeed, or "
-                                       f"convert it with tools/convert_checkpoint.py {path} OUT --tp N")
+            raise ckpt.CheckpointError(
+                f"{path} is a DeepSpeed checkpoint: resume it with engine.name = deepspeed, or "
+                f"convert it with tools/convert_checkpoint.py {path} OUT --tp N"
+            )
         ckpt.load_model_state(path, self.model, parallel, model_config=model_config)
         state, source = ckpt.read_engine_state(path, parallel)
         self.load_state_dict(state, str(source))

@@ -93,8 +93,13 @@ def capture_rng_state() -> dict[str, Any]:
     py_version, py_state, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -139,10 +144,15 @@ def _fsync_file(path: Path) -> None:
 def _write_error(path: Path, e: BaseException) -> CheckpointError:
     """A one-line error for a failed write of checkpoint file ``path`` (disk full, read-only, I/O error)."""
     cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
-    hint = ("free space on that filesystem (or point checkpoint.dir elsewhere)" if isinstance(e, OSError) and
-            e.errno == errno.ENOSPC else "check free space and permissions of checkpoint.dir")
-    return CheckpointError(f"cannot write checkpoint file {path}: {cause}; {hint} and rerun: earlier checkpoints are "
-                           f"intact and the run resumes from the last complete one")
+    hint = (
+        "free space on that filesystem (or point checkpoint.dir elsewhere)"
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC
+        else "check free space and permissions of checkpoint.dir"
+    )
+    return CheckpointError(
+        f"cannot write checkpoint file {path}: {cause}; {hint} and rerun: earlier checkpoints are "
+        f"intact and the run resumes from the last complete one"
+    )
 
 
 def _writing(path: Path, write: Any) -> None:
@@ -196,17 +206,27 @@ def save_checkpoint(
         tmp.mkdir()
     _collective(world, lambda: None)
     try:
-        shapes = _collective(world, lambda: _write_shard(tmp, step, model, engine_state, tp_rank, tp)
-                             if dp_rank == 0 else None, f"a tensor-parallel rank failed to write its shard of {final}")
+        shapes = _collective(
+            world,
+            lambda: _write_shard(tmp, step, model, engine_state, tp_rank, tp) if dp_rank == 0 else None,
+            f"a tensor-parallel rank failed to write its shard of {final}",
+        )
     except BaseException:
         if rank == 0:  # a failed write (a full disk) leaves nothing behind; earlier checkpoints are untouched
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rank == 0:
         try:
-            meta = {"format": FORMAT, "step": int(step), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "torch": torch.__version__, "trainer_state": dict(trainer_state), "config": dict(config),
-                    "tensors": _full_shapes(shapes, config, tp), "extra": dict(extra or {})}
+            meta = {
+                "format": FORMAT,
+                "step": int(step),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "torch": torch.__version__,
+                "trainer_state": dict(trainer_state),
+                "config": dict(config),
+                "tensors": _full_shapes(shapes, config, tp),
+                "extra": dict(extra or {}),
+            }
             rng = capture_rng_state()
             _writing(tmp / RNG, lambda p: torch.save(rng, p))
             if tp > 1:
@@ -242,8 +262,9 @@ def _collective(world: int, fn: Any, failure: str = "") -> Any:
     return out
 
 
-def _write_shard(tmp: Path, step: int, model: torch.nn.Module, engine_state: Mapping[str, Any], tp_rank: int,
-                 tp: int) -> dict[str, list[int]]:
+def _write_shard(
+    tmp: Path, step: int, model: torch.nn.Module, engine_state: Mapping[str, Any], tp_rank: int, tp: int
+) -> dict[str, list[int]]:
     from megatron_dual.parallel import resharding as rs
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -318,7 +339,7 @@ def _is_complete(path: Path) -> bool:
 
 def _step_of(path: Path) -> int:
     try:
-        return int(path.name[len(PREFIX):])
+        return int(path.name[len(PREFIX) :])
     except ValueError:
         return -1
 
@@ -363,8 +384,7 @@ def resolve_resume(resume: str, root: str | Path, what: str = "--resume") -> Pat
             latest = find_latest_checkpoint(where)
             if latest is not None:
                 return latest
-        raise CheckpointError(f"{what} {resume}: {path} holds no complete checkpoint (a step_* directory with "
-                              f"{META})")
+        raise CheckpointError(f"{what} {resume}: {path} holds no complete checkpoint (a step_* directory with {META})")
     raise CheckpointError(f"{what} {resume}: {path} does not exist")
 
 
@@ -386,13 +406,17 @@ def _config_diff(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | N
     if not saved or not current:
         return ""
     saved, current = resolve_model_dict(saved), resolve_model_dict(current)  # null head fields of older checkpoints
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    diffs = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
     return ("; config differs: " + ", ".join(diffs)) if diffs else ""
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module, strict: bool = True,
-                       model_config: Mapping[str, Any] | None = None) -> None:
+def load_model_weights(
+    path: str | Path, model: torch.nn.Module, strict: bool = True, model_config: Mapping[str, Any] | None = None
+) -> None:
     """Load ``model.safetensors`` of checkpoint ``path`` into ``model`` in place (keeping its device and dtype).
 
     CheckpointMismatchError names the first tensor whose name or shape differs, with both shapes, and the model
@@ -412,33 +436,40 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, strict: bool = 
     load_state_checked(model, state, weights, strict, _config_diff(saved_cfg, model_config))
 
 
-def load_state_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Any, strict: bool = True,
-                       hint: str = "") -> None:
+def load_state_checked(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Any, strict: bool = True, hint: str = ""
+) -> None:
     """Copy ``state`` into ``model``; CheckpointMismatchError naming ``source`` and the first tensor whose name or
     shape differs."""
     own = model.state_dict()
     for name, tensor in own.items():
         if name not in state:
             if strict:
-                raise CheckpointMismatchError(f"{source} is from another model: it has no tensor {name!r} "
-                                              f"(model shape {tuple(tensor.shape)}){hint}")
+                raise CheckpointMismatchError(
+                    f"{source} is from another model: it has no tensor {name!r} "
+                    f"(model shape {tuple(tensor.shape)}){hint}"
+                )
             continue
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise CheckpointMismatchError(
                 f"{source} is from another model: tensor {name!r} has shape {tuple(state[name].shape)} in the "
-                f"checkpoint but {tuple(tensor.shape)} in the model{hint}")
+                f"checkpoint but {tuple(tensor.shape)} in the model{hint}"
+            )
     unexpected = sorted(set(state) - set(own))
     if unexpected and strict:
-        raise CheckpointMismatchError(f"{source} is from another model: it has tensor {unexpected[0]!r} "
-                                      f"(shape {tuple(state[unexpected[0]].shape)}) that the model lacks{hint}")
+        raise CheckpointMismatchError(
+            f"{source} is from another model: it has tensor {unexpected[0]!r} "
+            f"(shape {tuple(state[unexpected[0]].shape)}) that the model lacks{hint}"
+        )
     with torch.no_grad():
         for name, tensor in own.items():
             if name in state:
                 tensor.copy_(state[name])
 
 
-def load_model_state(path: str | Path, model: torch.nn.Module, parallel: Any = None,
-                     model_config: Mapping[str, Any] | None = None) -> None:
+def load_model_state(
+    path: str | Path, model: torch.nn.Module, parallel: Any = None, model_config: Mapping[str, Any] | None = None
+) -> None:
     """Load the weights of checkpoint ``path`` into ``model`` in place. With ``parallel`` (a ParallelState) of TP size
     n the model holds TP rank r's shards; a checkpoint of another TP size (or single-file) is resharded on the fly."""
     path = Path(path)
@@ -486,8 +517,9 @@ def read_engine_state(path: str | Path, parallel: Any = None) -> tuple[dict[str,
                 return full_optim, optim_file
             names = rs.optimizer_param_names(meta["config"])
             shapes = {k: tuple(v.shape) for k, v in full.items()}
-            return rs.shard_optimizer_state(full_optim, names, shapes, tp_rank, tp, _model_cfg(meta["config"])), \
-                optim_file
+            return rs.shard_optimizer_state(
+                full_optim, names, shapes, tp_rank, tp, _model_cfg(meta["config"])
+            ), optim_file
         except rs.ReshardError as e:
             raise CheckpointError(str(e)) from e
     try:
@@ -498,8 +530,12 @@ def read_engine_state(path: str | Path, parallel: Any = None) -> tuple[dict[str,
         raise CheckpointCorruptError(f"{optim_file} is corrupt or truncated: {e}") from e
 
 
-def restore_optimizers(state: Mapping[str, Any], optimizers: Mapping[str, torch.optim.Optimizer],
-                       schedulers: Mapping[str, Any], source: Any = "checkpoint") -> None:
+def restore_optimizers(
+    state: Mapping[str, Any],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    schedulers: Mapping[str, Any],
+    source: Any = "checkpoint",
+) -> None:
     """Load ``state`` (``{"optimizers": {name: ...}, "schedulers": {name: ...}}``) into the live objects; errors name
     ``source`` and the optimizer or scheduler that is missing or does not fit."""
     for kind, live in (("optimizers", optimizers), ("schedulers", schedulers)):
@@ -542,8 +578,14 @@ def load_checkpoint(
     if optimizers or schedulers:
         state, source = read_engine_state(path, parallel)
         restore_optimizers(state, optimizers or {}, schedulers or {}, source)
-    return {"step": int(meta["step"]), "trainer_state": meta.get("trainer_state", {}), "config": meta.get("config"),
-            "rng": read_rng_state(path), "extra": meta.get("extra", {}), "path": path}
+    return {
+        "step": int(meta["step"]),
+        "trainer_state": meta.get("trainer_state", {}),
+        "config": meta.get("config"),
+        "rng": read_rng_state(path),
+        "extra": meta.get("extra", {}),
+        "path": path,
+    }
 
 
 def _model_cfg(config: Mapping[str, Any]) -> Any:
@@ -552,14 +594,12 @@ def _model_cfg(config: Mapping[str, Any]) -> Any:
     return config_from_dict(json.loads(json.dumps(dict(config)))).model
 
 
-def _check_model_config(path: Path, meta: Mapping[str, Any], model_config: Mapping[str, Any] | None,
-                        hint: str) -> None:
+def _check_model_config(path: Path, meta: Mapping[str, Any], model_config: Mapping[str, Any] | None, hint: str) -> None:
     """Before resharding: the checkpoint's model must be the configured one (resharding another shape would fail
     obscurely inside the slicing)."""
     saved = (meta.get("config") or {}).get("model")
     if model_config and saved:
         saved, model_config = resolve_model_dict(saved), resolve_model_dict(model_config)
-        for key in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
-                    "vocab_size"):
+        for key in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size"):
             if saved.get(key) != model_config.get(key):
                 raise CheckpointMismatchError(f"{path} is from another model{hint}")

@@ -71,8 +71,11 @@ class GradientBuckets:
         current: list[torch.nn.Parameter] = []
         size = 0
         for p in reversed(params):
-            if current and (size + p.numel() * p.element_size() > cap or p.dtype != current[0].dtype
-                            or p.device != current[0].device):
+            if current and (
+                size + p.numel() * p.element_size() > cap
+                or p.dtype != current[0].dtype
+                or p.device != current[0].device
+            ):
                 self.buckets.append(_Bucket(current, current[0].dtype, current[0].device))
                 current, size = [], 0
             current.append(p)
@@ -102,8 +105,10 @@ class GradientBuckets:
             return
         b = self.buckets[self._bucket_of[id(p)]]
         if p.grad is None or p.grad.data_ptr() != b.views[id(p)].data_ptr():
-            raise RuntimeError("a parameter's .grad was replaced (optimizer.zero_grad(set_to_none=True)?): use "
-                               "DDPEngine.zero_grad() so gradients stay in the all-reduce buckets")
+            raise RuntimeError(
+                "a parameter's .grad was replaced (optimizer.zero_grad(set_to_none=True)?): use "
+                "DDPEngine.zero_grad() so gradients stay in the all-reduce buckets"
+            )
         b.ready.add(id(p))
         self._launch_ready()
 
@@ -199,8 +204,10 @@ class DDPEngine(Engine):
         return self.optimizers[next(iter(self.optimizers))].param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}
+        return {
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         from megatron_dual.engine.checkpoint import restore_optimizers
@@ -246,8 +253,9 @@ def global_grad_norm(params: list[torch.nn.Parameter], state: ParallelState | No
     return total.sqrt()
 
 
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, state: ParallelState | None = None
-                    ) -> torch.Tensor:
+def clip_grad_norm_(
+    params: list[torch.nn.Parameter], max_norm: float, state: ParallelState | None = None
+) -> torch.Tensor:
     """Scale gradients so their global norm is at most ``max_norm`` (no clipping when max_norm <= 0 or inf);
     returns the norm before clipping, identical on every rank."""
     norm = global_grad_norm(params, state)

@@ -46,12 +46,14 @@ __all__ = ["DeepSpeedEngine", "DeepSpeedMPU", "deepspeed_config", "merge_deepspe
 DS_TAG = "deepspeed"  # the sub-directory of a checkpoint that holds DeepSpeed's files
 _MB = 2**20
 # fields we generate and the user's JSON may only repeat: (path, description)
-_CHECKED = (("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
-            ("gradient_accumulation_steps", "train.grad_accum"),
-            ("train_batch_size", "train.micro_batch_size x train.grad_accum x data-parallel ranks"),
-            ("gradient_clipping", "optimizer.grad_clip"),
-            ("zero_optimization.stage", "engine.zero_stage"),
-            ("bf16.enabled", "train.precision"))
+_CHECKED = (
+    ("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+    ("gradient_accumulation_steps", "train.grad_accum"),
+    ("train_batch_size", "train.micro_batch_size x train.grad_accum x data-parallel ranks"),
+    ("gradient_clipping", "optimizer.grad_clip"),
+    ("zero_optimization.stage", "engine.zero_stage"),
+    ("bf16.enabled", "train.precision"),
+)
 
 
 class DeepSpeedMPU:
@@ -108,17 +110,31 @@ def deepspeed_config(cfg: Config, dp: int, bf16: bool) -> dict[str, Any]:
     e, t = cfg.engine, cfg.train
     zero: dict[str, Any] = {"stage": e.zero_stage}
     if e.zero_stage > 0:
-        zero |= {"reduce_bucket_size": _elements(e.reduce_bucket_mb), "overlap_comm": e.overlap_comm,
-                 "contiguous_gradients": True, "round_robin_gradients": False}
+        zero |= {
+            "reduce_bucket_size": _elements(e.reduce_bucket_mb),
+            "overlap_comm": e.overlap_comm,
+            "contiguous_gradients": True,
+            "round_robin_gradients": False,
+        }
     if e.zero_stage in (1, 2):
         zero |= {"allgather_bucket_size": _elements(e.allgather_bucket_mb), "reduce_scatter": True}
     if e.zero_stage == 3:
-        zero |= {"stage3_prefetch_bucket_size": _elements(e.allgather_bucket_mb),
-                 "stage3_gather_16bit_weights_on_model_save": False}
-    return {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum,
-            "train_batch_size": t.micro_batch_size * t.grad_accum * dp, "gradient_clipping": cfg.optimizer.grad_clip,
-            "bf16": {"enabled": bf16}, "fp16": {"enabled": False}, "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+        zero |= {
+            "stage3_prefetch_bucket_size": _elements(e.allgather_bucket_mb),
+            "stage3_gather_16bit_weights_on_model_save": False,
+        }
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dp,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,17 +155,23 @@ def merge_deepspeed_config(ours: dict[str, Any], path: str, optimizer_name: str)
     mb, gas = user.get("train_micro_batch_size_per_gpu"), user.get("gradient_accumulation_steps")
     dp = ours["train_batch_size"] // (ours["train_micro_batch_size_per_gpu"] * ours["gradient_accumulation_steps"])
     if "train_batch_size" in user and mb is not None and gas is not None and user["train_batch_size"] != mb * gas * dp:
-        raise ConfigError(f"{where}: train_batch_size = {user['train_batch_size']} but train_micro_batch_size_per_gpu"
-                          f" x gradient_accumulation_steps x {dp} data-parallel ranks = {mb * gas * dp}")
+        raise ConfigError(
+            f"{where}: train_batch_size = {user['train_batch_size']} but train_micro_batch_size_per_gpu"
+            f" x gradient_accumulation_steps x {dp} data-parallel ranks = {mb * gas * dp}"
+        )
     for key, ours_name in _CHECKED:
         theirs = _get(user, key)
         if theirs is not None and theirs != _get(ours, key):
-            raise ConfigError(f"{where}: {key} = {theirs!r} contradicts {ours_name} (= {_get(ours, key)!r}); set it "
-                              f"in our config instead")
+            raise ConfigError(
+                f"{where}: {key} = {theirs!r} contradicts {ours_name} (= {_get(ours, key)!r}); set it "
+                f"in our config instead"
+            )
     for key in ("optimizer", "scheduler"):
         if key in user:
-            raise ConfigError(f"{where}: '{key}' is set, but the optimizers and schedules are ours (optimizer.*, "
-                              f"schedule.*): DeepSpeed's Muon is not our maths (update scale, fused q/k/v, clipping)")
+            raise ConfigError(
+                f"{where}: '{key}' is set, but the optimizers and schedules are ours (optimizer.*, "
+                f"schedule.*): DeepSpeed's Muon is not our maths (update scale, fused q/k/v, clipping)"
+            )
     _check_zero_options(_merge(ours, user), where, optimizer_name)
     return _merge(ours, user)
 
@@ -162,19 +184,24 @@ def _check_zero_options(merged: Mapping[str, Any], where: str, optimizer_name: s
     if offload and stage == 0:
         raise ConfigError(f"{where}: zero_optimization.offload_optimizer needs engine.zero_stage >= 1")
     if offload and optimizer_name == "muon":
-        raise ConfigError(f"{where}: zero_optimization.offload_optimizer with optimizer.name = muon: Muon cannot run "
-                          f"exactly on offloaded partitions here; use optimizer.name = adamw or drop the offload")
+        raise ConfigError(
+            f"{where}: zero_optimization.offload_optimizer with optimizer.name = muon: Muon cannot run "
+            f"exactly on offloaded partitions here; use optimizer.name = adamw or drop the offload"
+        )
     if _get(merged, "fp16.enabled"):
-        raise ConfigError(f"{where}: fp16.enabled = true is not supported (loss scaling skips steps); use "
-                          f"train.precision = bf16")
+        raise ConfigError(
+            f"{where}: fp16.enabled = true is not supported (loss scaling skips steps); use train.precision = bf16"
+        )
 
 
 def check_stage_precision(stage: int, bf16: bool, optimizer_name: str) -> None:
     """DeepSpeed's bf16 optimizer at stage 0 hands the client flat partitions that this engine has no layout for."""
     if stage == 0 and bf16 and optimizer_name == "muon":
-        raise ConfigError("engine.zero_stage = 0 with bf16 (train.precision) and optimizer.name = muon: DeepSpeed's "
-                          "bf16 optimizer partitions like ZeRO-1 without telling us where; use engine.zero_stage = 1 "
-                          "(same memory or less) or train.precision = fp32")
+        raise ConfigError(
+            "engine.zero_stage = 0 with bf16 (train.precision) and optimizer.name = muon: DeepSpeed's "
+            "bf16 optimizer partitions like ZeRO-1 without telling us where; use engine.zero_stage = 1 "
+            "(same memory or less) or train.precision = fp32"
+        )
 
 
 def _import_deepspeed(device: torch.device) -> Any:
@@ -183,8 +210,10 @@ def _import_deepspeed(device: torch.device) -> Any:
     try:
         import deepspeed
     except ImportError as e:
-        raise ConfigError(f"engine.name = 'deepspeed' is not allowed: DeepSpeed cannot be imported ({e}); "
-                          f"install it with DS_BUILD_OPS=0 pip install -e '.[deepspeed]'") from e
+        raise ConfigError(
+            f"engine.name = 'deepspeed' is not allowed: DeepSpeed cannot be imported ({e}); "
+            f"install it with DS_BUILD_OPS=0 pip install -e '.[deepspeed]'"
+        ) from e
     if device.type == "cpu" and os.environ.get("MEGATRON_DUAL_DS_SHM", "0") != "1":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use (~1.5 min on 2 cores,
         # once per machine); gloo's collectives serve us, so skip the build unless asked for.
@@ -203,8 +232,13 @@ def _ensure_process_group(device: torch.device) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("WORLD_SIZE", "1"),
-                 ("LOCAL_RANK", "0")):
+    for k, v in (
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(port)),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+    ):
         os.environ.setdefault(k, v)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
@@ -212,8 +246,10 @@ def _ensure_process_group(device: torch.device) -> None:
 def _ptr_offset(view: torch.Tensor, base: torch.Tensor) -> int:
     off = (view.data_ptr() - base.data_ptr()) // base.element_size()
     if not 0 <= off <= base.numel() - view.numel():
-        raise RuntimeError("DeepSpeed's ZeRO partitions are not laid out as this engine expects (a parameter is not "
-                           "a view of its flat group): this DeepSpeed version is unsupported")
+        raise RuntimeError(
+            "DeepSpeed's ZeRO partitions are not laid out as this engine expects (a parameter is not "
+            "a view of its flat group): this DeepSpeed version is unsupported"
+        )
     return off
 
 
@@ -246,14 +282,17 @@ def check_resumable(path: Path, saved: Mapping[str, Any], stage: int, dp: int, t
     """One-line CheckpointError, before DeepSpeed's, when a DeepSpeed checkpoint cannot resume on this layout:
     another TP size, another ZeRO stage, or another DP size where ZeRO partitions the optimizer state."""
     if saved.get("tp", 1) != tp:
-        raise ckpt.CheckpointError(f"{path}: a DeepSpeed checkpoint of parallel.tp = {saved.get('tp')} cannot resume "
-                                   f"with parallel.tp = {tp}; convert it with tools/convert_checkpoint.py --tp {tp}")
+        raise ckpt.CheckpointError(
+            f"{path}: a DeepSpeed checkpoint of parallel.tp = {saved.get('tp')} cannot resume "
+            f"with parallel.tp = {tp}; convert it with tools/convert_checkpoint.py --tp {tp}"
+        )
     if saved.get("zero_stage", 0) != stage or (stage > 0 and saved.get("dp") != dp):
         raise ckpt.CheckpointError(
             f"{path}: written with engine.zero_stage = {saved.get('zero_stage')} over {saved.get('dp')} "
             f"data-parallel ranks; this run has engine.zero_stage = {stage} over {dp}: ZeRO partitions the "
             f"optimizer state by DP rank, so convert it first (tools/convert_checkpoint.py {path} OUT --tp {tp}) "
-            f"and resume from OUT (weights only)")
+            f"and resume from OUT (weights only)"
+        )
 
 
 class DeepSpeedEngine(Engine):
@@ -269,8 +308,9 @@ class DeepSpeedEngine(Engine):
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
         for name, p in model.named_parameters():  # explicit tags: DeepSpeed's name-based Muon never decides
             p.use_muon = False
-            p.megatron_dual_group = "muon" if cfg.optimizer.name == "muon" and model.is_trunk_matrix(name, p) \
-                else "adamw"
+            p.megatron_dual_group = (
+                "muon" if cfg.optimizer.name == "muon" and model.is_trunk_matrix(name, p) else "adamw"
+            )
             if getattr(p, "tensor_parallel_dim", None) is not None:
                 p.tensor_model_parallel = True  # DeepSpeed's norm: TP shards counted on every TP rank
         self.parallel, self.stage = parallel, cfg.engine.zero_stage
@@ -282,11 +322,13 @@ class DeepSpeedEngine(Engine):
             ds_cfg = merge_deepspeed_config(ds_cfg, cfg.engine.deepspeed_config, cfg.optimizer.name)
         self.ds_config = ds_cfg
         opts = build_optimizers(model, cfg.optimizer)
-        self.optimizer = GatheredOrthogonalOptimizer(opts.get("muon"), opts["adamw"], parallel,
-                                                     gather_numel=_elements(cfg.engine.allgather_bucket_mb))
+        self.optimizer = GatheredOrthogonalOptimizer(
+            opts.get("muon"), opts["adamw"], parallel, gather_numel=_elements(cfg.engine.allgather_bucket_mb)
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
-        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg,
-                                                mpu=DeepSpeedMPU(parallel), dist_init_required=False)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=ds_cfg, mpu=DeepSpeedMPU(parallel), dist_init_required=False
+        )
         self.model = self.ds.module
         self.optimizer.layouts = zero_layouts(self.ds.optimizer, self.stage, parallel.dp_size)
         self._dp = parallel.dp_size
@@ -335,11 +377,18 @@ class DeepSpeedEngine(Engine):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def describe(self) -> dict[str, Any]:
-        return {"name": "deepspeed", "zero_stage": self.stage, "dp": self.parallel.dp_size,
-                "tp": self.parallel.tp_size}
+        return {"name": "deepspeed", "zero_stage": self.stage, "dp": self.parallel.dp_size, "tp": self.parallel.tp_size}
 
-    def save_checkpoint(self, root: Any, step: int, trainer_state: Mapping[str, Any], config: Mapping[str, Any],
-                        parallel: Any, keep_last: int = 0, extra: Mapping[str, Any] | None = None) -> Path:
+    def save_checkpoint(
+        self,
+        root: Any,
+        step: int,
+        trainer_state: Mapping[str, Any],
+        config: Mapping[str, Any],
+        parallel: Any,
+        keep_last: int = 0,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
         """DeepSpeed's checkpoint (every rank writes its partitions) into a temporary directory, then our
         ``rng.pt`` and ``meta.json`` (last) and the rename, as :func:`.checkpoint.save_checkpoint` does."""
         root = Path(root)
@@ -351,15 +400,23 @@ class DeepSpeedEngine(Engine):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
-        self.ds.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"megatron_dual": self.state_dict()},
-                                save_latest=False)
+        self.ds.save_checkpoint(
+            str(tmp), tag=DS_TAG, client_state={"megatron_dual": self.state_dict()}, save_latest=False
+        )
         dist.barrier()
         if self.parallel.rank == 0:
             try:
-                meta = {"format": ckpt.FORMAT, "step": int(step), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "torch": torch.__version__, "trainer_state": dict(trainer_state), "config": dict(config),
-                        "tensors": ckpt._full_shapes(None, config, self.parallel.tp_size),
-                        "extra": dict(extra or {}), "engine": self.describe()}
+                meta = {
+                    "format": ckpt.FORMAT,
+                    "step": int(step),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "torch": torch.__version__,
+                    "trainer_state": dict(trainer_state),
+                    "config": dict(config),
+                    "tensors": ckpt._full_shapes(None, config, self.parallel.tp_size),
+                    "extra": dict(extra or {}),
+                    "engine": self.describe(),
+                }
                 torch.save(ckpt.capture_rng_state(), tmp / ckpt.RNG)
                 ckpt._commit(tmp, final, meta, keep_last)
             except BaseException:
@@ -378,8 +435,9 @@ class DeepSpeedEngine(Engine):
             self._load_plain_weights(path, model_config)
             return
         check_resumable(path, saved, self.stage, self.parallel.dp_size, self.parallel.tp_size)
-        _, client = self.ds.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
+        _, client = self.ds.load_checkpoint(
+            str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if client is None:
             raise ckpt.CheckpointError(f"{path / DS_TAG} could not be loaded by DeepSpeed")
         self.load_state_dict(client["megatron_dual"], str(path / DS_TAG))

@@ -20,6 +20,7 @@ from megatron_dual.model.transformer import DualTransformer
 
 __all__ = ["find_checkpoint", "read_checkpoint_config", "load_model"]
 
+
 def find_checkpoint(checkpoint: str | Path) -> Path:
     """The checkpoint directory that ``checkpoint`` names (see the module docstring); FileNotFoundError otherwise."""
     path = Path(checkpoint).expanduser()

@@ -35,8 +35,10 @@ def apex_rms_norm() -> Callable | None:
     mod = _import("apex.normalization.fused_layer_norm")
     fn = getattr(mod, "fused_rms_norm_affine", None)
     if fn is None:
-        notice("model.fused_ops = apex but NVIDIA apex (with its CUDA extensions) is not installed: RMSNorm falls "
-               "back to PyTorch, the other fused ops to Triton")
+        notice(
+            "model.fused_ops = apex but NVIDIA apex (with its CUDA extensions) is not installed: RMSNorm falls "
+            "back to PyTorch, the other fused ops to Triton"
+        )
     return fn
 
 

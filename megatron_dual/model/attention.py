@@ -128,8 +128,9 @@ def _pow2_head_dim(d: int) -> bool:
     return 16 <= d <= 256 and d & (d - 1) == 0
 
 
-def _triton_unsupported(device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask, q_len: int,
-                        k_len: int, caps: Capabilities) -> str | None:
+def _triton_unsupported(
+    device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask, q_len: int, k_len: int, caps: Capabilities
+) -> str | None:
     if not caps.triton:
         return "triton is not installed"
     if device == "cpu" and not caps.interpret:
@@ -155,8 +156,9 @@ def _flash_mask_unsupported(mask: AttentionMask, q_len: int, k_len: int) -> str 
     return None
 
 
-def _flash_unsupported(device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask, q_len: int,
-                       k_len: int, caps: Capabilities) -> str | None:
+def _flash_unsupported(
+    device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask, q_len: int, k_len: int, caps: Capabilities
+) -> str | None:
     if not caps.flash:
         return "flash-attn is not installed"
     if device != "cuda":
@@ -168,8 +170,9 @@ def _flash_unsupported(device: str, dtype: torch.dtype, head_dim: int, mask: Att
     return _flash_mask_unsupported(mask, q_len, k_len)
 
 
-def _flex_unsupported(device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask, q_len: int,
-                      k_len: int, caps: Capabilities) -> str | None:
+def _flex_unsupported(
+    device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask, q_len: int, k_len: int, caps: Capabilities
+) -> str | None:
     if not caps.flex:
         return "this torch has no FlexAttention"
     if device not in ("cuda", "cpu"):
@@ -184,8 +187,17 @@ def _flex_unsupported(device: str, dtype: torch.dtype, head_dim: int, mask: Atte
 _UNSUPPORTED = {"triton": _triton_unsupported, "flash": _flash_unsupported, "flex": _flex_unsupported}
 
 
-def unsupported(backend: str, *, device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask,
-                q_len: int, k_len: int, caps: Capabilities) -> str | None:
+def unsupported(
+    backend: str,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    mask: AttentionMask,
+    q_len: int,
+    k_len: int,
+    caps: Capabilities,
+) -> str | None:
     """Why ``backend`` cannot run this call, or None when it can (decided from shapes and flags, no data)."""
     if backend == "sdpa":
         return None
@@ -194,8 +206,17 @@ def unsupported(backend: str, *, device: str, dtype: torch.dtype, head_dim: int,
     return _UNSUPPORTED[backend](device, dtype, head_dim, mask, q_len, k_len, caps)
 
 
-def select_backend(requested: str, *, device: str, dtype: torch.dtype, head_dim: int, mask: AttentionMask,
-                   q_len: int, k_len: int, caps: Capabilities | None = None) -> tuple[str, str]:
+def select_backend(
+    requested: str,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    mask: AttentionMask,
+    q_len: int,
+    k_len: int,
+    caps: Capabilities | None = None,
+) -> tuple[str, str]:
     """Resolve ``requested`` to a backend that can run the call; returns (backend, one-line explanation).
 
     ``auto``: flash-attn, else Triton, on GPU; SDPA on CPU. An explicit backend that cannot run the call falls back
@@ -244,8 +265,9 @@ def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMa
     if mask.doc_ids is not None:
         docs = mask.doc_ids
         spans = mask.derived(("spans", q.device), lambda: document_spans(docs.to(q.device)))
-    return flash_attention(q, k, v, mask.kind, doc_ids=mask.doc_ids, prefix_len=mask.prefix_len,
-                           q_offset=mask.q_offset, doc_spans=spans)
+    return flash_attention(
+        q, k, v, mask.kind, doc_ids=mask.doc_ids, prefix_len=mask.prefix_len, q_offset=mask.q_offset, doc_spans=spans
+    )
 
 
 def document_runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -282,8 +304,15 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         return None
     cu, longest = runs
     out = flash_attn.flash_attn_varlen_func(
-        qt.reshape(b * t, hq, d), kt.reshape(b * t, k.shape[1], d), vt.reshape(b * t, v.shape[1], d),
-        cu, cu, longest, longest, causal=causal)
+        qt.reshape(b * t, hq, d),
+        kt.reshape(b * t, k.shape[1], d),
+        vt.reshape(b * t, v.shape[1], d),
+        cu,
+        cu,
+        longest,
+        longest,
+        causal=causal,
+    )
     return out.view(b, t, hq, d).transpose(1, 2)
 
 
@@ -315,8 +344,17 @@ def flex_signature(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> tup
     """What a compiled FlexAttention specialises on (``dynamic=False``): the mask's structure, shapes, dtype, device
     and whether gradients flow; the mask's tensors (document ids, prefix lengths) are graph inputs, not part of it."""
     plen = None if mask.prefix_len is None else mask.prefix_len.numel()
-    return (mask.kind, mask.doc_ids is not None, plen, mask.q_offset, tuple(q.shape), tuple(k.shape), q.dtype,
-            str(q.device), torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+    return (
+        mask.kind,
+        mask.doc_ids is not None,
+        plen,
+        mask.q_offset,
+        tuple(q.shape),
+        tuple(k.shape),
+        q.dtype,
+        str(q.device),
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad),
+    )
 
 
 def flex_compiled(signature: tuple) -> Callable[..., torch.Tensor] | None:
@@ -347,20 +385,28 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
     tk = k.shape[2]
     block_mask = None
     if mask.kind != "bidirectional" or mask.doc_ids is not None:
-        block_mask = mask.derived(("flex", tq, tk, q.device), lambda: create_block_mask(
-            _flex_mask_mod(mask, q.device), b, None, tq, tk, device=q.device))
+        block_mask = mask.derived(
+            ("flex", tq, tk, q.device),
+            lambda: create_block_mask(_flex_mask_mod(mask, q.device), b, None, tq, tk, device=q.device),
+        )
     gqa = q.shape[1] != k.shape[1]
     fn = flex_compiled(flex_signature(q, k, mask)) if q.is_cuda else None
     if fn is None:
         if q.is_cuda:
-            _say_once(f"FlexAttention: {FLEX_MAX_COMPILED} call signatures compiled already; new ones run eagerly "
-                      f"(slow)", warn=True)
+            _say_once(
+                f"FlexAttention: {FLEX_MAX_COMPILED} call signatures compiled already; new ones run eagerly (slow)",
+                warn=True,
+            )
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     return fn(q, k, v, block_mask, gqa)
 
 
-_RUNNERS: dict[str, Callable[..., torch.Tensor | None]] = {"sdpa": _sdpa, "triton": _triton, "flash": _flash,
-                                                          "flex": _flex}
+_RUNNERS: dict[str, Callable[..., torch.Tensor | None]] = {
+    "sdpa": _sdpa,
+    "triton": _triton,
+    "flash": _flash,
+    "flex": _flex,
+}
 
 
 def attention(
@@ -373,16 +419,38 @@ def attention(
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     if backend == "sdpa":
         return _sdpa(q, k, v, mask)
-    name, message = select_backend(backend, device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], mask=mask,
-                                   q_len=q.shape[2], k_len=k.shape[2])
+    name, message = select_backend(
+        backend,
+        device=q.device.type,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        mask=mask,
+        q_len=q.shape[2],
+        k_len=k.shape[2],
+    )
     _say_once(message, warn=backend != "auto" and name != backend)
     out = _RUNNERS[name](q, k, v, mask)
     if out is None:  # flash-attn with documents that are not contiguous runs
-        fallback = "triton" if unsupported("triton", device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
-                                           mask=mask, q_len=q.shape[2], k_len=k.shape[2],
-                                           caps=capabilities()) is None else "sdpa"
-        _say_once(f"attention backend {name}: document ids are not contiguous runs, so varlen cannot express them; "
-                  f"falling back to {fallback}", warn=True)
+        fallback = (
+            "triton"
+            if unsupported(
+                "triton",
+                device=q.device.type,
+                dtype=q.dtype,
+                head_dim=q.shape[-1],
+                mask=mask,
+                q_len=q.shape[2],
+                k_len=k.shape[2],
+                caps=capabilities(),
+            )
+            is None
+            else "sdpa"
+        )
+        _say_once(
+            f"attention backend {name}: document ids are not contiguous runs, so varlen cannot express them; "
+            f"falling back to {fallback}",
+            warn=True,
+        )
         out = _RUNNERS[fallback](q, k, v, mask)
     return out  # type: ignore[return-value]
 

@@ -58,8 +58,9 @@ class RMSNorm(nn.RMSNorm):
         return super().forward(x)
 
 
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
-               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rotary_qkv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a fused (B, T, (Hq + 2 Hkv) D) projection into rotated q, k and v of shape (B, H, T, D).
 
     The rotation runs in place on the projection's output (one kernel over all q and k heads), so q and k are

@@ -37,20 +37,23 @@ def _group_size(group: Any) -> int:
     return dist.get_world_size(group)
 
 
-def plain_chunk_sums(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-                     z_loss: float) -> LossSums:
+def plain_chunk_sums(
+    head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, z_loss: float
+) -> LossSums:
     """Sums of one chunk of selected rows through the whole (unsharded) head, logits upcast to fp32."""
     logits = head(h).float()
     lse = torch.logsumexp(logits, dim=-1)
     nll = lse - logits.gather(1, y[:, None]).squeeze(1)
     weighted = (w * (nll + z_loss * lse.square())).sum()
     with torch.no_grad():
-        return LossSums(weighted, (w * nll).sum(), (w * lse.square()).sum(), (logits.argmax(-1) == y).sum(),
-                        int(y.numel()))
+        return LossSums(
+            weighted, (w * nll).sum(), (w * lse.square()).sum(), (logits.argmax(-1) == y).sum(), int(y.numel())
+        )
 
 
-def select_labelled(hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def select_labelled(
+    hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(h, y, w)``: the hidden rows, labels and fp32 weights of the labelled positions; None when there are none."""
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
@@ -62,8 +65,15 @@ def select_labelled(hidden: torch.Tensor, labels: torch.Tensor, weights: torch.T
     return h, flat.index_select(0, idx), weights.reshape(-1).index_select(0, idx).float()
 
 
-def labelled_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                  z_loss: float, tp_group: Any = None, chunk_size: int = 8192) -> LossSums:
+def labelled_loss(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    z_loss: float,
+    tp_group: Any = None,
+    chunk_size: int = 8192,
+) -> LossSums:
     """Weighted cross-entropy + z-loss summed over positions with ``labels != -100`` (same sums on every TP rank).
 
     ``head``: an ``LMHead`` or a ``VocabParallelLMHead`` (``tp_group`` defaults to the head's own group; a plain
@@ -75,8 +85,10 @@ def labelled_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Ten
     group = tp_group if tp_group is not None else getattr(head, "tp_group", None)
     tp = _group_size(group)
     if tp > 1 and not hasattr(head, "chunk_sums"):
-        raise TypeError("labelled_loss with a tensor-parallel group needs a VocabParallelLMHead "
-                        f"(megatron_dual.parallel.layers); got {type(head).__name__}")
+        raise TypeError(
+            "labelled_loss with a tensor-parallel group needs a VocabParallelLMHead "
+            f"(megatron_dual.parallel.layers); got {type(head).__name__}"
+        )
     if hasattr(head, "gather_hidden"):
         hidden = head.gather_hidden(hidden)
     rows = select_labelled(hidden, labels, weights)
@@ -87,14 +99,16 @@ def labelled_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Ten
     if use_triton(getattr(head, "fused_ops", "none"), h):
         from megatron_dual.kernels.cross_entropy import fused_linear_cross_entropy
 
-        fused = fused_linear_cross_entropy(head.features(h), head.out.weight, head.out.bias, y, w, z_loss,
-                                           group=group if tp > 1 else None)
+        fused = fused_linear_cross_entropy(
+            head.features(h), head.out.weight, head.out.bias, y, w, z_loss, group=group if tp > 1 else None
+        )
         return LossSums(fused.weighted, fused.nll, fused.z, fused.correct, int(y.numel()))
     return _chunked(head, h, y, w, z_loss, chunk_size)
 
 
-def _chunked(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, z_loss: float,
-             chunk_size: int) -> LossSums:
+def _chunked(
+    head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, z_loss: float, chunk_size: int
+) -> LossSums:
     chunk = getattr(head, "chunk_sums", None) or (lambda *a: plain_chunk_sums(head, *a))
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     nll = torch.zeros((), dtype=torch.float32, device=h.device)

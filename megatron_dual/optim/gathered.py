@@ -72,15 +72,17 @@ class FlatLayout:
         return cls(params, part, dp, segs)
 
     @classmethod
-    def per_parameter(cls, params: list[torch.nn.Parameter], offsets: list[int], sizes: list[int], part: int,
-                      dp: int) -> FlatLayout:
+    def per_parameter(
+        cls, params: list[torch.nn.Parameter], offsets: list[int], sizes: list[int], part: int, dp: int
+    ) -> FlatLayout:
         """ZeRO-3: parameter j's rank-r slice ``[r * size_j, (r + 1) * size_j)`` at ``offsets[j]`` of rank r's
         partition."""
         segs = []
         for p, off, size in zip(params, offsets, sizes, strict=True):
             numel = getattr(p, "ds_numel", p.numel())
-            segs.append([(r * part + off, min(size, numel - r * size), r * size) for r in range(dp)
-                         if numel - r * size > 0])
+            segs.append(
+                [(r * part + off, min(size, numel - r * size), r * size) for r in range(dp) if numel - r * size > 0]
+            )
         return cls(params, part, dp, segs)
 
     def batches(self, max_numel: int) -> list[list[int]]:
@@ -115,8 +117,9 @@ class FlatLayout:
             dist.all_reduce(buf, group=group)
         return [buf[offs[i] : offs[i + 1]].view(self.shapes[j]) for i, j in enumerate(batch)]
 
-    def scatter(self, values: dict[int, torch.Tensor], batch: list[int], rank: int, group: Any,
-                out: torch.Tensor) -> None:
+    def scatter(
+        self, values: dict[int, torch.Tensor], batch: list[int], rank: int, group: Any, out: torch.Tensor
+    ) -> None:
         """Each rank's slice of the whole ``values`` (parameter index -> tensor, given on one rank each) into
         ``out``, this rank's partition."""
         offs = self._offsets(batch)
@@ -140,8 +143,9 @@ class GatheredOrthogonalOptimizer(torch.optim.Optimizer):
     partitions; a Muon tensor without a layout is a real parameter (stage 0) and takes our Muon's own step.
     """
 
-    def __init__(self, muon: Muon | None, adamw: torch.optim.Optimizer, parallel: Any,
-                 gather_numel: int = 1 << 26) -> None:
+    def __init__(
+        self, muon: Muon | None, adamw: torch.optim.Optimizer, parallel: Any, gather_numel: int = 1 << 26
+    ) -> None:
         groups = [dict(g, kind="muon") for g in (muon.param_groups if muon is not None else [])]
         groups += [dict(g, kind="adamw") for g in adamw.param_groups]
         super().__init__(groups, {})
@@ -201,8 +205,9 @@ class GatheredOrthogonalOptimizer(torch.optim.Optimizer):
                 p = layout.params[j]
                 if self.owners[id(p)] == par.dp_rank:
                     full, splits = _gather_full(u, p, par, group["splits"])
-                    o = self._muon._orthogonalised(full, splits, group,
-                                                   logical_blocks(p, splits, full.shape[1], par.tp_size))
+                    o = self._muon._orthogonalised(
+                        full, splits, group, logical_blocks(p, splits, full.shape[1], par.tp_size)
+                    )
                     owned[j] = _local_shard(o, p, par)
             layout.scatter(owned, batch, par.dp_rank, par.dp_group, delta)
         t.mul_(1.0 - lr * wd)

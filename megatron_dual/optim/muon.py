@@ -53,19 +53,36 @@ class Muon(torch.optim.Optimizer):
     """Momentum orthogonalised by Newton-Schulz. Param groups may carry ``splits``: row block sizes of a fused
     matrix, each orthogonalised (and lr-scaled) on its own."""
 
-    def __init__(self, params: Iterable, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, adjust_lr: str = "match_rms_adamw") -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.02,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr: str = "match_rms_adamw",
+    ) -> None:
         muon_lr_scale(1, 1, adjust_lr)
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, adjust_lr=adjust_lr, splits=None)
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            adjust_lr=adjust_lr,
+            splits=None,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"Muon takes 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
                 if group["splits"] is not None and sum(group["splits"]) != p.shape[0]:
-                    raise ValueError(f"splits {group['splits']} do not add up to the {p.shape[0]} rows of a "
-                                     f"parameter of shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"splits {group['splits']} do not add up to the {p.shape[0]} rows of a "
+                        f"parameter of shape {tuple(p.shape)}"
+                    )
 
     def distribute(self, parallel: Any) -> Muon:
         """Orthogonalise each matrix once per data-parallel group instead of on every replica.
@@ -90,14 +107,16 @@ class Muon(torch.optim.Optimizer):
             load[owner] += _full_numel(params[i], par.tp_size)
         return owners
 
-    def _orthogonalised(self, update: torch.Tensor, splits: list[int], group: dict,
-                        logical: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def _orthogonalised(
+        self, update: torch.Tensor, splits: list[int], group: dict, logical: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
         """Newton-Schulz per row block; the lr scale from each block's ``logical`` shape (that of the unpadded
         matrix when the parameter is padded) or its own."""
         out = torch.empty_like(update)
         shapes = logical or [(n, update.shape[1]) for n in splits]
-        for o_block, g_block, (rows, cols) in zip(out.split(splits, dim=0), update.split(splits, dim=0), shapes,
-                                                  strict=True):
+        for o_block, g_block, (rows, cols) in zip(
+            out.split(splits, dim=0), update.split(splits, dim=0), shapes, strict=True
+        ):
             scale = muon_lr_scale(rows, cols, group["adjust_lr"])
             o_block.copy_(zeropower_newton_schulz(g_block, group["ns_steps"]).mul_(scale))
         return out
@@ -179,8 +198,9 @@ def _full_numel(p: torch.Tensor, tp: int) -> int:
     return p.numel() * (tp if getattr(p, "tensor_parallel_dim", None) is not None else 1)
 
 
-def _gather_full(update: torch.Tensor, p: torch.Tensor, par: Any, group_splits: list[int] | None
-                 ) -> tuple[torch.Tensor, list[int]]:
+def _gather_full(
+    update: torch.Tensor, p: torch.Tensor, par: Any, group_splits: list[int] | None
+) -> tuple[torch.Tensor, list[int]]:
     """The whole matrix of a TP-sharded ``update`` and its full row-block sizes (identity when not sharded)."""
     dim = getattr(p, "tensor_parallel_dim", None)
     if dim is None or par.tp_size == 1:
@@ -239,8 +259,14 @@ def build_optimizers(model: torch.nn.Module, cfg) -> dict[str, torch.optim.Optim
     out: dict[str, torch.optim.Optimizer] = {}
     if muon_groups:
         groups = [{"params": ps, "splits": list(k) if k else None} for k, ps in muon_groups.items()]
-        out["muon"] = Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                           ns_steps=cfg.ns_steps, adjust_lr=cfg.muon_adjust_lr)
+        out["muon"] = Muon(
+            groups,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            ns_steps=cfg.ns_steps,
+            adjust_lr=cfg.muon_adjust_lr,
+        )
     adam_groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         adam_groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -13,8 +13,14 @@ if TYPE_CHECKING:
 SCHEDULES = ("wsd", "cosine", "constant")  # schedule.name: the shapes lr_multiplier knows
 
 
-def lr_multiplier(step: int, total_steps: int, name: str = "wsd", warmup_steps: int = 0, decay_steps: int = 0,
-                  min_lr_ratio: float = 0.0) -> float:
+def lr_multiplier(
+    step: int,
+    total_steps: int,
+    name: str = "wsd",
+    warmup_steps: int = 0,
+    decay_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+) -> float:
     """Multiplier of the base lr for optimizer step ``step`` (0-based).
 
     wsd: linear warmup, constant, then linear decay to ``min_lr_ratio`` over the last ``decay_steps`` steps (the last
@@ -38,8 +44,9 @@ def lr_multiplier(step: int, total_steps: int, name: str = "wsd", warmup_steps: 
     raise ValueError(f"unknown schedule {name!r}; choose wsd, cosine or constant")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over ``total_steps`` steps; ``cfg.decay_steps`` may be a fraction of them
     (:meth:`~megatron_dual.config.ScheduleConfig.decay_steps_for`)."""
     decay_steps = cfg.decay_steps_for(total_steps)
@@ -49,8 +56,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Sch
     )
 
 
-def retarget_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float], total_steps: int,
-                       cfg: ScheduleConfig) -> None:
+def retarget_scheduler(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float], total_steps: int, cfg: ScheduleConfig
+) -> None:
     """Point a restored ``scheduler`` (and its optimizer's groups) at new base lrs and a new schedule over
     ``total_steps``, keeping its step count: the lr of the next step is ``base * multiplier(step)`` of the new
     settings (loading a state dict alone keeps the old base lrs and the old lr until the next step)."""

@@ -63,8 +63,9 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group: Any,
-                                 vocab_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, tp_group: Any, vocab_start: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(nll, lse)`` of the full-vocabulary softmax from this rank's logit shard.
 
     ``logits`` (..., V/tp) (upcast to fp32), ``target`` (...) global ids or ``IGNORE`` (-100: nll 0, no gradient
@@ -90,8 +91,14 @@ def vocab_parallel_argmax(logits: torch.Tensor, tp_group: Any, vocab_start: int 
     return all_reduce(cand, tp_group, dist.ReduceOp.MIN)
 
 
-def vocab_parallel_loss_sums(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, z_loss: float,
-                             tp_group: Any, vocab_start: int | None = None) -> LossSums:
+def vocab_parallel_loss_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    z_loss: float,
+    tp_group: Any,
+    vocab_start: int | None = None,
+) -> LossSums:
     """:class:`LossSums` of rows ``logits`` (N, V/tp) against ``labels`` (N,) with per-row ``weights`` (N,).
 
     weighted = sum_i w_i (nll_i + z lse_i^2) over rows with a label (differentiable); nll, z, correct detached.

@@ -37,13 +37,17 @@ def init_distributed(cfg: Config) -> tuple[int, int, int]:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
     if "MASTER_ADDR" not in os.environ:
-        raise ConfigError(f"launched with {world} ranks but MASTER_ADDR is not set: use torchrun, or export "
-                          f"MASTER_ADDR/MASTER_PORT in the SLURM script (see examples/slurm/)")
+        raise ConfigError(
+            f"launched with {world} ranks but MASTER_ADDR is not set: use torchrun, or export "
+            f"MASTER_ADDR/MASTER_PORT in the SLURM script (see examples/slurm/)"
+        )
     os.environ.setdefault("MASTER_PORT", "29500")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    watchdog.phase(f"process group creation (waiting for all {world} ranks to join {os.environ['MASTER_ADDR']}:"
-                   f"{os.environ['MASTER_PORT']})")
+    watchdog.phase(
+        f"process group creation (waiting for all {world} ranks to join {os.environ['MASTER_ADDR']}:"
+        f"{os.environ['MASTER_PORT']})"
+    )
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=watchdog.timeout_delta(cfg.parallel.timeout))
     return rank, local_rank, world
 
@@ -53,8 +57,21 @@ def setup_parallel(cfg: Config) -> tuple[ParallelState, torch.device]:
     rank, local_rank, world = init_distributed(cfg)
     device = resolve_device(cfg.train.device, local_rank)
     watchdog.phase("creation of the tensor- and data-parallel groups")
-    schedule = schedule_from_config(cfg.objective, max(1, world // cfg.parallel.tp), cfg.train.grad_accum,
-                                    cfg.train.steps, cfg.data.epoch_repetitions())
-    par = ParallelState(world, rank, cfg.parallel.tp, cfg.objective.alpha, cfg.train.grad_accum, cfg.objective.rotate,
-                        timeout=cfg.parallel.timeout, schedule=schedule)
+    schedule = schedule_from_config(
+        cfg.objective,
+        max(1, world // cfg.parallel.tp),
+        cfg.train.grad_accum,
+        cfg.train.steps,
+        cfg.data.epoch_repetitions(),
+    )
+    par = ParallelState(
+        world,
+        rank,
+        cfg.parallel.tp,
+        cfg.objective.alpha,
+        cfg.train.grad_accum,
+        cfg.objective.rotate,
+        timeout=cfg.parallel.timeout,
+        schedule=schedule,
+    )
     return par, device

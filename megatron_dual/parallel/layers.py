@@ -68,8 +68,9 @@ def _check_split(size: int, tp: int, what: str) -> None:
         raise ValueError(f"{what} = {size} is not divisible by the tensor-parallel size {tp}")
 
 
-def shard_tensor(full: torch.Tensor, dim: int, splits: Sequence[int] | None, tp_rank: int, tp_size: int
-                 ) -> torch.Tensor:
+def shard_tensor(
+    full: torch.Tensor, dim: int, splits: Sequence[int] | None, tp_rank: int, tp_size: int
+) -> torch.Tensor:
     """Rank ``tp_rank``'s shard of ``full``: chunk ``tp_rank`` of ``tp_size`` along ``dim``, of every row block of
     ``splits`` separately when given (then blocks lie along ``dim``)."""
     if not 0 <= tp_rank < tp_size:
@@ -118,9 +119,16 @@ class ColumnParallelLinear(nn.Module):
     moved the input into the TP region (e.g. gathered the sequence itself): no collective on the input.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp_group: Any,
-                 splits: Sequence[int] | None = None, gather_output: bool = False,
-                 sequence_parallel: bool = False, skip_input_mapping: bool = False) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        tp_group: Any,
+        splits: Sequence[int] | None = None,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        skip_input_mapping: bool = False,
+    ) -> None:
         super().__init__()
         self.skip_input_mapping = skip_input_mapping
         self.tp_group = tp_group
@@ -133,9 +141,15 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _from_full(bias, 0, self.splits, tp_group) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tp_group: Any, splits: Sequence[int] | None = None,
-                    gather_output: bool = False, sequence_parallel: bool = False,
-                    skip_input_mapping: bool = False) -> ColumnParallelLinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        tp_group: Any,
+        splits: Sequence[int] | None = None,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        skip_input_mapping: bool = False,
+    ) -> ColumnParallelLinear:
         return cls(linear.weight, linear.bias, tp_group, splits, gather_output, sequence_parallel, skip_input_mapping)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,9 +168,11 @@ class ColumnParallelLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features} (local "
-                f"{self.weight.shape[0]}), tp={self.tp_size}, splits={self.splits}, bias={self.bias is not None}, "
-                f"sequence_parallel={self.sequence_parallel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} (local "
+            f"{self.weight.shape[0]}), tp={self.tp_size}, splits={self.splits}, bias={self.bias is not None}, "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -168,8 +184,14 @@ class RowParallelLinear(nn.Module):
     its gradient then needs an all-reduce over TP, see ``tensor_parallel.sync_sequence_parallel_grads``).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp_group: Any,
-                 input_is_parallel: bool = True, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        tp_group: Any,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
         self.tp_group = tp_group
         self.tp_size = group_size(tp_group)
@@ -185,8 +207,9 @@ class RowParallelLinear(nn.Module):
             self.bias = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tp_group: Any, input_is_parallel: bool = True,
-                    sequence_parallel: bool = False) -> RowParallelLinear:
+    def from_linear(
+        cls, linear: nn.Linear, tp_group: Any, input_is_parallel: bool = True, sequence_parallel: bool = False
+    ) -> RowParallelLinear:
         return cls(linear.weight, linear.bias, tp_group, input_is_parallel, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,8 +223,10 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
-                f"tp={self.tp_size}, bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}")
+        return (
+            f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
+            f"tp={self.tp_size}, bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}"
+        )
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -220,8 +245,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end = self.vocab_start + per
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, tp_group: Any, sequence_parallel: bool = False
-                       ) -> VocabParallelEmbedding:
+    def from_embedding(
+        cls, emb: nn.Embedding, tp_group: Any, sequence_parallel: bool = False
+    ) -> VocabParallelEmbedding:
         return cls(emb.weight, tp_group, sequence_parallel)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -236,8 +262,10 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp_region(out, self.tp_group)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, local ids [{self.vocab_start}, {self.vocab_end}), "
-                f"sequence_parallel={self.sequence_parallel}")
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, local ids [{self.vocab_start}, {self.vocab_end}), "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
 
 
 class VocabParallelLMHead(nn.Module):
@@ -250,8 +278,15 @@ class VocabParallelLMHead(nn.Module):
     states arrive sharded along the sequence and are gathered first.
     """
 
-    def __init__(self, norm: RMSNorm, proj: nn.Linear, out: nn.Linear, tp_group: Any, fused_ops: str = "none",
-                 sequence_parallel: bool = False) -> None:
+    def __init__(
+        self,
+        norm: RMSNorm,
+        proj: nn.Linear,
+        out: nn.Linear,
+        tp_group: Any,
+        fused_ops: str = "none",
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
         self.tp_group = tp_group
         self.tp_size = group_size(tp_group)
@@ -318,18 +353,25 @@ def check_tp_divisibility(cfg: ModelConfig, tp: int) -> None:
     """ConfigError naming the model field that ``tp`` (parallel.tp) does not divide."""
     if tp < 1:
         raise ConfigError(f"parallel.tp = {tp}: must be >= 1")
-    fields = [("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.n_kv_heads),
-              ("model.intermediate_size", cfg.intermediate_size), ("model.vocab_size", cfg.vocab_size)]
+    fields = [
+        ("model.n_heads", cfg.n_heads),
+        ("model.n_kv_heads", cfg.n_kv_heads),
+        ("model.intermediate_size", cfg.intermediate_size),
+        ("model.vocab_size", cfg.vocab_size),
+    ]
     for field, value in fields:
         if value % tp:
             ok = [t for t in range(1, tp + 1) if all(v % t == 0 for _, v in fields)]
-            raise ConfigError(f"{field} = {value} is not divisible by parallel.tp = {tp}; tensor parallelism "
-                              f"splits it evenly over the TP ranks (tp that fit this model up to {tp}: "
-                              f"{', '.join(map(str, ok))})")
+            raise ConfigError(
+                f"{field} = {value} is not divisible by parallel.tp = {tp}; tensor parallelism "
+                f"splits it evenly over the TP ranks (tp that fit this model up to {tp}: "
+                f"{', '.join(map(str, ok))})"
+            )
 
 
-def shard_state_dict(full_sd: Mapping[str, torch.Tensor], tp_rank: int, tp_size: int, cfg: ModelConfig
-                     ) -> dict[str, torch.Tensor]:
+def shard_state_dict(
+    full_sd: Mapping[str, torch.Tensor], tp_rank: int, tp_size: int, cfg: ModelConfig
+) -> dict[str, torch.Tensor]:
     """TP rank ``tp_rank``'s state dict (the keys of ``full_sd``; sharded tensors cut, replicated ones shared)."""
     check_tp_divisibility(cfg, tp_size)
     out: dict[str, torch.Tensor] = {}

@@ -181,8 +181,9 @@ def scatter_to_sp_region(x: torch.Tensor, group: Any, dim: int = 1) -> torch.Ten
     return x if _trivial(group) else _Scatter.apply(x, group, dim)
 
 
-def gather_from_sp_region(x: torch.Tensor, group: Any, dim: int = 1,
-                          tensor_parallel_output_grad: bool = True) -> torch.Tensor:
+def gather_from_sp_region(
+    x: torch.Tensor, group: Any, dim: int = 1, tensor_parallel_output_grad: bool = True
+) -> torch.Tensor:
     """All-gather the sequence dimension (forward). Backward: reduce-scatter when the consumer is a TP region
     (partial gradients per rank), else keep the own chunk of the (replicated) gradient."""
     return x if _trivial(group) else _Gather.apply(x, group, dim, tensor_parallel_output_grad)

@@ -83,9 +83,14 @@ class RNGStatesTracker:
 
     def get_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every stream's state (tensors only: ``torch.load(weights_only=True)``-loadable)."""
-        return {name: {"cpu": self._cpu[name].clone(), "seed": torch.tensor(self._seeds[name]),
-                       **({"cuda": self._cuda[name].clone()} if name in self._cuda else {})}
-                for name in self._cpu}
+        return {
+            name: {
+                "cpu": self._cpu[name].clone(),
+                "seed": torch.tensor(self._seeds[name]),
+                **({"cuda": self._cuda[name].clone()} if name in self._cuda else {}),
+            }
+            for name in self._cpu
+        }
 
     def set_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
         self._cpu = {n: s["cpu"].clone() for n, s in states.items()}

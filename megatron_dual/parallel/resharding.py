@@ -120,8 +120,10 @@ def optimizer_param_names(config: Mapping[str, Any]) -> dict[str, list[list[str]
 def _index_names(sd: Mapping[str, Any], group_names: list[list[str]], opt: str) -> dict[int, str]:
     groups = sd["param_groups"]
     if [len(g["params"]) for g in groups] != [len(g) for g in group_names]:
-        raise ReshardError(f"optimizer {opt!r}: saved param groups of sizes {[len(g['params']) for g in groups]} do "
-                           f"not match the config's {[len(g) for g in group_names]}")
+        raise ReshardError(
+            f"optimizer {opt!r}: saved param groups of sizes {[len(g['params']) for g in groups]} do "
+            f"not match the config's {[len(g) for g in group_names]}"
+        )
     return {i: n for g, names in zip(groups, group_names, strict=True) for i, n in zip(g["params"], names, strict=True)}
 
 
@@ -131,9 +133,14 @@ def _rescale_splits(sd: dict[str, Any], num: int, den: int) -> None:
             g["splits"] = [int(s) * num // den for s in g["splits"]]
 
 
-def shard_optimizer_state(full: Mapping[str, Any], names: Mapping[str, list[list[str]]], full_shapes:
-                          Mapping[str, tuple[int, ...]], tp_rank: int, tp_size: int, cfg: ModelConfig
-                          ) -> dict[str, Any]:
+def shard_optimizer_state(
+    full: Mapping[str, Any],
+    names: Mapping[str, list[list[str]]],
+    full_shapes: Mapping[str, tuple[int, ...]],
+    tp_rank: int,
+    tp_size: int,
+    cfg: ModelConfig,
+) -> dict[str, Any]:
     """TP rank ``tp_rank``'s optim blob (``{"optimizers", "schedulers"}``) from the single-process one."""
     out = copy.deepcopy({k: v for k, v in full.items() if k != "optimizers"})
     out["optimizers"] = {}
@@ -145,16 +152,23 @@ def shard_optimizer_state(full: Mapping[str, Any], names: Mapping[str, list[list
             name = index[int(i)]
             spec = sharding_of(name, cfg)
             new["state"][i] = {
-                k: (shard_tensor(v, spec[0], spec[1], tp_rank, tp_size)
+                k: (
+                    shard_tensor(v, spec[0], spec[1], tp_rank, tp_size)
                     if spec is not None and isinstance(v, torch.Tensor) and tuple(v.shape) == full_shapes[name]
-                    else copy.deepcopy(v))
-                for k, v in st.items()}
+                    else copy.deepcopy(v)
+                )
+                for k, v in st.items()
+            }
         out["optimizers"][opt] = new
     return out
 
 
-def gather_optimizer_state(shards: list[Mapping[str, Any]], names: Mapping[str, list[list[str]]],
-                           full_shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig) -> dict[str, Any]:
+def gather_optimizer_state(
+    shards: list[Mapping[str, Any]],
+    names: Mapping[str, list[list[str]]],
+    full_shapes: Mapping[str, tuple[int, ...]],
+    cfg: ModelConfig,
+) -> dict[str, Any]:
     """The single-process optim blob from the TP ranks' ones (replicated entries from rank 0)."""
     tp = len(shards)
     out = copy.deepcopy({k: v for k, v in shards[0].items() if k != "optimizers"})
@@ -183,18 +197,24 @@ def gather_optimizer_state(shards: list[Mapping[str, Any]], names: Mapping[str, 
 
 
 # ------------------------------------------------------------------------------------------------ read / write
-def layout_manifest(full_shapes: Mapping[str, tuple[int, ...] | list[int]], cfg: ModelConfig, tp: int,
-                    with_optim: bool = True) -> dict[str, Any]:
+def layout_manifest(
+    full_shapes: Mapping[str, tuple[int, ...] | list[int]], cfg: ModelConfig, tp: int, with_optim: bool = True
+) -> dict[str, Any]:
     """The ``layout.json`` content of a TP-``tp`` checkpoint of a model with these full tensor shapes (for a trainer
     writing its own TP checkpoints: each TP rank saves ``model_file(tp_rank, tp)``, one rank this manifest)."""
     tensors = {}
     for k, shape in full_shapes.items():
         dim, splits = sharding_of(k, cfg) or (None, None)
         tensors[k] = {"shape": list(shape), "dim": dim, "splits": splits}
-    return {"format": TP_FORMAT, "tp": tp,
-            "files": {"model": [model_file(r, tp) for r in range(tp)],
-                      "optim": [optim_file(r, tp) for r in range(tp)] if with_optim else []},
-            "tensors": tensors}
+    return {
+        "format": TP_FORMAT,
+        "tp": tp,
+        "files": {
+            "model": [model_file(r, tp) for r in range(tp)],
+            "optim": [optim_file(r, tp) for r in range(tp)] if with_optim else [],
+        },
+        "tensors": tensors,
+    }
 
 
 def load_model_shard(path: str | Path, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
@@ -217,8 +237,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ReshardError(f"{path} is corrupt or truncated: {e}") from e
 
 
-def read_checkpoint(path: str | Path, with_optim: bool = True
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+def read_checkpoint(
+    path: str | Path, with_optim: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     """``(full model state dict, full optim blob or None, meta)`` of a checkpoint in either form."""
     path = Path(path)
     meta_path = path / META
@@ -250,8 +271,14 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def write_checkpoint(path: str | Path, full: Mapping[str, torch.Tensor], optim: Mapping[str, Any] | None,
-                     meta: Mapping[str, Any], tp: int, rng_from: str | Path | None = None) -> Path:
+def write_checkpoint(
+    path: str | Path,
+    full: Mapping[str, torch.Tensor],
+    optim: Mapping[str, Any] | None,
+    meta: Mapping[str, Any],
+    tp: int,
+    rng_from: str | Path | None = None,
+) -> Path:
     """Write a checkpoint directory in TP form ``tp`` (single-file form for 1) atomically: into a temporary
     sibling, ``meta.json`` last, then renamed to ``path`` (which must not exist)."""
     path = Path(path)
@@ -270,8 +297,9 @@ def write_checkpoint(path: str | Path, full: Mapping[str, torch.Tensor], optim: 
         for r in range(tp):
             sd = shard_state_dict(full, r, tp, cfg.model)
             sd = {k: v.contiguous() for k, v in sd.items()}
-            save_file(sd, str(tmp / model_file(r, tp)), metadata={"format": CKPT_FORMAT, "step": step,
-                                                                 "tp": f"{r}/{tp}"})
+            save_file(
+                sd, str(tmp / model_file(r, tp)), metadata={"format": CKPT_FORMAT, "step": step, "tp": f"{r}/{tp}"}
+            )
             if optim is not None:
                 blob = shard_optimizer_state(optim, names, shapes, r, tp, cfg.model) if tp > 1 else optim
                 torch.save(blob, tmp / optim_file(r, tp))
@@ -293,8 +321,9 @@ def write_checkpoint(path: str | Path, full: Mapping[str, torch.Tensor], optim: 
     return path
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, tp: int, model_only: bool = False,
-                       force: bool = False) -> Path:
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, tp: int, model_only: bool = False, force: bool = False
+) -> Path:
     """Reshard checkpoint directory ``src`` (either form) into ``dst`` with TP size ``tp`` (1: single-file form)."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():

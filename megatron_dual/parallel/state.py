@@ -70,16 +70,19 @@ def rank_layout(world_size: int, tp: int = 1) -> RankLayout:
         raise ConfigError(f"parallel.tp = {tp}: must be >= 1")
     if world_size % tp:
         divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ConfigError(f"parallel.tp = {tp} does not divide the world size {world_size}; "
-                          f"allowed tp for {world_size} ranks: {', '.join(map(str, divisors))}")
+        raise ConfigError(
+            f"parallel.tp = {tp} does not divide the world size {world_size}; "
+            f"allowed tp for {world_size} ranks: {', '.join(map(str, divisors))}"
+        )
     dp = world_size // tp
     tp_groups = tuple(tuple(range(d * tp, (d + 1) * tp)) for d in range(dp))
     dp_groups = tuple(tuple(range(t, world_size, tp)) for t in range(tp))
     return RankLayout(world_size, tp, dp, tp_groups, dp_groups)
 
 
-def objective_ranks(layout: RankLayout, schedule: ObjectiveSchedule, step: int, slot: int = 0
-                    ) -> dict[str, tuple[int, ...]]:
+def objective_ranks(
+    layout: RankLayout, schedule: ObjectiveSchedule, step: int, slot: int = 0
+) -> dict[str, tuple[int, ...]]:
     """Global ranks running each objective in ``slot`` at ``step`` (all TP peers of a DP rank together)."""
     out: dict[str, list[int]] = {AR: [], MD: []}
     for d in range(layout.dp):
@@ -101,9 +104,11 @@ def check_alpha(alpha: float, dp: int, slots: int) -> int:
         frac = Fraction(alpha).limit_denominator(ALPHA_MAX_DENOMINATOR)
         need = frac.denominator
         slots_needed = need // math.gcd(need, dp)
-        raise ConfigError(f"{e} Here: {dp} data-parallel ranks x {slots} micro-batch slots = {dp * slots} global "
-                          f"slots; {frac} needs dp x slots to be a multiple of {need}, e.g. train.grad_accum = "
-                          f"{slots_needed} (or a multiple) with {dp} DP ranks, or {need} DP ranks x 1 slot.") from None
+        raise ConfigError(
+            f"{e} Here: {dp} data-parallel ranks x {slots} micro-batch slots = {dp * slots} global "
+            f"slots; {frac} needs dp x slots to be a multiple of {need}, e.g. train.grad_accum = "
+            f"{slots_needed} (or a multiple) with {dp} DP ranks, or {need} DP ranks x 1 slot."
+        ) from None
 
 
 def group_size(group: Any) -> int:
@@ -137,9 +142,19 @@ class ParallelState:
     collective: every rank must construct its ParallelState with the same arguments.
     """
 
-    def __init__(self, world_size: int = 1, rank: int = 0, tp: int = 1, alpha: float = 1.0, slots: int = 1,
-                 rotate: bool | str = True, create_groups: bool | None = None, timeout: float | None = None, *,
-                 schedule: ObjectiveSchedule | None = None) -> None:
+    def __init__(
+        self,
+        world_size: int = 1,
+        rank: int = 0,
+        tp: int = 1,
+        alpha: float = 1.0,
+        slots: int = 1,
+        rotate: bool | str = True,
+        create_groups: bool | None = None,
+        timeout: float | None = None,
+        *,
+        schedule: ObjectiveSchedule | None = None,
+    ) -> None:
         self.timeout = None if timeout is None else timedelta(seconds=timeout)  # of the groups created here
         self.layout = rank_layout(world_size, tp)
         if not 0 <= rank < world_size:
@@ -155,8 +170,10 @@ class ParallelState:
             check_alpha(alpha, self.dp_size, slots)
             schedule = ObjectiveSchedule(alpha, self.dp_size, slots, rotate)
         elif (schedule.n_ranks, schedule.n_slots) != (self.dp_size, slots):
-            raise ConfigError(f"the objective schedule covers {schedule.n_ranks} ranks x {schedule.n_slots} slots, "
-                              f"the layout {self.dp_size} data-parallel ranks x {slots} slots")
+            raise ConfigError(
+                f"the objective schedule covers {schedule.n_ranks} ranks x {schedule.n_slots} slots, "
+                f"the layout {self.dp_size} data-parallel ranks x {slots} slots"
+            )
         self.schedule = schedule
         self.tp_group: Any = None
         self.dp_group: Any = None
@@ -167,8 +184,9 @@ class ParallelState:
 
     def _create_groups(self) -> None:
         if dist.get_world_size() != self.world_size:
-            raise ConfigError(f"ParallelState(world_size={self.world_size}) but torch.distributed has "
-                              f"{dist.get_world_size()} ranks")
+            raise ConfigError(
+                f"ParallelState(world_size={self.world_size}) but torch.distributed has {dist.get_world_size()} ranks"
+            )
         # new_group is collective over the world: every rank creates every group, in the same order.
         for ranks in self.layout.tp_groups:
             g = dist.new_group(list(ranks), timeout=self.timeout)
@@ -191,11 +209,16 @@ class ParallelState:
         s = self.schedule
         counts = s.counts(0)
         split = " + ".join(f"{counts.get(o, 0)} {o.upper()}" for o in s.objectives)
-        rotation = {"step": ", rotating every step", "epoch": f", rotating every epoch of {s.epoch_steps} steps",
-                    "none": ""}[s.rotate]
+        rotation = {
+            "step": ", rotating every step",
+            "epoch": f", rotating every epoch of {s.epoch_steps} steps",
+            "none": "",
+        }[s.rotate]
         what = f"schedule {s.alpha_schedule.text!r}, at step 0 alpha" if s.alpha_schedule else "alpha"
-        return (f"world {self.world_size} = tp {self.tp_size} x dp {self.dp_size}; {self.slots} micro-batch slots per "
-                f"rank; {what} = {s.alpha} = {split} of {s.total} global slots{rotation}{s.rounding_note()}")
+        return (
+            f"world {self.world_size} = tp {self.tp_size} x dp {self.dp_size}; {self.slots} micro-batch slots per "
+            f"rank; {what} = {s.alpha} = {split} of {s.total} global slots{rotation}{s.rounding_note()}"
+        )
 
     def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` in place over the DP group (no-op for one replica)."""

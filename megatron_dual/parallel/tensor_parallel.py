@@ -73,8 +73,9 @@ def parallelize_model(model: DualTransformer, tp_group: Any, sequence_parallel: 
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
         # under SP the attention module gathers the sequence itself (its forward reads T from its input)
-        attn.qkv = ColumnParallelLinear.from_linear(attn.qkv, tp_group, splits=attn.split_sizes,
-                                                    skip_input_mapping=sp and tp > 1)
+        attn.qkv = ColumnParallelLinear.from_linear(
+            attn.qkv, tp_group, splits=attn.split_sizes, skip_input_mapping=sp and tp > 1
+        )
         attn.out = RowParallelLinear.from_linear(attn.out, tp_group, sequence_parallel=sp)
         attn.n_heads //= tp
         attn.n_kv //= tp
@@ -109,7 +110,8 @@ def _parallelize_mlp(mlp: nn.Module, tp_group: Any, tp: int, sp: bool) -> None:
     logical = mlp.intermediate
     up_full = unpad(mlp.up.weight.detach(), spec).requires_grad_(mlp.up.weight.requires_grad)
     down_full = unpad(mlp.down.weight.detach(), padding_of(mlp.down.weight)).requires_grad_(
-        mlp.down.weight.requires_grad)
+        mlp.down.weight.requires_grad
+    )
     up = ColumnParallelLinear(up_full, None, tp_group, splits=[logical, logical], sequence_parallel=sp)
     down = RowParallelLinear(down_full, None, tp_group, sequence_parallel=sp)
     mlp.up, mlp.down = up, down
@@ -145,8 +147,10 @@ def _sequence_parallel_class(cls: type) -> type:
 def _check_sequence_length(model: nn.Module, args: tuple) -> None:
     t = args[0].shape[1]
     if t % model.tp_size:
-        raise ConfigError(f"sequence parallelism splits the sequence over parallel.tp = {model.tp_size} ranks: the "
-                          f"model input has {t} positions, not a multiple of {model.tp_size}")
+        raise ConfigError(
+            f"sequence parallelism splits the sequence over parallel.tp = {model.tp_size} ranks: the "
+            f"model input has {t} positions, not a multiple of {model.tp_size}"
+        )
 
 
 def sequence_parallel_params(model: nn.Module) -> list[nn.Parameter]:

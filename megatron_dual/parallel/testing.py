@@ -41,22 +41,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, fn: Callable[..., Any], args: tuple, tmp: str, port: int, threads: int,
-            backend: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(
+    rank: int, world_size: int, fn: Callable[..., Any], args: tuple, tmp: str, port: int, threads: int, backend: str
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     if threads > 0:
         torch.set_num_threads(threads)
     out_path = os.path.join(tmp, f"result_{rank}.pt")
     try:
         store = dist.FileStore(os.path.join(tmp, "store"), world_size)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=120))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         result = fn(rank, world_size, *args)
     except BaseException as e:  # report every failure, including KeyboardInterrupt/SystemExit in the worker
         # the time of failure, taken before the group is torn down: peers then fail in collectives, later
-        report = {"ok": False, "time": time.time(), "error": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc()}
+        report = {
+            "ok": False,
+            "time": time.time(),
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+        }
         torch.save(report, out_path)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -78,8 +88,10 @@ def _wait(procs: list, fn: Callable[..., Any], world_size: int, timeout: float) 
             if failed is not None:
                 break
             if time.monotonic() > deadline:
-                raise DistributedTestError(f"run_distributed({getattr(fn, '__name__', fn)}, world_size="
-                                           f"{world_size}) did not finish within {timeout:.0f} s")
+                raise DistributedTestError(
+                    f"run_distributed({getattr(fn, '__name__', fn)}, world_size="
+                    f"{world_size}) did not finish within {timeout:.0f} s"
+                )
             time.sleep(0.05)
     finally:
         for p in procs:
@@ -114,16 +126,20 @@ def _raise_failures(procs: list, world_size: int, errors: list[tuple[float, int,
         errors.sort()
         _, r, msg, tb = errors[0]
         others = f" (ranks failing: {sorted(e[1] for e in errors)})" if len(errors) > 1 else ""
-        raise DistributedTestError(f"rank {r} of {world_size} failed: {msg}{others}\n--- traceback of rank {r} "
-                                   f"---\n{tb}")
+        raise DistributedTestError(
+            f"rank {r} of {world_size} failed: {msg}{others}\n--- traceback of rank {r} ---\n{tb}"
+        )
     missing = [r for r, p in enumerate(procs) if p.exitcode != 0]
     if missing:
-        raise DistributedTestError(f"ranks {missing} of {world_size} exited with codes "
-                                   f"{[procs[r].exitcode for r in missing]} and no error report")
+        raise DistributedTestError(
+            f"ranks {missing} of {world_size} exited with codes "
+            f"{[procs[r].exitcode for r in missing]} and no error report"
+        )
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, threads: int = 1,
-                    backend: str = "gloo") -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, threads: int = 1, backend: str = "gloo"
+) -> list[Any]:
     """``[fn(rank, world_size, *args) for each rank]``, each in its own process of a ``world_size`` group.
 
     ``threads``: torch intra-op threads per worker (1 keeps N workers from oversubscribing shared cores; 0 leaves
@@ -134,8 +150,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="md_dist_") as tmp:
         port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world_size, fn, args, tmp, port, threads, backend),
-                             daemon=False) for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, fn, args, tmp, port, threads, backend), daemon=False)
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         failed = _wait(procs, fn, world_size, timeout)

@@ -18,8 +18,19 @@ DEFAULT_TIMEOUT_S = 600.0  # parallel.timeout: long enough for a slow checkpoint
 
 _current = "start-up"
 # substrings of the errors gloo / the c10d store raise when a peer is gone or a wait timed out
-_MARKERS = ("timed out", "timeout", "connection", "closed by peer", "reset by peer", "broken pipe", "gloo", "nccl",
-            "socket", "peer", "store")
+_MARKERS = (
+    "timed out",
+    "timeout",
+    "connection",
+    "closed by peer",
+    "reset by peer",
+    "broken pipe",
+    "gloo",
+    "nccl",
+    "socket",
+    "peer",
+    "store",
+)
 
 
 class StalledRankError(RuntimeError):
@@ -52,9 +63,15 @@ def as_stalled(exc: BaseException, rank: int, world: int, timeout_s: float | Non
     if not is_dist and not any(m in lowered for m in _MARKERS):
         return None
     timed_out = "timed out" in lowered or "timeout" in lowered
-    what = (f"timed out after {timeout_s:g} s (parallel.timeout)" if timed_out and timeout_s else
-            "timed out" if timed_out else "lost a peer rank")
+    what = (
+        f"timed out after {timeout_s:g} s (parallel.timeout)"
+        if timed_out and timeout_s
+        else "timed out"
+        if timed_out
+        else "lost a peer rank"
+    )
     cause = text if len(text) <= 160 else text[:157] + "..."
     return StalledRankError(
         f"rank {rank} of {world} {what} while waiting in the {_current}: another rank stopped, died or never joined "
-        f"(check its log; a killed job resumes from the last complete checkpoint). Cause: {cause}")
+        f"(check its log; a killed job resumes from the last complete checkpoint). Cause: {cause}"
+    )

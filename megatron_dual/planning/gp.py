@@ -71,8 +71,11 @@ def _alpha(p: str, line: int, raw_alpha: str) -> float:
     """An alpha cell, a number or a fraction ("3/4"), checked to lie in [0, 1]."""
     if "/" in raw_alpha:
         num, _, den = raw_alpha.partition("/")
-        a = _number(p, line, "alpha", num) / _number(p, line, "alpha", den) if _number(
-            p, line, "alpha", den) != 0 else math.nan
+        a = (
+            _number(p, line, "alpha", num) / _number(p, line, "alpha", den)
+            if _number(p, line, "alpha", den) != 0
+            else math.nan
+        )
         if not math.isfinite(a):
             raise ResultsError(f"{p}:{line}: column 'alpha' = {raw_alpha!r} divides by zero")
     else:
@@ -87,8 +90,10 @@ def _row(p: str, line: int, row: dict, has_size: bool) -> tuple[float, float, fl
     a = _alpha(p, line, (row["alpha"] or "").strip())
     r = _number(p, line, "repetitions", (row["repetitions"] or "").strip())
     if r < 1:
-        raise ResultsError(f"{p}:{line}: repetitions = {row['repetitions'].strip()} is below 1 (R = budget "
-                           f"tokens / unique tokens >= 1)")
+        raise ResultsError(
+            f"{p}:{line}: repetitions = {row['repetitions'].strip()} is below 1 (R = budget "
+            f"tokens / unique tokens >= 1)"
+        )
     s = _number(p, line, "score", (row["score"] or "").strip())
     size = None
     if has_size:
@@ -105,8 +110,10 @@ def _read_rows(p: str) -> tuple[list[tuple[float, float, float, float | None]], 
         reader.fieldnames = header
         missing = [c for c in REQUIRED if c not in header]
         if missing:
-            raise ResultsError(f"{p}:1: missing column {missing[0]!r} (header has: {', '.join(header) or 'nothing'};"
-                               f" required: {', '.join(REQUIRED)})")
+            raise ResultsError(
+                f"{p}:1: missing column {missing[0]!r} (header has: {', '.join(header) or 'nothing'};"
+                f" required: {', '.join(REQUIRED)})"
+            )
         has_size = "model_size" in header
         rows = []
         for row in reader:
@@ -117,20 +124,25 @@ def _read_rows(p: str) -> tuple[list[tuple[float, float, float, float | None]], 
     return rows, has_size
 
 
-def _select_size(p: str, arrays: tuple[np.ndarray, ...], size_arr: np.ndarray | None,
-                 model_size: float | None) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
+def _select_size(
+    p: str, arrays: tuple[np.ndarray, ...], size_arr: np.ndarray | None, model_size: float | None
+) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
     """Keep the rows of ``model_size``; without it, refuse a file that mixes several sizes."""
     if size_arr is not None:
         distinct = sorted({float(x) for x in size_arr if math.isfinite(x)})
         if model_size is not None:
             keep = np.isclose(size_arr, model_size)
             if not keep.any():
-                raise ResultsError(f"{p}: no rows with model_size = {model_size:g} (sizes present: "
-                                   f"{', '.join(f'{d:g}' for d in distinct)})")
+                raise ResultsError(
+                    f"{p}: no rows with model_size = {model_size:g} (sizes present: "
+                    f"{', '.join(f'{d:g}' for d in distinct)})"
+                )
             return tuple(x[keep] for x in arrays), size_arr[keep]
         if len(distinct) > 1:
-            raise ResultsError(f"{p}: rows of {len(distinct)} model sizes ({', '.join(f'{d:g}' for d in distinct)}):"
-                               f" fit one surface per size, choose with --model-size")
+            raise ResultsError(
+                f"{p}: rows of {len(distinct)} model sizes ({', '.join(f'{d:g}' for d in distinct)}):"
+                f" fit one surface per size, choose with --model-size"
+            )
     elif model_size is not None:
         raise ResultsError(f"{p}: --model-size given but the file has no model_size column")
     return arrays, size_arr
@@ -174,9 +186,9 @@ class SurfaceFit:
 def _kernel():
     from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
-    return (ConstantKernel(1.0, (1e-3, 1e3)) * Matern(length_scale=[2.0, 0.3], length_scale_bounds=(1e-2, 1e3),
-                                                       nu=1.5)
-            + WhiteKernel(noise_level=1e-2, noise_level_bounds=(1e-8, 1e1)))
+    return ConstantKernel(1.0, (1e-3, 1e3)) * Matern(
+        length_scale=[2.0, 0.3], length_scale_bounds=(1e-2, 1e3), nu=1.5
+    ) + WhiteKernel(noise_level=1e-2, noise_level_bounds=(1e-8, 1e1))
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> float:
@@ -211,8 +223,16 @@ def fit_surface(results: Results, *, restarts: int = 8, seed: int = 0) -> Surfac
     loo_norm = y_norm - (inv @ y_norm) / np.diag(inv)
     loo = loo_norm * gp._y_train_std + gp._y_train_mean
     ls = np.atleast_1d(matern.length_scale).astype(float)
-    return SurfaceFit(gp, _r2(y, pred), _r2(y, loo), (float(ls[0]), float(ls[-1])), float(const.constant_value),
-                      float(white.noise_level), n, (float(x[:, 0].min()), float(x[:, 0].max())))
+    return SurfaceFit(
+        gp,
+        _r2(y, pred),
+        _r2(y, loo),
+        (float(ls[0]), float(ls[-1])),
+        float(const.constant_value),
+        float(white.noise_level),
+        n,
+        (float(x[:, 0].min()), float(x[:, 0].max())),
+    )
 
 
 @dataclass
@@ -234,8 +254,9 @@ class BestAlpha:
         return float(self.probability[sel].sum())
 
 
-def best_alpha_posterior(fit: SurfaceFit, repetitions: float, *, samples: int = 2000, seed: int = 0,
-                         alpha_grid: np.ndarray = ALPHA_GRID) -> BestAlpha:
+def best_alpha_posterior(
+    fit: SurfaceFit, repetitions: float, *, samples: int = 2000, seed: int = 0, alpha_grid: np.ndarray = ALPHA_GRID
+) -> BestAlpha:
     """Distribution of argmax_alpha f(R, alpha) under the GP posterior (latent f: the white noise is removed)."""
     grid = np.asarray(alpha_grid, float)
     x = np.column_stack([np.full(grid.size, math.log2(repetitions)), grid])
@@ -260,22 +281,40 @@ def best_alpha_posterior(fit: SurfaceFit, repetitions: float, *, samples: int = 
     # the single most probable grid point is noisy (and piles up at the edges); take the mode of 1/16-wide bins
     centres = np.arange(17) / 16.0
     binned = np.bincount(np.rint(grid * 16).astype(int), weights=prob, minlength=17)
-    return BestAlpha(float(repetitions), grid, prob, mean, float(gains.mean()), float(gains.std()),
-                     float(mean.max() - mean[one]), float(centres[int(binned.argmax())]), med,
-                     float(grid[int(mean.argmax())]), (lo, hi))
+    return BestAlpha(
+        float(repetitions),
+        grid,
+        prob,
+        mean,
+        float(gains.mean()),
+        float(gains.std()),
+        float(mean.max() - mean[one]),
+        float(centres[int(binned.argmax())]),
+        med,
+        float(grid[int(mean.argmax())]),
+        (lo, hi),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ reporting
 
 
 def format_fit(fit: SurfaceFit) -> str:
-    return (f"GP fit on {fit.n} runs: R^2 = {fit.r2:.4f} (in-sample), {fit.r2_loo:.4f} (leave-one-out); "
-            f"length scales: log2 R {fit.length_scales[0]:.3g}, alpha {fit.length_scales[1]:.3g}; "
-            f"amplitude {fit.amplitude:.3g}, white noise {fit.noise:.3g} (normalised target)")
+    return (
+        f"GP fit on {fit.n} runs: R^2 = {fit.r2:.4f} (in-sample), {fit.r2_loo:.4f} (leave-one-out); "
+        f"length scales: log2 R {fit.length_scales[0]:.3g}, alpha {fit.length_scales[1]:.3g}; "
+        f"amplitude {fit.amplitude:.3g}, white noise {fit.noise:.3g} (normalised target)"
+    )
 
 
-def plot_surface(fit: SurfaceFit, results: Results, png: str | Path, title: str = "",
-                 best: list[BestAlpha] | None = None, rule: bool = True) -> None:
+def plot_surface(
+    fit: SurfaceFit,
+    results: Results,
+    png: str | Path,
+    title: str = "",
+    best: list[BestAlpha] | None = None,
+    rule: bool = True,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,21 +330,42 @@ def plot_surface(fit: SurfaceFit, results: Results, png: str | Path, title: str 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     im = ax.pcolormesh(gr, ga, z, shading="auto", cmap="viridis")
     fig.colorbar(im, ax=ax, label="posterior mean score")
-    sc = ax.scatter(np.log2(results.repetitions), results.alpha, c=results.score, cmap="viridis",
-                    vmin=z.min(), vmax=z.max(), edgecolors="white", s=60, label="observed runs")
+    sc = ax.scatter(
+        np.log2(results.repetitions),
+        results.alpha,
+        c=results.score,
+        cmap="viridis",
+        vmin=z.min(),
+        vmax=z.max(),
+        edgecolors="white",
+        s=60,
+        label="observed runs",
+    )
     del sc
     best_i = z.argmax(axis=0)
     ax.plot(lr, al[best_i], color="red", lw=1.5, label="argmax of posterior mean")
     if best:
-        ax.errorbar([math.log2(b.repetitions) for b in best], [b.median for b in best],
-                    yerr=[[b.median - b.interval[0] for b in best], [b.interval[1] - b.median for b in best]],
-                    fmt="o", color="orange", capsize=3, label="best alpha: median, 80% interval")
+        ax.errorbar(
+            [math.log2(b.repetitions) for b in best],
+            [b.median for b in best],
+            yerr=[[b.median - b.interval[0] for b in best], [b.interval[1] - b.median for b in best]],
+            fmt="o",
+            color="orange",
+            capsize=3,
+            label="best alpha: median, 80% interval",
+        )
     if rule:
         from megatron_dual.planning.rules import recommend_alpha
 
-        rr = 2.0 ** lr
-        ax.plot(lr, [recommend_alpha(max(1.0, r)).alpha for r in rr], color="white", ls="--", lw=1.2,
-                label="paper's rule: min(63/64, 16/R)")
+        rr = 2.0**lr
+        ax.plot(
+            lr,
+            [recommend_alpha(max(1.0, r)).alpha for r in rr],
+            color="white",
+            ls="--",
+            lw=1.2,
+            label="paper's rule: min(63/64, 16/R)",
+        )
     ax.set_xlabel("log2 repetitions R")
     ax.set_ylabel("alpha (AR share)")
     ax.set_ylim(-0.02, 1.02)
@@ -340,16 +400,38 @@ def plot_best_alpha(best: list[BestAlpha], png: str | Path, title: str = "", bin
     plt.close(fig)
 
 
-def run_planner_report(csv_path: str | Path, out_dir: str | Path, *, repetitions: list[float] | None = None,
-                       samples: int = 2000, seed: int = 0, model_size: float | None = None, title: str = "") -> str:
+def run_planner_report(
+    csv_path: str | Path,
+    out_dir: str | Path,
+    *,
+    repetitions: list[float] | None = None,
+    samples: int = 2000,
+    seed: int = 0,
+    model_size: float | None = None,
+    title: str = "",
+) -> str:
     """Fit, sample, plot (alpha_surface.png, best_alpha.png under ``out_dir``) and return the text report."""
-    return planner_report(csv_path, out_dir, extra_repetitions=repetitions or (), samples=samples, seed=seed,
-                          model_size=model_size, title=title)[0]
+    return planner_report(
+        csv_path,
+        out_dir,
+        extra_repetitions=repetitions or (),
+        samples=samples,
+        seed=seed,
+        model_size=model_size,
+        title=title,
+    )[0]
 
 
-def planner_report(csv_path: str | Path, out_dir: str | Path, *, extra_repetitions: Sequence[float] = (),
-                   samples: int = 2000, seed: int = 0, model_size: float | None = None, title: str = ""
-                   ) -> tuple[str, list[BestAlpha], SurfaceFit]:
+def planner_report(
+    csv_path: str | Path,
+    out_dir: str | Path,
+    *,
+    extra_repetitions: Sequence[float] = (),
+    samples: int = 2000,
+    seed: int = 0,
+    model_size: float | None = None,
+    title: str = "",
+) -> tuple[str, list[BestAlpha], SurfaceFit]:
     """:func:`run_planner_report` returning also the best-alpha posteriors (observed R values and
     ``extra_repetitions``) and the fit."""
     res = load_results(csv_path, model_size=model_size)
@@ -360,16 +442,21 @@ def planner_report(csv_path: str | Path, out_dir: str | Path, *, extra_repetitio
     out.mkdir(parents=True, exist_ok=True)
     plot_surface(fit, res, out / "alpha_surface.png", title=title, best=best)
     plot_best_alpha(best, out / "best_alpha.png", title=title)
-    lines = [format_fit(fit), "best alpha per R (posterior sampling, alpha on the k/256 grid):",
-             f"  {'R':>6}  {'mode':>6}  {'median':>6}  {'80% interval':>15}  {'argmax mean':>11}  "
-             f"{'P(mode+-1/16)':>13}  {'E[max f - f(1)]':>17}  {'mean gain at argmax':>19}"]
+    lines = [
+        format_fit(fit),
+        "best alpha per R (posterior sampling, alpha on the k/256 grid):",
+        f"  {'R':>6}  {'mode':>6}  {'median':>6}  {'80% interval':>15}  {'argmax mean':>11}  "
+        f"{'P(mode+-1/16)':>13}  {'E[max f - f(1)]':>17}  {'mean gain at argmax':>19}",
+    ]
     for b in best:
         lo, hi = fit.log_r_range
         extrapolated = not lo - 1e-9 <= math.log2(b.repetitions) <= hi + 1e-9
-        lines.append(f"  {b.repetitions:>6g}  {b.map_alpha:>6.3f}  {b.median:>6.3f}  "
-                     f"[{b.interval[0]:.3f}, {b.interval[1]:.3f}]  "
-                     f"{b.mean_best_alpha:>11.3f}  {b.prob_within(b.map_alpha - 1 / 16, b.map_alpha + 1 / 16):>13.2f}"
-                     f"  {b.expected_gain:>+9.4g} +- {b.gain_std:<5.2g}  {b.plugin_gain:>+19.4g}"
-                     + ("  (outside the observed R range: extrapolated)" if extrapolated else ""))
+        lines.append(
+            f"  {b.repetitions:>6g}  {b.map_alpha:>6.3f}  {b.median:>6.3f}  "
+            f"[{b.interval[0]:.3f}, {b.interval[1]:.3f}]  "
+            f"{b.mean_best_alpha:>11.3f}  {b.prob_within(b.map_alpha - 1 / 16, b.map_alpha + 1 / 16):>13.2f}"
+            f"  {b.expected_gain:>+9.4g} +- {b.gain_std:<5.2g}  {b.plugin_gain:>+19.4g}"
+            + ("  (outside the observed R range: extrapolated)" if extrapolated else "")
+        )
     lines.append(f"plots: {out / 'alpha_surface.png'}, {out / 'best_alpha.png'}")
     return "\n".join(lines), best, fit

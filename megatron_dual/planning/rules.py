@@ -47,10 +47,14 @@ TARGET_AR_REPETITIONS = 16
 AR_REPETITION_BAND = (8, 32)
 REGULAR_MAX_R = 16
 CONSTRAINED_MIN_R = 32
-REMARK_1 = ("Remark 1 (Regular data settings): Train with alpha ~ 63/64 to gain strong bidirectional performance "
-            "without losing autoregressive quality.")
-REMARK_2 = ("Remark 2 (Data-constrained settings): Choose alpha that exposes the autoregressive objective to roughly "
-            "16 repetitions of the training data.")
+REMARK_1 = (
+    "Remark 1 (Regular data settings): Train with alpha ~ 63/64 to gain strong bidirectional performance "
+    "without losing autoregressive quality."
+)
+REMARK_2 = (
+    "Remark 2 (Data-constrained settings): Choose alpha that exposes the autoregressive objective to roughly "
+    "16 repetitions of the training data."
+)
 BAND_TEXT = "exceeding 32 AR repetitions causes overfitting while fewer than 8 leads to underfitting"
 # The published recommendations per regime (model card, "Recommended Configurations"), shown for comparison only.
 PAPER_PICKS: dict[int, Fraction] = {1: Fraction(63, 64), 32: Fraction(3, 4), 128: Fraction(1, 8)}
@@ -79,8 +83,10 @@ def repetitions_from_tokens(unique_tokens: float, budget_tokens: float) -> float
         raise ValueError(f"--budget-tokens = {budget_tokens}: must be positive")
     r = budget_tokens / unique_tokens
     if r < 1:
-        raise ValueError(f"--budget-tokens = {budget_tokens:,.0f} is less than --unique-tokens = {unique_tokens:,.0f}: "
-                         f"R = {r:.3g} < 1 (the budget does not even cover the data once; R >= 1 is required)")
+        raise ValueError(
+            f"--budget-tokens = {budget_tokens:,.0f} is less than --unique-tokens = {unique_tokens:,.0f}: "
+            f"R = {r:.3g} < 1 (the budget does not even cover the data once; R >= 1 is required)"
+        )
     return r
 
 
@@ -94,8 +100,10 @@ def recommend_alpha(repetitions: float) -> Recommendation:
     elif r <= CONSTRAINED_MIN_R:
         alpha = min(float(REGULAR_ALPHA), TARGET_AR_REPETITIONS / r)
         regime = "transition"
-        rule = (f"16 < R <= 32 (no rule in the paper): alpha = min(63/64, 16/R), Remark 2's curve continued until it "
-                f"meets Remark 1 at R = 16.25. {REMARK_2}")
+        rule = (
+            f"16 < R <= 32 (no rule in the paper): alpha = min(63/64, 16/R), Remark 2's curve continued until it "
+            f"meets Remark 1 at R = 16.25. {REMARK_2}"
+        )
     else:
         alpha, regime, rule = TARGET_AR_REPETITIONS / r, "data-constrained", REMARK_2
     lo, hi = AR_REPETITION_BAND
@@ -151,8 +159,11 @@ def realise_alpha(target: float, devices: int, slots: int, *, exact: bool = Fals
             check_alpha(target, devices, slots)
         except ConfigError as e:
             values = realisable_alphas(devices, slots)
-            listing = ", ".join(str(v) for v in values) if len(values) <= 33 else (
-                ", ".join(str(v) for v in values[:8]) + ", ..., " + ", ".join(str(v) for v in values[-8:]))
+            listing = (
+                ", ".join(str(v) for v in values)
+                if len(values) <= 33
+                else (", ".join(str(v) for v in values[:8]) + ", ..., " + ", ".join(str(v) for v in values[-8:]))
+            )
             raise ConfigError(f"{e}\nrealisable with {devices} x {slots}: {listing}") from None
     k = math.floor(target * n + 0.5)
     k = min(n, max(0, k))
@@ -162,8 +173,17 @@ def realise_alpha(target: float, devices: int, slots: int, *, exact: bool = Fals
     per_rank = [schedule.slots(rank, 0) for rank in range(devices)]
     all_ar = sum(all(o == AR for o in objs) for objs in per_rank)
     all_md = sum(all(o != AR for o in objs) for objs in per_rank)
-    return LayoutPlan(devices, slots, float(target), schedule.n_ar, schedule.alpha,
-                      tuple(sorted({lower, upper})), all_ar, all_md, devices - all_ar - all_md)
+    return LayoutPlan(
+        devices,
+        slots,
+        float(target),
+        schedule.n_ar,
+        schedule.alpha,
+        tuple(sorted({lower, upper})),
+        all_ar,
+        all_md,
+        devices - all_ar - all_md,
+    )
 
 
 def slots_for_exact(target: Fraction, devices: int) -> int:
@@ -171,9 +191,14 @@ def slots_for_exact(target: Fraction, devices: int) -> int:
     return target.denominator // math.gcd(target.denominator, devices)
 
 
-def config_lines(plan: LayoutPlan, preset: str | None = None, repetitions: float | None = None,
-                 data_fields: tuple[str, str] | None = None, budget_tokens: float | None = None,
-                 gpus_per_node: int = 8) -> list[str]:
+def config_lines(
+    plan: LayoutPlan,
+    preset: str | None = None,
+    repetitions: float | None = None,
+    data_fields: tuple[str, str] | None = None,
+    budget_tokens: float | None = None,
+    gpus_per_node: int = 8,
+) -> list[str]:
     """Lines to paste: YAML-style ``section.field=value`` overrides and the launch command."""
     k, n = plan.ar_slots, plan.total
     lines = [f"objective.alpha={k}/{n}", f"train.grad_accum={plan.slots}"]
@@ -188,7 +213,9 @@ def config_lines(plan: LayoutPlan, preset: str | None = None, repetitions: float
     elif plan.devices <= gpus_per_node or plan.devices % gpus_per_node:
         launch = f"torchrun --nproc_per_node={plan.devices} -m megatron_dual.train"
     else:
-        launch = (f"torchrun --nnodes={plan.devices // gpus_per_node} --nproc_per_node={gpus_per_node} "
-                  f"--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 -m megatron_dual.train")
+        launch = (
+            f"torchrun --nnodes={plan.devices // gpus_per_node} --nproc_per_node={gpus_per_node} "
+            f"--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 -m megatron_dual.train"
+        )
     lines.append(f"{launch}{f' --preset {preset}' if preset else ''} {sets}")
     return lines

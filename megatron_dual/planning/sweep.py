@@ -103,8 +103,9 @@ class SubsetInfo:
     valid_tokens: int
 
 
-def _take_training_tokens(src: IndexedDataset, source: str, train_docs: np.ndarray, train_samples: int, seq_len: int,
-                          seed: int) -> tuple[np.ndarray, int, int]:
+def _take_training_tokens(
+    src: IndexedDataset, source: str, train_docs: np.ndarray, train_samples: int, seq_len: int, seed: int
+) -> tuple[np.ndarray, int, int]:
     """The first documents of a seeded permutation of ``train_docs`` that hold the ``train_samples`` samples'
     tokens -> (those documents, how many, the tokens kept of the last one)."""
     need = train_samples * seq_len + 1  # PackedDataset: len = (tokens - 1) // seq_len
@@ -113,8 +114,10 @@ def _take_training_tokens(src: IndexedDataset, source: str, train_docs: np.ndarr
     cum = np.cumsum(lengths)
     if cum.size == 0 or cum[-1] < need:
         have = int(cum[-1]) if cum.size else 0
-        raise ValueError(f"{source} has {have:,} training tokens; {train_samples} samples of {seq_len} need {need:,}"
-                         f" (lower the repetition count's unique tokens: raise R or lower the budget)")
+        raise ValueError(
+            f"{source} has {have:,} training tokens; {train_samples} samples of {seq_len} need {need:,}"
+            f" (lower the repetition count's unique tokens: raise R or lower the budget)"
+        )
     n_sel = int(np.searchsorted(cum, need)) + 1
     last_len = need - (int(cum[n_sel - 2]) if n_sel > 1 else 0)
     return order[:n_sel], n_sel, last_len
@@ -137,8 +140,9 @@ def _subset_layout(n_sel: int, valid_docs: np.ndarray, seed: int) -> tuple[list[
     return slot, vf
 
 
-def write_repetition_subset(source: str, prefix: str, train_samples: int, seq_len: int, *,
-                            valid_fraction: float, seed: int) -> SubsetInfo:
+def write_repetition_subset(
+    source: str, prefix: str, train_samples: int, seq_len: int, *, valid_fraction: float, seed: int
+) -> SubsetInfo:
     """Write ``prefix``.bin/.idx: exactly ``train_samples`` packed training samples of ``seq_len + 1`` tokens (the
     first documents of a seeded permutation of the source's training split, the last one truncated) and all of the
     source's held-out documents, placed where the trainer's ``split_documents`` will look for them."""
@@ -262,17 +266,26 @@ def _subset_fields(sw: _Sweep, r: float, subsets: dict[float, SubsetInfo]) -> tu
     """R realised by a subset dataset (written once per R into ``subsets``) -> (config fields, unique tokens)."""
     samples = sw.steps * sw.seqs_per_step / r
     if abs(samples - round(samples)) > 1e-9:
-        raise ValueError(f"R = {r:g}: {sw.steps} steps x {sw.seqs_per_step} sequences / R = {samples:g} is not a "
-                         f"whole number of unique samples; choose steps as a multiple of "
-                         f"{Fraction(r).limit_denominator(ALPHA_MAX_DENOMINATOR).numerator}")
+        raise ValueError(
+            f"R = {r:g}: {sw.steps} steps x {sw.seqs_per_step} sequences / R = {samples:g} is not a "
+            f"whole number of unique samples; choose steps as a multiple of "
+            f"{Fraction(r).limit_denominator(ALPHA_MAX_DENOMINATOR).numerator}"
+        )
     if r not in subsets:
         tag = f"{r:g}".replace(".", "p")
         subsets[r] = write_repetition_subset(
-            sw.data_path, str(sw.out / "data" / f"reps{tag}_text_document"), int(round(samples)),
-            sw.base.data.seq_len, valid_fraction=sw.base.data.valid_fraction, seed=sw.base.data.seed)
+            sw.data_path,
+            str(sw.out / "data" / f"reps{tag}_text_document"),
+            int(round(samples)),
+            sw.base.data.seq_len,
+            valid_fraction=sw.base.data.valid_fraction,
+            seed=sw.base.data.seed,
+        )
     info = subsets[r]
-    data_fields: dict[str, Any] = {"data.path": os.path.abspath(info.prefix),
-                                   "data.valid_fraction": info.valid_fraction}
+    data_fields: dict[str, Any] = {
+        "data.path": os.path.abspath(info.prefix),
+        "data.valid_fraction": info.valid_fraction,
+    }
     return data_fields, info.unique_tokens
 
 
@@ -281,8 +294,11 @@ def _native_fields(sw: _Sweep, r: float) -> tuple[dict[str, Any], int]:
     assert sw.native is not None
     rep_field, tok_field = sw.native
     unique = int(sw.budget // r)  # the trainer rounds its subset up to whole samples (+2 for blend rounding)
-    data_fields = {"data.path": os.path.abspath(sw.data_path), f"data.{rep_field}": int(r),
-                   f"data.{tok_field}": sw.budget}
+    data_fields = {
+        "data.path": os.path.abspath(sw.data_path),
+        f"data.{rep_field}": int(r),
+        f"data.{tok_field}": sw.budget,
+    }
     return data_fields, unique
 
 
@@ -301,28 +317,49 @@ def _write_task(sw: _Sweep, task: int, r: float, a: Fraction, data_fields: dict[
         "output_dir": os.path.abspath(run_dir),
         "objective.alpha": Fraction(k, total),
         "train.steps": sw.steps,
-        "schedule.decay_steps": _decay_steps(sw.decay_fraction, sw.steps) if sw.base.schedule.name == "wsd"
+        "schedule.decay_steps": _decay_steps(sw.decay_fraction, sw.steps)
+        if sw.base.schedule.name == "wsd"
         else sw.base.schedule.decay_steps,
         **data_fields,
     }
     tree = _nest(flat)
     cfg_path = sw.out / "configs" / f"{name}.yaml"
-    header = (f"# sweep task {task}: R = {r:g}, alpha = {k}/{total}; generated by tools/sweep.py\n"
-              f"preset: {sw.preset}\n")
+    header = f"# sweep task {task}: R = {r:g}, alpha = {k}/{total}; generated by tools/sweep.py\npreset: {sw.preset}\n"
     merged = _merge(parse_overrides(list(sw.overrides)), tree)
     cfg_path.write_text(header + yaml.safe_dump(merged, sort_keys=False))
     load_config(cfg_path)  # validates (single-process view; alpha was checked against devices x slots)
-    return SweepTask(task, r, str(Fraction(k, total)), flat["output_dir"], str(cfg_path.resolve()),
-                     sw.steps, unique, sw.budget, "subset" if "data.valid_fraction" in data_fields
-                     else "data-fields",
-                     str(data_fields["data.path"]), sw.n_params)
+    return SweepTask(
+        task,
+        r,
+        str(Fraction(k, total)),
+        flat["output_dir"],
+        str(cfg_path.resolve()),
+        sw.steps,
+        unique,
+        sw.budget,
+        "subset" if "data.valid_fraction" in data_fields else "data-fields",
+        str(data_fields["data.path"]),
+        sw.n_params,
+    )
 
 
-def generate_sweep(out_dir: str | Path, *, preset: str, data_path: str, repetitions: Sequence[float],
-                   alphas: Sequence[str | float | Fraction], budget_tokens: int | None = None,
-                   steps: int | None = None, devices: int = 1, overrides: Sequence[str] = (),
-                   decay_fraction: float = 0.25, job_name: str = "dual-sweep", max_parallel: int = 0,
-                   slurm_extra: Sequence[str] = (), force_subset: bool = False) -> list[SweepTask]:
+def generate_sweep(
+    out_dir: str | Path,
+    *,
+    preset: str,
+    data_path: str,
+    repetitions: Sequence[float],
+    alphas: Sequence[str | float | Fraction],
+    budget_tokens: int | None = None,
+    steps: int | None = None,
+    devices: int = 1,
+    overrides: Sequence[str] = (),
+    decay_fraction: float = 0.25,
+    job_name: str = "dual-sweep",
+    max_parallel: int = 0,
+    slurm_extra: Sequence[str] = (),
+    force_subset: bool = False,
+) -> list[SweepTask]:
     """Write configs, manifest, sbatch and local script for the grid ``repetitions x alphas`` (see module doc).
 
     The budget (the same for every task) is ``steps`` optimizer steps, or ``budget_tokens`` rounded down to whole
@@ -344,8 +381,21 @@ def generate_sweep(out_dir: str | Path, *, preset: str, data_path: str, repetiti
     for a in alpha_fracs:
         check_alpha(float(a), devices, slots)
     native = None if force_subset else repetition_fields()
-    sw = _Sweep(out, preset, data_path, base, overrides, devices, slots, steps, per_step // base.data.seq_len,
-                steps * per_step, decay_fraction, native, _param_count(base))
+    sw = _Sweep(
+        out,
+        preset,
+        data_path,
+        base,
+        overrides,
+        devices,
+        slots,
+        steps,
+        per_step // base.data.seq_len,
+        steps * per_step,
+        decay_fraction,
+        native,
+        _param_count(base),
+    )
 
     (out / "configs").mkdir(parents=True, exist_ok=True)
     tasks: list[SweepTask] = []
@@ -358,13 +408,19 @@ def generate_sweep(out_dir: str | Path, *, preset: str, data_path: str, repetiti
         for a in alpha_fracs:
             tasks.append(_write_task(sw, len(tasks), r, a, data_fields, unique))
 
-    manifest = {"preset": preset, "source_data": os.path.abspath(data_path), "devices": devices,
-                "steps": steps, "tokens_per_step": per_step, "budget_tokens": sw.budget,
-                "overrides": list(overrides), "tasks": [t.to_dict() for t in tasks],
-                "subsets": {f"{r:g}": dataclasses.asdict(s) for r, s in subsets.items()}}
+    manifest = {
+        "preset": preset,
+        "source_data": os.path.abspath(data_path),
+        "devices": devices,
+        "steps": steps,
+        "tokens_per_step": per_step,
+        "budget_tokens": sw.budget,
+        "overrides": list(overrides),
+        "tasks": [t.to_dict() for t in tasks],
+        "subsets": {f"{r:g}": dataclasses.asdict(s) for r, s in subsets.items()},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    _write_scripts(out, tasks, devices=devices, job_name=job_name, max_parallel=max_parallel,
-                   slurm_extra=slurm_extra)
+    _write_scripts(out, tasks, devices=devices, job_name=job_name, max_parallel=max_parallel, slurm_extra=slurm_extra)
     return tasks
 
 
@@ -375,12 +431,16 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return outd
 
 
-def _write_scripts(out: Path, tasks: list[SweepTask], *, devices: int, job_name: str, max_parallel: int,
-                   slurm_extra: Sequence[str]) -> None:
+def _write_scripts(
+    out: Path, tasks: list[SweepTask], *, devices: int, job_name: str, max_parallel: int, slurm_extra: Sequence[str]
+) -> None:
     n = len(tasks)
     throttle = f"%{max_parallel}" if max_parallel else ""
-    launch = ("python -m megatron_dual.train" if devices == 1 else
-              f"torchrun --nnodes=1 --nproc_per_node={devices} -m megatron_dual.train")
+    launch = (
+        "python -m megatron_dual.train"
+        if devices == 1
+        else f"torchrun --nnodes=1 --nproc_per_node={devices} -m megatron_dual.train"
+    )
     extra = "".join(f"#SBATCH {line}\n" for line in slurm_extra)
     sbatch = (
         "#!/bin/bash\n"
@@ -398,11 +458,17 @@ def _write_scripts(out: Path, tasks: list[SweepTask], *, devices: int, job_name:
         f'srun {launch} --config "$CONFIG" --quiet\n'
     )
     (out / "sweep.sbatch").write_text(sbatch)
-    lines = ["#!/bin/bash", "# The sweep's tasks one after another on this machine (resumes finished/unfinished runs).",
-             "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
+    lines = [
+        "#!/bin/bash",
+        "# The sweep's tasks one after another on this machine (resumes finished/unfinished runs).",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(Path.cwd()))}",
+    ]
     for t in tasks:
-        lines.append(f"nice -n 10 {launch} --config {shlex.quote(t.config)} --quiet "
-                     f"> {shlex.quote(str(out.resolve() / 'logs' / f'task_{t.task:03d}.log'))} 2>&1")
+        lines.append(
+            f"nice -n 10 {launch} --config {shlex.quote(t.config)} --quiet "
+            f"> {shlex.quote(str(out.resolve() / 'logs' / f'task_{t.task:03d}.log'))} 2>&1"
+        )
     (out / "logs").mkdir(exist_ok=True)
     script = out / "run_local.sh"
     script.write_text("\n".join(lines) + "\n")
@@ -430,8 +496,15 @@ def _finished(task: dict[str, Any]) -> bool:
         return False
 
 
-def run_local(sweep_dir: str | Path, tasks: Sequence[int] | None = None, *, threads: int = 0,
-              nice: int = 10, dry_run: bool = False, in_process: bool = False) -> list[dict[str, Any]]:
+def run_local(
+    sweep_dir: str | Path,
+    tasks: Sequence[int] | None = None,
+    *,
+    threads: int = 0,
+    nice: int = 10,
+    dry_run: bool = False,
+    in_process: bool = False,
+) -> list[dict[str, Any]]:
     """Run the sweep's tasks (all, or ``tasks``) one after another in subprocesses (or, with ``in_process``, in this
     process: no interpreter start-up per task; ``nice`` is then ignored); finished runs are skipped, unfinished ones
     resume. Returns one record per task: task, status (done | skipped | failed), returncode, log."""
@@ -458,8 +531,9 @@ def run_local(sweep_dir: str | Path, tasks: Sequence[int] | None = None, *, thre
             continue
         with log.open("w") as fh:
             rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        records.append({"task": t["task"], "status": "done" if rc == 0 else "failed", "returncode": rc,
-                        "log": str(log)})
+        records.append(
+            {"task": t["task"], "status": "done" if rc == 0 else "failed", "returncode": rc, "log": str(log)}
+        )
     return records
 
 
@@ -482,12 +556,27 @@ def _run_in_process(task: dict[str, Any], log: Path, threads: int) -> dict[str, 
 
 # ------------------------------------------------------------------------------------------------ collecting
 
-RESULT_COLUMNS = ("repetitions", "alpha", "score", "val_ar_loss", "val_md_loss", "model_size", "steps",
-                  "unique_tokens", "task")
+RESULT_COLUMNS = (
+    "repetitions",
+    "alpha",
+    "score",
+    "val_ar_loss",
+    "val_md_loss",
+    "model_size",
+    "steps",
+    "unique_tokens",
+    "task",
+)
 
 
-def collect_results(sweep_dir: str | Path, out_csv: str | Path, *, metric: str = "val_ar_loss",
-                    lower_is_better: bool = True, strict: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+def collect_results(
+    sweep_dir: str | Path,
+    out_csv: str | Path,
+    *,
+    metric: str = "val_ar_loss",
+    lower_is_better: bool = True,
+    strict: bool = False,
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Read every task's ``summary.json`` and write results.csv (columns :data:`RESULT_COLUMNS`); score is
     ``metric`` negated when ``lower_is_better`` (the planner maximises score). Returns (rows, missing tasks)."""
     manifest = load_manifest(sweep_dir)
@@ -508,10 +597,19 @@ def collect_results(sweep_dir: str | Path, out_csv: str | Path, *, metric: str =
         if not math.isfinite(value):
             missing.append(f"task {t['task']}: {metric} = {value}")
             continue
-        rows.append({"repetitions": t["repetitions"], "alpha": float(Fraction(t["alpha"])),
-                     "score": -value if lower_is_better else value, "val_ar_loss": s.get("val_ar_loss", ""),
-                     "val_md_loss": s.get("val_md_loss", ""), "model_size": t["model_params"],
-                     "steps": s["steps"], "unique_tokens": t["unique_tokens"], "task": t["task"]})
+        rows.append(
+            {
+                "repetitions": t["repetitions"],
+                "alpha": float(Fraction(t["alpha"])),
+                "score": -value if lower_is_better else value,
+                "val_ar_loss": s.get("val_ar_loss", ""),
+                "val_md_loss": s.get("val_md_loss", ""),
+                "model_size": t["model_params"],
+                "steps": s["steps"],
+                "unique_tokens": t["unique_tokens"],
+                "task": t["task"],
+            }
+        )
     if strict and missing:
         raise ConfigError("missing results:\n  " + "\n  ".join(missing))
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)

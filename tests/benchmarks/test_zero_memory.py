@@ -9,8 +9,9 @@ import pytest
 from megatron_dual.config import load_config
 from megatron_dual.model.transformer import DualTransformer, param_counts
 
-spec = importlib.util.spec_from_file_location("zero_memory", Path(__file__).resolve().parents[2] / "benchmarks"
-                                              / "zero_memory.py")
+spec = importlib.util.spec_from_file_location(
+    "zero_memory", Path(__file__).resolve().parents[2] / "benchmarks" / "zero_memory.py"
+)
 zm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(zm)
 

@@ -139,6 +139,7 @@ def test_reader_accepts_multi_sequence_documents(tmp_path, megatron_indexed):
 
 # --------------------------------------------------------------------------------------------- corruption
 
+
 @pytest.fixture
 def data_good(tmp_path):
     return data_write(str(tmp_path / "data_text_document"), data_documents(4, n=10), np.uint16)

@@ -115,8 +115,7 @@ def test_build_datasets_budget_and_R(tmp_path):
     prefix = _corpus(tmp_path)
     ds = IndexedDataset(prefix)
     L, R, budget = 16, 4, 16 * 40
-    train, valid, fp, plan = build_datasets(prefix, L, seed=1, valid_fraction=0.1, budget_tokens=budget,
-                                            repetitions=R)
+    train, valid, fp, plan = build_datasets(prefix, L, seed=1, valid_fraction=0.1, budget_tokens=budget, repetitions=R)
     tr, va = split_documents(len(ds), 0.1, 1)
     subset = train.documents
     need = (40 + 2) * L  # the dataset's share plus two samples of rounding slack
@@ -138,8 +137,9 @@ def test_build_datasets_budget_and_R(tmp_path):
 def test_blend_from_data_path_and_resume(tmp_path):
     a, b = _corpus(tmp_path, "a", 150, 100), _corpus(tmp_path, "b", 150, 1000)
     L = 8
-    train, valid, fp, plan = build_datasets(f"0.7 {a} 0.3 {b}", L, seed=0, valid_fraction=0.05, budget_tokens=L * 200,
-                                            repetitions=2)
+    train, valid, fp, plan = build_datasets(
+        f"0.7 {a} 0.3 {b}", L, seed=0, valid_fraction=0.05, budget_tokens=L * 200, repetitions=2
+    )
     assert isinstance(train, BlendedDataset) and len(train) == 200
     assert [round(w, 3) for w in plan.weights] == [0.7, 0.3]
     frac = np.mean([train.source(p)[0] == 0 for p in range(200)])
@@ -172,9 +172,14 @@ def test_parse_data_path(tmp_path):
     shards = parse_data_path(f"2 {tmp_path}/shard_text_document_*")
     assert [p for _, p in shards] == [str(tmp_path / f"shard_text_document_{k:03d}") for k in range(3)]
     assert all(w == -2 for w, _ in shards)
-    for bad, msg in [(f"0.7 {a} 0.3", "pairs"), (f"{a} 0.3", "mixes weights"), (f"0 {a}", "positive"),
-                     (f"1 {tmp_path}/nope", "nope.idx does not exist"), (f"{tmp_path}/zz*", "matches no .idx"),
-                     ("", "empty")]:
+    for bad, msg in [
+        (f"0.7 {a} 0.3", "pairs"),
+        (f"{a} 0.3", "mixes weights"),
+        (f"0 {a}", "positive"),
+        (f"1 {tmp_path}/nope", "nope.idx does not exist"),
+        (f"{tmp_path}/zz*", "matches no .idx"),
+        ("", "empty"),
+    ]:
         with pytest.raises(loader.DataPathError, match=msg):
             parse_data_path(bad)
     # a weighted glob shares its weight by tokens; unweighted entries are weighted by tokens
@@ -247,8 +252,15 @@ def test_index_building_scales(tmp_path):
     prefix = str(tmp_path / "big")
     total = _synthetic_idx(prefix, 2_000_000, 500)
     t0 = time.perf_counter()
-    train, _, _, plan = build_datasets(prefix, 2048, seed=0, valid_fraction=0.001, budget_tokens=total // 2,
-                                       repetitions=4, cache_dir=str(tmp_path / "cache"))
+    train, _, _, plan = build_datasets(
+        prefix,
+        2048,
+        seed=0,
+        valid_fraction=0.001,
+        budget_tokens=total // 2,
+        repetitions=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
     sample = train[len(train) - 1]
     dt = time.perf_counter() - t0
     assert sample["tokens"].shape == (2049,) and plan.subset_documents[0] < 2_000_000 // 7

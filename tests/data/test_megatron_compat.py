@@ -23,8 +23,7 @@ def mid():
 def test_megatron_reads_preprocess_outputs(tmp_path, mid):
     texts = [f"Document {i}: " + "words and more words. " * (i % 5) for i in range(25)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    preprocess([str(tmp_path / "a.jsonl")], str(tmp_path / "p"), "ltg", partitions=2, append_eod=True,
-               log_interval=0)
+    preprocess([str(tmp_path / "a.jsonl")], str(tmp_path / "p"), "ltg", partitions=2, append_eod=True, log_interval=0)
     preprocess([str(tmp_path / "a.jsonl")], str(tmp_path / "w"), "ltg", append_eod=True, log_interval=0)
     tok = load_tokenizer("ltg")
     m = mid.IndexedDataset(str(tmp_path / "w_text_document"))

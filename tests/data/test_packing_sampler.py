@@ -89,11 +89,13 @@ def test_packing_too_little_data(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ sampler
 
+
 def test_split_documents_deterministic_and_disjoint():
     train, valid = split_documents(100, 0.1, seed=3)
     assert len(valid) == 10 and len(train) == 90
     assert set(train.tolist()).isdisjoint(valid.tolist()) and set(train.tolist()) | set(valid.tolist()) == set(
-        range(100))
+        range(100)
+    )
     assert np.all(np.diff(train) > 0) and np.all(np.diff(valid) > 0)
     t2, v2 = split_documents(100, 0.1, seed=3)
     assert np.array_equal(train, t2) and np.array_equal(valid, v2)

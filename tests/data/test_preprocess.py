@@ -122,11 +122,13 @@ def test_sentencepiece_and_generic_hf_tokenizers(tmp_path):
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(DOCS * 20))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=120,
-                                   model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=120, model_type="bpe", minloglevel=2
+    )
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:4]))
-    s = preprocess([str(tmp_path / "a.jsonl")], str(tmp_path / "sp"), str(tmp_path / "sp.model"), append_eod=True,
-                   log_interval=0)
+    s = preprocess(
+        [str(tmp_path / "a.jsonl")], str(tmp_path / "sp"), str(tmp_path / "sp.model"), append_eod=True, log_interval=0
+    )
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     ds = IndexedDataset(str(tmp_path / "sp_text_document"))
     assert s["encoder"] == "sentencepiece" and ds.dtype is np.uint16
@@ -139,8 +141,9 @@ def test_sentencepiece_and_generic_hf_tokenizers(tmp_path):
     tok.save(str(tmp_path / "wl.json"))
     with pytest.raises(ValueError, match="no BOS.*--no-bos"):
         preprocess([str(tmp_path / "a.jsonl")], str(tmp_path / "wl"), str(tmp_path / "wl.json"), log_interval=0)
-    s = preprocess([str(tmp_path / "a.jsonl")], str(tmp_path / "wl"), str(tmp_path / "wl.json"), add_bos=False,
-                   log_interval=0)
+    s = preprocess(
+        [str(tmp_path / "a.jsonl")], str(tmp_path / "wl"), str(tmp_path / "wl.json"), add_bos=False, log_interval=0
+    )
     assert s["encoder"] == "hf" and s["dtype"] == "uint16"
     assert IndexedDataset(str(tmp_path / "wl_text_document"))[1].tolist() == tok.encode(DOCS[1]).ids
 
@@ -148,9 +151,20 @@ def test_sentencepiece_and_generic_hf_tokenizers(tmp_path):
 def test_fast_ltg_encoder_equals_library_encode():
     fast, ref = load_encoder("ltg"), HFEncoder(LTG_TOKENIZER_PATH, "ltg")
     assert isinstance(fast, LtgFastEncoder)
-    weird = ["a\x1cb\x1fc\x85d\xa0e\u3000f\u200bg\u2028h\u2029i\tj\r\nk\r\rl\v m\f n", "  lead  trail  \n\n  x \n",
-             "", " ", "\n", "ǅemal ǈ Ⅻ ⅻ ᾈ", "tab\t\tx  \t y\u00ad-z", "a\u0300\u0300b " * 3, "\ud7ff\ue000\uffff",
-             "ΑΒΓ αβγ ΣΑΣ ß ẞ", "don't  stop!!!  ...\n\n\n--\r\n", "12345678901234567890"] + DOCS
+    weird = [
+        "a\x1cb\x1fc\x85d\xa0e\u3000f\u200bg\u2028h\u2029i\tj\r\nk\r\rl\v m\f n",
+        "  lead  trail  \n\n  x \n",
+        "",
+        " ",
+        "\n",
+        "ǅemal ǈ Ⅻ ⅻ ᾈ",
+        "tab\t\tx  \t y\u00ad-z",
+        "a\u0300\u0300b " * 3,
+        "\ud7ff\ue000\uffff",
+        "ΑΒΓ αβγ ΣΑΣ ß ẞ",
+        "don't  stop!!!  ...\n\n\n--\r\n",
+        "12345678901234567890",
+    ] + DOCS
     assert [list(x) for x in fast.encode_many(weird)] == [list(x) for x in ref.encode_many(weird)]
     # the piece cache serves repeats identically
     assert [list(x) for x in fast.encode_many(weird)] == [list(x) for x in ref.encode_many(weird)]
@@ -160,8 +174,15 @@ def test_fast_ltg_encoder_equals_library_encode():
 def _bad_corpus(tmp_path: Path) -> tuple[list[str], list[tuple[str, int, str]]]:
     good = [json.dumps({"text": t}) for t in DOCS[:3]]
     j = tmp_path / "a.jsonl"
-    j.write_bytes("\n".join([good[0], '{"text": "unterminated', json.dumps({"other": "x"}), json.dumps({"text": " "}),
-                             good[1]]).encode() + b"\n" + b'{"text": "caf\xe9"}\n' + good[2].encode() + b"\n")
+    j.write_bytes(
+        "\n".join(
+            [good[0], '{"text": "unterminated', json.dumps({"other": "x"}), json.dumps({"text": " "}), good[1]]
+        ).encode()
+        + b"\n"
+        + b'{"text": "caf\xe9"}\n'
+        + good[2].encode()
+        + b"\n"
+    )
     raw = "".join(json.dumps({"text": f"doc {i} {DOCS[0]}"}) + "\n" for i in range(3000)).encode()
     gz = tmp_path / "b.jsonl.gz"
     gz.write_bytes(gzip.compress(raw)[:4000])  # truncated mid-stream
@@ -169,9 +190,15 @@ def _bad_corpus(tmp_path: Path) -> tuple[list[str], list[tuple[str, int, str]]]:
     zs.write_bytes(zstandard.ZstdCompressor().compress(raw)[:3000])
     empty = tmp_path / "d.txt"
     empty.write_text("  \n")
-    expected = [(str(j), 2, "invalid JSON"), (str(j), 3, "missing key 'text'"), (str(j), 4, "empty text in key 'text'"),
-                (str(j), 6, "not valid UTF-8"), (str(gz), None, "truncated .gz stream"),
-                (str(zs), None, "truncated .zst stream"), (str(empty), 1, "empty file")]
+    expected = [
+        (str(j), 2, "invalid JSON"),
+        (str(j), 3, "missing key 'text'"),
+        (str(j), 4, "empty text in key 'text'"),
+        (str(j), 6, "not valid UTF-8"),
+        (str(gz), None, "truncated .gz stream"),
+        (str(zs), None, "truncated .zst stream"),
+        (str(empty), 1, "empty file"),
+    ]
     return [str(j), str(gz), str(zs), str(empty)], expected
 
 
@@ -270,11 +297,29 @@ def test_train_tokenizer_streams_compressed_inputs(tmp_path):
         sys.path.pop(0)
     raw = "".join(json.dumps({"text": d}) + "\n" for d in DOCS * 30) + "not json\n"
     (tmp_path / "c.jsonl.zst").write_bytes(_compress(raw.encode(), "zst"))
-    assert train_tokenizer.main(["--input", str(tmp_path), "--vocab-size", "400", "--output", str(tmp_path / "tok"),
-                                 "--max-documents", "100"]) == 0
+    assert (
+        train_tokenizer.main(
+            [
+                "--input",
+                str(tmp_path),
+                "--vocab-size",
+                "400",
+                "--output",
+                str(tmp_path / "tok"),
+                "--max-documents",
+                "100",
+            ]
+        )
+        == 0
+    )
     tok = load_tokenizer(str(tmp_path / "tok"))
-    assert tok.vocab_size == 400 and [tok.id_to_token(i) for i in range(5)] == ["<unk>", "<s>", "</s>", "<pad>",
-                                                                                "<mask>"]
+    assert tok.vocab_size == 400 and [tok.id_to_token(i) for i in range(5)] == [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
+        "<mask>",
+    ]
     assert isinstance(load_encoder(str(tmp_path / "tok")), LtgFastEncoder)  # trained tokenizers get the fast path
 
 
@@ -371,7 +416,9 @@ def test_txt_inputs_and_multiple_keys(tmp_path, ltg):
     ds = IndexedDataset(str(tmp_path / "t_text_document"))
     assert len(ds) == 2 and ltg.decode(ds[0]) == TEXTS[1] + "\n" and ltg.decode(ds[1]) == TEXTS[6]
     assert [(Path(f).name, line, r.split(" (")[0]) for f, line, r in s["skipped"]] == [
-        ("empty.txt", 1, "empty file"), ("bad.txt", 2, "not valid UTF-8")]
+        ("empty.txt", 1, "empty file"),
+        ("bad.txt", 2, "not valid UTF-8"),
+    ]
 
     j = tmp_path / "two.jsonl"
     j.write_text(json.dumps({"title": "A title", "text": TEXTS[0]}) + "\n" + json.dumps({"text": TEXTS[2]}) + "\n")
@@ -405,8 +452,20 @@ def test_tool_main_and_summary(tmp_path, data_jsonl, capsys):
         import preprocess_data
     finally:
         sys.path.pop(0)
-    rc = preprocess_data.main(["--input", data_jsonl, "--output-prefix", str(tmp_path / "c"), "--tokenizer-model",
-                               "ltg", "--json-keys", "text", "--log-interval", "0"])
+    rc = preprocess_data.main(
+        [
+            "--input",
+            data_jsonl,
+            "--output-prefix",
+            str(tmp_path / "c"),
+            "--tokenizer-model",
+            "ltg",
+            "--json-keys",
+            "text",
+            "--log-interval",
+            "0",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "documents: 7" in out and "tokens/doc" in out and "skipped: 6" in out
@@ -418,9 +477,19 @@ def test_tool_main_and_summary(tmp_path, data_jsonl, capsys):
 
 
 def test_tool_script_missing_input_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input",
-                        str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "preprocess_data.py"),
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -452,8 +521,9 @@ def test_misspelt_json_key_names_keys_seen_and_writes_nothing(tmp_path, capsys):
     assert len(lines) == 1 and "error:" in lines[0], err
     assert "'txt'" in lines[0] and "'text', 'id'" in lines[0], err  # asked for, and seen
     # one good key and one misspelt: still an error, and neither dataset is written
-    rc, err = _run_tool(capsys, ["--input", str(src), "--output-prefix", str(out / "c"), "--json-keys", "text",
-                                 "titel"])
+    rc, err = _run_tool(
+        capsys, ["--input", str(src), "--output-prefix", str(out / "c"), "--json-keys", "text", "titel"]
+    )
     assert rc != 0 and "'titel'" in err and "'text', 'id'" in err and len(err.strip().splitlines()) == 1
     assert not list(out.glob("*"))  # no dataset, no temporaries
     with pytest.raises(ValueError, match="keys seen in the input: 'text', 'id'"):
@@ -497,8 +567,16 @@ def test_special_tokens_in_text_preprocess_option(tmp_path, capsys, mode):
     bins = []
     for workers, fast in ((1, True), (2, True), (1, False)):
         prefix = tmp_path / f"s{workers}{fast}"
-        args = ["--input", str(src), "--output-prefix", str(prefix), "--special-tokens-in-text", mode,
-                "--workers", str(workers)] + ([] if fast else ["--slow-tokenizer"])
+        args = [
+            "--input",
+            str(src),
+            "--output-prefix",
+            str(prefix),
+            "--special-tokens-in-text",
+            mode,
+            "--workers",
+            str(workers),
+        ] + ([] if fast else ["--slow-tokenizer"])
         rc, _ = _run_tool(capsys, args)
         assert rc == 0
         ds = IndexedDataset(str(prefix) + "_text_document")
@@ -512,8 +590,9 @@ def test_special_tokens_in_text_preprocess_option(tmp_path, capsys, mode):
 def test_special_tokens_text_default_for_any_hf_tokenizer(tmp_path):
     import tokenizers
 
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 2, "<": 3, "s": 4, ">": 5},
-                                                           unk_token="<unk>"))
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({"<unk>": 0, "a": 2, "<": 3, "s": 4, ">": 5}, unk_token="<unk>")
+    )
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), "isolated")
     tok.add_special_tokens(["<s>"])
     path = str(tmp_path / "tokenizer.json")

@@ -148,12 +148,28 @@ def test_train_tokenizer_tool(tmp_path):
     assert train_tokenizer.main(["--input", str(corpus), "--vocab-size", "350", "--output", str(tmp_path / "o")]) == 0
     tok = load_tokenizer(str(tmp_path / "o"))
     assert isinstance(tok, Tokenizer) and tok.encode(SENTENCES[0])[0] == 1
-    assert train_tokenizer.main(["--input", str(tmp_path / "missing.txt"), "--vocab-size", "350",
-                                 "--output", str(tmp_path / "o2")]) == 2
+    assert (
+        train_tokenizer.main(
+            ["--input", str(tmp_path / "missing.txt"), "--vocab-size", "350", "--output", str(tmp_path / "o2")]
+        )
+        == 2
+    )
 
 
 def test_train_tokenizer_script_runs_without_traceback(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "train_tokenizer.py"), "--input",
-                        str(tmp_path / "missing.jsonl"), "--vocab-size", "300", "--output", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "train_tokenizer.py"),
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--vocab-size",
+            "300",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr

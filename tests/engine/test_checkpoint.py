@@ -28,10 +28,19 @@ def _train_one(model, opts, schs):
 
 
 def _save(root, step, model, opts, schs, keep_last=0):
-    state = {"optimizers": {k: o.state_dict() for k, o in opts.items()},
-             "schedulers": {k: s.state_dict() for k, s in schs.items()}}
-    return ckpt.save_checkpoint(root, step, model, state, {"step": step, "sampler": {"consumed": step}},
-                                {"model": {"width": model[0].in_features}}, keep_last=keep_last)
+    state = {
+        "optimizers": {k: o.state_dict() for k, o in opts.items()},
+        "schedulers": {k: s.state_dict() for k, s in schs.items()},
+    }
+    return ckpt.save_checkpoint(
+        root,
+        step,
+        model,
+        state,
+        {"step": step, "sampler": {"consumed": step}},
+        {"model": {"width": model[0].in_features}},
+        keep_last=keep_last,
+    )
 
 
 def test_save_load_round_trip_restores_everything(tmp_path):

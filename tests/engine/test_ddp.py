@@ -18,8 +18,18 @@ from megatron_dual.trainer import Trainer
 
 VOCAB = 64
 STEPS = 3
-KEYS = ("loss", "ar_loss", "md_loss", "prefix_loss", "ar_tokens", "md_tokens", "prefix_tokens", "grad_norm", "lr",
-        "alpha")
+KEYS = (
+    "loss",
+    "ar_loss",
+    "md_loss",
+    "prefix_loss",
+    "ar_tokens",
+    "md_tokens",
+    "prefix_tokens",
+    "grad_norm",
+    "lr",
+    "alpha",
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +46,27 @@ def corpus(tmp_path_factory):
 
 def _overrides(corpus, out, slots, extra):
     return [
-        f"output_dir={out}", f"data.path={corpus}", "data.seq_len=16", "data.valid_fraction=0.1",
-        "model.n_layers=2", "model.hidden_size=32", "model.n_heads=4", "model.intermediate_size=48",
-        f"model.vocab_size={VOCAB}", "model.max_seq_len=32", "train.micro_batch_size=2", f"train.grad_accum={slots}",
-        f"train.steps={STEPS}", "schedule.decay_steps=1", "train.eval_interval=0", "checkpoint.interval=0",
-        "checkpoint.resume=none", "logging.plot=false", "parallel.bucket_mb=0.002", "train.threads=1", *extra,
+        f"output_dir={out}",
+        f"data.path={corpus}",
+        "data.seq_len=16",
+        "data.valid_fraction=0.1",
+        "model.n_layers=2",
+        "model.hidden_size=32",
+        "model.n_heads=4",
+        "model.intermediate_size=48",
+        f"model.vocab_size={VOCAB}",
+        "model.max_seq_len=32",
+        "train.micro_batch_size=2",
+        f"train.grad_accum={slots}",
+        f"train.steps={STEPS}",
+        "schedule.decay_steps=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        "checkpoint.resume=none",
+        "logging.plot=false",
+        "parallel.bucket_mb=0.002",
+        "train.threads=1",
+        *extra,
     ]
 
 
@@ -65,8 +91,9 @@ def _run_steps(cfg, save=False):
 
 
 def _worker(rank, world, port, overrides, result_dir, save=False):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     out = _run_steps(load_config(overrides=overrides), save=save)
     torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -100,8 +127,9 @@ def test_data_parallel_equals_single_process(corpus, tmp_path, monkeypatch, dp, 
     ref_metrics, ref_grads, ref_params = _run_steps(ref_cfg)
 
     overrides = _overrides(corpus, tmp_path / "ddp", slots, extra)
-    mp.start_processes(_worker, args=(dp, _free_port(), overrides, str(tmp_path)), nprocs=dp, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(dp, _free_port(), overrides, str(tmp_path)), nprocs=dp, join=True, start_method="spawn"
+    )
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(dp)]
     metrics, grads, params = results[0]
     for step, (m, r) in enumerate(zip(metrics, ref_metrics, strict=True)):
@@ -117,8 +145,9 @@ def test_data_parallel_equals_single_process(corpus, tmp_path, monkeypatch, dp, 
             assert torch.equal(p, params[name]), name
 
 
-@pytest.mark.parametrize("slots,extra", [(1, ["objective.alpha=1/2"]),
-                                         (2, ["objective.alpha=3/4", "optimizer.name=adamw"])], ids=str)
+@pytest.mark.parametrize(
+    "slots,extra", [(1, ["objective.alpha=1/2"]), (2, ["objective.alpha=3/4", "optimizer.name=adamw"])], ids=str
+)
 def test_tensor_x_data_parallel_equals_single_process_and_checkpoint_reshards(corpus, tmp_path, slots, extra):
     """TP 2 x DP 2 (4 gloo ranks; Muon distributed over DP with TP shards gathered, or AdamW) equals one process with
     2 x slots slots; the TP-sharded checkpoint it writes resumes in a single process with the same parameters."""
@@ -128,8 +157,9 @@ def test_tensor_x_data_parallel_equals_single_process_and_checkpoint_reshards(co
     ref_cfg = load_config(overrides=_overrides(corpus, tmp_path / "ref", 2 * slots, extra))
     ref_metrics, ref_grads, ref_params = _run_steps(ref_cfg)
     overrides = _overrides(corpus, tmp_path / "tp", slots, [*extra, "parallel.tp=2"])
-    mp.start_processes(_worker, args=(4, _free_port(), overrides, str(tmp_path), True), nprocs=4, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(4, _free_port(), overrides, str(tmp_path), True), nprocs=4, join=True, start_method="spawn"
+    )
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
     metrics = results[0][0]
     for step, (m, r) in enumerate(zip(metrics, ref_metrics, strict=True)):
@@ -147,8 +177,10 @@ def test_tensor_x_data_parallel_equals_single_process_and_checkpoint_reshards(co
             torch.testing.assert_close(full[name], p, rtol=1e-4, atol=5e-5, msg=lambda s, n=name: f"{n}: {s}")
     ckpt_dir = tmp_path / "tp" / "checkpoints" / "step_00000003"
     assert (ckpt_dir / "layout.json").is_file() and (ckpt_dir / "model_tp1of2.safetensors").is_file()
-    single = Trainer(load_config(overrides=_overrides(corpus, tmp_path / "tp", 2 * slots,
-                                                      [*extra, "checkpoint.resume=auto"])), quiet=True)
+    single = Trainer(
+        load_config(overrides=_overrides(corpus, tmp_path / "tp", 2 * slots, [*extra, "checkpoint.resume=auto"])),
+        quiet=True,
+    )
     assert single.maybe_resume() == ckpt_dir and single.step == 3
     for name, p in single.model.named_parameters():
         torch.testing.assert_close(p.detach(), ref_params[name], rtol=1e-4, atol=5e-5)

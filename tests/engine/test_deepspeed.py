@@ -49,18 +49,40 @@ def corpus(tmp_path_factory):
 
 def _overrides(corpus, out, slots, extra):
     return [
-        f"output_dir={out}", f"data.path={corpus}", "data.seq_len=16", "data.valid_fraction=0.1",
-        "model.n_layers=3", "model.hidden_size=32", "model.n_heads=4", "model.intermediate_size=48",
-        f"model.vocab_size={VOCAB}", "model.max_seq_len=32", "train.micro_batch_size=2", f"train.grad_accum={slots}",
-        f"train.steps={STEPS}", "schedule.decay_steps=1", "train.eval_interval=0", "checkpoint.interval=0",
-        "checkpoint.resume=none", "logging.plot=false", "parallel.bucket_mb=0.002", "train.threads=1",
-        "objective.alpha=1/2", *extra,
+        f"output_dir={out}",
+        f"data.path={corpus}",
+        "data.seq_len=16",
+        "data.valid_fraction=0.1",
+        "model.n_layers=3",
+        "model.hidden_size=32",
+        "model.n_heads=4",
+        "model.intermediate_size=48",
+        f"model.vocab_size={VOCAB}",
+        "model.max_seq_len=32",
+        "train.micro_batch_size=2",
+        f"train.grad_accum={slots}",
+        f"train.steps={STEPS}",
+        "schedule.decay_steps=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        "checkpoint.resume=none",
+        "logging.plot=false",
+        "parallel.bucket_mb=0.002",
+        "train.threads=1",
+        "objective.alpha=1/2",
+        *extra,
     ]
 
 
 def _ds(stage, opt, extra=()):
-    return ["engine.name=deepspeed", f"engine.zero_stage={stage}", f"optimizer.name={opt}",
-            "engine.reduce_bucket_mb=0.002", "engine.allgather_bucket_mb=0.002", *extra]
+    return [
+        "engine.name=deepspeed",
+        f"engine.zero_stage={stage}",
+        f"optimizer.name={opt}",
+        "engine.reduce_bucket_mb=0.002",
+        "engine.allgather_bucket_mb=0.002",
+        *extra,
+    ]
 
 
 def _full_params(tr):
@@ -105,8 +127,14 @@ def _run(overrides, steps=STEPS, save_at=None):
 
 
 def _worker(rank, world, port, jobs, result_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     results = {name: _run(*args) for name, args in jobs}
     torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -120,8 +148,9 @@ def _free_port():
 
 
 def _spawn(world, jobs, tmp_path):
-    mp.start_processes(_worker, args=(world, _free_port(), jobs, str(tmp_path)), nprocs=world, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(world, _free_port(), jobs, str(tmp_path)), nprocs=world, join=True, start_method="spawn"
+    )
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -138,16 +167,19 @@ def _monitor(opt):
     if opt != "muon":
         return []
     has = {m: importlib.util.find_spec(m) is not None for m in ("tensorboard", "wandb")}
-    return (["logging.tensorboard=true"] if has["tensorboard"] else []) + \
-        (["logging.wandb_project=ds-test", "logging.wandb_mode=offline"] if has["wandb"] else [])
+    return (["logging.tensorboard=true"] if has["tensorboard"] else []) + (
+        ["logging.wandb_project=ds-test", "logging.wandb_mode=offline"] if has["wandb"] else []
+    )
 
 
 @pytest.fixture(scope="module")
 def zero_runs(corpus, tmp_path_factory):
     """Every ZeRO case on 2 ranks, in one spawn; the DDP references in this process."""
     tmp = tmp_path_factory.mktemp("zero")
-    refs = {opt: _run(_overrides(corpus, tmp / f"ref_{opt}", 2, [f"optimizer.name={opt}", *_monitor(opt)]))
-            for opt in OPTIMIZERS}
+    refs = {
+        opt: _run(_overrides(corpus, tmp / f"ref_{opt}", 2, [f"optimizer.name={opt}", *_monitor(opt)]))
+        for opt in OPTIMIZERS
+    }
     jobs = []
     for stage in STAGES:
         for opt in OPTIMIZERS:
@@ -190,8 +222,12 @@ def test_zero3_checkpoint_converts_to_single_file_with_same_logits(zero_runs, tm
     _, results, tmp = zero_runs
     src = tmp / "resume3" / "checkpoints" / "step_00000003"
     dst = tmp_path / "single"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), str(src), str(dst), "--tp", "1"],
-                   check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), str(src), str(dst), "--tp", "1"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
     cfg = load_config(overrides=_overrides("x", tmp_path, 2, []))
     model = DualTransformer(cfg.model)
     load_model_weights(dst, model)
@@ -211,10 +247,15 @@ def test_tp2_x_zero1_over_dp2_equals_one_process(corpus, tmp_path):
     results = _spawn(4, jobs, tmp_path)
     cfg = load_config(overrides=_overrides(corpus, tmp_path, 2, []))
     for dp_rank in (0, 1):
-        full = gather_state_dict([results[2 * dp_rank]["tp"]["params"], results[2 * dp_rank + 1]["tp"]["params"]],
-                                 cfg.model)
-        _assert_same_run({"metrics": results[2 * dp_rank]["tp"]["metrics"], "params": full}, ref,
-                         dict(rtol=1e-4, atol=1e-5), f"TP2 x ZeRO-1 dp {dp_rank}")
+        full = gather_state_dict(
+            [results[2 * dp_rank]["tp"]["params"], results[2 * dp_rank + 1]["tp"]["params"]], cfg.model
+        )
+        _assert_same_run(
+            {"metrics": results[2 * dp_rank]["tp"]["metrics"], "params": full},
+            ref,
+            dict(rtol=1e-4, atol=1e-5),
+            f"TP2 x ZeRO-1 dp {dp_rank}",
+        )
 
 
 @pytest.mark.parametrize("run", ["ref_muon", "z2_muon"])  # the DDP engine and the DeepSpeed engine

@@ -40,22 +40,34 @@ def test_generated_config_multiplies_out_and_carries_our_fields():
 
 def test_user_json_merges_over_ours(tmp_path):
     ours = deepspeed_config(_cfg(), dp=2, bf16=False)
-    merged = merge_deepspeed_config(ours, _json(tmp_path, {"zero_optimization": {"overlap_comm": False},
-                                                           "steps_per_print": 5}), "muon")
+    merged = merge_deepspeed_config(
+        ours, _json(tmp_path, {"zero_optimization": {"overlap_comm": False}, "steps_per_print": 5}), "muon"
+    )
     assert merged["zero_optimization"]["overlap_comm"] is False and merged["steps_per_print"] == 5
     assert merged["zero_optimization"]["stage"] == ours["zero_optimization"]["stage"]
 
 
-@pytest.mark.parametrize("user,field", [
-    ({"train_batch_size": 100, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4},
-     "train_batch_size = 100 but"),
-    ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps = 8 contradicts train.grad_accum"),
-    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage = 2 contradicts engine.zero_stage"),
-    ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "zero_optimization.offload_param needs ZeRO stage 3"),
-    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload_optimizer with optimizer.name = muon"),
-    ({"optimizer": {"type": "Muon"}}, "'optimizer' is set"),
-    ({"fp16": {"enabled": True}}, "fp16.enabled = true is not supported"),
-])
+@pytest.mark.parametrize(
+    "user,field",
+    [
+        (
+            {"train_batch_size": 100, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4},
+            "train_batch_size = 100 but",
+        ),
+        ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps = 8 contradicts train.grad_accum"),
+        ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage = 2 contradicts engine.zero_stage"),
+        (
+            {"zero_optimization": {"offload_param": {"device": "cpu"}}},
+            "zero_optimization.offload_param needs ZeRO stage 3",
+        ),
+        (
+            {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+            "offload_optimizer with optimizer.name = muon",
+        ),
+        ({"optimizer": {"type": "Muon"}}, "'optimizer' is set"),
+        ({"fp16": {"enabled": True}}, "fp16.enabled = true is not supported"),
+    ],
+)
 def test_user_json_errors_name_the_field(tmp_path, user, field):
     ours = deepspeed_config(_cfg(), dp=2, bf16=False)
     with pytest.raises(ConfigError, match="engine.deepspeed_config") as e:
@@ -65,16 +77,21 @@ def test_user_json_errors_name_the_field(tmp_path, user, field):
 
 def test_offload_optimizer_is_fine_with_adamw(tmp_path):
     ours = deepspeed_config(_cfg(), dp=2, bf16=False)
-    merged = merge_deepspeed_config(ours, _json(tmp_path, {"zero_optimization": {"offload_optimizer":
-                                                                                 {"device": "cpu"}}}), "adamw")
+    merged = merge_deepspeed_config(
+        ours, _json(tmp_path, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}), "adamw"
+    )
     assert merged["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("override,field", [
-    ("engine.name=megatron", "engine.name"), ("engine.zero_stage=4", "engine.zero_stage"),
-    ("engine.reduce_bucket_mb=0", "engine.reduce_bucket_mb"),
-    ("train.activation_checkpointing=some", "train.activation_checkpointing"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("engine.name=megatron", "engine.name"),
+        ("engine.zero_stage=4", "engine.zero_stage"),
+        ("engine.reduce_bucket_mb=0", "engine.reduce_bucket_mb"),
+        ("train.activation_checkpointing=some", "train.activation_checkpointing"),
+    ],
+)
 def test_engine_fields_validate(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         _cfg(override)
@@ -99,12 +116,20 @@ def test_deepspeed_missing_is_a_config_error(monkeypatch):
         _cfg("engine.name=deepspeed")
 
 
-@pytest.mark.parametrize("saved,stage,dp,tp,what", [
-    ({"zero_stage": 2, "dp": 2, "tp": 1}, 2, 4, 1, "over 2 data-parallel ranks; this run has engine.zero_stage = 2 "
-                                                   "over 4"),
-    ({"zero_stage": 1, "dp": 2, "tp": 1}, 3, 2, 1, "engine.zero_stage = 1"),
-    ({"zero_stage": 1, "dp": 2, "tp": 2}, 1, 2, 1, "parallel.tp = 2 cannot resume"),
-])
+@pytest.mark.parametrize(
+    "saved,stage,dp,tp,what",
+    [
+        (
+            {"zero_stage": 2, "dp": 2, "tp": 1},
+            2,
+            4,
+            1,
+            "over 2 data-parallel ranks; this run has engine.zero_stage = 2 over 4",
+        ),
+        ({"zero_stage": 1, "dp": 2, "tp": 1}, 3, 2, 1, "engine.zero_stage = 1"),
+        ({"zero_stage": 1, "dp": 2, "tp": 2}, 1, 2, 1, "parallel.tp = 2 cannot resume"),
+    ],
+)
 def test_zero_checkpoint_on_another_layout_is_refused(saved, stage, dp, tp, what):
     with pytest.raises(CheckpointError, match="convert") as e:
         check_resumable(Path("ck"), saved, stage, dp, tp)

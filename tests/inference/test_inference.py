@@ -24,8 +24,9 @@ LTG_TOKENIZER = Path(__file__).resolve().parents[2] / "megatron_dual/assets/ltg-
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(n_layers=2, hidden_size=32, n_heads=4, intermediate_size=40, vocab_size=97, max_seq_len=64,
-                rope_theta=10_000.0)
+    base = dict(
+        n_layers=2, hidden_size=32, n_heads=4, intermediate_size=40, vocab_size=97, max_seq_len=64, rope_theta=10_000.0
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -101,7 +102,7 @@ def greedy_reference(model: DualTransformer, prompt: list[int], n: int, prefix_l
         else:
             mask = AttentionMask("causal")
         seq.append(int(model.logits(ids, mask)[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,8 +275,9 @@ def test_fill_mask_text_with_fake_tokenizer():
     out = fill_mask(m, tok, "w1 w2 <mask> w3 <mask>", top_k=4)
     ids = torch.tensor(tok.encode("w1 w2 <mask> w3 <mask>"))
     ref = fill_mask_ids(m, ids, tok.mask_id, top_k=4)
-    assert [[(s, p) for s, p in r] for r in out] == [[(tok.decode([i], skip_special=False), p) for i, p in r]
-                                                      for r in ref]
+    assert [[(s, p) for s, p in r] for r in out] == [
+        [(tok.decode([i], skip_special=False), p) for i, p in r] for r in ref
+    ]
     assert all(math.isclose(sum(p for _, p in r), sum(p for _, p in r2)) for r, r2 in zip(out, ref, strict=True))
 
 
@@ -378,8 +380,9 @@ def test_with_the_project_tokenizer_module():
     preds = fill_mask(m, tok, "The capital of <mask> is Paris", top_k=3)
     assert len(preds) == 1 and len(preds[0]) == 3 and all(isinstance(s, str) for s, _ in preds[0])
     texts = generate_text(m, tok, ["The capital of France is", "Hello"], max_new_tokens=5, temperature=0)
-    ids = generate(m, [tok.encode("The capital of France is"), tok.encode("Hello")], 5, temperature=0,
-                   eos_id=tok.eos_id)
+    ids = generate(
+        m, [tok.encode("The capital of France is"), tok.encode("Hello")], 5, temperature=0, eos_id=tok.eos_id
+    )
     for text, new in zip(texts, ids, strict=True):
         assert text.strip() == tok.decode(new, skip_special=True).strip()
 

@@ -24,16 +24,28 @@ from megatron_dual.model.attention import AttentionMask, attention, reference_at
 A = importlib.import_module("megatron_dual.model.attention")  # the package re-exports the function `attention`
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3),
-       torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+}
 
 
 def runs(lengths: list[int], first_id: int = 0) -> torch.Tensor:
     return torch.cat([torch.full((n,), first_id + i) for i, n in enumerate(lengths)])
 
 
-def check(b: int, hq: int, hkv: int, tq: int, d: int, mask: AttentionMask, dtype: torch.dtype = torch.float32,
-          tk: int | None = None, seed: int = 0) -> None:
+def check(
+    b: int,
+    hq: int,
+    hkv: int,
+    tq: int,
+    d: int,
+    mask: AttentionMask,
+    dtype: torch.dtype = torch.float32,
+    tk: int | None = None,
+    seed: int = 0,
+) -> None:
     """Kernel output and dq, dk, dv against reference_attention in fp32 on the upcast inputs."""
     tk = tk or tq
     g = torch.Generator().manual_seed(seed)
@@ -107,8 +119,7 @@ def test_fp16(kind):
 def test_kv_cache_offset():
     # 5 new queries at positions 35..39 over 40 cached keys in two documents, prefix 12 (Tq != Tk)
     docs = torch.stack([runs([12, 28]), runs([38, 2])])
-    check(2, 2, 2, 5, 16, AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([12, 3]), q_offset=35),
-          tk=40)
+    check(2, 2, 2, 5, 16, AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([12, 3]), q_offset=35), tk=40)
     check(1, 2, 1, 7, 16, AttentionMask("causal", q_offset=30), tk=37)
 
 
@@ -151,8 +162,7 @@ CAPS_NONE = A.Capabilities(triton=False, flash=False, flex=False, interpret=Fals
 
 
 def pick(requested, mask, device="cuda", dtype=torch.bfloat16, d=64, tq=128, tk=128, caps=CAPS_ALL):
-    return A.select_backend(requested, device=device, dtype=dtype, head_dim=d, mask=mask, q_len=tq, k_len=tk,
-                            caps=caps)
+    return A.select_backend(requested, device=device, dtype=dtype, head_dim=d, mask=mask, q_len=tq, k_len=tk, caps=caps)
 
 
 def test_auto_selection():
@@ -168,8 +178,7 @@ def test_auto_selection():
     caps = A.Capabilities(triton=True, flash=False, flex=True, interpret=False)
     assert pick("auto", AttentionMask("causal"), caps=caps)[0] == "triton"
     # on CPU auto is SDPA, even with the interpreter on and everything installed
-    assert pick("auto", AttentionMask("causal"), device="cpu",
-                caps=A.Capabilities(True, True, True, True))[0] == "sdpa"
+    assert pick("auto", AttentionMask("causal"), device="cpu", caps=A.Capabilities(True, True, True, True))[0] == "sdpa"
 
 
 def test_explicit_backends_fall_back_with_a_reason():
@@ -180,8 +189,10 @@ def test_explicit_backends_fall_back_with_a_reason():
     assert name == "sdpa"
     name, why = pick("triton", AttentionMask("causal"), device="cpu")
     assert name == "sdpa" and "TRITON_INTERPRET" in why
-    assert pick("triton", AttentionMask("causal"), device="cpu", caps=A.Capabilities(True, False, False, True))[0] \
+    assert (
+        pick("triton", AttentionMask("causal"), device="cpu", caps=A.Capabilities(True, False, False, True))[0]
         == "triton"
+    )
     assert pick("flex", AttentionMask("causal"), caps=CAPS_NONE)[0] == "sdpa"
     assert pick("flex", prefix)[0] == "flex"
     assert pick("sdpa", prefix, caps=CAPS_NONE) == ("sdpa", "attention backend sdpa on cuda")
@@ -213,8 +224,9 @@ def test_fallback_notice_is_printed_once(capsys, monkeypatch):
         out = attention(q, q, q, mask, backend="triton")
     torch.testing.assert_close(out, reference_attention(q, q, q, mask))
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["megatron-dual: attention backend triton cannot run this call (triton is not installed); "
-                   "falling back to sdpa"]
+    assert err == [
+        "megatron-dual: attention backend triton cannot run this call (triton is not installed); falling back to sdpa"
+    ]
 
 
 def test_document_runs():
@@ -229,8 +241,9 @@ def fake_flash_attn() -> types.ModuleType:
     mod = types.ModuleType("flash_attn")
 
     def flash_attn_func(q, k, v, causal=False):
-        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                             v.transpose(1, 2), is_causal=causal, enable_gqa=True)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+        )
         return o.transpose(1, 2)
 
     def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
@@ -251,8 +264,7 @@ def test_flash_wiring_with_documents(monkeypatch, kind):
     docs = torch.stack([runs([3, 9, 8]), runs([20], first_id=4)])
     q, k, v = torch.randn(2, 4, 20, 16), torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
     for mask in (AttentionMask(kind, doc_ids=docs), AttentionMask(kind)):
-        torch.testing.assert_close(A._flash(q, k, v, mask), reference_attention(q, k, v, mask), atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(A._flash(q, k, v, mask), reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
     assert A._flash(q, k, v, AttentionMask(kind, doc_ids=torch.tensor([[0] * 5 + [1] * 10 + [0] * 5] * 2))) is None
 
 
@@ -276,8 +288,17 @@ def test_tiny_model_step_triton_matches_sdpa():
     from megatron_dual.model.loss import labelled_loss
 
     def build(backend: str) -> DualTransformer:
-        cfg = ModelConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, intermediate_size=96, vocab_size=101,
-                          max_seq_len=64, rope_theta=10_000.0, attention_backend=backend)
+        cfg = ModelConfig(
+            n_layers=2,
+            hidden_size=64,
+            n_heads=4,
+            n_kv_heads=2,
+            intermediate_size=96,
+            vocab_size=101,
+            max_seq_len=64,
+            rope_theta=10_000.0,
+            attention_backend=backend,
+        )
         torch.manual_seed(0)
         model = DualTransformer(cfg).to(DEVICE)
         with torch.no_grad():
@@ -290,8 +311,11 @@ def test_tiny_model_step_triton_matches_sdpa():
     labels = torch.randint(16, 101, (2, 41), generator=g).to(DEVICE)
     weights = torch.rand(2, 41, generator=g).to(DEVICE)
     docs = torch.stack([runs([13, 28]), runs([41])]).to(DEVICE)
-    masks = [AttentionMask("causal", doc_ids=docs), AttentionMask("bidirectional", doc_ids=docs),
-             AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([5, 20], device=DEVICE))]
+    masks = [
+        AttentionMask("causal", doc_ids=docs),
+        AttentionMask("bidirectional", doc_ids=docs),
+        AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([5, 20], device=DEVICE)),
+    ]
     for mask in masks:
         results = []
         for backend in ("sdpa", "triton"):
@@ -335,8 +359,9 @@ def test_gpu_backend_parity(backend, kind):
     do = torch.randn_like(q)
     outs = []
     for name in (backend, "triton"):
-        name_used, _ = A.select_backend(name, device="cuda", dtype=q.dtype, head_dim=64, mask=mask, q_len=2024,
-                                        k_len=2024)
+        name_used, _ = A.select_backend(
+            name, device="cuda", dtype=q.dtype, head_dim=64, mask=mask, q_len=2024, k_len=2024
+        )
         assert name_used == name
         out = attention(q, k, v, mask, backend=name)
         outs.append((out, *torch.autograd.grad(out, (q, k, v), do)))

@@ -26,8 +26,11 @@ from megatron_dual.model.loss import IGNORE, labelled_loss  # noqa: E402
 from megatron_dual.model.rope import RotaryEmbedding, apply_rotary  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-2, rtol=1e-2),
-       torch.bfloat16: dict(atol=6e-2, rtol=3e-2)}
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=2e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=6e-2, rtol=3e-2),
+}
 
 
 def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
@@ -36,8 +39,9 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: floa
     torch.testing.assert_close(got.float(), want.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale)
 
 
-def grads(out: torch.Tensor | tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...],
-          seed: int = 1) -> tuple[torch.Tensor, ...]:
+def grads(
+    out: torch.Tensor | tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...], seed: int = 1
+) -> tuple[torch.Tensor, ...]:
     outs = out if isinstance(out, tuple) else (out,)
     gen = torch.Generator().manual_seed(seed)
     gos = tuple(torch.randn(o.shape, generator=gen).to(o) for o in outs)
@@ -89,8 +93,10 @@ def _cos_sin(head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("b,t,hq,hkv,d,per_batch", [(1, 1, 2, 2, 64, False), (2, 17, 4, 2, 64, True),
-                                                     (1, 130, 2, 1, 128, False), (3, 5, 3, 3, 50, False)])
+@pytest.mark.parametrize(
+    "b,t,hq,hkv,d,per_batch",
+    [(1, 1, 2, 2, 64, False), (2, 17, 4, 2, 64, True), (1, 130, 2, 1, 128, False), (3, 5, 3, 3, 50, False)],
+)
 def test_rotary_qkv_in_place_matches_reference(b, t, hq, hkv, d, per_batch, dtype):
     qkv0 = leaf((b, t, (hq + 2 * hkv) * d), dtype, 3)
     positions = torch.stack([torch.arange(t) + 7 * i for i in range(b)]) if per_batch else torch.arange(t) + 3
@@ -110,7 +116,7 @@ def test_rotary_qkv_in_place_matches_reference(b, t, hq, hkv, d, per_batch, dtyp
     ref = reference(qkv_r)
     for got, want in zip((q, k, v), ref, strict=True):
         close(got, want, dtype)
-    assert torch.equal(v, qkv0.detach().view(b, t, -1, d)[:, :, hq + hkv:].transpose(1, 2))  # v untouched
+    assert torch.equal(v, qkv0.detach().view(b, t, -1, d)[:, :, hq + hkv :].transpose(1, 2))  # v untouched
     close(grads((q, k, v), (qkv0,))[0], grads(ref, (qkv_r,))[0], dtype)
 
 
@@ -150,8 +156,9 @@ def test_swiglu_gates_the_second_half():
 
 
 # ------------------------------------------------------------------------------------------ linear + CE + z-loss
-def ce_reference(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, tw: torch.Tensor,
-                 z: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def ce_reference(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, tw: torch.Tensor, z: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = F.linear(h, w, b).float()
     keep = y != IGNORE
     logits, yk, twk = logits[keep], y[keep], tw[keep].float()
@@ -174,8 +181,10 @@ def ce_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, seed: int = 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n,hidden,vocab,chunk", [(1, 100, 257, None), (17, 64, 100, 7), (130, 100, 257, 64),
-                                                  (130, 32, 1500, None), (37, 16, 300, 130)])
+@pytest.mark.parametrize(
+    "n,hidden,vocab,chunk",
+    [(1, 100, 257, None), (17, 64, 100, 7), (130, 100, 257, 64), (130, 32, 1500, None), (37, 16, 300, 130)],
+)
 def test_fused_ce_matches_reference(n, hidden, vocab, chunk, dtype):
     h, w, b, y, tw = ce_inputs(n, hidden, vocab, dtype)
     if n == 1:
@@ -274,16 +283,26 @@ def _vocab_parallel_worker(rank: int, world: int, store_path: str) -> None:
         torch.testing.assert_close(gw, ref[1][shard], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gb, ref[2][shard], atol=1e-5, rtol=1e-5)
         # without the input-grad reduction each rank holds its shard's partial dh; their sum is the full dh
-        part = fused_linear_cross_entropy(hs, ws, bs, y, tw, z_loss=z, chunk_size=5, group=group,
-                                          reduce_input_grad=False, vocab_start=shard.start)
+        part = fused_linear_cross_entropy(
+            hs, ws, bs, y, tw, z_loss=z, chunk_size=5, group=group, reduce_input_grad=False, vocab_start=shard.start
+        )
         (ph,) = grads(part.weighted, (hs,))
         assert not torch.allclose(ph, ref[0], atol=1e-3)
         dist.all_reduce(ph, group=group)
         torch.testing.assert_close(ph, ref[0], atol=1e-5, rtol=1e-5)
         # shards in the other order (rank 0 holds the upper half): vocab_start says where each begins
         other = slice((1 - rank) * vocab // world, (2 - rank) * vocab // world)
-        swapped = fused_linear_cross_entropy(hs, w.detach()[other], b.detach()[other], y, tw, z_loss=z, chunk_size=5,
-                                             group=group, vocab_start=other.start)
+        swapped = fused_linear_cross_entropy(
+            hs,
+            w.detach()[other],
+            b.detach()[other],
+            y,
+            tw,
+            z_loss=z,
+            chunk_size=5,
+            group=group,
+            vocab_start=other.start,
+        )
         for f in fields:
             torch.testing.assert_close(getattr(swapped, f), getattr(full, f).detach(), atol=1e-5, rtol=1e-5)
     finally:
@@ -301,8 +320,17 @@ def test_vocab_parallel_ce_two_gloo_ranks_match_single_process(tmp_path):
 # ------------------------------------------------------------------------------------------- model integration
 def _tiny(fused: str) -> ModelConfig:
     # head_dim 50 (half 25: not a power of two), MLP 172, vocab 300
-    return ModelConfig(n_layers=2, hidden_size=100, n_heads=2, n_kv_heads=1, intermediate_size=172, vocab_size=300,
-                       max_seq_len=64, rope_theta=10_000.0, fused_ops=fused)
+    return ModelConfig(
+        n_layers=2,
+        hidden_size=100,
+        n_heads=2,
+        n_kv_heads=1,
+        intermediate_size=172,
+        vocab_size=300,
+        max_seq_len=64,
+        rope_theta=10_000.0,
+        fused_ops=fused,
+    )
 
 
 def graph_nodes(t: torch.Tensor) -> set[str]:
@@ -341,8 +369,12 @@ def test_training_step_fused_equals_unfused(kind):
         model.zero_grad(set_to_none=True)
         sums = labelled_loss(model.head, model(ids, mask), labels.to(DEV), weights, 1e-2)
         nodes = graph_nodes(sums.weighted)
-        fused_nodes = {"RMSNormFunctionBackward", "RotaryQKVInplaceBackward", "SwiGLUFunctionBackward",
-                       "FusedLinearCrossEntropyBackward"}
+        fused_nodes = {
+            "RMSNormFunctionBackward",
+            "RotaryQKVInplaceBackward",
+            "SwiGLUFunctionBackward",
+            "FusedLinearCrossEntropyBackward",
+        }
         assert (fused_nodes <= nodes) == (model is fused), sorted(nodes)  # the kernels ran, and only in the fused model
         (sums.weighted / sums.count).backward()
         results.append((sums, {n: p.grad for n, p in model.named_parameters()}))
@@ -396,13 +428,23 @@ for kern, io, consts, warps in jobs:
     done = triton.compile(ASTSource(kern, sig, consts), target=target, options=dict(num_warps=warps))
     print(kern.__name__, len(done.asm.get("cubin", done.asm.get("hsaco", b""))))
 """
-AOT_KERNELS = ["_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel", "_rotary_kernel", "_swiglu_fwd_kernel",
-               "_swiglu_bwd_kernel", "_ce_stats_kernel", "_ce_grad_kernel"]
+AOT_KERNELS = [
+    "_rmsnorm_fwd_kernel",
+    "_rmsnorm_bwd_kernel",
+    "_rotary_kernel",
+    "_swiglu_fwd_kernel",
+    "_swiglu_bwd_kernel",
+    "_ce_stats_kernel",
+    "_ce_grad_kernel",
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", [("cuda", "90", "*bf16"), ("cuda", "80", "*fp16"), ("hip", "gfx90a", "*bf16")],
-                         ids=["sm90-bf16", "sm80-fp16", "mi250x-bf16"])
+@pytest.mark.parametrize(
+    "target",
+    [("cuda", "90", "*bf16"), ("cuda", "80", "*fp16"), ("hip", "gfx90a", "*bf16")],
+    ids=["sm90-bf16", "sm80-fp16", "mi250x-bf16"],
+)
 def test_fused_kernels_compile_for_gpus(target):
     """The compiled path (not the interpreter) lowers every fused kernel to a GPU binary at the 470m shapes."""
     import subprocess

@@ -10,8 +10,15 @@ from megatron_dual.model import apex_ops
 from megatron_dual.model.transformer import DualTransformer
 from megatron_dual.optim.muon import build_optimizers
 
-OVR = ["model.n_layers=1", "model.hidden_size=32", "model.n_heads=4", "model.intermediate_size=48",
-       "model.vocab_size=64", "model.max_seq_len=16", "data.seq_len=16"]
+OVR = [
+    "model.n_layers=1",
+    "model.hidden_size=32",
+    "model.n_heads=4",
+    "model.intermediate_size=48",
+    "model.vocab_size=64",
+    "model.max_seq_len=16",
+    "data.seq_len=16",
+]
 
 
 def test_apex_fused_ops_falls_back_to_plain_rmsnorm_with_one_notice(capsys):

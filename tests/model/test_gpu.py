@@ -12,8 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("kind", ["causal", "bidirectional"])
 def test_bf16_autocast_matches_fp32(kind):
-    cfg = ModelConfig(n_layers=2, hidden_size=128, n_heads=2, intermediate_size=344, vocab_size=1000,
-                      max_seq_len=256)
+    cfg = ModelConfig(n_layers=2, hidden_size=128, n_heads=2, intermediate_size=344, vocab_size=1000, max_seq_len=256)
     torch.manual_seed(0)
     model = DualTransformer(cfg).cuda()
     with torch.no_grad():

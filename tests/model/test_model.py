@@ -10,8 +10,9 @@ from megatron_dual.model.loss import labelled_loss, reference_loss
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(n_layers=2, hidden_size=32, n_heads=4, intermediate_size=40, vocab_size=97, max_seq_len=64,
-                rope_theta=10_000.0)
+    base = dict(
+        n_layers=2, hidden_size=32, n_heads=4, intermediate_size=40, vocab_size=97, max_seq_len=64, rope_theta=10_000.0
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -122,8 +123,9 @@ def test_labelled_loss_matches_full_logits():
     torch.testing.assert_close(got.weighted, ref, atol=1e-4, rtol=1e-5)
     assert got.count == int((labels != -100).sum())
     g1 = torch.autograd.grad(got.weighted, model.head.out.weight)[0]
-    g2 = torch.autograd.grad(reference_loss(model.head(model(ids, mask)), labels, weights, 1e-4),
-                             model.head.out.weight)[0]
+    g2 = torch.autograd.grad(
+        reference_loss(model.head(model(ids, mask)), labels, weights, 1e-4), model.head.out.weight
+    )[0]
     torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
 
 

@@ -20,10 +20,16 @@ def test_muon_matches_torch_muon():
     torch.manual_seed(0)
     w0 = torch.randn(24, 16)
     grads = [[torch.randn(24, 16)] for _ in range(4)]
-    ours = _run(lambda ps: Muon(ps, lr=0.01, weight_decay=0.1, adjust_lr="match_rms_adamw"),
-                [torch.nn.Parameter(w0.clone())], grads)
-    ref = _run(lambda ps: torch.optim.Muon(ps, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
-               [torch.nn.Parameter(w0.clone())], grads)
+    ours = _run(
+        lambda ps: Muon(ps, lr=0.01, weight_decay=0.1, adjust_lr="match_rms_adamw"),
+        [torch.nn.Parameter(w0.clone())],
+        grads,
+    )
+    ref = _run(
+        lambda ps: torch.optim.Muon(ps, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+        [torch.nn.Parameter(w0.clone())],
+        grads,
+    )
     # torch's Newton-Schulz runs in bf16 even on CPU, ours in fp32 there: agree to bf16 precision of the updates
     # (each step moves the weights by ~lr * 0.2 * sqrt(24) ~ 1e-2).
     assert (ours[0] - w0).abs().max() > 1e-2
@@ -34,10 +40,14 @@ def test_muon_splits_equal_separate_parameters():
     torch.manual_seed(1)
     blocks = [torch.randn(8, 12), torch.randn(4, 12), torch.randn(4, 12)]
     grads = [[torch.randn(16, 12)] for _ in range(3)]
-    fused = _run(lambda ps: Muon([{"params": ps, "splits": [8, 4, 4]}], lr=0.02),
-                 [torch.nn.Parameter(torch.cat(blocks))], grads)[0]
-    separate = _run(lambda ps: Muon(ps, lr=0.02), [torch.nn.Parameter(b.clone()) for b in blocks],
-                    [list(g[0].split([8, 4, 4])) for g in grads])
+    fused = _run(
+        lambda ps: Muon([{"params": ps, "splits": [8, 4, 4]}], lr=0.02), [torch.nn.Parameter(torch.cat(blocks))], grads
+    )[0]
+    separate = _run(
+        lambda ps: Muon(ps, lr=0.02),
+        [torch.nn.Parameter(b.clone()) for b in blocks],
+        [list(g[0].split([8, 4, 4])) for g in grads],
+    )
     torch.testing.assert_close(fused, torch.cat(separate), atol=1e-6, rtol=1e-6)
 
 
@@ -87,7 +97,8 @@ def test_scheduler_reads_decay_steps_as_a_count_or_a_fraction():
     # an integer count: the multipliers of lr_multiplier (the scheduler's formula before fractions), bit for bit
     for cfg in (ScheduleConfig(decay_steps=75), ScheduleConfig(warmup_steps=10, decay_steps=75, min_lr_ratio=0.1)):
         assert _lr_sequence(300, cfg) == [
-            lr_multiplier(s, 300, "wsd", cfg.warmup_steps, 75, cfg.min_lr_ratio) for s in range(300)]
+            lr_multiplier(s, 300, "wsd", cfg.warmup_steps, 75, cfg.min_lr_ratio) for s in range(300)
+        ]
     # the demo's 0.25 of 300 steps is its former 75, exactly
     assert _lr_sequence(300, ScheduleConfig(decay_steps=0.25)) == _lr_sequence(300, ScheduleConfig(decay_steps=75))
     assert _lr_sequence(3, ScheduleConfig(decay_steps=0.25)) == [1.0, 1.0, 1.0]  # 1 decay step: the last at 1/1

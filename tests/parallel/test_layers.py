@@ -43,9 +43,17 @@ CASES = [("mha", False, False), ("gqa", True, False), ("sp", False, True)]
 
 
 def _cfg(gqa: bool) -> ModelConfig:
-    cfg = ModelConfig(n_layers=2, hidden_size=32, n_heads=8 if gqa else 4, n_kv_heads=4 if gqa else None,
-                      intermediate_size=48, vocab_size=64, max_seq_len=32, attention_backend="sdpa",
-                      fused_ops="none")
+    cfg = ModelConfig(
+        n_layers=2,
+        hidden_size=32,
+        n_heads=8 if gqa else 4,
+        n_kv_heads=4 if gqa else None,
+        intermediate_size=48,
+        vocab_size=64,
+        max_seq_len=32,
+        attention_backend="sdpa",
+        fused_ops="none",
+    )
     cfg.validate()
     return cfg
 
@@ -110,10 +118,14 @@ def _tp_worker(rank: int, world: int, tps: list[int]) -> dict:
             expect = shard_state_dict(_model(cfg).state_dict(), par.tp_rank, tp, cfg)
             sd = model.state_dict()
             out[(tp, key, "shards_exact")] = set(sd) == set(expect) and all(torch.equal(sd[k], expect[k]) for k in sd)
-            out[(tp, key, "attrs")] = {n: (getattr(p, "tensor_parallel_dim", None),
-                                           getattr(p, "tensor_parallel_splits", None),
-                                           getattr(p, "sequence_parallel", False))
-                                       for n, p in model.named_parameters()}
+            out[(tp, key, "attrs")] = {
+                n: (
+                    getattr(p, "tensor_parallel_dim", None),
+                    getattr(p, "tensor_parallel_splits", None),
+                    getattr(p, "sequence_parallel", False),
+                )
+                for n, p in model.named_parameters()
+            }
             ar = _batches()["ar"]
             with torch.no_grad():  # inference path: full logits gathered over the vocabulary (and sequence)
                 out[(tp, key, "logits")] = model.logits(ar.input_ids, ar.mask)
@@ -123,8 +135,12 @@ def _tp_worker(rank: int, world: int, tps: list[int]) -> dict:
                     sync_sequence_parallel_grads(model)
                     hidden = all_gather_along(hidden, group, dim=1)
                 out[(tp, key, obj)] = {
-                    "hidden": hidden, "weighted": sums.weighted.detach(), "nll": sums.nll, "z": sums.z,
-                    "correct": sums.correct, "count": sums.count,
+                    "hidden": hidden,
+                    "weighted": sums.weighted.detach(),
+                    "nll": sums.nll,
+                    "z": sums.z,
+                    "correct": sums.correct,
+                    "count": sums.count,
                     "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
                 }
             # one optimizer step on the MD gradients: distributed Muon (TP shards gathered, owners over DP) + AdamW
@@ -142,8 +158,14 @@ def _tp_worker(rank: int, world: int, tps: list[int]) -> dict:
         local = logits.chunk(tp, dim=-1)[par.tp_rank].clone().requires_grad_()
         sums = vocab_parallel_loss_sums(local, labels, weights, Z, group)
         sums.weighted.backward()
-        out[(tp, "ce")] = {"weighted": sums.weighted.detach(), "nll": sums.nll, "z": sums.z,
-                           "correct": sums.correct, "count": sums.count, "grad": local.grad}
+        out[(tp, "ce")] = {
+            "weighted": sums.weighted.detach(),
+            "nll": sums.nll,
+            "z": sums.z,
+            "correct": sums.correct,
+            "count": sums.count,
+            "grad": local.grad,
+        }
         out[(tp, "tp_rank")] = par.tp_rank
     return out
 
@@ -163,9 +185,15 @@ def reference() -> dict:
         model = _model(_cfg(gqa))
         for obj, batch in _batches().items():
             hidden, sums = _step(model, batch, labelled_loss)
-            ref[(key, obj)] = {"hidden": hidden, "weighted": sums.weighted.detach(), "nll": sums.nll, "z": sums.z,
-                               "correct": sums.correct, "count": sums.count,
-                               "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
+            ref[(key, obj)] = {
+                "hidden": hidden,
+                "weighted": sums.weighted.detach(),
+                "nll": sums.nll,
+                "z": sums.z,
+                "correct": sums.correct,
+                "count": sums.count,
+                "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
+            }
         ar = _batches()["ar"]
         with torch.no_grad():
             ref[(key, "logits")] = model.logits(ar.input_ids, ar.mask)
@@ -293,9 +321,9 @@ def test_qkv_shard_holds_own_heads():
     for tp in (1, 2, 4):
         for r in range(tp):
             local = shard_tensor(full, *spec, r, tp)[:, 0].long()
-            q = rows[r * hq // tp * d:(r + 1) * hq // tp * d]
-            k = rows[hq * d + r * hkv // tp * d: hq * d + (r + 1) * hkv // tp * d]
-            v = rows[(hq + hkv) * d + r * hkv // tp * d: (hq + hkv) * d + (r + 1) * hkv // tp * d]
+            q = rows[r * hq // tp * d : (r + 1) * hq // tp * d]
+            k = rows[hq * d + r * hkv // tp * d : hq * d + (r + 1) * hkv // tp * d]
+            v = rows[(hq + hkv) * d + r * hkv // tp * d : (hq + hkv) * d + (r + 1) * hkv // tp * d]
             assert torch.equal(local, torch.cat([q, k, v]))
 
 
@@ -399,9 +427,19 @@ def test_convert_checkpoint_round_trip(tmp_path):
     from megatron_dual.parallel.resharding import load_model_shard, read_checkpoint
 
     tool = _load_tool()
-    cfg = load_config(overrides=["model.n_layers=2", "model.hidden_size=32", "model.n_heads=8",
-                                 "model.n_kv_heads=4", "model.intermediate_size=48", "model.vocab_size=64",
-                                 "model.max_seq_len=32", "model.fused_ops=none", "data.seq_len=16"])
+    cfg = load_config(
+        overrides=[
+            "model.n_layers=2",
+            "model.hidden_size=32",
+            "model.n_heads=8",
+            "model.n_kv_heads=4",
+            "model.intermediate_size=48",
+            "model.vocab_size=64",
+            "model.max_seq_len=32",
+            "model.fused_ops=none",
+            "data.seq_len=16",
+        ]
+    )
     model = _model(cfg.model)
     optimizers = build_optimizers(model, cfg.optimizer)
     batch = _batches()["ar"]

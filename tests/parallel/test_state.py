@@ -22,8 +22,9 @@ def test_every_rank_is_in_exactly_one_group_of_each_kind(world):
         assert all(g == tuple(range(g[0], g[0] + tp)) for g in lay.tp_groups)
 
 
-@pytest.mark.parametrize("world,tp,alpha,slots", [(4, 1, 0.75, 1), (4, 2, 0.5, 1), (8, 2, 0.75, 2),
-                                                  (256, 1, 63 / 64, 1), (16, 4, 0.25, 1)])
+@pytest.mark.parametrize(
+    "world,tp,alpha,slots", [(4, 1, 0.75, 1), (4, 2, 0.5, 1), (8, 2, 0.75, 2), (256, 1, 63 / 64, 1), (16, 4, 0.25, 1)]
+)
 def test_objective_groups_tp_peers_share_and_alpha_is_exact(world, tp, alpha, slots):
     lay = rank_layout(world, tp)
     sched = ObjectiveSchedule(alpha, lay.dp, slots)
@@ -44,8 +45,11 @@ def test_objective_groups_tp_peers_share_and_alpha_is_exact(world, tp, alpha, sl
 
 
 def test_errors_name_values_and_suggest_layouts():
-    with pytest.raises(ConfigError, match=r"parallel.tp = 4 does not divide the world size 6; allowed tp for 6 "
-                                          r"ranks: 1, 2, 3, 6"):
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.tp = 4 does not divide the world size 6; allowed tp for 6 "
+        r"ranks: 1, 2, 3, 6",
+    ):
         rank_layout(6, 4)
     with pytest.raises(ConfigError) as e:
         check_alpha(0.3, 4, 2)
@@ -73,9 +77,18 @@ def test_config_checks_alpha_against_the_launch(monkeypatch):
     with pytest.raises(ConfigError, match=r"with 4 data-parallel ranks\) = 0.3"):
         load_config(preset="tiny", overrides=["train.grad_accum=1", "objective.alpha=0.3"])
     with pytest.raises(ConfigError, match="parallel.tp = 3 does not divide the world size 4"):
-        load_config(preset="tiny", overrides=["parallel.tp=3", "model.n_heads=3", "model.hidden_size=132",
-                                              "model.intermediate_size=345", "model.vocab_size=4095",
-                                              "objective.alpha=2/3", "train.grad_accum=3"])
+        load_config(
+            preset="tiny",
+            overrides=[
+                "parallel.tp=3",
+                "model.n_heads=3",
+                "model.hidden_size=132",
+                "model.intermediate_size=345",
+                "model.vocab_size=4095",
+                "objective.alpha=2/3",
+                "train.grad_accum=3",
+            ],
+        )
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match="must divide model.n_heads = 4"):
         load_config(preset="tiny", overrides=["parallel.tp=8"])

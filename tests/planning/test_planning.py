@@ -98,8 +98,12 @@ def test_layout_realisability_and_impossible_requests():
     p = realise_alpha(0.75, 1, 4, exact=True)
     assert (p.ranks_all_ar, p.ranks_all_md, p.ranks_mixed) == (0, 0, 1)
     lines = config_lines(p, "tiny", 4, ("repetitions", "budget_tokens"), 1e6)
-    assert lines[:4] == ["objective.alpha=3/4", "train.grad_accum=4", "data.repetitions=4",
-                         "data.budget_tokens=1000000"]
+    assert lines[:4] == [
+        "objective.alpha=3/4",
+        "train.grad_accum=4",
+        "data.repetitions=4",
+        "data.budget_tokens=1000000",
+    ]
     cfg = load_config(preset="tiny", overrides=lines[:2])  # the pasted lines are a valid config
     assert cfg.objective.alpha == 0.75
 
@@ -171,8 +175,11 @@ def test_results_csv_errors(tmp_path):
     p = write_csv(tmp_path / "alpha.csv", rows, ["repetitions", "alpha", "score"])
     with pytest.raises(ResultsError, match=r"alpha\.csv:3: alpha = 1\.5 is outside \[0, 1\]"):
         load_results(p)
-    rows = [{"repetitions": 1, "alpha": "3/4", "score": 1}, {"repetitions": 1, "alpha": 0, "score": 2},
-            {"repetitions": 0.5, "alpha": 0, "score": 2}]
+    rows = [
+        {"repetitions": 1, "alpha": "3/4", "score": 1},
+        {"repetitions": 1, "alpha": 0, "score": 2},
+        {"repetitions": 0.5, "alpha": 0, "score": 2},
+    ]
     p = write_csv(tmp_path / "reps.csv", rows, ["repetitions", "alpha", "score"])
     with pytest.raises(ResultsError, match=r"reps\.csv:4: repetitions = 0\.5 is below 1"):
         load_results(p)
@@ -180,14 +187,24 @@ def test_results_csv_errors(tmp_path):
     p = write_csv(tmp_path / "nan.csv", rows, ["repetitions", "alpha", "score"])
     with pytest.raises(ResultsError, match=r"nan\.csv:2: column 'score' = 'n/a' is not a number"):
         load_results(p)
-    rows = [{"repetitions": 1, "alpha": 0, "score": 1, "model_size": 1e6},
-            {"repetitions": 1, "alpha": 1, "score": 1, "model_size": 4e6}]
+    rows = [
+        {"repetitions": 1, "alpha": 0, "score": 1, "model_size": 1e6},
+        {"repetitions": 1, "alpha": 1, "score": 1, "model_size": 4e6},
+    ]
     p = write_csv(tmp_path / "sizes.csv", rows, ["repetitions", "alpha", "score", "model_size"])
     with pytest.raises(ResultsError, match="2 model sizes"):
         load_results(p)
     assert len(load_results(p, model_size=4e6)) == 1
-    assert load_results(write_csv(tmp_path / "frac.csv", [{"repetitions": 2, "alpha": "3/4", "score": 1}],
-                                  ["repetitions", "alpha", "score"])).alpha[0] == 0.75
+    assert (
+        load_results(
+            write_csv(
+                tmp_path / "frac.csv",
+                [{"repetitions": 2, "alpha": "3/4", "score": 1}],
+                ["repetitions", "alpha", "score"],
+            )
+        ).alpha[0]
+        == 0.75
+    )
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
@@ -219,9 +236,17 @@ def test_subset_realises_r_and_keeps_the_held_out_documents(tmp_path):
 def test_generate_and_collect(tmp_path, force_subset):
     src = make_corpus(tmp_path / "c_text_document", n_docs=300)
     out = tmp_path / "sweep"
-    tasks = generate_sweep(out, preset="tiny", data_path=src, repetitions=[1, 4], alphas=["1", "3/4"], steps=4,
-                           overrides=["train.micro_batch_size=2", "train.eval_interval=2"], max_parallel=2,
-                           force_subset=force_subset)
+    tasks = generate_sweep(
+        out,
+        preset="tiny",
+        data_path=src,
+        repetitions=[1, 4],
+        alphas=["1", "3/4"],
+        steps=4,
+        overrides=["train.micro_batch_size=2", "train.eval_interval=2"],
+        max_parallel=2,
+        force_subset=force_subset,
+    )
     assert [(t.repetitions, t.alpha) for t in tasks] == [(1, "1"), (1, "3/4"), (4, "1"), (4, "3/4")]
     assert {t.realised_by for t in tasks} == {"subset" if force_subset else "data-fields"}
     sbatch = (out / "sweep.sbatch").read_text()
@@ -240,8 +265,9 @@ def test_generate_and_collect(tmp_path, force_subset):
     # collect: fake two finished runs, one unfinished, one missing
     for t, loss, steps in ((tasks[0], 5.0, 4), (tasks[1], 4.5, 4), (tasks[2], 6.0, 2)):
         Path(t.output_dir).mkdir(parents=True)
-        Path(t.output_dir, "summary.json").write_text(json.dumps({"steps": steps, "val_ar_loss": loss,
-                                                                  "val_md_loss": loss + 1}))
+        Path(t.output_dir, "summary.json").write_text(
+            json.dumps({"steps": steps, "val_ar_loss": loss, "val_md_loss": loss + 1})
+        )
     rows, missing = collect_results(out, tmp_path / "results.csv")
     assert [(r["alpha"], r["score"]) for r in rows] == [(1.0, -5.0), (0.75, -4.5)]
     assert len(missing) == 2 and "unfinished" in missing[0] and "no " in missing[1]
@@ -254,8 +280,9 @@ def test_generate_and_collect(tmp_path, force_subset):
 @pytest.mark.parametrize("fraction, decay", [(1.0, 8), (0.5, 4), (0.0, 0)])
 def test_generate_writes_the_decay_fraction_as_steps(tmp_path, fraction, decay):
     src = make_corpus(tmp_path / "c_text_document")
-    tasks = generate_sweep(tmp_path / "s", preset="tiny", data_path=src, repetitions=[1], alphas=["1"], steps=8,
-                           decay_fraction=fraction)
+    tasks = generate_sweep(
+        tmp_path / "s", preset="tiny", data_path=src, repetitions=[1], alphas=["1"], steps=8, decay_fraction=fraction
+    )
     assert load_config(tasks[0].config).schedule.decay_steps == decay  # 1.0 is the whole run, not one step
 
 
@@ -269,10 +296,24 @@ def test_sweep_end_to_end_trains_collects_and_fits(tmp_path):
     """generate -> run (in process, 2 steps per run) -> collect -> the planner reads what the trainer wrote."""
     src = make_corpus(tmp_path / "c_text_document", n_docs=300)
     out = tmp_path / "sweep"
-    generate_sweep(out, preset="tiny", data_path=src, repetitions=[1, 4], alphas=["1", "1/2"], steps=2,
-                   overrides=["train.micro_batch_size=1", "train.grad_accum=2", "train.eval_interval=2",
-                              "train.eval_batches=1", "train.threads=1", "checkpoint.interval=0",
-                              "logging.plot=false", "model.n_layers=1"])
+    generate_sweep(
+        out,
+        preset="tiny",
+        data_path=src,
+        repetitions=[1, 4],
+        alphas=["1", "1/2"],
+        steps=2,
+        overrides=[
+            "train.micro_batch_size=1",
+            "train.grad_accum=2",
+            "train.eval_interval=2",
+            "train.eval_batches=1",
+            "train.threads=1",
+            "checkpoint.interval=0",
+            "logging.plot=false",
+            "model.n_layers=1",
+        ],
+    )
     from megatron_dual.planning.sweep import run_local
 
     records = run_local(out, in_process=True)
