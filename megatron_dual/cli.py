@@ -5,27 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import torch
 
 from megatron_dual.config import PRESETS, ConfigError, load_config
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def _model_info(cfg: Any) -> dict[str, Any]:
+    """Shape, parameter counts, FLOPs per token and tokens per step of ``cfg`` (a meta-device model)."""
     from megatron_dual.model.flops import flops_per_token
     from megatron_dual.model.padding import round_up
     from megatron_dual.model.transformer import DualTransformer, param_counts
-    from megatron_dual.objectives import describe_objective, realised_segments, schedule_from_config
 
-    cfg = load_config(args.config, args.overrides, preset=args.preset)
     with torch.device("meta"):
-        model = DualTransformer(cfg.model)
-    counts = param_counts(model)
-    seq = cfg.data.seq_len
-    fl_causal = flops_per_token(cfg.model, seq, causal=True)
-    fl_bidir = flops_per_token(cfg.model, seq, causal=False)
-    m = cfg.model
-    info = {
+        counts = param_counts(DualTransformer(cfg.model))
+    m, seq = cfg.model, cfg.data.seq_len
+    return {
         "preset": cfg.preset or "(custom)",
         "layers": m.n_layers,
         "hidden": m.hidden_size,
@@ -41,25 +37,30 @@ def cmd_info(args: argparse.Namespace) -> int:
         "params_per_layer": counts["per_layer"],
         "params_embedding": counts["embedding"],
         "params_head": counts["head"],
-        "train_flops_per_token_causal": fl_causal["train"],
-        "train_flops_per_token_bidirectional": fl_bidir["train"],
+        "train_flops_per_token_causal": flops_per_token(m, seq, causal=True)["train"],
+        "train_flops_per_token_bidirectional": flops_per_token(m, seq, causal=False)["train"],
         "tokens_per_step": cfg.train.micro_batch_size * cfg.train.grad_accum * seq,
     }
-    schedule = schedule_from_config(
-        cfg.objective, 1, cfg.train.grad_accum, cfg.train.steps, cfg.data.epoch_repetitions()
-    )
+
+
+def _objective_info(cfg: Any, schedule: Any) -> dict[str, Any]:
+    from megatron_dual.objectives import realised_segments
+
     segments = realised_segments(schedule, cfg.objective.recipe)
-    info.update(
-        recipe=cfg.objective.recipe,
-        alpha_nominal=str(segments[0]["alpha"]),
-        alpha_effective=str(segments[0]["effective"]),
-        alpha_nominal_last=str(segments[-1]["alpha"]),
-        alpha_effective_last=str(segments[-1]["effective"]),
-        objective_slots={o: schedule.counts(0).get(o, 0) for o in schedule.objectives},
-    )
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
+    return {
+        "recipe": cfg.objective.recipe,
+        "alpha_nominal": str(segments[0]["alpha"]),
+        "alpha_effective": str(segments[0]["effective"]),
+        "alpha_nominal_last": str(segments[-1]["alpha"]),
+        "alpha_effective_last": str(segments[-1]["effective"]),
+        "objective_slots": {o: schedule.counts(0).get(o, 0) for o in schedule.objectives},
+    }
+
+
+def _print_info(cfg: Any, info: dict[str, Any], schedule: Any) -> None:
+    from megatron_dual.objectives import describe_objective
+
+    m, seq = cfg.model, info["seq_len"]
     print(
         f"{info['preset']}: {m.n_layers} layers, hidden {m.hidden_size}, {m.n_heads} heads x {m.head_dim} "
         f"({m.n_kv_heads} kv), SwiGLU {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}"
@@ -69,13 +70,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"  MLP executed   {info['intermediate_executed']} wide (model.pad_intermediate_to = "
             f"{m.pad_intermediate_to}: zero units; parameters, FLOPs and checkpoints at {m.intermediate_size})"
         )
-    print(f"  parameters     total {counts['total']:>15,}  ({counts['total'] / 1e6:.1f}M)")
-    print(f"                 non-embedding {counts['non_embedding']:>7,}  ({counts['non_embedding'] / 1e6:.1f}M)")
-    print(f"                 per layer {counts['per_layer']:>11,}")
-    print(f"                 embedding {counts['embedding']:>11,}   head {counts['head']:,}")
+    total, non_emb = info["params_total"], info["params_non_embedding"]
+    print(f"  parameters     total {total:>15,}  ({total / 1e6:.1f}M)")
+    print(f"                 non-embedding {non_emb:>7,}  ({non_emb / 1e6:.1f}M)")
+    print(f"                 per layer {info['params_per_layer']:>11,}")
+    print(f"                 embedding {info['params_embedding']:>11,}   head {info['params_head']:,}")
     print(
-        f"  FLOPs/token    training (fwd+bwd) at seq {seq}: causal {fl_causal['train'] / 1e9:.3f} GFLOP, "
-        f"bidirectional {fl_bidir['train'] / 1e9:.3f} GFLOP"
+        f"  FLOPs/token    training (fwd+bwd) at seq {seq}: causal "
+        f"{info['train_flops_per_token_causal'] / 1e9:.3f} GFLOP, "
+        f"bidirectional {info['train_flops_per_token_bidirectional'] / 1e9:.3f} GFLOP"
     )
     print(
         f"  tokens/step    {info['tokens_per_step']:,} per data-parallel rank "
@@ -85,6 +88,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  objective      {lines[0]} (one rank; slots = dp x train.grad_accum)")
     for line in lines[1:]:
         print(f"               {line}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from megatron_dual.objectives import schedule_from_config
+
+    cfg = load_config(args.config, args.overrides, preset=args.preset)
+    schedule = schedule_from_config(
+        cfg.objective, 1, cfg.train.grad_accum, cfg.train.steps, cfg.data.epoch_repetitions()
+    )
+    info = _model_info(cfg) | _objective_info(cfg, schedule)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(cfg, info, schedule)
     return 0
 
 

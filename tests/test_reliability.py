@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from toy import VOCAB, tiny_overrides, write_structured_corpus
 
 from megatron_dual import logging as md_logging
 from megatron_dual.callbacks import Callback
@@ -30,7 +31,6 @@ from megatron_dual.parallel.testing import free_port
 from megatron_dual.train import main
 from megatron_dual.trainer import Trainer, TrainingDivergedError
 
-VOCAB = 64
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,41 +40,10 @@ class Killed(BaseException):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rel_corpus")
-    prefix = str(root / "toy_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(prefix, np.uint16) as w:
-        for _ in range(120):
-            n = int(rng.integers(10, 60))
-            start = int(rng.integers(16, VOCAB))
-            w.add_document([1] + [16 + (start - 16 + 3 * i) % (VOCAB - 16) for i in range(n)])
-    return prefix
+    return write_structured_corpus(str(tmp_path_factory.mktemp("rel_corpus") / "toy_text_document"))
 
 
-def overrides(corpus, out, *extra):
-    return [
-        f"output_dir={out}",
-        f"data.path={corpus}",
-        "data.seq_len=16",
-        "data.valid_fraction=0.1",
-        "model.n_layers=2",
-        "model.hidden_size=32",
-        "model.n_heads=2",
-        "model.intermediate_size=48",
-        f"model.vocab_size={VOCAB}",
-        "model.max_seq_len=32",
-        "train.micro_batch_size=2",
-        "train.grad_accum=4",
-        "objective.alpha=3/4",
-        "train.steps=6",
-        "schedule.decay_steps=2",
-        "train.eval_interval=3",
-        "train.eval_batches=2",
-        "checkpoint.interval=3",
-        "checkpoint.keep_last=5",
-        "logging.plot=false",
-        *extra,
-    ]
+overrides = tiny_overrides
 
 
 def tiny(corpus, out, *extra):

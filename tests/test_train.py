@@ -4,11 +4,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from toy import tiny_overrides, write_structured_corpus
 
 from megatron_dual.callbacks import validation_losses
 from megatron_dual.config import load_config
 from megatron_dual.data.dataloader import collate
-from megatron_dual.data.indexed import IndexedDatasetWriter
 from megatron_dual.engine.checkpoint import CheckpointError, CheckpointMismatchError, find_latest_checkpoint
 from megatron_dual.model.loss import labelled_loss
 from megatron_dual.objectives import (
@@ -22,50 +22,14 @@ from megatron_dual.objectives import (
 from megatron_dual.train import main
 from megatron_dual.trainer import Trainer, TrainingDivergedError
 
-VOCAB = 64
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """~120 documents of 10-60 tokens: <s> then ids in [16, VOCAB) with some structure to learn."""
-    root = tmp_path_factory.mktemp("corpus")
-    prefix = str(root / "toy_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(prefix, np.uint16) as w:
-        for _ in range(120):
-            n = int(rng.integers(10, 60))
-            start = int(rng.integers(16, VOCAB))
-            doc = [1] + [16 + (start - 16 + 3 * i) % (VOCAB - 16) for i in range(n)]
-            w.add_document(doc)
-    return prefix
+    return write_structured_corpus(str(tmp_path_factory.mktemp("corpus") / "toy_text_document"))
 
 
 def tiny(corpus, out, *extra):
-    return load_config(
-        overrides=[
-            f"output_dir={out}",
-            f"data.path={corpus}",
-            "data.seq_len=16",
-            "data.valid_fraction=0.1",
-            "model.n_layers=2",
-            "model.hidden_size=32",
-            "model.n_heads=2",
-            "model.intermediate_size=48",
-            f"model.vocab_size={VOCAB}",
-            "model.max_seq_len=32",
-            "train.micro_batch_size=2",
-            "train.grad_accum=4",
-            "objective.alpha=3/4",
-            "train.steps=6",
-            "schedule.decay_steps=2",
-            "train.eval_interval=3",
-            "train.eval_batches=2",
-            "checkpoint.interval=3",
-            "checkpoint.keep_last=5",
-            "logging.plot=false",
-            *extra,
-        ]
-    )
+    return load_config(overrides=tiny_overrides(corpus, out, *extra))
 
 
 def _losses(path):

@@ -216,31 +216,46 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rank == 0:
-        try:
-            meta = {
-                "format": FORMAT,
-                "step": int(step),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "torch": torch.__version__,
-                "trainer_state": dict(trainer_state),
-                "config": dict(config),
-                "tensors": _full_shapes(shapes, config, tp),
-                "extra": dict(extra or {}),
-            }
-            rng = capture_rng_state()
-            _writing(tmp / RNG, lambda p: torch.save(rng, p))
-            if tp > 1:
-                from megatron_dual.parallel import resharding as rs
-
-                meta["tensor_parallel"] = {"tp": tp}
-                layout = rs.layout_manifest(meta["tensors"], _model_cfg(config), tp)
-                _writing(tmp / rs.LAYOUT, lambda p: _write_atomic_text(p, json.dumps(layout, indent=1)))
-            _commit(tmp, final, meta, keep_last)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        _finish(tmp, final, step, shapes, trainer_state, config, tp, keep_last, extra)
     _collective(world, lambda: None)
     return final
+
+
+def _finish(
+    tmp: Path,
+    final: Path,
+    step: int,
+    shapes: dict[str, list[int]] | None,
+    trainer_state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    tp: int,
+    keep_last: int,
+    extra: Mapping[str, Any] | None,
+) -> None:
+    """Rank 0, once every shard is written: RNG streams, the TP layout, ``meta.json`` last, then the rename."""
+    try:
+        meta = {
+            "format": FORMAT,
+            "step": int(step),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "torch": torch.__version__,
+            "trainer_state": dict(trainer_state),
+            "config": dict(config),
+            "tensors": _full_shapes(shapes, config, tp),
+            "extra": dict(extra or {}),
+        }
+        rng = capture_rng_state()
+        _writing(tmp / RNG, lambda p: torch.save(rng, p))
+        if tp > 1:
+            from megatron_dual.parallel import resharding as rs
+
+            meta["tensor_parallel"] = {"tp": tp}
+            layout = rs.layout_manifest(meta["tensors"], _model_cfg(config), tp)
+            _writing(tmp / rs.LAYOUT, lambda p: _write_atomic_text(p, json.dumps(layout, indent=1)))
+        _commit(tmp, final, meta, keep_last)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _collective(world: int, fn: Any, failure: str = "") -> Any:

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -307,6 +308,35 @@ def format_fit(fit: SurfaceFit) -> str:
     )
 
 
+def _overlay_best(ax: Any, best: list[BestAlpha] | None) -> None:
+    """The best alpha per R (posterior median and 80% interval) on the surface plot."""
+    if best:
+        ax.errorbar(
+            [math.log2(b.repetitions) for b in best],
+            [b.median for b in best],
+            yerr=[[b.median - b.interval[0] for b in best], [b.interval[1] - b.median for b in best]],
+            fmt="o",
+            color="orange",
+            capsize=3,
+            label="best alpha: median, 80% interval",
+        )
+
+
+def _overlay_rule(ax: Any, lr: np.ndarray) -> None:
+    """The paper's rule of thumb, min(63/64, 16/R), over the plotted range of log2 R."""
+    from megatron_dual.planning.rules import recommend_alpha
+
+    rr = 2.0**lr
+    ax.plot(
+        lr,
+        [recommend_alpha(max(1.0, r)).alpha for r in rr],
+        color="white",
+        ls="--",
+        lw=1.2,
+        label="paper's rule: min(63/64, 16/R)",
+    )
+
+
 def plot_surface(
     fit: SurfaceFit,
     results: Results,
@@ -344,28 +374,9 @@ def plot_surface(
     del sc
     best_i = z.argmax(axis=0)
     ax.plot(lr, al[best_i], color="red", lw=1.5, label="argmax of posterior mean")
-    if best:
-        ax.errorbar(
-            [math.log2(b.repetitions) for b in best],
-            [b.median for b in best],
-            yerr=[[b.median - b.interval[0] for b in best], [b.interval[1] - b.median for b in best]],
-            fmt="o",
-            color="orange",
-            capsize=3,
-            label="best alpha: median, 80% interval",
-        )
+    _overlay_best(ax, best)
     if rule:
-        from megatron_dual.planning.rules import recommend_alpha
-
-        rr = 2.0**lr
-        ax.plot(
-            lr,
-            [recommend_alpha(max(1.0, r)).alpha for r in rr],
-            color="white",
-            ls="--",
-            lw=1.2,
-            label="paper's rule: min(63/64, 16/R)",
-        )
+        _overlay_rule(ax, lr)
     ax.set_xlabel("log2 repetitions R")
     ax.set_ylabel("alpha (AR share)")
     ax.set_ylim(-0.02, 1.02)

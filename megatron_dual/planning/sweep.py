@@ -343,6 +343,38 @@ def _write_task(sw: _Sweep, task: int, r: float, a: Fraction, data_fields: dict[
     )
 
 
+def _write_tasks(
+    sw: _Sweep, reps: list[float], alpha_fracs: list[Fraction]
+) -> tuple[list[SweepTask], dict[float, SubsetInfo]]:
+    """One config per (R, alpha); the data fields per R: the trainer's own R, or a written subset for fractional R."""
+    (sw.out / "configs").mkdir(parents=True, exist_ok=True)
+    tasks: list[SweepTask] = []
+    subsets: dict[float, SubsetInfo] = {}
+    for r in reps:
+        if sw.native is None or not float(r).is_integer():  # the trainer's data.repetitions is an integer
+            data_fields, unique = _subset_fields(sw, r, subsets)
+        else:
+            data_fields, unique = _native_fields(sw, r)
+        for a in alpha_fracs:
+            tasks.append(_write_task(sw, len(tasks), r, a, data_fields, unique))
+    return tasks, subsets
+
+
+def _write_manifest(sw: _Sweep, per_step: int, tasks: list[SweepTask], subsets: dict[float, SubsetInfo]) -> None:
+    manifest = {
+        "preset": sw.preset,
+        "source_data": os.path.abspath(sw.data_path),
+        "devices": sw.devices,
+        "steps": sw.steps,
+        "tokens_per_step": per_step,
+        "budget_tokens": sw.budget,
+        "overrides": list(sw.overrides),
+        "tasks": [t.to_dict() for t in tasks],
+        "subsets": {f"{r:g}": dataclasses.asdict(s) for r, s in subsets.items()},
+    }
+    (sw.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
 def generate_sweep(
     out_dir: str | Path,
     *,
@@ -397,29 +429,8 @@ def generate_sweep(
         _param_count(base),
     )
 
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    tasks: list[SweepTask] = []
-    subsets: dict[float, SubsetInfo] = {}
-    for r in reps:
-        if native is None or not float(r).is_integer():  # the trainer's data.repetitions is an integer
-            data_fields, unique = _subset_fields(sw, r, subsets)
-        else:
-            data_fields, unique = _native_fields(sw, r)
-        for a in alpha_fracs:
-            tasks.append(_write_task(sw, len(tasks), r, a, data_fields, unique))
-
-    manifest = {
-        "preset": preset,
-        "source_data": os.path.abspath(data_path),
-        "devices": devices,
-        "steps": steps,
-        "tokens_per_step": per_step,
-        "budget_tokens": sw.budget,
-        "overrides": list(overrides),
-        "tasks": [t.to_dict() for t in tasks],
-        "subsets": {f"{r:g}": dataclasses.asdict(s) for r, s in subsets.items()},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    tasks, subsets = _write_tasks(sw, reps, alpha_fracs)
+    _write_manifest(sw, per_step, tasks, subsets)
     _write_scripts(out, tasks, devices=devices, job_name=job_name, max_parallel=max_parallel, slurm_extra=slurm_extra)
     return tasks
 

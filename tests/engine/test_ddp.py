@@ -7,13 +7,12 @@ per-step losses, every gradient just before each optimizer step, and every param
 import os
 import socket
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from toy import write_random_corpus
 
 from megatron_dual.config import load_config
-from megatron_dual.data.indexed import IndexedDatasetWriter
 from megatron_dual.trainer import Trainer
 
 VOCAB = 64
@@ -34,14 +33,7 @@ KEYS = (
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_corpus")
-    prefix = str(root / "toy_text_document")
-    rng = np.random.default_rng(1)
-    with IndexedDatasetWriter(prefix, np.uint16) as w:
-        for _ in range(80):
-            n = int(rng.integers(8, 40))
-            w.add_document([1] + rng.integers(16, VOCAB, n).tolist())
-    return prefix
+    return write_random_corpus(str(tmp_path_factory.mktemp("ddp_corpus") / "toy_text_document"))
 
 
 def _overrides(corpus, out, slots, extra):

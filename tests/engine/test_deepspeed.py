@@ -14,15 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (DS_BUILD_OPS=0 pip install -e '.[deepspeed]')")
 
+from toy import write_random_corpus  # noqa: E402
+
 from megatron_dual.config import load_config  # noqa: E402
-from megatron_dual.data.indexed import IndexedDatasetWriter  # noqa: E402
 
 VOCAB = 64
 STEPS = 3
@@ -37,14 +37,7 @@ TOL = {"muon": dict(rtol=1e-5, atol=1e-6), "adamw": dict(rtol=1e-4, atol=5e-5)}
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds_corpus")
-    prefix = str(root / "toy_text_document")
-    rng = np.random.default_rng(1)
-    with IndexedDatasetWriter(prefix, np.uint16) as w:
-        for _ in range(80):
-            n = int(rng.integers(8, 40))
-            w.add_document([1] + rng.integers(16, VOCAB, n).tolist())
-    return prefix
+    return write_random_corpus(str(tmp_path_factory.mktemp("ds_corpus") / "toy_text_document"))
 
 
 def _overrides(corpus, out, slots, extra):

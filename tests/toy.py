@@ -1,0 +1,55 @@
+"""Toy data and the tiny trainer config shared by the loop's tests (test_train, test_reliability)."""
+
+import numpy as np
+
+from megatron_dual.data.indexed import IndexedDatasetWriter
+
+VOCAB = 64
+
+
+def write_structured_corpus(prefix: str) -> str:
+    """~120 documents of 10-60 tokens: <s> then ids in [16, VOCAB) with some structure to learn."""
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for _ in range(120):
+            n = int(rng.integers(10, 60))
+            start = int(rng.integers(16, VOCAB))
+            w.add_document([1] + [16 + (start - 16 + 3 * i) % (VOCAB - 16) for i in range(n)])
+    return prefix
+
+
+def write_random_corpus(prefix: str, n_docs: int = 80, seed: int = 1) -> str:
+    """``n_docs`` documents of 8-40 random ids in [16, VOCAB), each after <s>."""
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for _ in range(n_docs):
+            n = int(rng.integers(8, 40))
+            w.add_document([1] + rng.integers(16, VOCAB, n).tolist())
+    return prefix
+
+
+def tiny_overrides(corpus: str, out, *extra: str) -> list[str]:
+    """A 2-layer model on ``corpus``: 6 steps of 4 slots (alpha 3/4), evaluation and checkpoints every 3 steps."""
+    return [
+        f"output_dir={out}",
+        f"data.path={corpus}",
+        "data.seq_len=16",
+        "data.valid_fraction=0.1",
+        "model.n_layers=2",
+        "model.hidden_size=32",
+        "model.n_heads=2",
+        "model.intermediate_size=48",
+        f"model.vocab_size={VOCAB}",
+        "model.max_seq_len=32",
+        "train.micro_batch_size=2",
+        "train.grad_accum=4",
+        "objective.alpha=3/4",
+        "train.steps=6",
+        "schedule.decay_steps=2",
+        "train.eval_interval=3",
+        "train.eval_batches=2",
+        "checkpoint.interval=3",
+        "checkpoint.keep_last=5",
+        "logging.plot=false",
+        *extra,
+    ]
