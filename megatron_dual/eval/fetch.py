@@ -1,10 +1,17 @@
 """Install the BLiMP stand-in's data: BIG-bench's subject_verb_agreement JSON files, from the ``bigbench`` sdist.
 
-``python -m megatron_dual.eval.fetch`` (run by ``make setup``) downloads ``bigbench==1.0.0`` from the package
-registry with pip and extracts ``bigbench/benchmark_tasks/subject_verb_agreement/*.json`` (with the task's
+``python -m megatron_dual.eval.fetch`` downloads ``bigbench==1.0.0`` from the package registry with pip and
+extracts ``bigbench/benchmark_tasks/subject_verb_agreement/*.json`` (with the task's
 ``task.py``, whose header carries BIG-bench's Apache-2.0 licence, and the sdist's PKG-INFO) into
 ``<sys.prefix>/share/megatron_dual/bigbench/``, where :func:`megatron_dual.eval.tasks.bigbench_sva_root` finds
 them. The package itself is never installed (it pins TensorFlow-era dependencies).
+
+bigbench 1.0.0's files have since been removed from PyPI (pip lists only 0.0.1), so the download fails on a fresh
+machine. ``make setup`` runs this with ``--optional``: a release the registry does not have is one line and exit
+0 (without ``--optional``: the same line, exit 2), and the ``blimp_sva`` task stays unavailable; the generated
+``agreement`` task needs no download. With a copy of the sdist, ``--tarball bigbench-1.0.0.tar.gz`` installs the
+data; or point ``MEGATRON_DUAL_BIGBENCH_DATA`` at a folder holding ``subject_verb_agreement/*.json``. Any other
+failure (no space left, a corrupt tarball) is one ``error:`` line and exit 1.
 
 Why a pinned older pip: the sdist declares a dependency on ``bleurt @ file://...`` (a zip inside the sdist), and
 pip >= 26 refuses to prepare any PyPI distribution declaring a direct-URL dependency, even for
@@ -20,7 +27,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
+
+from megatron_dual.eval.tasks import BIGBENCH_GONE, BIGBENCH_HOW
 
 __all__ = ["default_dest", "extract_sva", "download_sdist", "main"]
 
@@ -70,27 +80,47 @@ def extract_sva(tarball: Path, dest: Path) -> int:
     return n
 
 
+def _pip(cmd: list[str]) -> None:
+    """Run a pip command; its messages are kept (``CalledProcessError.stderr``) for :func:`_download_failure`."""
+    subprocess.run(cmd, check=True, stderr=subprocess.PIPE, text=True)
+
+
 def download_sdist(workdir: Path) -> Path:
-    """``bigbench-1.0.0.tar.gz`` downloaded into ``workdir`` with pip (see the module docstring)."""
-    pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "download", "-q", "--no-deps", OLD_PIP, "-d", str(workdir)], check=True)
+    """``bigbench-1.0.0.tar.gz`` downloaded into ``workdir`` with pip (see the module docstring); a failed pip
+    raises :class:`subprocess.CalledProcessError` with pip's stderr."""
+    _pip([sys.executable, "-m", "pip", "download", "-q", "--no-deps", OLD_PIP, "-d", str(workdir)])
     wheel = next(workdir.glob("pip-*.whl"))
-    subprocess.run(
-        [
-            sys.executable,
-            str(wheel / "pip"),
-            "download",
-            "-q",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            BIGBENCH_SPEC,
-            "-d",
-            str(workdir),
-        ],
-        check=True,
-    )
+    download = ["download", "-q", "--no-deps", "--no-binary", ":all:", BIGBENCH_SPEC, "-d", str(workdir)]
+    _pip([sys.executable, str(wheel / "pip"), *download])
     return next(workdir.glob("bigbench-*.tar.gz"))
+
+
+_NOT_ON_INDEX = ("No matching distribution found", "Could not find a version that satisfies")
+
+
+def _download_failure(e: subprocess.CalledProcessError) -> tuple[str, bool]:
+    """(one line saying what failed, whether it is the registry not having the release)."""
+    lines = [ln.strip() for ln in (e.stderr or "").splitlines() if ln.strip()]
+    cmd = " ".join(str(c) for c in e.cmd) if isinstance(e.cmd, list | tuple) else str(e.cmd)
+    spec = BIGBENCH_SPEC if BIGBENCH_SPEC in cmd else OLD_PIP
+    versions = next((ln[ln.find("(from versions") + 1 : ln.rfind(")")] for ln in lines if "(from versions" in ln), "")
+    if any(k in ln for ln in lines for k in _NOT_ON_INDEX):
+        why = f"pip finds no {spec} on the package index ({versions or 'no versions listed'})"
+        why += f": {BIGBENCH_GONE}" if spec == BIGBENCH_SPEC else " (the pip that can still download bigbench's sdist)"
+        return f"BLiMP* (blimp_sva) data not installed: {why}; to enable the task anyway: {BIGBENCH_HOW}", True
+    last = lines[-1] if lines else f"exit status {e.returncode}"
+    return f"error: downloading {spec} failed: {last}", False
+
+
+def _fetch(tarball: Path | None, dest: Path) -> int:
+    """Download (unless ``tarball``) and extract; the number of JSON files. Extraction failures are OSError or
+    ValueError with one line."""
+    with tempfile.TemporaryDirectory(prefix="bigbench-dl-") as work:
+        tarball = tarball or download_sdist(Path(work))
+        try:
+            return extract_sva(tarball, dest)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise ValueError(f"{tarball}: not a readable .tar.gz ({type(e).__name__}: {e})") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,13 +128,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dest", type=Path, default=default_dest())
     ap.add_argument("--tarball", type=Path, help="an already downloaded bigbench-1.0.0.tar.gz")
     ap.add_argument("--force", action="store_true", help="extract again even when the data is there")
+    ap.add_argument(
+        "--optional",
+        action="store_true",
+        help="a release the registry no longer has is a note and exit 0 (make setup), not exit 2",
+    )
     args = ap.parse_args(argv)
     if (args.dest / "subject_verb_agreement" / "simple_english.json").is_file() and not args.force:
         print(f"BIG-bench subject_verb_agreement data already in {args.dest}")
         return 0
-    with tempfile.TemporaryDirectory(prefix="bigbench-dl-") as work:
-        tarball = args.tarball or download_sdist(Path(work))
-        n = extract_sva(tarball, args.dest)
+    try:
+        n = _fetch(args.tarball, args.dest)
+    except subprocess.CalledProcessError as e:
+        line, unavailable = _download_failure(e)
+        print(line, file=sys.stderr)
+        return (0 if args.optional else 2) if unavailable else 1
+    except (OSError, ValueError) as e:
+        print(f"error: BIG-bench subject_verb_agreement data not installed: {e}", file=sys.stderr)
+        return 1
     print(f"BIG-bench subject_verb_agreement: {n} JSON files in {args.dest / 'subject_verb_agreement'}")
     return 0
 

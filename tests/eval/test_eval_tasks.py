@@ -1,9 +1,10 @@
 """Task formats, data readers, the user's JSONL task and its errors, task/mode resolution (BLiMP* only where its
-data is), the BIG-bench fetch."""
+data is), the BIG-bench fetch and its optional path."""
 
 import importlib.util
 import io
 import json
+import subprocess
 import tarfile
 
 import pyarrow as pa
@@ -179,3 +180,73 @@ def test_fetch_extracts_only_the_task_files(tmp_path):
     with pytest.raises(ValueError, match="no bigbench/benchmark_tasks"):
         fetch.extract_sva(tmp_path / "empty.tar.gz", tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+PIP_MISSING = (
+    "WARNING: Location 'file:///opt/pypi/simple/bigbench/' is ignored: it is neither a file nor a directory.\n"
+    "ERROR: Could not find a version that satisfies the requirement bigbench==1.0.0 (from versions: 0.0.1)\n"
+    "ERROR: No matching distribution found for bigbench==1.0.0\n"
+)
+
+
+def refusing_download(stderr):
+    """download_sdist as it fails when pip's second command (the bigbench sdist) fails."""
+
+    def download(workdir):
+        cmd = ["python", "pip.whl/pip", "download", "-q", "--no-deps", "--no-binary", ":all:", fetch.BIGBENCH_SPEC]
+        raise subprocess.CalledProcessError(1, cmd, output=None, stderr=stderr)
+
+    return download
+
+
+def test_fetch_when_the_registry_lacks_the_release(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fetch, "download_sdist", refusing_download(PIP_MISSING))
+    dest = tmp_path / "share" / "bigbench"
+    assert fetch.main(["--dest", str(dest), "--optional"]) == 0  # make setup goes on
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("BLiMP* (blimp_sva) data not installed: pip finds no bigbench==1.0.0 on the package index")
+    assert "(from versions: 0.0.1)" in err and "bigbench 1.0.0's files were removed from PyPI" in err
+    assert "python -m megatron_dual.eval.fetch --tarball bigbench-1.0.0.tar.gz" in err and T.BIGBENCH_DATA_ENV in err
+    assert fetch.main(["--dest", str(dest)]) == 2  # asked for explicitly: the same line, a failure
+    assert capsys.readouterr().err == err
+    assert not dest.exists()
+
+
+def test_fetch_other_failures_are_one_error_line(tmp_path, monkeypatch, capsys):
+    dest = tmp_path / "share" / "bigbench"
+    monkeypatch.setattr(fetch, "download_sdist", refusing_download("ERROR: [Errno 28] No space left on device\n"))
+    assert fetch.main(["--dest", str(dest), "--optional"]) == 1  # not excused by --optional
+    err = capsys.readouterr().err
+    assert err == "error: downloading bigbench==1.0.0 failed: ERROR: [Errno 28] No space left on device\n"
+    corrupt = tmp_path / "bigbench-1.0.0.tar.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08\x00not really gzip")
+    assert fetch.main(["--dest", str(dest), "--tarball", str(corrupt), "--optional"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: BIG-bench subject_verb_agreement data not installed: {corrupt}: not a readable")
+    assert err.count("\n") == 1 and not dest.exists()
+    assert fetch.main(["--dest", str(dest), "--tarball", str(tmp_path / "gone.tar.gz")]) == 1
+    assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_download_sdist_keeps_pips_message(tmp_path, monkeypatch):
+    calls = []
+
+    def run(cmd, check, stderr, text):
+        calls.append(cmd)
+        assert check and stderr == subprocess.PIPE and text
+        if fetch.OLD_PIP in cmd:
+            (tmp_path / "pip-25.0.1-py3-none-any.whl").write_bytes(b"")
+            return
+        raise subprocess.CalledProcessError(1, cmd, stderr=PIP_MISSING)
+
+    monkeypatch.setattr(fetch.subprocess, "run", run)
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        fetch.download_sdist(tmp_path)
+    assert calls[1][1] == str(tmp_path / "pip-25.0.1-py3-none-any.whl" / "pip") and fetch.BIGBENCH_SPEC in calls[1]
+    line, unavailable = fetch._download_failure(e.value)
+    assert unavailable and "no bigbench==1.0.0 on the package index (from versions: 0.0.1)" in line
+    pip_gone = subprocess.CalledProcessError(1, calls[0], stderr="ERROR: No matching distribution found for pip\n")
+    line, unavailable = fetch._download_failure(pip_gone)
+    assert unavailable and "no pip==25.0.1 on the package index (no versions listed)" in line
+    assert "removed from PyPI" not in line
