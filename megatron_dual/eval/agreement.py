@@ -18,9 +18,11 @@ coordinated_verbs           The author laughs and SMILES.                       
 ==========================  ====================================================  =========================
 
 600 pairs per construction, split evenly over its number conditions (singular and plural subjects, singular and
-plural attractors: both mismatches and both matches), 3,600 in all; conditions are interleaved so an evenly spaced
-``--limit`` sample stays balanced. Seeded (``random.Random`` with a string seed, stable across runs and Python
-versions); ``tests/eval/test_eval_agreement.py`` pins the count and a hash of the pairs.
+plural attractors: both mismatches and both matches), 3,600 in all. Each construction's pairs are shuffled (seeded),
+so an evenly spaced ``--limit`` sample draws every number condition in about equal shares (a fixed interleave
+would alias with the sampling stride: 100 of 3,600 is every 36th, a multiple of 2 and 4). Seeded
+(``random.Random`` with a string seed, stable across runs and Python versions); ``tests/eval/test_eval_agreement.py``
+pins the count and a hash of the pairs.
 """
 
 from __future__ import annotations
@@ -173,14 +175,16 @@ def _condition(category: str, rng: random.Random, s: int, a: int | None, count: 
 
 @functools.cache
 def agreement_pairs() -> tuple[AgreementPair, ...]:
-    """All pairs, construction by construction, number conditions interleaved."""
+    """All pairs, construction by construction, each construction's conditions shuffled together."""
     out: list[AgreementPair] = []
     for category, (_, has_attractor) in _BUILDERS.items():
         rng = random.Random(f"{SEED}/{category}")
         conditions = [(s, a) for s in (SG, PL) for a in ((SG, PL) if has_attractor else (None,))]
         per = PER_CATEGORY // len(conditions)
         lists = [_condition(category, rng, s, a, per) for s, a in conditions]
-        out.extend(p for group in zip(*lists, strict=True) for p in group)
+        block = [p for group in lists for p in group]
+        rng.shuffle(block)
+        out.extend(block)
     return tuple(out)
 
 
