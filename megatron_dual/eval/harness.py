@@ -81,7 +81,7 @@ def resolve_modes(spec: str) -> list[str]:
 
 def subsample(examples: Sequence[Example], limit: int | None) -> list[Example]:
     """At most ``limit`` examples, evenly spaced over the task (MMLU keeps its subjects, BLiMP* its subtasks,
-    Agreement* its constructions and number conditions)."""
+    Agreement* its constructions)."""
     if limit is None or limit >= len(examples):
         return list(examples)
     if limit < 1:
