@@ -133,27 +133,31 @@ def bigbench_sva_candidates() -> list[Path]:
     return candidates
 
 
+def _bigbench_found(candidates: list[Path]) -> Path | None:
+    for root in candidates:
+        if (root / "subject_verb_agreement" / "simple_english.json").is_file():
+            return root / "subject_verb_agreement"
+    return None
+
+
 def bigbench_sva_missing() -> str | None:
     """None when BIG-bench's subject_verb_agreement data is found, else one line: why not and how to add it."""
-    try:
-        bigbench_sva_root()
-    except EvalError as e:
-        return str(e)
-    return None
+    candidates = bigbench_sva_candidates()
+    if _bigbench_found(candidates) is not None:
+        return None
+    return (
+        f"BIG-bench's subject_verb_agreement data is not installed ({BIGBENCH_GONE}, so `make setup` cannot fetch "
+        f"it); to enable it: {BIGBENCH_HOW}; looked in {', '.join(str(c) for c in candidates)}; "
+        "Agreement* (`--tasks agreement`) needs no download"
+    )
 
 
 def bigbench_sva_root() -> Path:
     """The folder holding BIG-bench's ``subject_verb_agreement/*.json`` (see :func:`bigbench_sva_candidates`)."""
-    candidates = bigbench_sva_candidates()
-    for root in candidates:
-        if (root / "subject_verb_agreement" / "simple_english.json").is_file():
-            return root / "subject_verb_agreement"
-    raise EvalError(
-        f"blimp_sva (BLiMP*) needs BIG-bench's subject_verb_agreement data, not installed here ({BIGBENCH_GONE}, "
-        f"so `make setup` cannot fetch it); to enable it: {BIGBENCH_HOW}; looked in "
-        + ", ".join(str(c) for c in candidates)
-        + "; `--tasks agreement` needs no download"
-    )
+    root = _bigbench_found(bigbench_sva_candidates())
+    if root is None:
+        raise EvalError(f"blimp_sva (BLiMP*) cannot run: {bigbench_sva_missing()}")
+    return root
 
 
 def read_arrow(root: Path, rel: str) -> list[dict[str, Any]]:
@@ -377,7 +381,7 @@ def resolve_tasks(spec: str, note: Callable[[str], None] = _note_stderr) -> list
         elif name in TASKS:
             why = TASKS[name].missing() if TASKS[name].missing else None
             if why is not None:
-                raise EvalError(why)
+                raise EvalError(f"{name} ({TASKS[name].title}) cannot run: {why}")
             out.append(TASKS[name])
         elif name.endswith(".jsonl"):
             path = Path(name)

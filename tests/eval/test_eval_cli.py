@@ -126,7 +126,7 @@ def test_blimp_where_its_data_is_and_where_not(checkpoint, tmp_path, monkeypatch
 
     monkeypatch.setattr(T, "bigbench_sva_candidates", lambda: [tmp_path / "no-bigbench"])
     err = run_error(["eval", "--checkpoint", str(checkpoint), "--tasks", "blimp_sva"], capsys)
-    assert "blimp_sva (BLiMP*) needs BIG-bench's subject_verb_agreement data" in err
+    assert "blimp_sva (BLiMP*) cannot run: BIG-bench's subject_verb_agreement data is not installed" in err
     assert "python -m megatron_dual.eval.fetch --tarball bigbench-1.0.0.tar.gz" in err and T.BIGBENCH_DATA_ENV in err
     # a synthetic copy of BIG-bench's layout (the real data is no longer on PyPI) in the tokenizer's words
     root = tmp_path / "bb" / "subject_verb_agreement"
