@@ -94,7 +94,7 @@ def bench_task(model, tok, task: str, mode: str, limit: int, batch_tokens: int |
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a checkpoint or run directory (default: random tiny preset)")
-    ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa,blimp_sva")
+    ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa,agreement")
     ap.add_argument("--modes", default="causal,prefix,mntp")
     ap.add_argument("--limit", type=int, default=16, help="examples per task (evenly spaced)")
     ap.add_argument("--batch-tokens", type=int, default=None, help="default: the scorer's (2048 on CPU)")
