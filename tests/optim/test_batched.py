@@ -210,3 +210,44 @@ def test_distributed_batched_muon_and_tp_norms_equal_one_process():
             for n in res[tp]["norms"]:
                 torch.testing.assert_close(n, want_norm, rtol=1e-6, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(results[0][1]["params"], results[1][1]["params"], strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_defaults_batched_bf16_fused_adamw_foreach_norms():
+    """On CUDA: Newton-Schulz batched in bf16 by default and within bf16 rounding of the per-block path at
+    dual-470m block shapes; AdamW fused, close to the loop, resumable from a CPU run's state (step counts moved
+    to the device); foreach norms equal the loop to fp32 rounding."""
+    g = torch.Generator("cuda").manual_seed(0)
+    shapes = [(1024, 1024)] * 3 + [(3584, 1024)] * 2 + [(1024, 3584)]
+    srcs = [torch.randn(s, device="cuda", generator=g) for s in shapes]
+    outs = {}
+    for batched in (False, True):
+        dsts = [torch.empty_like(s) for s in srcs]
+        orthogonalise_blocks([(s, d, 1.0, 5) for s, d in zip(srcs, dsts, strict=True)], batched)
+        outs[batched] = dsts
+    for ref, got in zip(outs[False], outs[True], strict=True):
+        assert (got - ref).norm() / ref.norm() < 2e-2  # both bf16; they differ by bf16 rounding only
+
+    model, ocfg = _tiny_model()
+    model.cuda()
+    opts = build_optimizers(model, ocfg)
+    assert all(gr["fused"] for gr in opts["adamw"].param_groups) and opts["muon"].batched is None
+    cpu_model, _ = _tiny_model()
+    cpu_adamw = build_optimizers(cpu_model, ocfg)["adamw"]
+    params = [p for gr in opts["adamw"].param_groups for p in gr["params"]]
+    for p, q in zip(params, [p for gr in cpu_adamw.param_groups for p in gr["params"]], strict=True):
+        q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+        p.grad = q.grad.cuda()
+    cpu_adamw.step()
+    opts["adamw"].load_state_dict(copy.deepcopy(cpu_adamw.state_dict()))
+    assert all(gr["fused"] for gr in opts["adamw"].param_groups)
+    assert all(s["step"].is_cuda for s in opts["adamw"].state.values())
+    opts["adamw"].step()
+    cpu_adamw.step()
+    for p, q in zip(params, [p for gr in cpu_adamw.param_groups for p in gr["params"]], strict=True):
+        torch.testing.assert_close(p.cpu(), q, atol=1e-6, rtol=1e-5)
+    norms = [global_grad_norm(params, foreach=f) for f in (False, True, None)]
+    torch.testing.assert_close(norms[1], norms[0], rtol=1e-5, atol=0)
+    assert torch.equal(norms[2], norms[1])
