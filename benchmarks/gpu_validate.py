@@ -25,6 +25,8 @@ Stages (default budget in seconds):
 * ``train_step`` (110): dual-470m AR and MD micro-batches (8 x 2048): fused+padded, unfused, fused unpadded; time,
   optimizer step, peak memory, MFU by executed FLOPs against the peak and against the measured matmul ceiling.
 * ``fused_ops`` (35): ``benchmarks/fused_ops.py``'s ops, time and peak memory fused vs unfused.
+* ``optimizer`` (15): ``benchmarks/optimizer.py``: a dual-470m Muon step with Newton-Schulz per block vs batched,
+  AdamW single-tensor vs foreach vs fused, the gradient norm loop vs foreach (times, ratios, agreement).
 * ``profile`` (35): 2 micro-batches (AR + MD) under torch.profiler, device time by kernel category, peak memory.
 """
 
@@ -54,6 +56,7 @@ BUDGETS = {
     "attention": 100,
     "train_step": 110,
     "fused_ops": 35,
+    "optimizer": 15,  # issue 14 part 5: 15 s added (470 s of budgets in all), no stage has measured slack yet
     "profile": 35,
 }
 SMOKE_BUDGET = 120  # per stage on CPU (shared cores, the interpreter)
@@ -547,6 +550,17 @@ def stage_fused_ops(ctx: Ctx) -> None:
         )
 
 
+@stage
+def stage_optimizer(ctx: Ctx) -> None:
+    from optimizer import rows  # benchmarks/optimizer.py
+
+    def enough(name: str) -> bool:
+        return ctx.enough(1 if ctx.smoke else 4, name)
+
+    for row in rows(ctx.device, ctx.smoke, lambda fn: bench_ms(ctx, fn, reps=3), enough):
+        ctx.record(**row)
+
+
 def _mib(n: int | None) -> float | None:
     return n / 2**20 if n is not None else None
 
@@ -739,6 +753,14 @@ def _headlines(rows: list[dict]) -> list[str]:
             out.append(
                 f"attention {r['mask']} {r['peer']}: fwd+bwd {r['ms_fwd_bwd']:.3f} ms "
                 f"({r['tflops_fwd_bwd']:.1f} TFLOP/s)"
+            )
+        elif r.get("stage") == "optimizer" and "name" in r:
+            old, new = {"muon": ("per_block", "batched"), "adamw": ("loop", r.get("default"))}.get(
+                r["name"], ("loop", "foreach")
+            )
+            out.append(
+                f"optimizer {r['name']}: {old} {r[old + '_ms']:.2f} ms -> {new} {r[new + '_ms']:.2f} ms "
+                f"(x{r[old + '_ms'] / r[new + '_ms']:.2f})"
             )
         elif r.get("stage") == "gpu_tests" and "counts" in r:
             out.append(f"gpu tests: {r['counts']} (rc {r['rc']})")

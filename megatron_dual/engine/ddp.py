@@ -225,25 +225,23 @@ class DDPEngine(Engine):
         self.buckets.close()
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], state: ParallelState | None = None) -> torch.Tensor:
+def global_grad_norm(
+    params: list[torch.nn.Parameter], state: ParallelState | None = None, foreach: bool | None = None
+) -> torch.Tensor:
     """L2 norm of all gradients of the model as if it were one process.
 
     After the DP all-reduce, gradients are equal on all DP replicas, so only the TP group is reduced over:
     TP-sharded parameters (attribute ``tensor_parallel_dim``) contribute their shard on every TP rank, replicated
-    parameters once (on TP rank 0).
+    parameters once (on TP rank 0). ``foreach``: per-tensor norms in multi-tensor launches (None: on CUDA).
     """
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
     device = grads[0].grad.device
-    sharded = torch.zeros((), dtype=torch.float32, device=device)
-    replicated = torch.zeros((), dtype=torch.float32, device=device)
-    for p in grads:
-        sq = p.grad.detach().float().square().sum()
-        if getattr(p, "tensor_parallel_dim", None) is not None:
-            sharded += sq
-        else:
-            replicated += sq
+    foreach = device.type == "cuda" if foreach is None else foreach
+    is_sharded = [getattr(p, "tensor_parallel_dim", None) is not None for p in grads]
+    sharded = _sum_of_squares([p.grad for p, s in zip(grads, is_sharded, strict=True) if s], device, foreach)
+    replicated = _sum_of_squares([p.grad for p, s in zip(grads, is_sharded, strict=True) if not s], device, foreach)
     tp = state.tp_size if state is not None else 1
     if tp > 1:
         total = sharded + (replicated if state.tp_rank == 0 else 0.0)
@@ -251,6 +249,19 @@ def global_grad_norm(params: list[torch.nn.Parameter], state: ParallelState | No
     else:
         total = sharded + replicated
     return total.sqrt()
+
+
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device, foreach: bool) -> torch.Tensor:
+    """Sum of the squared entries of ``grads`` in fp32: ``foreach`` norms (a few multi-tensor launches instead of
+    three per parameter: the CUDA default) or the per-tensor loop (the CPU default: its rounding is pinned by
+    ``make demo``'s clipped steps, and a sum of squared norms rounds differently)."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if grads and foreach:
+        norms = torch._foreach_norm([g.detach() for g in grads], 2, dtype=torch.float32)
+        return total + torch.stack(norms).square().sum()
+    for g in grads:
+        total += g.detach().float().square().sum()
+    return total
 
 
 def clip_grad_norm_(
@@ -261,7 +272,7 @@ def clip_grad_norm_(
     norm = global_grad_norm(params, state)
     if max_norm > 0 and math.isfinite(max_norm):
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.detach().mul_(coef.to(p.grad.device))
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        for device in {g.device for g in grads}:  # one multi-tensor launch per device; on CPU the per-tensor mul_
+            torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))
     return norm

@@ -10,8 +10,9 @@ update instead of the gradient, and trained as SGD at stage 0, DeepSpeed issue 8
 1. momentum (and Nesterov) elementwise on the local partition, as ZeRO shards the state;
 2. the momentum-updated partitions rebuilt into whole matrices over the DP group, a bounded batch of matrices at a
    time (:class:`FlatLayout` knows where each parameter lies); TP shards gathered over the TP group;
-3. each matrix orthogonalised by one owner DP rank (the assignment of our distributed Muon), q/k/v and up/gate
-   separately, lr-scaled by ``0.2 * sqrt(max(rows, cols))`` (or the configured mode);
+3. each matrix orthogonalised by one owner DP rank (the assignment of our distributed Muon; an owner's matrices of
+   a batch stacked by shape on CUDA), q/k/v and up/gate separately, lr-scaled by ``0.2 * sqrt(max(rows, cols))``
+   (or the configured mode);
 4. the owners' results summed over DP per batch (every other rank contributes zeros, so the sum is exact) and each
    rank applies its own partition: ``W <- W * (1 - lr * wd) - lr * update``.
 
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_dual.optim.muon import Muon, _gather_full, _local_shard, logical_blocks
+from megatron_dual.optim.muon import Muon, _gather_full, _local_shard, keep_implementation, logical_blocks
 
 __all__ = ["FlatLayout", "GatheredOrthogonalOptimizer"]
 
@@ -149,6 +150,7 @@ class GatheredOrthogonalOptimizer(torch.optim.Optimizer):
         groups = [dict(g, kind="muon") for g in (muon.param_groups if muon is not None else [])]
         groups += [dict(g, kind="adamw") for g in adamw.param_groups]
         super().__init__(groups, {})
+        keep_implementation(self)  # the AdamW groups' foreach / fused flags survive a resume
         self._parallel = parallel
         self.layouts: dict[int, FlatLayout] = {}
         self.gather_numel = gather_numel  # elements of whole matrices rebuilt at a time (at least one matrix)
@@ -200,15 +202,17 @@ class GatheredOrthogonalOptimizer(torch.optim.Optimizer):
         delta = torch.zeros_like(t)
         for batch in layout.batches(self.gather_numel):
             whole = layout.gather(update, batch, par.dp_rank, par.dp_group)
-            owned: dict[int, torch.Tensor] = {}
-            for j, u in zip(batch, whole, strict=True):
+            mine = [
+                (j, u) for j, u in zip(batch, whole, strict=True) if self.owners[id(layout.params[j])] == par.dp_rank
+            ]
+            jobs = []
+            for j, u in mine:
                 p = layout.params[j]
-                if self.owners[id(p)] == par.dp_rank:
-                    full, splits = _gather_full(u, p, par, group["splits"])
-                    o = self._muon._orthogonalised(
-                        full, splits, group, logical_blocks(p, splits, full.shape[1], par.tp_size)
-                    )
-                    owned[j] = _local_shard(o, p, par)
+                full, splits = _gather_full(u, p, par, group["splits"])
+                jobs.append((full, splits, group, logical_blocks(p, splits, full.shape[1], par.tp_size)))
+            # this owner's matrices of the batch orthogonalised together (stacked by shape on CUDA)
+            outs = self._muon.orthogonalised(jobs)
+            owned = {j: _local_shard(o, layout.params[j], par) for (j, _), o in zip(mine, outs, strict=True)}
             layout.scatter(owned, batch, par.dp_rank, par.dp_group, delta)
         t.mul_(1.0 - lr * wd)
         t.add_(delta, alpha=-lr)

@@ -4,12 +4,16 @@ Fused matrices are orthogonalised block by block (q, k, v and up, gate separatel
 separate parameters. Update per block of shape (A, B):
 ``W <- W * (1 - lr * wd) - lr * 0.2 * sqrt(max(A, B)) * NS5(nesterov_momentum(G))`` with ``match_rms_adamw``
 scaling, or ``lr * sqrt(max(1, A / B))`` with ``original`` scaling.
+
+Newton-Schulz runs per block (:func:`zeropower_newton_schulz`, the CPU default, whose floats ``make demo`` pins) or
+batched (:func:`orthogonalise_blocks`: the blocks of a step stacked by shape, transposed ones with them, and iterated
+with ``baddbmm``, a few launches per shape instead of ~40 per block; the CUDA default).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,6 +38,59 @@ def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) 
     if transposed:
         x = x.T
     return x.to(g.dtype)
+
+
+# Elements of one stacked Newton-Schulz batch: bounds the extra memory of the batched path (in bf16 on GPU, 256 MiB
+# for the stack plus about three temporaries of at most its size); a bigger shape group runs in several chunks.
+NS_BATCH_NUMEL = 1 << 27
+
+
+def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """:func:`zeropower_newton_schulz` of every matrix of the stack ``x`` (n, rows, cols), rows <= cols, in ``x``'s
+    dtype. ``baddbmm`` fuses each polynomial step: ``c * (M @ M) + b * M``, then ``Y @ X + a * X`` (the per-block
+    path computes ``(c * M) @ M``: the two agree to rounding)."""
+    a, b, c = NS_COEFFICIENTS
+    x = x / (torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True) + eps)
+    for _ in range(steps):
+        m = torch.bmm(x, x.mT)
+        y = torch.baddbmm(m, m, m, beta=b, alpha=c)
+        x = torch.baddbmm(x, y, x, beta=a)
+    return x
+
+
+# One block to orthogonalise: (momentum-updated source, destination of the scaled result, lr scale, NS steps).
+Block = tuple[torch.Tensor, torch.Tensor, float, int]
+
+
+def orthogonalise_blocks(blocks: list[Block], batched: bool) -> None:
+    """Write ``scale * NS5(src)`` into ``dst`` for every block: one by one (the original floats), or stacked by
+    (shape up to transposition, steps) in chunks of at most :data:`NS_BATCH_NUMEL` elements."""
+    if not batched:
+        for src, dst, scale, steps in blocks:
+            dst.copy_(zeropower_newton_schulz(src, steps).mul_(scale))
+        return
+    groups: dict[tuple[int, int, int], list[Block]] = {}
+    for blk in blocks:
+        rows, cols = blk[0].shape
+        groups.setdefault((min(rows, cols), max(rows, cols), blk[3]), []).append(blk)
+    for (rows, cols, _), members in groups.items():
+        per_chunk = max(1, NS_BATCH_NUMEL // (rows * cols))
+        for i in range(0, len(members), per_chunk):
+            _orthogonalise_stack(members[i : i + per_chunk])
+
+
+def _orthogonalise_stack(members: list[Block]) -> None:
+    """One stack of same-shape blocks: bf16 on GPU and fp32 on CPU (as the per-block path), wide orientation."""
+    first = members[0][0]
+    dtype = torch.bfloat16 if first.is_cuda else torch.float32
+    rows, cols = sorted(first.shape)
+    x = torch.empty((len(members), rows, cols), dtype=dtype, device=first.device)
+    for slot, (src, _, _, _) in zip(x, members, strict=True):
+        slot.copy_(src.mT if src.shape[0] > src.shape[1] else src)
+    x = newton_schulz_batched(x, members[0][3])
+    for slot, (src, dst, _, _) in zip(x, members, strict=True):
+        dst.copy_(slot.mT if src.shape[0] > src.shape[1] else slot)
+    torch._foreach_mul_([m[1] for m in members], [m[2] for m in members])  # the lr scales, in the result's dtype
 
 
 HEAD_PROJECTION = "head.proj.weight"  # the reference's classifier.projection (optimizer.muon_head puts it on Muon)
@@ -62,6 +119,7 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         ns_steps: int = 5,
         adjust_lr: str = "match_rms_adamw",
+        batched: bool | None = None,
     ) -> None:
         muon_lr_scale(1, 1, adjust_lr)
         defaults = dict(
@@ -74,6 +132,10 @@ class Muon(torch.optim.Optimizer):
             splits=None,
         )
         super().__init__(params, defaults)
+        # Newton-Schulz stacked by shape (True), block by block (False), or None: stacked on CUDA only. On CPU the
+        # stacked path rounds differently from the per-block one (bmm/baddbmm vs mm; make demo's losses are pinned)
+        # and the launches it saves cost nothing there.
+        self.batched = batched
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
@@ -89,8 +151,9 @@ class Muon(torch.optim.Optimizer):
 
         ``parallel`` is a :class:`megatron_dual.parallel.state.ParallelState`. Matrices are dealt to DP ranks
         (largest first, to the least loaded owner); the owner runs Newton-Schulz on the *whole* matrix (TP shards are
-        gathered over the TP group and their row blocks reassembled first) and broadcasts the update to its DP peers;
-        every rank applies its own shard. The result equals single-process Muon.
+        gathered over the TP group and their row blocks reassembled first; an owner's matrices batched together) and
+        broadcasts the update to its DP peers; every rank applies its own shard. The result equals single-process
+        Muon.
         """
         self._parallel = parallel
         self._owners = None
@@ -107,19 +170,23 @@ class Muon(torch.optim.Optimizer):
             load[owner] += _full_numel(params[i], par.tp_size)
         return owners
 
-    def _orthogonalised(
-        self, update: torch.Tensor, splits: list[int], group: dict, logical: list[tuple[int, int]] | None = None
-    ) -> torch.Tensor:
-        """Newton-Schulz per row block; the lr scale from each block's ``logical`` shape (that of the unpadded
-        matrix when the parameter is padded) or its own."""
-        out = torch.empty_like(update)
-        shapes = logical or [(n, update.shape[1]) for n in splits]
-        for o_block, g_block, (rows, cols) in zip(
-            out.split(splits, dim=0), update.split(splits, dim=0), shapes, strict=True
-        ):
-            scale = muon_lr_scale(rows, cols, group["adjust_lr"])
-            o_block.copy_(zeropower_newton_schulz(g_block, group["ns_steps"]).mul_(scale))
-        return out
+    def orthogonalised(self, jobs: list[tuple[torch.Tensor, list[int], dict, list | None]]) -> list[torch.Tensor]:
+        """The scaled Newton-Schulz result of each job ``(update, row splits, param group, logical block shapes)``:
+        per row block, lr-scaled from its ``logical`` shape (that of the unpadded matrix when the parameter is
+        padded) or its own; all blocks of all jobs batched together when :attr:`batched` says so."""
+        outs: list[torch.Tensor] = []
+        blocks: list[Block] = []
+        for update, splits, group, logical in jobs:
+            out = torch.empty_like(update)
+            shapes = logical or [(n, update.shape[1]) for n in splits]
+            for o_block, g_block, (rows, cols) in zip(
+                out.split(splits, dim=0), update.split(splits, dim=0), shapes, strict=True
+            ):
+                blocks.append((g_block, o_block, muon_lr_scale(rows, cols, group["adjust_lr"]), group["ns_steps"]))
+            outs.append(out)
+        if blocks:
+            orthogonalise_blocks(blocks, blocks[0][0].is_cuda if self.batched is None else self.batched)
+        return outs
 
     def _momentum_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         """Advance ``p``'s momentum buffer by its gradient; the (Nesterov) update to orthogonalise."""
@@ -130,25 +197,33 @@ class Muon(torch.optim.Optimizer):
         buf.mul_(group["momentum"]).add_(p.grad)
         return p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
 
-    def _step_local(self, p: torch.Tensor, update: torch.Tensor, group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        p.mul_(1.0 - lr * group["weight_decay"])
-        splits = group["splits"] or [p.shape[0]]
-        p.add_(self._orthogonalised(update, splits, group, logical_blocks(p, splits, update.shape[1])), alpha=-lr)
+    def _step_local(self, chunk: list[tuple[torch.Tensor, dict]], updates: list[torch.Tensor]) -> None:
+        jobs = []
+        for (p, group), update in zip(chunk, updates, strict=True):
+            splits = group["splits"] or [p.shape[0]]
+            jobs.append((update, splits, group, logical_blocks(p, splits, update.shape[1])))
+        deltas = self.orthogonalised(jobs)
+        _apply_updates([(p, d, g["lr"], g["weight_decay"]) for (p, g), d in zip(chunk, deltas, strict=True)])
 
-    def _launch_owned(self, p: torch.Tensor, update: torch.Tensor, group: dict[str, Any], par: Any) -> tuple:
-        """The owner orthogonalises the whole (TP-gathered) matrix and broadcasts it to its DP peers (async)."""
-        full, splits = _gather_full(update, p, par, group["splits"])
-        owner = self._owners[id(p)]
-        if owner == par.dp_rank:
-            delta = self._orthogonalised(full, splits, group, logical_blocks(p, splits, full.shape[1], par.tp_size))
-        else:
-            delta = torch.empty_like(full)
-        work = None
-        if par.dp_size > 1:
-            src = par.layout.rank_of(owner, par.tp_rank)
-            work = dist.broadcast(delta, src=src, group=par.dp_group, async_op=True)
-        return p, delta, work, group["lr"], group["weight_decay"]
+    def _launch_owned(self, chunk: list[tuple[torch.Tensor, dict]], updates: list[torch.Tensor], par: Any) -> list:
+        """The owners orthogonalise their whole (TP-gathered) matrices, batched, and broadcast them to their DP peers
+        (async); ``(p, delta, work, lr, wd)`` per matrix."""
+        fulls = [_gather_full(u, p, par, g["splits"]) for (p, g), u in zip(chunk, updates, strict=True)]
+        mine = [i for i, (p, _) in enumerate(chunk) if self._owners[id(p)] == par.dp_rank]
+        jobs = []
+        for i in mine:
+            (full, splits), (p, group) = fulls[i], chunk[i]
+            jobs.append((full, splits, group, logical_blocks(p, splits, full.shape[1], par.tp_size)))
+        deltas = dict(zip(mine, self.orthogonalised(jobs), strict=True))
+        out = []
+        for i, (p, group) in enumerate(chunk):
+            delta = deltas[i] if i in deltas else torch.empty_like(fulls[i][0])
+            work = None
+            if par.dp_size > 1:
+                src = par.layout.rank_of(self._owners[id(p)], par.tp_rank)
+                work = dist.broadcast(delta, src=src, group=par.dp_group, async_op=True)
+            out.append((p, delta, work, group["lr"], group["weight_decay"]))
+        return out
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -160,22 +235,48 @@ class Muon(torch.optim.Optimizer):
         distributed = par is not None and (par.dp_size > 1 or par.tp_size > 1)
         if distributed and self._owners is None:
             self._owners = self._assign_owners()
+        entries = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        tp = par.tp_size if distributed else 1
         pending = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = self._momentum_update(p, group)
-                if distributed:
-                    pending.append(self._launch_owned(p, update, group, par))
-                else:
-                    self._step_local(p, update, group)
-        for p, delta, work, lr, wd in pending:
+        # a bounded number of matrices in flight (their updates and results): the same on every rank
+        for chunk in _chunks(entries, NS_BATCH_NUMEL, lambda e: _full_numel(e[0], tp)):
+            updates = [self._momentum_update(p, group) for p, group in chunk]
+            if distributed:
+                pending += self._launch_owned(chunk, updates, par)
+            else:
+                self._step_local(chunk, updates)
+        for _, _, work, _, _ in pending:
             if work is not None:
                 work.wait()
-            p.mul_(1.0 - lr * wd)
-            p.add_(_local_shard(delta, p, par), alpha=-lr)
+        _apply_updates([(p, _local_shard(delta, p, par), lr, wd) for p, delta, _, lr, wd in pending])
         return loss
+
+
+def _chunks(items: list, cap: int, numel: Callable[[Any], int]) -> list[list]:
+    """Consecutive runs of ``items`` of at most ``cap`` elements each (at least one item a run)."""
+    out: list[list] = [[]]
+    size = 0
+    for item in items:
+        n = numel(item)
+        if out[-1] and size + n > cap:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return [c for c in out if c]
+
+
+def _apply_updates(items: list[tuple[torch.Tensor, torch.Tensor, float, float]]) -> None:
+    """``W <- W * (1 - lr * wd) - lr * delta`` for each ``(W, delta, lr, wd)``: one foreach pair per (lr, wd) (on
+    CPU, foreach ops run the per-tensor ``mul_`` / ``add_`` one by one: the same floats as a loop)."""
+    by_hyper: dict[tuple[float, float], tuple[list, list]] = {}
+    for p, delta, lr, wd in items:
+        ps, ds = by_hyper.setdefault((lr, wd), ([], []))
+        ps.append(p)
+        ds.append(delta)
+    for (lr, wd), (ps, ds) in by_hyper.items():
+        torch._foreach_mul_(ps, 1.0 - lr * wd)
+        torch._foreach_add_(ps, ds, alpha=-lr)
 
 
 def logical_blocks(p: torch.Tensor, splits: list[int], cols: int, tp: int = 1) -> list[tuple[int, int]] | None:
@@ -229,14 +330,41 @@ def _local_shard(delta: torch.Tensor, p: torch.Tensor, par: Any) -> torch.Tensor
 
 
 def _adamw(groups: list[dict], lr: float, cfg: Any) -> torch.optim.Optimizer:
-    """PyTorch's AdamW, or apex's FusedAdam (AdamW mode) with ``optimizer.adamw_impl = apex`` where it can run."""
+    """PyTorch's AdamW, or apex's FusedAdam (AdamW mode) with ``optimizer.adamw_impl = apex`` where it can run.
+
+    PyTorch's is fused (one kernel for all parameters) when they are all on CUDA, else foreach: on CPU the foreach
+    ops run the single-tensor loop's ops one tensor at a time, the same floats (tests/optim checks it bit for bit).
+    """
+    params = [p for g in groups for p in g["params"]]
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
     if getattr(cfg, "adamw_impl", "torch") == "apex":
         from megatron_dual.model.apex_ops import apex_fused_adam
 
-        fused = apex_fused_adam(all(p.is_cuda for g in groups for p in g["params"]))
+        fused = apex_fused_adam(on_cuda)
         if fused is not None:
             return fused(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    impl = {"fused": True} if on_cuda else {"foreach": True}
+    return keep_implementation(torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **impl))
+
+
+IMPLEMENTATION_KEYS = ("foreach", "fused")  # param-group flags of PyTorch's optimizers that pick the kernels
+
+
+def keep_implementation(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Loaded state keeps this run's implementation flags: the saved param groups carry ``foreach`` / ``fused`` and
+    would override them (a checkpoint from a CPU run would turn a GPU run's fused AdamW into foreach, one from an
+    older run into the single-tensor loop; the load also reads them to place the step counts on the device)."""
+    live = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in opt.param_groups]
+
+    def pre_hook(_: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        groups = state_dict["param_groups"]
+        return {
+            **state_dict,
+            "param_groups": [dict(g, **live[i]) if i < len(live) else g for i, g in enumerate(groups)],
+        }
+
+    opt.register_load_state_dict_pre_hook(pre_hook)
+    return opt
 
 
 def build_optimizers(model: torch.nn.Module, cfg) -> dict[str, torch.optim.Optimizer]:

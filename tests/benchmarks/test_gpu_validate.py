@@ -41,6 +41,7 @@ def test_smoke_runs_every_stage(tmp_path):
         "attention",
         "train_step",
         "fused_ops",
+        "optimizer",
         "profile",
     ]
     assert set(status.values()) == {"ok"}, status
@@ -58,6 +59,7 @@ def test_smoke_runs_every_stage(tmp_path):
     assert agree and agree[0]["agree"] and len(agree[0]["losses"]["ar"]) == 3  # fused, unfused, unpadded
     assert all(r["flops"]["attention"] > 0 for r in by["train_step"] if "flops" in r)
     assert {r["op"] for r in by["fused_ops"]} == {"rmsnorm", "rotary", "swiglu", "linear_ce"}
+    assert {r["name"] for r in by["optimizer"]} == {"muon", "adamw", "grad_norm"}
     assert "gemm" in by["profile"][0]["categories"]
     assert by["gpu_tests"][0]["counts"].get("tests collected", 0) > 0
     assert "ceiling matmul" in log and "train fused+padded ar" in log  # the summary, printed last
