@@ -207,6 +207,31 @@ def test_objective_batch_counts_labels_on_the_host():
     assert b.to("meta").n_labelled == 15  # carried to the device, never recounted there
 
 
+def test_trainer_passes_the_host_count_to_the_loss(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/toy.py
+    from toy import tiny_overrides, write_random_corpus
+
+    import megatron_dual.trainer as trainer_mod
+    from megatron_dual.config import load_config
+
+    corpus = write_random_corpus(str(tmp_path / "toy_text_document"), n_docs=30)
+    tr = trainer_mod.Trainer(load_config(overrides=tiny_overrides(corpus, tmp_path / "out")), quiet=True)
+    seen = []
+
+    def recording(*a, **k):
+        seen.append((k.get("n_labelled"), int((a[2] != IGNORE).sum())))
+        return labelled_loss(*a, **k)
+
+    monkeypatch.setattr(trainer_mod, "labelled_loss", recording)
+    with torch.no_grad():
+        for b in tr.loader.batches(0).batches:
+            tr.forward_loss(b)
+    assert len(seen) == 4 and all(given == counted > 0 for given, counted in seen), seen
+
+
 # ------------------------------------------------------------------------------- vocab-parallel, no gather (gloo)
 def _vocab_parallel_worker(rank: int, world: int, store_path: str) -> None:
     import torch.distributed as dist
