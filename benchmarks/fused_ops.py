@@ -9,6 +9,12 @@ What it measures, per op, in one run on one GPU (bf16 inputs, fp32 parameters as
 - ``linear_ce``: output linear (+ bias) + cross-entropy + z-loss over (tokens, hidden) features and a (vocab,
   hidden) weight with 1/t-style token weights vs the unfused path (``F.linear`` under autocast, logits upcast to
   fp32, logsumexp, gather), i.e. what ``labelled_loss`` does without the kernel;
+- ``ce_vs_prev``: ``linear_ce``'s fused kernel against itself as before issue 14 part 5 (in the "unfused" columns):
+  dW as a bf16 product upcast and added, db as a separate column-sum pass (now: dW in the GEMM's fp32 output where
+  torch has ``addmm(out_dtype=)``, db folded into the gradient kernel);
+- ``ce_nogather``: ``labelled_loss`` through the GELU head with the fused kernel on (B, 2048) AR-style positions
+  (one unlabelled per 500-token document) without a gather (the host-known labelled count is >= 90%) against the
+  gather of the labelled rows before the head (in the "unfused" columns);
 - ``rmsnorm_apex``: NVIDIA apex's FusedRMSNorm (``model.fused_ops=apex``) vs ``F.rms_norm``, a peer of our kernel;
 - ``adamw_apex``: one step of apex's FusedAdam (``optimizer.adamw_impl=apex``) vs PyTorch's AdamW over
   dual-470m-sized AdamW parameters (embeddings + head: 2 x vocab x hidden), time only.
@@ -33,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 OPS = ("rmsnorm", "rotary", "swiglu", "linear_ce")  # our kernels (benchmarks/gpu_validate.py runs these)
+CE_OPS = ("ce_vs_prev", "ce_nogather")  # the fused CE's new paths against its old ones (this script only)
 APEX_OPS = ("rmsnorm_apex", "adamw_apex")  # NVIDIA apex as peers, where installed
 
 
@@ -46,7 +53,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--vocab", type=int, default=51200)
-    p.add_argument("--ops", nargs="+", default=[*OPS, *APEX_OPS], choices=[*OPS, *APEX_OPS])
+    p.add_argument("--ops", nargs="+", default=[*OPS, *CE_OPS, *APEX_OPS], choices=[*OPS, *CE_OPS, *APEX_OPS])
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes under TRITON_INTERPRET=1")
     return p.parse_args()
 
@@ -148,12 +155,59 @@ def _build_linear_ce(a: argparse.Namespace, device: str, g: Any, rnd: Callable[.
     return fused, unfused, [feats, w, bias]
 
 
+def _build_ce_vs_prev(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
+    from megatron_dual.kernels.cross_entropy import previous_grad_path
+
+    fused, _, inputs = _build_linear_ce(a, device, g, rnd)
+
+    def previous() -> Any:
+        with previous_grad_path():
+            return fused()
+
+    return fused, previous, inputs
+
+
+def _build_ce_nogather(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
+    import math
+
+    import torch
+
+    from megatron_dual.model import loss
+    from megatron_dual.model.head import LMHead
+
+    t = min(2048, a.ce_tokens)
+    b, doc = max(1, a.ce_tokens // t), min(500, max(2, t // 3))
+    head = LMHead(a.hidden, a.vocab, 1e-6, fused_ops="auto" if device == "cuda" else "triton").to(device)
+    head.reset_parameters()
+    hidden = rnd(b, t, a.hidden)
+    labels = torch.randint(0, a.vocab, (b, t), generator=g)
+    labels[:, doc - 1 :: doc] = loss.IGNORE  # the last position of each document predicts nothing
+    n_labelled = int((labels != loss.IGNORE).sum())
+    labels = labels.to(device)
+    weights = (labels != loss.IGNORE).float()
+
+    def run() -> Any:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            return loss.labelled_loss(head, hidden, labels, weights, 1e-4, n_labelled=n_labelled).weighted
+
+    def gathered() -> Any:
+        saved, loss.ALL_ROWS_FRACTION = loss.ALL_ROWS_FRACTION, math.inf
+        try:
+            return run()
+        finally:
+            loss.ALL_ROWS_FRACTION = saved
+
+    return run, gathered, [hidden, *head.parameters()]
+
+
 BUILDERS: dict[str, Callable[[argparse.Namespace, str, Any, Callable[..., Any]], Built]] = {
     "rmsnorm_apex": _build_rmsnorm_apex,
     "rmsnorm": _build_rmsnorm,
     "rotary": _build_rotary,
     "swiglu": _build_swiglu,
     "linear_ce": _build_linear_ce,
+    "ce_vs_prev": _build_ce_vs_prev,
+    "ce_nogather": _build_ce_nogather,
 }
 
 
@@ -190,7 +244,7 @@ def adamw_apex(a: argparse.Namespace) -> None:
 
     fused, plain = FusedAdam(params(), lr=1e-3, adam_w_mode=True), torch.optim.AdamW(params(), lr=1e-3)
     tf, tu = do_bench(fused.step), do_bench(plain.step)
-    print(f"{'adamw_apex':<10} {tf:>9.3f} {tu:>10.3f} {tu / tf:>7.2f}x {'-':>10} {'-':>11} {'-':>6} {'-':>11}")
+    print(f"{'adamw_apex':<11} {tf:>9.3f} {tu:>10.3f} {tu / tf:>7.2f}x {'-':>10} {'-':>11} {'-':>6} {'-':>11}")
 
 
 def _apex_missing(op: str) -> bool:
@@ -266,7 +320,7 @@ def main() -> int:
         f"heads {a.heads}x{a.head_dim}, vocab {a.vocab}, CE tokens {a.ce_tokens}; inputs {dtype}"
     )
     header = (
-        f"{'op':<10} {'fused ms':>9} {'unfused ms':>10} {'speedup':>8} {'fused MiB':>10} {'unfused MiB':>11} "
+        f"{'op':<11} {'fused ms':>9} {'unfused ms':>10} {'speedup':>8} {'fused MiB':>10} {'unfused MiB':>11} "
         f"{'mem':>6} {'max rel err':>11}"
     )
     print(header)
@@ -287,13 +341,14 @@ def main() -> int:
             tf, tu = do_bench(rf), do_bench(ru)
             mf, mu = peak_bytes(rf), peak_bytes(ru)
             print(
-                f"{op:<10} {tf:>9.3f} {tu:>10.3f} {tu / tf:>7.2f}x {mf / 2**20:>10.1f} {mu / 2**20:>11.1f} "
+                f"{op:<11} {tf:>9.3f} {tu:>10.3f} {tu / tf:>7.2f}x {mf / 2**20:>10.1f} {mu / 2**20:>11.1f} "
                 f"{mf / mu:>6.3f} {err:>11.2e}"
             )
         else:
-            print(f"{op:<10} {'-':>9} {'-':>10} {'-':>8} {'-':>10} {'-':>11} {'-':>6} {err:>11.2e}")
+            print(f"{op:<11} {'-':>9} {'-':>10} {'-':>8} {'-':>10} {'-':>11} {'-':>6} {err:>11.2e}")
     if device == "cuda":
         print("speedup = unfused / fused time (fwd+bwd); mem = fused / unfused peak (goal for linear_ce <= 0.25)")
+        print("ce_vs_prev, ce_nogather: the 'unfused' columns are the fused CE's previous path (see the docstring)")
     return 0
 
 

@@ -456,8 +456,9 @@ def _micro(ctx: Ctx, cfg: Any, model: Any, batch: Any) -> float:
     from megatron_dual.model.loss import labelled_loss
 
     with torch.autocast(ctx.device, dtype=torch.bfloat16, enabled=ctx.device == "cuda"):
+        hidden = model(batch.input_ids, batch.mask)
         sums = labelled_loss(
-            model.head, model(batch.input_ids, batch.mask), batch.labels, batch.weights, cfg.objective.z_loss
+            model.head, hidden, batch.labels, batch.weights, cfg.objective.z_loss, n_labelled=batch.n_labelled
         )
     loss = sums.weighted / batch.n_tokens
     loss.backward()

@@ -141,7 +141,8 @@ def measure(
     def micro(obj: str) -> float:
         b = batches[obj]
         with autocast:
-            sums = labelled_loss(model.head, model(b.input_ids, b.mask), b.labels, b.weights, cfg.objective.z_loss)
+            hidden = model(b.input_ids, b.mask)
+            sums = labelled_loss(model.head, hidden, b.labels, b.weights, cfg.objective.z_loss, n_labelled=b.n_labelled)
         loss = sums.weighted / b.n_tokens
         loss.backward()
         return float(loss.detach())

@@ -55,6 +55,11 @@ class ObjectiveBatch:
     weights: torch.Tensor  # (B, T) float, 0 where not predicted
     mask: AttentionMask
     n_tokens: int  # this objective's normaliser contribution (see module docstring)
+    n_labelled: int | None = None  # positions with a label, counted on the host at construction (see loss.py)
+
+    def __post_init__(self) -> None:
+        if self.n_labelled is None and self.labels.device.type == "cpu":
+            self.n_labelled = int((self.labels != IGNORE).sum())
 
     def map_tensors(self, fn) -> ObjectiveBatch:
         """A copy with ``fn`` applied to every tensor (ids, labels, weights and the mask's tensors)."""
@@ -66,7 +71,7 @@ class ObjectiveBatch:
             m.q_offset,
         )
         return ObjectiveBatch(
-            self.objective, fn(self.input_ids), fn(self.labels), fn(self.weights), mask, self.n_tokens
+            self.objective, fn(self.input_ids), fn(self.labels), fn(self.weights), mask, self.n_tokens, self.n_labelled
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ObjectiveBatch:

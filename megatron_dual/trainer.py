@@ -251,7 +251,13 @@ class Trainer:
         """The model and the loss of one objective batch (call inside ``engine.autocast()``)."""
         hidden = self.model(batch.input_ids, batch.mask)
         return labelled_loss(
-            self.model.head, hidden, batch.labels, batch.weights, self.cfg.objective.z_loss, tp_group=self.par.tp_group
+            self.model.head,
+            hidden,
+            batch.labels,
+            batch.weights,
+            self.cfg.objective.z_loss,
+            tp_group=self.par.tp_group,
+            n_labelled=batch.n_labelled,
         )
 
     def train_step(self, step_batches: StepBatches) -> dict[str, float]:

@@ -420,8 +420,8 @@ jobs = [
     (SW._swiglu_bwd_kernel, {"dout_ptr": dt, "x_ptr": dt, "dx_ptr": dt}, {"BLOCK": 1024}, 4),
     (CE._ce_stats_kernel, {"logits_ptr": dt, "labels_ptr": i64, "max_ptr": f32, "sumexp_ptr": f32,
                            "target_ptr": f32, "argmax_ptr": i32}, {"BLOCK_V": 4096}, 4),
-    (CE._ce_grad_kernel, {"logits_ptr": dt, "labels_ptr": i64, "lse_ptr": f32, "scale_ptr": f32, "two_z": "fp32"},
-     {"BLOCK_V": 4096}, 4),
+    (CE._ce_grad_kernel, {"logits_ptr": dt, "labels_ptr": i64, "lse_ptr": f32, "scale_ptr": f32,
+                          "db_partial_ptr": f32, "two_z": "fp32"}, {"HAS_DB": True, "BLOCK_R": 8, "BLOCK_V": 512}, 4),
 ]
 for kern, io, consts, warps in jobs:
     sig = {a: "constexpr" if a in consts else io.get(a, "i32") for a in kern.arg_names}
