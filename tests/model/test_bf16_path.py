@@ -1,0 +1,83 @@
+"""The bf16 activation path: the fused residual-add + RMSNorm trunk, one autocast region per step, and fp32
+weight-gradient accumulation, each against the path it replaces (on CPU: the Triton interpreter and CPU autocast).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_dual.config import ModelConfig
+from megatron_dual.model import AttentionMask, DualTransformer
+from megatron_dual.model.checkpointing import apply_activation_checkpointing
+from megatron_dual.model.loss import IGNORE, labelled_loss
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tiny(fused: str, n_layers: int = 2) -> ModelConfig:
+    return ModelConfig(
+        n_layers=n_layers,
+        hidden_size=64,
+        n_heads=2,
+        n_kv_heads=1,
+        intermediate_size=88,
+        vocab_size=200,
+        max_seq_len=64,
+        rope_theta=10_000.0,
+        fused_ops=fused,
+    )
+
+
+def model_pair(fused: str, seed: int = 0) -> tuple[DualTransformer, DualTransformer]:
+    """A plain model with every weight non-zero (the reference init zeroes some) and a copy with ``fused``."""
+    torch.manual_seed(seed)
+    plain = DualTransformer(tiny("none")).to(DEV)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0.0, 0.1)
+    other = DualTransformer(tiny(fused)).to(DEV)
+    other.load_state_dict(plain.state_dict())
+    return plain, other
+
+
+def batch(seed: int, b: int = 2, t: int = 17) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, 200, (b, t), generator=gen)
+    labels = torch.randint(8, 200, (b, t), generator=gen)
+    labels[torch.rand(b, t, generator=gen) < 0.3] = IGNORE
+    return ids.to(DEV), labels.to(DEV), torch.ones(b, t, device=DEV)
+
+
+def loss_of(model: DualTransformer, seed: int) -> torch.Tensor:
+    ids, labels, weights = batch(seed)
+    sums = labelled_loss(model.head, model(ids, AttentionMask("causal")), labels, weights, 1e-3)
+    return sums.weighted / sums.count
+
+
+def grad_nodes(t: torch.Tensor) -> set[str]:
+    seen, names, todo = set(), set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_fused_residual_trunk_matches_plain_blocks():
+    """fused_ops = triton: every residual add but the last runs with the norm after it in one kernel, also when
+    blocks are recomputed in backward (tests/kernels/test_fused.py compares the fused model without recompute)."""
+    plain, fused = model_pair("triton")
+    apply_activation_checkpointing(fused, "full")
+    losses = []
+    for model in (plain, fused):
+        loss = loss_of(model, 1)
+        nodes = grad_nodes(loss)
+        assert ("AddRMSNormFunctionBackward" in nodes) == (model is fused), sorted(nodes)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
