@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron_dual.config import Config
 from megatron_dual.engine.base import Engine
 from megatron_dual.model.checkpointing import apply_activation_checkpointing
+from megatron_dual.model.precision import step_region
 from megatron_dual.optim.muon import build_optimizers
 from megatron_dual.optim.schedules import build_scheduler, retarget_scheduler
 from megatron_dual.parallel.state import ParallelState
@@ -177,6 +178,11 @@ class DDPEngine(Engine):
         if self.precision == "bf16":
             return torch.autocast(self._device_type, dtype=torch.bfloat16)
         return nullcontext()
+
+    def step_region(self) -> AbstractContextManager:
+        """bf16: autocast's weight casts (and the fp32-accumulating linears') are kept across the micro-batches of
+        the step instead of being redone per micro-batch (see ``model.precision.step_region``)."""
+        return step_region(self._device_type, enabled=self.precision == "bf16")
 
     def zero_grad(self) -> None:
         self.buckets.zero_grad()

@@ -4,12 +4,19 @@ weight-gradient accumulation, each against the path it replaces (on CPU: the Tri
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import math
 
-from megatron_dual.config import ModelConfig
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from toy import tiny_overrides, write_random_corpus
+
+from megatron_dual.config import ModelConfig, load_config
 from megatron_dual.model import AttentionMask, DualTransformer
 from megatron_dual.model.checkpointing import apply_activation_checkpointing
 from megatron_dual.model.loss import IGNORE, labelled_loss
+from megatron_dual.model.precision import step_region
+from megatron_dual.trainer import Trainer
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -81,3 +88,65 @@ def test_fused_residual_trunk_matches_plain_blocks():
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts fp32 -> bf16 copies of the given parameters (autocast's weight casts reach the dispatcher as these)."""
+
+    def __init__(self, params) -> None:
+        super().__init__()
+        self.ptrs = {p.data_ptr() for p in params}
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+            self.n += args[0].data_ptr() in self.ptrs
+        return func(*args, **kwargs)
+
+
+def bf16_micro_batches(model: DualTransformer, region) -> tuple[int, list[torch.Tensor]]:
+    """Two micro-batches (forward in CPU bf16 autocast, backward outside it) inside ``region``; casts and grads."""
+    model.zero_grad(set_to_none=True)
+    matrices = [p for p in model.layers.parameters() if p.dim() == 2]
+    with WeightCasts(matrices) as casts, region:
+        for seed in (1, 2):
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                loss = loss_of(model, seed)
+            loss.backward()
+    return casts.n, [p.grad.clone() for p in model.parameters()]
+
+
+def test_one_autocast_region_casts_each_weight_once_per_step():
+    """Per-micro-batch autocast re-casts every weight each micro-batch; inside ``step_region`` once, with the same
+    gradients (the cast values are the same), and the region's end drops the cache (the next step re-casts)."""
+    _, model = model_pair("none")
+    n_matrices = sum(p.dim() == 2 for p in model.layers.parameters())
+    per_micro, ref = bf16_micro_batches(model, contextlib.nullcontext())
+    assert per_micro == 2 * n_matrices
+    once, got = bf16_micro_batches(model, step_region(DEV))
+    assert once == n_matrices
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, atol=0, rtol=0)
+    again, _ = bf16_micro_batches(model, step_region(DEV))
+    assert again == n_matrices
+
+
+def test_trainer_enters_one_region_per_step(tmp_path):
+    """The real loop with bf16 on CPU: each trunk matrix is cast once in a step of 2 micro-batches."""
+    corpus = write_random_corpus(str(tmp_path / "corpus"), n_docs=20)
+    cfg = load_config(
+        overrides=[
+            *tiny_overrides(corpus, tmp_path / "run"),
+            "train.grad_accum=2",
+            "objective.alpha=1/2",
+            "train.precision=bf16",
+        ]
+    )
+    tr = Trainer(cfg, quiet=True)
+    assert tr.engine.precision == "bf16"
+    matrices = [p for p in tr.model.layers.parameters() if p.dim() == 2]
+    with WeightCasts(matrices) as casts:
+        metrics = tr.train_step(tr.loader.batches(0))
+    assert casts.n == len(matrices) and math.isfinite(metrics["loss"])
+    tr.engine.close()
