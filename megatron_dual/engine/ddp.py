@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron_dual.config import Config
 from megatron_dual.engine.base import Engine
 from megatron_dual.model.checkpointing import apply_activation_checkpointing
-from megatron_dual.model.precision import step_region
+from megatron_dual.model.precision import enable_fp32_grad_accumulation, step_region
 from megatron_dual.optim.muon import build_optimizers
 from megatron_dual.optim.schedules import build_scheduler, retarget_scheduler
 from megatron_dual.parallel.state import ParallelState
@@ -173,6 +173,9 @@ class DDPEngine(Engine):
         use_bf16 = p == "bf16" or (p == "auto" and device.type == "cuda")
         self.precision = "bf16" if use_bf16 else "fp32"
         self._device_type = device.type
+        if use_bf16 and device.type == "cuda" and cfg.model.fused_ops != "none":
+            # the trunk's weight gradients go straight into the fp32 buckets (param.grad), see model.precision
+            enable_fp32_grad_accumulation(model)
 
     def autocast(self) -> AbstractContextManager:
         if self.precision == "bf16":

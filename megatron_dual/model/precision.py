@@ -13,10 +13,11 @@
   ``torch.addmm(grad, dy^T, x, out_dtype=torch.float32, out=grad)`` (Megatron's gradient-accumulation fusion),
   instead of a bf16 product that autograd casts to fp32 and adds in two more passes. Where ``addmm`` has no
   ``out_dtype`` (CPU; torch before 2.8) the bf16 product is added in place (``grad.add_(dy^T @ x)``: the floats of
-  the autocast path, minus the fp32 temporary). Autograd then receives no weight gradient, so the function runs the
-  weight's post-accumulate-grad hooks itself: the gradient buckets see the parameter ready exactly as after
-  autograd's own accumulation. Not for engines that manage gradients themselves (DeepSpeed hooks autograd's
-  accumulation nodes): only the tagged weights take this path.
+  the autocast path, minus the fp32 temporary). Autograd then receives no weight gradient; the weight's
+  post-accumulate-grad hooks (the gradient buckets' readiness) still run once per backward: torch 2.13 runs them
+  for a None gradient too, and where a torch does not (feature-tested once) the function runs them itself. Not
+  for engines that manage gradients themselves (DeepSpeed hooks autograd's accumulation nodes): only the tagged
+  weights take this path.
 """
 
 from __future__ import annotations
@@ -77,8 +78,32 @@ def addmm_out_dtype(device_type: str) -> bool:
         return False
 
 
+class _NoWeightGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        return dy, None
+
+
+@functools.cache
+def autograd_runs_hooks_without_grad() -> bool:
+    """Whether autograd runs a leaf's post-accumulate-grad hooks when a function returned None as its gradient
+    (torch 2.13 does); if not, :func:`accumulate_weight_grad` runs them itself. Either way: once per backward."""
+    calls: list[int] = []
+    w = torch.zeros(1, requires_grad=True)
+    w.register_post_accumulate_grad_hook(lambda _: calls.append(1))
+    with torch.enable_grad():
+        _NoWeightGrad.apply(torch.ones(1, requires_grad=True), w).sum().backward()
+    return bool(calls)
+
+
 def _run_post_accumulate_hooks(param: torch.Tensor) -> None:
     # the hooks registered with Tensor.register_post_accumulate_grad_hook, which autograd's accumulation would run
+    if autograd_runs_hooks_without_grad():
+        return
     hooks = getattr(param, "_post_accumulate_grad_hooks", None)
     for hook in list(hooks.values()) if hooks else []:
         hook(param)
@@ -130,6 +155,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dtype = _low_precision(x, weight) if bias is None else None
     if dtype is None:
         return F.linear(x, weight, bias)
+    autograd_runs_hooks_without_grad()  # the feature test runs here, not inside a backward pass
     return _Fp32GradLinear.apply(x, weight, dtype)
 
 

@@ -27,6 +27,7 @@ from megatron_dual.model.padding import (
     register_module_hooks,
     round_up,
 )
+from megatron_dual.model.precision import Linear  # nn.Linear; fp32 weight-gradient accumulation when tagged
 from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -57,8 +58,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.backend = cfg.attention_backend
         self.fused_ops = cfg.fused_ops
-        self.qkv = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.d, bias=False)
-        self.out = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=False)
+        self.qkv = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.d, bias=False)
+        self.out = Linear(self.n_heads * self.d, cfg.hidden_size, bias=False)
 
     @property
     def split_sizes(self) -> list[int]:
@@ -105,8 +106,8 @@ class SwiGLU(nn.Module):
         self.width = round_up(cfg.intermediate_size, multiple)
         self.fused_ops = cfg.fused_ops
         # built at the logical width first: the construction draws the same random numbers padded or not
-        self.up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         if self.width != self.intermediate:
             self.set_padded_weights(self.up.weight, self.down.weight, self.intermediate, self.width)
             register_module_hooks(self)

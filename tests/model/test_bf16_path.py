@@ -15,7 +15,7 @@ from megatron_dual.config import ModelConfig, load_config
 from megatron_dual.model import AttentionMask, DualTransformer
 from megatron_dual.model.checkpointing import apply_activation_checkpointing
 from megatron_dual.model.loss import IGNORE, labelled_loss
-from megatron_dual.model.precision import step_region
+from megatron_dual.model.precision import Linear, enable_fp32_grad_accumulation, step_region
 from megatron_dual.trainer import Trainer
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,3 +150,98 @@ def test_trainer_enters_one_region_per_step(tmp_path):
         metrics = tr.train_step(tr.loader.batches(0))
     assert casts.n == len(matrices) and math.isfinite(metrics["loss"])
     tr.engine.close()
+
+
+# ------------------------------------------------------------------------- fp32 weight-gradient accumulation
+def bf16_steps(model: DualTransformer, seeds, buckets=None) -> list[torch.Tensor]:
+    """One optimizer step's micro-batches in CPU bf16 (one region, backward outside autocast); the losses."""
+    losses = []
+    with step_region(DEV):
+        for i, seed in enumerate(seeds):
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                loss = loss_of(model, seed)
+            last = i == len(seeds) - 1
+            with contextlib.nullcontext() if buckets is None or last else buckets.no_sync():
+                loss.backward()
+            losses.append(loss.detach())
+    return losses
+
+
+def test_fp32_weight_grad_accumulation_matches_autocast_path():
+    """Tagged trunk weights: their gradients are accumulated by the linear itself into fp32 ``.grad`` (autograd
+    gets none, the post-accumulate hooks still fire once per backward); losses bit-equal, gradients to bf16."""
+    ref_model, model = model_pair("none")
+    tagged = [p for p in model.layers.parameters() if p.dim() == 2]
+    assert enable_fp32_grad_accumulation(model) == len(tagged)
+    fired: dict[int, int] = {}
+    for p in tagged:
+        p.register_post_accumulate_grad_hook(lambda q: fired.__setitem__(id(q), fired.get(id(q), 0) + 1))
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        nodes = grad_nodes(loss_of(model, 1))
+    assert "_Fp32GradLinearBackward" in nodes
+    ref_losses, losses = bf16_steps(ref_model, (1, 2)), bf16_steps(model, (1, 2))
+    assert [float(x) for x in losses] == [float(x) for x in ref_losses]  # same bf16 forward
+    assert fired == {id(p): 2 for p in tagged}
+    for (name, r), p in zip(ref_model.named_parameters(), model.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32, name
+        scale = float(r.grad.abs().max())
+        torch.testing.assert_close(p.grad, r.grad, atol=1e-2 * scale, rtol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
+    with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16):  # inference: the plain linear
+        assert "_Fp32GradLinearBackward" not in grad_nodes(loss_of(model, 1).requires_grad_())
+
+
+def test_fp32_grad_linear_cast_cache_follows_weight_version():
+    """Within a region the bf16 copy of a weight is reused until the weight changes in place."""
+    lin = Linear(8, 4, bias=False)
+    enable_fp32_grad_accumulation(torch.nn.ModuleDict({"layers": torch.nn.ModuleList([lin])}))
+    x = torch.randn(3, 8)
+    with step_region(DEV), torch.autocast(DEV, dtype=torch.bfloat16):
+        y1 = lin(x)
+        with torch.no_grad():
+            lin.weight.mul_(2.0)
+        y2 = lin(x)
+    torch.testing.assert_close(y2.float(), 2 * y1.float(), atol=1e-2, rtol=1e-2)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_dual.engine.ddp import GradientBuckets
+    from megatron_dual.parallel.state import ParallelState
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _, model = model_pair("none")
+    enable_fp32_grad_accumulation(model)
+    buckets = GradientBuckets(model, ParallelState(world_size=world, rank=rank), bucket_mb=0.01)
+    buckets.zero_grad()
+    bf16_steps(model, (10 + rank, 20 + rank), buckets)
+    launched = buckets._next  # buckets all-reduced during the backward: every parameter was marked ready
+    buckets.finish_grad_sync()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    torch.save((launched, len(buckets.buckets), grads), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fp32_grad_accumulation_ddp_two_gloo_ranks(tmp_path):
+    """2 ranks x 2 micro-batches through the all-reduce buckets equal one process accumulating the 4 micro-batches,
+    and every bucket was launched during the last backward (the tagged weights were marked ready)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    _, ref = model_pair("none")
+    enable_fp32_grad_accumulation(ref)
+    bf16_steps(ref, (10, 20, 11, 21))
+    for rank in range(2):
+        launched, n_buckets, grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert launched == n_buckets > 2
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
