@@ -27,7 +27,7 @@ def tiny(fused: str, n_layers: int = 2) -> ModelConfig:
         n_layers=n_layers,
         hidden_size=64,
         n_heads=2,
-        n_kv_heads=1,
+        n_kv_heads=2,
         intermediate_size=88,
         vocab_size=200,
         max_seq_len=64,
@@ -48,7 +48,7 @@ def model_pair(fused: str, seed: int = 0) -> tuple[DualTransformer, DualTransfor
     return plain, other
 
 
-def batch(seed: int, b: int = 1, t: int = 13) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(seed: int, b: int = 1, t: int = 14) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(8, 200, (b, t), generator=gen)
     labels = torch.randint(8, 200, (b, t), generator=gen)
@@ -269,3 +269,50 @@ def test_gpu_fp32_weight_grad_accumulation_with_addmm_out_dtype():
     rounded = 2 * (dy.t() @ x).float()  # what the autocast path accumulates
     err, err_rounded = (lin.weight.grad - exact).abs().max(), (rounded - exact).abs().max()
     assert lin.weight.grad.dtype == torch.float32 and err < err_rounded, (err, err_rounded)
+
+
+def _tp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_dual.parallel.tensor_parallel import parallelize_model, sync_sequence_parallel_grads
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = dist.new_group([0, 1])
+    grads = []
+    for tag in (False, True):
+        _, model = model_pair("none")
+        parallelize_model(model, group, sequence_parallel=tag)  # the tagged run also under sequence parallelism
+        if tag:
+            assert enable_fp32_grad_accumulation(model) == 4 * len(model.layers)
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                assert "_Fp32GradLinearBackward" in grad_nodes(loss_of(model, 3))
+        losses = bf16_steps(model, (3, 4))
+        sync_sequence_parallel_grads(model, group)  # the norms' partial gradients under sequence parallelism
+        grads.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.save(grads, f"{out}/tp{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
+def test_fp32_grad_accumulation_in_tensor_parallel_layers(tmp_path):
+    """TP = 2: the column/row-parallel layers take the same path; their shards' gradients equal the untagged
+    layers' to bf16 tolerance (sequence parallelism on in the tagged run), losses to bf16 rounding."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_tp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    for rank in range(2):
+        (ref_losses, ref), (losses, got) = torch.load(tmp_path / f"tp{rank}.pt")
+        torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), atol=2e-2, rtol=1e-2)
+        assert got.keys() == ref.keys()
+        for name, g in ref.items():
+            scale = float(g.abs().max())
+            torch.testing.assert_close(got[name], g, atol=2e-2 * scale, rtol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
