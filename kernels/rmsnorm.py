@@ -3,7 +3,10 @@
 Forward stores the per-row reciprocal RMS; backward recomputes ``x_hat`` from it and writes ``dx`` directly, while
 ``dweight`` is accumulated in fp32 by a fixed number of programs (each owns a contiguous block of rows) and the
 per-program partial sums are reduced in torch. Any hidden size works (the row is padded to a power of two and
-masked), e.g. 100, 1024 or 3554.
+masked), e.g. 100, 1024 or 3554. The output may be written in another dtype than the input (the autocast dtype).
+
+:func:`add_rms_norm` fuses the residual add in front of the norm (``x + delta``, then the norm of the sum) and, in
+backward, the residual gradient behind it: one read of each operand per pass instead of an add, a norm and a cast.
 """
 
 from __future__ import annotations

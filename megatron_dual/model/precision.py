@@ -155,7 +155,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dtype = _low_precision(x, weight) if bias is None else None
     if dtype is None:
         return F.linear(x, weight, bias)
-    autograd_runs_hooks_without_grad()  # the feature test runs here, not inside a backward pass
+    autograd_runs_hooks_without_grad()  # (cached; run by enable_fp32_grad_accumulation) not inside a backward
     return _Fp32GradLinear.apply(x, weight, dtype)
 
 
@@ -175,5 +175,7 @@ def enable_fp32_grad_accumulation(model: nn.Module) -> int:
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.dtype == torch.float32:
                 setattr(weight, FP32_GRAD_ATTR, True)
+                addmm_out_dtype(weight.device.type)  # the feature tests run now, outside any forward or backward
                 n += 1
+    autograd_runs_hooks_without_grad()
     return n
