@@ -3,6 +3,8 @@
 What it measures, per op, in one run on one GPU (bf16 inputs, fp32 parameters as in autocast training):
 
 - ``rmsnorm``:  (tokens, hidden) RMSNorm with a learnable scale vs ``torch.nn.functional.rms_norm``;
+- ``add_norm``: residual add + RMSNorm in one kernel (fp32 residual stream, bf16 sublayer output, bf16 norm
+  output) vs ``x + d`` then ``F.rms_norm`` in fp32 and the cast to bf16 that the next linear does today;
 - ``rotary``:   in-place rotation of the q and k heads of a fused (tokens, (Hq + 2 Hkv) D) projection vs
   split + ``megatron_dual.model.rope.apply_rotary`` on q and k;
 - ``swiglu``:   ``up * silu(gate)`` of (tokens, 2 I) vs the two-op PyTorch expression;
@@ -38,7 +40,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-OPS = ("rmsnorm", "rotary", "swiglu", "linear_ce")  # our kernels (benchmarks/gpu_validate.py runs these)
+OPS = ("rmsnorm", "add_norm", "rotary", "swiglu", "linear_ce")  # our kernels (benchmarks/gpu_validate.py runs these)
 CE_OPS = ("ce_vs_prev", "ce_nogather")  # the fused CE's new paths against its old ones (this script only)
 APEX_OPS = ("rmsnorm_apex", "adamw_apex")  # NVIDIA apex as peers, where installed
 
@@ -85,6 +87,21 @@ def _build_rmsnorm(a: argparse.Namespace, device: str, g: Any, rnd: Callable[...
     n, h = a.tokens, a.hidden
     x, w = rnd(n, h), rnd(h, dt=torch.float32)
     return (lambda: rms_norm(x, w, 1e-7)), (lambda: F.rms_norm(x, (h,), w, 1e-7)), [x, w]
+
+
+def _build_add_rmsnorm(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
+    import torch
+    import torch.nn.functional as F
+    from megatron_dual.kernels.rmsnorm import add_rms_norm
+
+    n, h = a.tokens, a.hidden
+    x, d, w = rnd(n, h, dt=torch.float32), rnd(n, h), rnd(h, dt=torch.float32)  # fp32 stream, low-precision delta
+
+    def unfused() -> tuple[torch.Tensor, torch.Tensor]:
+        xo = x + d
+        return xo, F.rms_norm(xo, (h,), w, 1e-7).to(d.dtype)
+
+    return (lambda: add_rms_norm(x, d, w, 1e-7, d.dtype)), unfused, [x, d, w]
 
 
 def _build_swiglu(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
@@ -203,6 +220,7 @@ def _build_ce_nogather(a: argparse.Namespace, device: str, g: Any, rnd: Callable
 BUILDERS: dict[str, Callable[[argparse.Namespace, str, Any, Callable[..., Any]], Built]] = {
     "rmsnorm_apex": _build_rmsnorm_apex,
     "rmsnorm": _build_rmsnorm,
+    "add_norm": _build_add_rmsnorm,
     "rotary": _build_rotary,
     "swiglu": _build_swiglu,
     "linear_ce": _build_linear_ce,

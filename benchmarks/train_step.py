@@ -5,7 +5,9 @@ What it measures: the ``dual-470m`` preset on one GPU under bf16 autocast, micro
 trainer's own AR and MD batch builders, so the MD batch has its 1/t weights and masked labels), for each of
 ``fused_ops`` in (triton, none) and objective in (AR, MD):
 
-- ``micro ms``: one micro-batch forward + ``labelled_loss`` + backward (median of ``--iters`` after warm-up);
+- ``micro ms``: one micro-batch forward + ``labelled_loss`` + backward (median of ``--iters`` after warm-up); the
+  fused setting runs them as the DDP engine does in bf16: in one autocast region (weights cast once per step)
+  with the trunk's weight gradients accumulated in fp32 by the linears (``megatron_dual.model.precision``);
 - ``opt ms``:   one optimizer step of the preset's Muon + AdamW (measured once per fused setting);
 - ``step s``:   ``--grad-accum`` micro-batches + one optimizer step (default 64 slots: 1M tokens per step);
 - ``MFU``:      model FLOPs the step executes (``megatron_dual.model.flops.objective_batch_flops``: attention
@@ -125,6 +127,7 @@ def measure(
     import torch
 
     from megatron_dual.model.loss import labelled_loss
+    from megatron_dual.model.precision import enable_fp32_grad_accumulation, step_region
     from megatron_dual.model.transformer import DualTransformer
     from megatron_dual.objectives import AR, MD
     from megatron_dual.optim.muon import build_optimizers
@@ -137,6 +140,10 @@ def measure(
             p.normal_(0.0, 0.02)
     optimizers = build_optimizers(model, cfg.optimizer)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    # the fused setting as the DDP engine runs it: one autocast region per step, fp32 weight-gradient accumulation
+    bf16_step = fused == "triton" and device == "cuda"
+    if bf16_step:
+        enable_fp32_grad_accumulation(model)
 
     def micro(obj: str) -> float:
         b = batches[obj]
@@ -154,10 +161,13 @@ def measure(
     out: dict[str, dict[str, float]] = {}
     last: dict[str, float] = {}
     for obj in (AR, MD):
-        for _ in range(warmup):
-            micro(obj)
-        times = [timed(lambda o=obj: micro(o), device) for _ in range(iters)]
-        last[obj] = micro(obj)
+        with step_region(
+            device, enabled=bf16_step
+        ):  # the micro-batches of one step; the optimizer step after it (the region caches weight casts)
+            for _ in range(warmup):
+                micro(obj)
+            times = [timed(lambda o=obj: micro(o), device) for _ in range(iters)]
+            last[obj] = micro(obj)
         out[obj] = {"micro": statistics.median(times), "opt": timed(opt_step, device)}
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)

@@ -270,12 +270,13 @@ class Trainer:
         self.engine.zero_grad()
         totals = StepTotals(self.device)
         watchdog.phase("forward/backward (tensor-parallel collectives, gradient bucket all-reduces)")
-        for i, b in enumerate(step_batches.batches):
-            with self.engine.autocast():
-                sums = self.forward_loss(b)
-            loss = sums.weighted * coef[b.objective]
-            self.engine.backward(loss, last=i == len(step_batches.batches) - 1)
-            totals.add(b.objective, sums, loss)
+        with self.engine.step_region():  # one region per step: weight casts are not redone per micro-batch
+            for i, b in enumerate(step_batches.batches):
+                with self.engine.autocast():
+                    sums = self.forward_loss(b)
+                loss = sums.weighted * coef[b.objective]
+                self.engine.backward(loss, last=i == len(step_batches.batches) - 1)
+                totals.add(b.objective, sums, loss)
         watchdog.phase("gradient all-reduce")
         self.engine.reduce_gradients()
         watchdog.phase("loss sums all-reduce")

@@ -4,7 +4,8 @@ An engine owns the prepared model (sharded for tensor parallelism, gradients wir
 optimizers and their learning-rate schedules, and the mixed-precision context. Per optimizer step the loop calls::
 
     engine.zero_grad()
-    for each micro-batch:  with engine.autocast(): loss = ...;  engine.backward(loss, last=is_last)
+    with engine.step_region():            # once around all micro-batches (bf16: the weight casts live for the step)
+        for each micro-batch:  with engine.autocast(): loss = ...;  engine.backward(loss, last=is_last)
     engine.reduce_gradients()                 # gradients now equal those of one process over the global batch
     norm = engine.clip_grad_norm(max_norm)    # global norm before clipping, identical on every rank
     engine.step()                             # optimizers, then schedules
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ class Engine(ABC):
     @abstractmethod
     def autocast(self) -> AbstractContextManager:
         """The context forward passes (and their losses) run in."""
+
+    def step_region(self) -> AbstractContextManager:
+        """The context around all the micro-batches (forwards and backwards) of one optimizer step; nothing here."""
+        return nullcontext()
 
     @abstractmethod
     def zero_grad(self) -> None:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron_dual.config import Config
 from megatron_dual.engine.base import Engine
 from megatron_dual.model.checkpointing import apply_activation_checkpointing
+from megatron_dual.model.precision import enable_fp32_grad_accumulation, step_region
 from megatron_dual.optim.muon import build_optimizers
 from megatron_dual.optim.schedules import build_scheduler, retarget_scheduler
 from megatron_dual.parallel.state import ParallelState
@@ -172,11 +173,19 @@ class DDPEngine(Engine):
         use_bf16 = p == "bf16" or (p == "auto" and device.type == "cuda")
         self.precision = "bf16" if use_bf16 else "fp32"
         self._device_type = device.type
+        if use_bf16 and device.type == "cuda" and cfg.model.fused_ops != "none":
+            # the trunk's weight gradients go straight into the fp32 buckets (param.grad), see model.precision
+            enable_fp32_grad_accumulation(model)
 
     def autocast(self) -> AbstractContextManager:
         if self.precision == "bf16":
             return torch.autocast(self._device_type, dtype=torch.bfloat16)
         return nullcontext()
+
+    def step_region(self) -> AbstractContextManager:
+        """bf16: autocast's weight casts (and the fp32-accumulating linears') are kept across the micro-batches of
+        the step instead of being redone per micro-batch (see ``model.precision.step_region``)."""
+        return step_region(self._device_type, enabled=self.precision == "bf16")
 
     def zero_grad(self) -> None:
         self.buckets.zero_grad()

@@ -36,8 +36,15 @@ def use_triton(mode: str, x: torch.Tensor) -> bool:
     raise ValueError(f"model.fused_ops = {mode!r}; allowed: {', '.join(FUSED_OPS)}")
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes linears in on ``x``'s device, None outside autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` (same ``weight``) that runs the fused kernel when :func:`use_triton` says so."""
+    """``nn.RMSNorm`` (same ``weight``) that runs the fused kernel when :func:`use_triton` says so; under autocast
+    the kernel writes its output in the autocast dtype (statistics in fp32), which the next linear reads as is."""
 
     def __init__(self, hidden_size: int, eps: float, fused_ops: str = "none") -> None:
         super().__init__(hidden_size, eps=eps)
@@ -54,8 +61,19 @@ class RMSNorm(nn.RMSNorm):
         if use_triton(self.fused_ops, x):
             from megatron_dual.kernels.rmsnorm import rms_norm
 
-            return rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+            return rms_norm(x, self.weight, self.norm_eps(x), autocast_dtype(x))
         return super().forward(x)
+
+    def norm_eps(self, x: torch.Tensor) -> float:
+        return self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + delta`` and ``norm`` of it by the fused residual-add + RMSNorm kernel (``kernels.rmsnorm``): the sum
+    in ``x``'s dtype (the fp32 residual stream under autocast), the normalised output in the autocast dtype."""
+    from megatron_dual.kernels.rmsnorm import add_rms_norm as _add_rms_norm
+
+    return _add_rms_norm(x, delta, norm.weight, norm.norm_eps(x), autocast_dtype(x))
 
 
 def rotary_qkv(

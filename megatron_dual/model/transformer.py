@@ -16,7 +16,7 @@ from torch import nn
 from megatron_dual.config import ConfigError, ModelConfig
 from megatron_dual.model.attention import AttentionMask, attention
 from megatron_dual.model.flops import flops_per_token  # noqa: F401  (re-exported; it lives in model/flops.py)
-from megatron_dual.model.fused import RMSNorm, rotary_qkv, swiglu, use_triton
+from megatron_dual.model.fused import RMSNorm, add_rms_norm, rotary_qkv, swiglu, use_triton
 from megatron_dual.model.head import LMHead, trunc_normal_
 from megatron_dual.model.padding import (
     Padding,
@@ -27,6 +27,7 @@ from megatron_dual.model.padding import (
     register_module_hooks,
     round_up,
 )
+from megatron_dual.model.precision import Linear  # nn.Linear; fp32 weight-gradient accumulation when tagged
 from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -57,8 +58,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.backend = cfg.attention_backend
         self.fused_ops = cfg.fused_ops
-        self.qkv = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.d, bias=False)
-        self.out = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=False)
+        self.qkv = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.d, bias=False)
+        self.out = Linear(self.n_heads * self.d, cfg.hidden_size, bias=False)
 
     @property
     def split_sizes(self) -> list[int]:
@@ -105,8 +106,8 @@ class SwiGLU(nn.Module):
         self.width = round_up(cfg.intermediate_size, multiple)
         self.fused_ops = cfg.fused_ops
         # built at the logical width first: the construction draws the same random numbers padded or not
-        self.up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         if self.width != self.intermediate:
             self.set_padded_weights(self.up.weight, self.down.weight, self.intermediate, self.width)
             register_module_hooks(self)
@@ -153,10 +154,26 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+        normed: torch.Tensor | None = None,
+        next_norm: RMSNorm | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` after the block. With ``normed`` (``attn_norm(x)``, made by the previous fused kernel) the fused
+        path: each residual add runs with the norm after it in one kernel (``mlp_norm``, then ``next_norm``, the
+        next block's ``attn_norm``), and the result is ``(x, next_norm(x))`` (``(x, None)`` without ``next_norm``)."""
+        if normed is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+            return x + self.mlp(self.mlp_norm(x))
+        x, h = add_rms_norm(x, self.attn(normed, cos, sin, mask, cache), self.mlp_norm)
+        delta = self.mlp(h)
+        if next_norm is None:
+            return x + delta, None
+        return add_rms_norm(x, delta, next_norm)
 
 
 class DualTransformer(nn.Module):
@@ -202,10 +219,24 @@ class DualTransformer(nn.Module):
             raise ValueError(f"position {int(positions.max())} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         cos, sin = self.rope.cos_sin(positions)
         x = self.embed(input_ids)
-        for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+        if self.cfg.fused_ops in ("auto", "triton") and len(self.layers) and use_triton(self.cfg.fused_ops, x):
+            x = self._fused_trunk(x, cos, sin, mask, cache)
+        else:
+            for block in self.layers:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length = start + t
+        return x
+
+    def _fused_trunk(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, cache: KVCache | None
+    ) -> torch.Tensor:
+        """The blocks with fused residual-add + RMSNorm kernels: the residual stream keeps ``x``'s dtype (fp32
+        under autocast), norm outputs are written in the autocast dtype (see ``kernels.rmsnorm.add_rms_norm``)."""
+        layers = list(self.layers)
+        h = layers[0].attn_norm(x)
+        for block, nxt in zip(layers, [*layers[1:], None], strict=True):
+            x, h = block(x, cos, sin, mask, cache, normed=h, next_norm=None if nxt is None else nxt.attn_norm)
         return x
 
     def logits(self, input_ids: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torch import nn
 from megatron_dual.config import ConfigError, ModelConfig
 from megatron_dual.model.fused import RMSNorm
 from megatron_dual.model.loss import LossSums
+from megatron_dual.model.precision import linear
 from megatron_dual.parallel.cross_entropy import vocab_parallel_loss_sums
 from megatron_dual.parallel.mappings import (
     copy_to_tp_region,
@@ -159,7 +160,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sp_region(x, self.tp_group, dim=1, tensor_parallel_output_grad=True)
         else:
             x = copy_to_tp_region(x, self.tp_group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # fp32 weight-grad accumulation when tagged
         if not self.gather_output or self.tp_size == 1:
             return y
         y = gather_from_tp_region(y, self.tp_group, dim=-1)
@@ -215,7 +216,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.tp_group, dim=-1)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sp_region(y, self.tp_group, dim=1)
         else:

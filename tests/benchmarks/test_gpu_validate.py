@@ -58,7 +58,7 @@ def test_smoke_runs_every_stage(tmp_path):
     agree = [r for r in by["train_step"] if "agree" in r]
     assert agree and agree[0]["agree"] and len(agree[0]["losses"]["ar"]) == 3  # fused, unfused, unpadded
     assert all(r["flops"]["attention"] > 0 for r in by["train_step"] if "flops" in r)
-    assert {r["op"] for r in by["fused_ops"]} == {"rmsnorm", "rotary", "swiglu", "linear_ce"}
+    assert {r["op"] for r in by["fused_ops"]} == {"rmsnorm", "add_norm", "rotary", "swiglu", "linear_ce"}
     assert {r["name"] for r in by["optimizer"]} == {"muon", "adamw", "grad_norm"}
     assert "gemm" in by["profile"][0]["categories"]
     assert by["gpu_tests"][0]["counts"].get("tests collected", 0) > 0
