@@ -163,6 +163,22 @@ def _query_tile_key_range(
 
 
 @triton.jit
+def _full_range(RUN_LO, RUN_HI, row, first, last, shift, limit, BLOCK: tl.constexpr):
+    """Indices [f_lo, f_hi) of the other side whose BLOCK-aligned tiles lie wholly inside the run (the contiguous
+    stretch of one document id) holding positions first..last of this side; f_lo = f_hi = limit when first..last
+    straddle a run boundary. Positions minus ``shift`` are indices; a tile reaching past ``limit`` (the index count)
+    counts as inside: its rows beyond the end are masked by bounds anyway."""
+    r_lo = tl.load(RUN_LO + row + first)
+    r_hi = tl.load(RUN_HI + row + first)
+    inside = r_hi > last
+    i_lo = tl.maximum(r_lo - shift, 0)
+    i_hi = tl.maximum(r_hi - shift, 0)
+    f_lo = tl.cdiv(i_lo, BLOCK) * BLOCK
+    f_hi = tl.where(i_hi >= limit, limit, (i_hi // BLOCK) * BLOCK)
+    return tl.where(inside, f_lo, limit), tl.where(inside, f_hi, limit)
+
+
+@triton.jit
 def _fwd_tiles(
     acc,
     m_i,
@@ -185,7 +201,7 @@ def _fwd_tiles(
     offs_n0,
     offs_d,
     MASK_KIND: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
+    DOC_MASK: tl.constexpr,
     POS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -200,11 +216,11 @@ def _fwd_tiles(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         if POS_MASK:
             ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND) & n_valid[None, :]
-            if HAS_DOCS:
+            if DOC_MASK:
                 k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
                 ok = ok & (q_doc[:, None] == k_doc[None, :])
             qk = tl.where(ok, qk, float("-inf"))
-        elif HAS_DOCS:
+        elif DOC_MASK:
             k_doc = tl.load(DOCS + b * sdoc + offs_n)
             qk = tl.where(q_doc[:, None] == k_doc[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -233,6 +249,8 @@ def _fwd_kernel(
     DOCS,
     DOC_LO,
     DOC_HI,
+    RUN_LO,
+    RUN_HI,
     PREFIX,
     scale_log2,
     sqb,
@@ -302,6 +320,42 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # key tiles below mid need no positional mask; those in [a1, a2) lie inside the query tile's document run
+    # and need no document compare either (only tiles straddling a document boundary pay for it)
+    a1 = lo
+    a2 = mid
+    if HAS_DOCS:
+        last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
+        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
+        a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
+        a2 = tl.minimum(tl.maximum(f_hi, a1), mid)
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            q_pos,
+            q_doc,
+            plen,
+            k_base,
+            v_base,
+            skt,
+            svt,
+            DOCS,
+            b,
+            sdoc,
+            T_K,
+            lo,
+            a1,
+            scale_log2,
+            offs_n0,
+            offs_d,
+            MASK_KIND,
+            True,
+            False,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
     acc, m_i, l_i = _fwd_tiles(
         acc,
         m_i,
@@ -318,17 +372,45 @@ def _fwd_kernel(
         b,
         sdoc,
         T_K,
-        lo,
-        mid,
+        a1,
+        a2,
         scale_log2,
         offs_n0,
         offs_d,
         MASK_KIND,
-        HAS_DOCS,
+        False,
         False,
         BLOCK_N,
         DOT_PRECISION,
     )
+    if HAS_DOCS:
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            q_pos,
+            q_doc,
+            plen,
+            k_base,
+            v_base,
+            skt,
+            svt,
+            DOCS,
+            b,
+            sdoc,
+            T_K,
+            a2,
+            mid,
+            scale_log2,
+            offs_n0,
+            offs_d,
+            MASK_KIND,
+            True,
+            False,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
     acc, m_i, l_i = _fwd_tiles(
         acc,
         m_i,
@@ -388,7 +470,7 @@ def _bwd_kv_tiles(
     offs_m0,
     offs_d,
     MASK_KIND: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
+    DOC_MASK: tl.constexpr,
     POS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -408,11 +490,11 @@ def _bwd_kv_tiles(
         q_pos = offs_m + Q_OFFSET
         if POS_MASK:
             ok = _pos_mask_t(k_pos, q_pos, plen, MASK_KIND)
-            if HAS_DOCS:
+            if DOC_MASK:
                 q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
                 ok = ok & (k_doc[:, None] == q_doc[None, :])
             p_t = tl.where(ok, p_t, 0.0)
-        elif HAS_DOCS:
+        elif DOC_MASK:
             q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
             p_t = tl.where(k_doc[:, None] == q_doc[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -420,6 +502,65 @@ def _bwd_kv_tiles(
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
+
+
+@triton.jit
+def _key_tile_query_range(
+    start_n,
+    b,
+    T_Q,
+    T_K,
+    Q_OFFSET,
+    plen,
+    offs_n,
+    n_valid,
+    DOCS,
+    DOC_LO,
+    DOC_HI,
+    RUN_LO,
+    RUN_HI,
+    sdoc,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Queries [lo, hi) that may see some key of the tile (starting at ``start_n``), split at mid, b1 and b2:
+    [lo, mid) needs the positional mask, [b1, b2) lies inside the key tile's document run (no document compare);
+    and the keys' document ids."""
+    # queries [lo, hi) that may see some key of the tile; queries from mid on see all of them (positionally)
+    lo = start_n * 0
+    hi = start_n * 0 + T_Q
+    mid = lo
+    if MASK_KIND == 1:
+        lo = tl.maximum(lo, start_n - Q_OFFSET)
+        mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
+    if MASK_KIND == 2:
+        if start_n + BLOCK_N > plen:  # not entirely inside the prefix
+            if start_n >= plen:
+                lo = tl.maximum(lo, start_n - Q_OFFSET)
+            mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
+    k_doc = offs_n
+    if HAS_DOCS:
+        k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
+        d_lo = tl.load(DOC_LO + b * sdoc + offs_n, mask=n_valid, other=T_K)
+        d_hi = tl.load(DOC_HI + b * sdoc + offs_n, mask=n_valid, other=0)
+        lo = tl.maximum(lo, tl.min(d_lo, 0) - Q_OFFSET)
+        hi = tl.minimum(hi, tl.max(d_hi, 0) - Q_OFFSET)
+    lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
+    mid = tl.cdiv(tl.maximum(mid, 0), BLOCK_M) * BLOCK_M
+    mid = tl.maximum(lo, tl.minimum(mid, hi))
+    # query tiles in [b1, b2) lie inside the key tile's document run: no document compare there
+    b1 = hi
+    b2 = hi
+    if HAS_DOCS:
+        last_k = tl.minimum(start_n + BLOCK_N, T_K) - 1
+        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_n, last_k, Q_OFFSET, T_Q, BLOCK_M)
+        b1 = tl.minimum(tl.maximum(f_lo, mid), hi)
+        b2 = tl.minimum(tl.maximum(f_hi, b1), hi)
+    else:
+        b1 = mid
+    return lo, mid, b1, b2, hi, k_doc
 
 
 @triton.autotune(configs=_configs("bwd_kv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
@@ -436,6 +577,8 @@ def _bwd_kv_kernel(
     DOCS,
     DOC_LO,
     DOC_HI,
+    RUN_LO,
+    RUN_HI,
     PREFIX,
     scale_log2,
     scale,
@@ -487,28 +630,26 @@ def _bwd_kv_kernel(
     plen = 0
     if MASK_KIND == 2:
         plen = tl.load(PREFIX + b)
-    # queries [lo, hi) that may see some key of the tile; queries from mid on see all of them (positionally)
-    lo = start_n * 0
-    hi = start_n * 0 + T_Q
-    mid = lo
-    if MASK_KIND == 1:
-        lo = tl.maximum(lo, start_n - Q_OFFSET)
-        mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
-    if MASK_KIND == 2:
-        if start_n + BLOCK_N > plen:  # not entirely inside the prefix
-            if start_n >= plen:
-                lo = tl.maximum(lo, start_n - Q_OFFSET)
-            mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
-    k_doc = offs_n
-    if HAS_DOCS:
-        k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
-        d_lo = tl.load(DOC_LO + b * sdoc + offs_n, mask=n_valid, other=T_K)
-        d_hi = tl.load(DOC_HI + b * sdoc + offs_n, mask=n_valid, other=0)
-        lo = tl.maximum(lo, tl.min(d_lo, 0) - Q_OFFSET)
-        hi = tl.minimum(hi, tl.max(d_hi, 0) - Q_OFFSET)
-    lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
-    mid = tl.cdiv(tl.maximum(mid, 0), BLOCK_M) * BLOCK_M
-    mid = tl.maximum(lo, tl.minimum(mid, hi))
+    lo, mid, b1, b2, hi, k_doc = _key_tile_query_range(
+        start_n,
+        b,
+        T_Q,
+        T_K,
+        Q_OFFSET,
+        plen,
+        offs_n,
+        n_valid,
+        DOCS,
+        DOC_LO,
+        DOC_HI,
+        RUN_LO,
+        RUN_HI,
+        sdoc,
+        MASK_KIND,
+        HAS_DOCS,
+        BLOCK_M,
+        BLOCK_N,
+    )
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for g in range(GROUP):
@@ -547,6 +688,37 @@ def _bwd_kv_kernel(
             b,
             sdoc,
         )
+        if HAS_DOCS:
+            dk, dv = _bwd_kv_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                offs_n,
+                k_doc,
+                plen,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                sqt,
+                sdot,
+                T_Q,
+                Q_OFFSET,
+                mid,
+                b1,
+                scale_log2,
+                offs_m0,
+                offs_d,
+                MASK_KIND,
+                True,
+                False,
+                BLOCK_M,
+                DOT_PRECISION,
+                DOCS,
+                b,
+                sdoc,
+            )
         dk, dv = _bwd_kv_tiles(
             dk,
             dv,
@@ -563,13 +735,13 @@ def _bwd_kv_kernel(
             sdot,
             T_Q,
             Q_OFFSET,
-            mid,
-            hi,
+            b1,
+            b2,
             scale_log2,
             offs_m0,
             offs_d,
             MASK_KIND,
-            HAS_DOCS,
+            False,
             False,
             BLOCK_M,
             DOT_PRECISION,
@@ -577,6 +749,37 @@ def _bwd_kv_kernel(
             b,
             sdoc,
         )
+        if HAS_DOCS:
+            dk, dv = _bwd_kv_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                offs_n,
+                k_doc,
+                plen,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                sqt,
+                sdot,
+                T_Q,
+                Q_OFFSET,
+                b2,
+                hi,
+                scale_log2,
+                offs_m0,
+                offs_d,
+                MASK_KIND,
+                True,
+                False,
+                BLOCK_M,
+                DOT_PRECISION,
+                DOCS,
+                b,
+                sdoc,
+            )
     dk = dk * scale
     tl.store(
         DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
@@ -614,7 +817,7 @@ def _bwd_q_tiles(
     offs_n0,
     offs_d,
     MASK_KIND: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
+    DOC_MASK: tl.constexpr,
     POS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -629,11 +832,11 @@ def _bwd_q_tiles(
         p = tl.math.exp2(qk - lse2[:, None])
         if POS_MASK:
             ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND)
-            if HAS_DOCS:
+            if DOC_MASK:
                 k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
                 ok = ok & (q_doc[:, None] == k_doc[None, :])
             p = tl.where(ok, p, 0.0)
-        elif HAS_DOCS:
+        elif DOC_MASK:
             k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
             p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -655,6 +858,8 @@ def _bwd_q_kernel(
     DOCS,
     DOC_LO,
     DOC_HI,
+    RUN_LO,
+    RUN_HI,
     PREFIX,
     scale_log2,
     scale,
@@ -729,6 +934,41 @@ def _bwd_q_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    a1 = lo
+    a2 = mid
+    if HAS_DOCS:  # as in the forward: [a1, a2) needs no document compare
+        last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
+        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
+        a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
+        a2 = tl.minimum(tl.maximum(f_hi, a1), mid)
+        dq = _bwd_q_tiles(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            q_pos,
+            q_doc,
+            plen,
+            k_base,
+            v_base,
+            skt,
+            svt,
+            DOCS,
+            b,
+            sdoc,
+            T_K,
+            lo,
+            a1,
+            scale_log2,
+            offs_n0,
+            offs_d,
+            MASK_KIND,
+            True,
+            False,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
     dq = _bwd_q_tiles(
         dq,
         q,
@@ -746,17 +986,46 @@ def _bwd_q_kernel(
         b,
         sdoc,
         T_K,
-        lo,
-        mid,
+        a1,
+        a2,
         scale_log2,
         offs_n0,
         offs_d,
         MASK_KIND,
-        HAS_DOCS,
+        False,
         False,
         BLOCK_N,
         DOT_PRECISION,
     )
+    if HAS_DOCS:
+        dq = _bwd_q_tiles(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            q_pos,
+            q_doc,
+            plen,
+            k_base,
+            v_base,
+            skt,
+            svt,
+            DOCS,
+            b,
+            sdoc,
+            T_K,
+            a2,
+            mid,
+            scale_log2,
+            offs_n0,
+            offs_d,
+            MASK_KIND,
+            True,
+            False,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
     dq = _bwd_q_tiles(
         dq,
         q,
@@ -818,6 +1087,27 @@ def document_spans(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
 
 
+def run_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the first position and one past the last position of its run: the longest stretch of equal
+    ids around it. Equal to :func:`document_spans` when every document is one contiguous run. The kernels use it
+    to find tiles that lie inside one document (no element-wise document compare there). Two int32 (B, T) tensors.
+    """
+    b, t = doc_ids.shape
+    pos = torch.arange(t, device=doc_ids.device).expand(b, t)
+    starts = torch.ones((b, t), dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    lo = torch.where(starts, pos, 0).cummax(dim=1).values
+    hi = torch.where(ends, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def document_tiles(doc_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`document_spans` and :func:`run_bounds` together: what ``flash_attention(doc_spans=...)`` takes."""
+    return (*document_spans(doc_ids), *run_bounds(doc_ids))
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("flash_attention wants q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D)")
@@ -853,7 +1143,7 @@ class _Meta:
         k_len: int,
         batch: int,
         device: torch.device,
-        spans: tuple[torch.Tensor, torch.Tensor] | None,
+        spans: tuple[torch.Tensor, ...] | None,
     ) -> None:
         if kind not in MASK_CODES:
             raise ValueError(f"mask kind {kind!r}; allowed: {', '.join(MASK_CODES)}")
@@ -874,6 +1164,18 @@ class _Meta:
         else:
             self.prefix = dummy
         self.has_docs = doc_ids is not None
+        self._set_docs(doc_ids, spans, q_len, k_len, batch, device, dummy)
+
+    def _set_docs(
+        self,
+        doc_ids: torch.Tensor | None,
+        spans: tuple[torch.Tensor, ...] | None,
+        q_len: int,
+        k_len: int,
+        batch: int,
+        device: torch.device,
+        dummy: torch.Tensor,
+    ) -> None:
         if doc_ids is not None:
             if doc_ids.shape != (batch, k_len):
                 raise ValueError(f"doc_ids of shape {tuple(doc_ids.shape)}; expected (B, Tk) = ({batch}, {k_len})")
@@ -883,10 +1185,13 @@ class _Meta:
                     f"document id (doc_ids cover {k_len} keys)"
                 )
             self.docs = doc_ids.to(device=device, dtype=torch.int32).contiguous()
-            lo, hi = spans if spans is not None else document_spans(self.docs)
-            self.doc_lo, self.doc_hi = lo.contiguous(), hi.contiguous()
+            if spans is None:
+                spans = document_tiles(self.docs)
+            elif len(spans) == 2:  # document spans only (the older form): the runs are derived here
+                spans = (*spans, *run_bounds(self.docs))
+            self.doc_lo, self.doc_hi, self.run_lo, self.run_hi = (x.to(torch.int32).contiguous() for x in spans)
         else:
-            self.docs = self.doc_lo = self.doc_hi = dummy
+            self.docs = self.doc_lo = self.doc_hi = self.run_lo = self.run_hi = dummy
 
 
 def _forward(
@@ -910,6 +1215,8 @@ def _forward(
         meta.docs,
         meta.doc_lo,
         meta.doc_hi,
+        meta.run_lo,
+        meta.run_hi,
         meta.prefix,
         scale * _LOG2E,
         q.stride(0),
@@ -975,6 +1282,8 @@ def _backward(
         meta.docs,
         meta.doc_lo,
         meta.doc_hi,
+        meta.run_lo,
+        meta.run_hi,
         meta.prefix,
         scale * _LOG2E,
         scale,
@@ -1025,6 +1334,8 @@ def _backward(
         meta.docs,
         meta.doc_lo,
         meta.doc_hi,
+        meta.run_lo,
+        meta.run_hi,
         meta.prefix,
         scale * _LOG2E,
         scale,
@@ -1096,13 +1407,13 @@ def flash_attention(
     prefix_len: torch.Tensor | int | None = None,
     q_offset: int = 0,
     softmax_scale: float | None = None,
-    doc_spans: tuple[torch.Tensor, torch.Tensor] | None = None,
+    doc_spans: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Masked attention through the Triton kernels; differentiable in q, k and v.
 
     kind: ``causal``, ``bidirectional`` or ``prefix`` (then ``prefix_len``, (B,) or a scalar). ``doc_ids`` (B, Tk)
-    restricts every query to keys of its own document. ``doc_spans`` may pass precomputed
-    :func:`document_spans` (the model computes them once per mask for all layers).
+    restricts every query to keys of its own document. ``doc_spans`` may pass precomputed :func:`document_tiles`
+    (or just :func:`document_spans`); the model computes them once per mask for all layers.
     """
     _check_inputs(q, k, v)
     if q.device.type == "cpu" and not INTERPRET:

@@ -259,12 +259,12 @@ def _say_once(message: str, warn: bool) -> None:
 
 
 def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    from megatron_dual.kernels.attention import document_spans, flash_attention
+    from megatron_dual.kernels.attention import document_tiles, flash_attention
 
     spans = None
     if mask.doc_ids is not None:
         docs = mask.doc_ids
-        spans = mask.derived(("spans", q.device), lambda: document_spans(docs.to(q.device)))
+        spans = mask.derived(("tiles", q.device), lambda: document_tiles(docs.to(q.device)))
     return flash_attention(
         q, k, v, mask.kind, doc_ids=mask.doc_ids, prefix_len=mask.prefix_len, q_offset=mask.q_offset, doc_spans=spans
     )

@@ -142,6 +142,45 @@ def test_document_spans_match_brute_force():
             assert (lo[b, t], hi[b, t]) == (where.min(), where.max() + 1)
 
 
+def test_run_bounds_match_brute_force():
+    g = torch.Generator().manual_seed(2)
+    docs = torch.randint(0, 3, (3, 23), generator=g)
+    docs[0] = 4  # one run over the whole row
+    lo, hi = K.run_bounds(docs)
+    for b in range(3):
+        for t in range(23):
+            a, e = t, t + 1
+            while a > 0 and docs[b, a - 1] == docs[b, t]:
+                a -= 1
+            while e < 23 and docs[b, e] == docs[b, t]:
+                e += 1
+            assert (lo[b, t], hi[b, t]) == (a, e)
+
+
+@pytest.mark.parametrize("kind", ["causal", "prefix"])
+def test_documents_on_tile_boundaries(kind):
+    # runs that start and end exactly on 16- and 32-wide tile edges, next to ones that do not (interpreter tiles:
+    # 32 x 16 forward and dq, 16 x 32 dk/dv), so every tile class (inside, straddling, edge-aligned) occurs
+    docs = torch.stack([runs([32, 48, 16, 3]), runs([64, 1, 34])])
+    plen = torch.tensor([40, 65]) if kind == "prefix" else None
+    check(2, 2, 1, 99, 16, AttentionMask(kind, doc_ids=docs, prefix_len=plen))
+
+
+def test_tiles_inside_a_run_skip_the_document_compare():
+    """The kernels trust the run bounds: claiming one run over two documents must change the result, so the fast
+    tiles (no element-wise document compare) are really taken; the true bounds give the reference."""
+    docs = runs([40, 56])[None]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=g).to(DEVICE) for _ in range(3))
+    mask = AttentionMask("bidirectional", doc_ids=docs.to(DEVICE))
+    tiles = K.document_tiles(docs.to(DEVICE))
+    good = K.flash_attention(q, k, v, "bidirectional", doc_ids=docs.to(DEVICE), doc_spans=tiles)
+    torch.testing.assert_close(good, reference_attention(q, k, v, mask), **TOL[torch.float32])
+    one_run = (torch.zeros_like(tiles[2]), torch.full_like(tiles[3], 96))
+    bad = K.flash_attention(q, k, v, "bidirectional", doc_ids=docs.to(DEVICE), doc_spans=(*tiles[:2], *one_run))
+    assert not torch.allclose(bad, good, atol=1e-3)
+
+
 def test_kernel_input_errors():
     q = torch.zeros(1, 3, 8, 16, device=DEVICE)
     kv = torch.zeros(1, 2, 8, 16, device=DEVICE)
@@ -382,7 +421,8 @@ assert not K.INTERPRET
 backend, arch, dt = sys.argv[1], sys.argv[2], sys.argv[3]
 target = GPUTarget(backend, int(arch) if backend == "cuda" else arch, 32 if backend == "cuda" else 64)
 io = {"Q": dt, "K": dt, "V": dt, "O": dt, "DO": dt, "DQ": dt, "DK": dt, "DV": dt, "LSE": "*fp32", "DELTA": "*fp32",
-      "DOCS": "*i32", "DOC_LO": "*i32", "DOC_HI": "*i32", "PREFIX": "*i32", "scale": "fp32", "scale_log2": "fp32"}
+      "DOCS": "*i32", "DOC_LO": "*i32", "DOC_HI": "*i32", "RUN_LO": "*i32", "RUN_HI": "*i32", "PREFIX": "*i32",
+      "scale": "fp32", "scale_log2": "fp32"}
 for kern, bm, bn in [(K._fwd_kernel, 128, 64), (K._bwd_kv_kernel, 64, 128), (K._bwd_q_kernel, 128, 64)]:
     fn = kern.fn
     consts = dict(HEAD_DIM=64, MASK_KIND=2, HAS_DOCS=True, DOT_PRECISION=None, BLOCK_M=bm, BLOCK_N=bn)
@@ -394,7 +434,11 @@ for kern, bm, bn in [(K._fwd_kernel, 128, 64), (K._bwd_kv_kernel, 64, 128), (K._
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", [("cuda", "90", "*bf16"), ("hip", "gfx90a", "*bf16")], ids=["sm90", "mi250x"])
+@pytest.mark.parametrize(
+    "target",
+    [("cuda", "90", "*bf16"), ("cuda", "80", "*fp16"), ("hip", "gfx90a", "*bf16")],
+    ids=["sm90", "sm80", "mi250x"],
+)
 def test_kernels_compile_for_gpus(target):
     """The compiled path (not the interpreter) lowers to a GPU binary: prefix + documents, the most involved case."""
     import subprocess
