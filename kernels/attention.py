@@ -852,6 +852,7 @@ def _bwd_q_kernel(
     K,
     V,
     DO,
+    O,
     LSE,
     DELTA,
     DQ,
@@ -875,6 +876,9 @@ def _bwd_q_kernel(
     sdob,
     sdoh,
     sdot,
+    sob,
+    soh,
+    sot,
     sdqb,
     sdqh,
     sdqt,
@@ -907,7 +911,11 @@ def _bwd_q_kernel(
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     lse2 = tl.load(LSE + pid_bh * T_Q + offs_m, mask=m_valid, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * T_Q + offs_m, mask=m_valid, other=0.0)
+    # delta = rowsum(dO * O) = rowsum(P * dP) in fp32, computed here (no separate pass over O and dO) and stored
+    # for the dK/dV kernel, which runs after this one
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * T_Q + offs_m, delta, mask=m_valid)
     plen = 0
     if MASK_KIND == 2:
         plen = tl.load(PREFIX + b)
@@ -1260,12 +1268,64 @@ def _backward(
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     do = _unit_last(do)
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(P * dP)
+    delta = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)  # written by the dq kernel
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 inputs: exact products, not tf32
     bucket, group = _bucket(max(tq, tk)), hq // hkv
+
+    def grid_q(meta_: dict) -> tuple[int, int]:
+        return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
+
+    _bwd_q_kernel[grid_q](
+        q,
+        k,
+        v,
+        do,
+        o,
+        lse,
+        delta,
+        dq,
+        meta.docs,
+        meta.doc_lo,
+        meta.doc_hi,
+        meta.run_lo,
+        meta.run_hi,
+        meta.prefix,
+        scale * _LOG2E,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        meta.docs.stride(0),
+        hq,
+        group,
+        tq,
+        tk,
+        meta.q_offset,
+        bucket,
+        min(group, 8),
+        HEAD_DIM=d,
+        MASK_KIND=meta.code,
+        HAS_DOCS=meta.has_docs,
+        DOT_PRECISION=precision,
+    )
 
     def grid_kv(meta_: dict) -> tuple[int, int]:
         return triton.cdiv(tk, meta_["BLOCK_N"]), b * hkv
@@ -1320,53 +1380,6 @@ def _backward(
         DOT_PRECISION=precision,
     )
 
-    def grid_q(meta_: dict) -> tuple[int, int]:
-        return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
-
-    _bwd_q_kernel[grid_q](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dq,
-        meta.docs,
-        meta.doc_lo,
-        meta.doc_hi,
-        meta.run_lo,
-        meta.run_hi,
-        meta.prefix,
-        scale * _LOG2E,
-        scale,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
-        meta.docs.stride(0),
-        hq,
-        group,
-        tq,
-        tk,
-        meta.q_offset,
-        bucket,
-        min(group, 8),
-        HEAD_DIM=d,
-        MASK_KIND=meta.code,
-        HAS_DOCS=meta.has_docs,
-        DOT_PRECISION=precision,
-    )
     return dq, dk, dv
 
 
