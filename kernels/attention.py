@@ -1207,7 +1207,9 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    o = torch.empty_like(q)
+    # (B, T, H, D) in memory, returned as a (B, H, T, D) view: o.transpose(1, 2).reshape(B, T, H * D), what the
+    # output projection takes, is then a view (no transpose copy after the kernel)
+    o = torch.empty((b, tq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 inputs: exact products, not tf32
 

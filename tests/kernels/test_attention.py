@@ -181,6 +181,16 @@ def test_tiles_inside_a_run_skip_the_document_compare():
     assert not torch.allclose(bad, good, atol=1e-3)
 
 
+def test_output_is_laid_out_bthd():
+    """The output is a (B, H, T, D) view of (B, T, H, D) memory, so the model's reshape to (B, T, H * D) is a view."""
+    q = torch.randn(2, 4, 19, 16, device=DEVICE)
+    kv = torch.randn(2, 2, 19, 16, device=DEVICE)
+    out = K.flash_attention(q, kv, kv, "causal")
+    flat = out.transpose(1, 2).reshape(2, 19, 64)
+    assert out.shape == (2, 4, 19, 16) and flat.data_ptr() == out.data_ptr() and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, reference_attention(q, kv, kv, AttentionMask("causal")), **TOL[torch.float32])
+
+
 def test_kernel_input_errors():
     q = torch.zeros(1, 3, 8, 16, device=DEVICE)
     kv = torch.zeros(1, 2, 8, 16, device=DEVICE)
