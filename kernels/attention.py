@@ -1,10 +1,14 @@
 """Flash attention in Triton for the dual objective's masks: causal, bidirectional, prefix-LM and documents.
 
 Layout: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) with Hq a multiple of Hkv (GQA); any strides with a unit stride
-on D. The forward pass streams key/value tiles past a resident query tile with an online softmax (running max and
-running sum in fp32) and saves one log-sum-exp per query row; the backward pass recomputes the probabilities from
-it: one kernel walks the query tiles for each key tile (dK, dV; the GQA group's query heads are summed in the same
-program, so there are no atomics) and one walks the key tiles for each query tile (dQ).
+on D. The output is a (B, Hq, Tq, D) view of (B, Tq, Hq, D) memory (the output projection's layout: no transpose
+copy follows). The forward pass streams key/value tiles past a resident query tile with an online softmax (running
+max and running sum in fp32) and saves one log-sum-exp per query row; the backward pass recomputes the
+probabilities from it: one kernel walks the key tiles for each query tile (dQ; its prologue also computes
+delta = rowsum(dO * O) in fp32 and stores it) and then one walks the query tiles for each key tile (dK, dV; the GQA
+group's query heads are summed in the same program, so there are no atomics).
+:func:`flash_attention_qkv` takes the fused qkv projection's output instead: rotary in place, attention, and one
+packed (B, T, Hq + 2 Hkv, D) gradient with the inverse rotation applied in place on it.
 
 Masks, with query i at absolute position ``q_offset + i``:
 
@@ -16,7 +20,9 @@ Masks, with query i at absolute position ``q_offset + i``:
 Tiles that the mask empties are never visited: the key range of a query tile is cut to the causal (or prefix)
 bound and to the span of the documents in the tile (``document_spans``: per position, the first and one past the
 last position of its document; correct for any layout of ids, tight when documents are contiguous runs). Only the
-tiles that straddle the diagonal, the prefix end or the sequence end evaluate the positional mask element-wise.
+tiles that straddle the diagonal, the prefix end or the sequence end evaluate the positional mask element-wise, and
+only the tiles that straddle a document boundary compare document ids: a pair of tiles lies inside one document
+when the run (``run_bounds``: the stretch of equal ids) around the first position of one side covers the other.
 
 Block sizes are autotuned on CUDA (A100/H100), keyed on head dim, mask and a power-of-two length bucket; on ROCm
 (MI250X) a short list of wavefront-64 friendly configs is used; under ``TRITON_INTERPRET=1`` one small config.
@@ -1266,14 +1272,14 @@ def _backward(
     lse: torch.Tensor,
     meta: _Meta,
     scale: float,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv; written into ``grads`` (views of shapes q, k, v with a unit last stride) when given."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     do = _unit_last(do)
     delta = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)  # written by the dq kernel
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 inputs: exact products, not tf32
     bucket, group = _bucket(max(tq, tk)), hq // hkv
 
@@ -1410,6 +1416,100 @@ class FlashAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.meta, ctx.scale)
         return dq, dk, dv, None, None
+
+
+class FlashAttentionQKVFunction(torch.autograd.Function):
+    """Rotary + attention on the fused projection's output (B, T, (Hq + 2 Hkv) * D), returning (B, T, Hq * D).
+
+    The q and k heads are rotated in place on ``qkv`` (the function marks it dirty and returns it as its second
+    output); the backward writes dq, dk and dv into one packed buffer of the projection's layout and applies the
+    inverse rotation in place on it, so autograd neither splits nor concatenates anything.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        heads: tuple[int, int, int],
+        meta: _Meta,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from megatron_dual.kernels.rotary import rotate_heads_
+
+        hq, hkv, d = heads
+        b, t, _ = qkv.shape
+        packed = qkv.view(b, t, hq + 2 * hkv, d)
+        rotate_heads_(packed[:, :, : hq + hkv], cos, sin)
+        q, k, v = (x.transpose(1, 2) for x in packed.split([hq, hkv, hkv], dim=2))
+        o, lse = _forward(q, k, v, meta, scale)
+        ctx.mark_dirty(qkv)
+        ctx.set_materialize_grads(False)  # the returned qkv gets no gradient in the model: no zero tensor for it
+        ctx.save_for_backward(qkv, o, lse, cos, sin)
+        ctx.meta, ctx.scale, ctx.heads = meta, scale, heads
+        return o.transpose(1, 2).reshape(b, t, hq * d), qkv
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor | None, dqkv_out: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+        from megatron_dual.kernels.rotary import rotate_heads_
+
+        qkv, o, lse, cos, sin = ctx.saved_tensors
+        hq, hkv, d = ctx.heads
+        b, t, _ = qkv.shape
+        if dy is None and dqkv_out is None:
+            return None, None, None, None, None, None
+        dqkv = torch.zeros_like(qkv) if dy is None else torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        grads = dqkv.view(b, t, hq + 2 * hkv, d)
+        if dy is not None:
+            packed = qkv.view(b, t, hq + 2 * hkv, d)
+            q, k, v = (x.transpose(1, 2) for x in packed.split([hq, hkv, hkv], dim=2))
+            do = dy.reshape(b, t, hq, d).transpose(1, 2)
+            views = tuple(x.transpose(1, 2) for x in grads.split([hq, hkv, hkv], dim=2))
+            _backward(do, q, k, v, o, lse, ctx.meta, ctx.scale, grads=views)  # type: ignore[arg-type]
+        if dqkv_out is not None:  # someone used the rotated qkv: its gradient joins before the inverse rotation
+            dqkv += dqkv_out
+        rotate_heads_(grads[:, :, : hq + hkv], cos, sin, inverse=True)
+        return dqkv, None, None, None, None, None
+
+
+def flash_attention_qkv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    kind: str = "causal",
+    *,
+    doc_ids: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | int | None = None,
+    softmax_scale: float | None = None,
+    doc_spans: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
+    """Rotary embedding (rotate-half, ``cos``/``sin`` (T, D) or (B, T, D)) and attention on a fused projection.
+
+    ``qkv`` (B, T, (Hq + 2 Hkv) * D) is the projection's output, [q heads | k heads | v heads]; it is rotated in
+    place (as :func:`megatron_dual.kernels.rotary.rotary_qkv_` does). Returns the attention output (B, T, Hq * D)
+    for the output projection; its gradient reaches ``qkv`` as one packed tensor. Masks as in
+    :func:`flash_attention` (queries and keys are the same T positions, so no ``q_offset``).
+    """
+    if qkv.dim() != 3 or qkv.stride(-1) != 1 or qkv.shape[-1] % (n_heads + 2 * n_kv_heads):
+        raise ValueError(
+            f"qkv of shape {tuple(qkv.shape)} is not (B, T, (Hq + 2 Hkv) * D) with a unit last stride "
+            f"for Hq = {n_heads}, Hkv = {n_kv_heads}"
+        )
+    b, t, width = qkv.shape
+    d = width // (n_heads + 2 * n_kv_heads)
+    shapes = ((b, n_heads, t, d), (b, n_kv_heads, t, d), (b, n_kv_heads, t, d))
+    _check_inputs(*(torch.empty(x, dtype=qkv.dtype, device="meta") for x in shapes))
+    if qkv.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError("the Triton attention kernel runs on CPU only under TRITON_INTERPRET=1")
+    meta = _Meta(kind, doc_ids, prefix_len, 0, t, t, b, qkv.device, doc_spans)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    y, _ = FlashAttentionQKVFunction.apply(qkv, cos, sin, (n_heads, n_kv_heads, d), meta, scale)
+    return y
 
 
 def flash_attention(

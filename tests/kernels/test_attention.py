@@ -204,6 +204,49 @@ def test_kernel_input_errors():
         K.flash_attention(x, x, x, "prefix")
 
 
+def check_qkv(b: int, hq: int, hkv: int, t: int, d: int, mask: AttentionMask, dtype: torch.dtype) -> None:
+    """flash_attention_qkv (rotary in place + attention, packed gradient) against rope.apply_rotary followed by
+    reference_attention in fp32: the output (B, T, Hq * D) and the gradient of the projection's output."""
+    from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(b, t, (hq + 2 * hkv) * d, generator=g).to(DEVICE, dtype).requires_grad_()
+    dy = torch.randn(b, t, hq * d, generator=g).to(DEVICE, dtype)
+    cos, sin = RotaryEmbedding(d, max(t, 64), 10_000.0).cos_sin(torch.arange(t))
+    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
+    docs = mask.doc_ids.to(DEVICE) if mask.doc_ids is not None else None
+    plen = mask.prefix_len.to(DEVICE) if mask.prefix_len is not None else None
+    qkv = base * 1  # a non-leaf, like the projection's output (rotated in place)
+    y = K.flash_attention_qkv(qkv, cos, sin, hq, hkv, mask.kind, doc_ids=docs, prefix_len=plen)
+    (grad,) = torch.autograd.grad(y, base, dy)
+    ref_base = base.detach().float().requires_grad_()
+    q, k, v = ref_base.view(b, t, hq + 2 * hkv, d).transpose(1, 2).split([hq, hkv, hkv], dim=1)
+    ref_mask = AttentionMask(mask.kind, doc_ids=docs, prefix_len=plen)
+    ref = reference_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, ref_mask)
+    ref = ref.transpose(1, 2).reshape(b, t, hq * d)
+    (ref_grad,) = torch.autograd.grad(ref, ref_base, dy.float())
+    assert y.shape == ref.shape and y.dtype == dtype and grad.dtype == dtype
+    assert y.is_contiguous() and grad.is_contiguous()
+    torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+    torch.testing.assert_close(grad.float(), ref_grad, **TOL[dtype])
+
+
+def test_packed_qkv_causal_documents_gqa():
+    check_qkv(
+        2, 4, 2, 37, 16, AttentionMask("causal", doc_ids=torch.stack([runs([20, 17]), runs([37])])), torch.float32
+    )
+
+
+def test_packed_qkv_prefix_documents_fp16():
+    docs = torch.stack([runs([9, 28]), runs([30, 7])])
+    mask = AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([5, 21]))
+    check_qkv(2, 2, 1, 37, 32, mask, torch.float16)
+
+
+def test_packed_qkv_bidirectional():
+    check_qkv(1, 2, 2, 21, 16, AttentionMask("bidirectional"), torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------- backends
 
 CAPS_ALL = A.Capabilities(triton=True, flash=True, flex=True, interpret=False)
@@ -332,11 +375,18 @@ def test_flex_backend_on_cpu(kind):
 # ------------------------------------------------------------------------------ a training step end to end
 
 
-def test_tiny_model_step_triton_matches_sdpa():
+@pytest.mark.parametrize("fused_ops", ["auto", "triton"])
+def test_tiny_model_step_triton_matches_sdpa(monkeypatch, fused_ops):
+    """A loss and its gradients: Triton attention (with fused_ops=triton: rotary + attention on the packed qkv)
+    against SDPA with the unfused ops."""
     from megatron_dual.model import DualTransformer
     from megatron_dual.model.loss import labelled_loss
 
-    def build(backend: str) -> DualTransformer:
+    packed_calls = []
+    packed = K.flash_attention_qkv
+    monkeypatch.setattr(K, "flash_attention_qkv", lambda *a, **kw: packed_calls.append(1) or packed(*a, **kw))
+
+    def build(backend: str, fused: str) -> DualTransformer:
         cfg = ModelConfig(
             n_layers=2,
             hidden_size=64,
@@ -347,6 +397,7 @@ def test_tiny_model_step_triton_matches_sdpa():
             max_seq_len=64,
             rope_theta=10_000.0,
             attention_backend=backend,
+            fused_ops=fused,
         )
         torch.manual_seed(0)
         model = DualTransformer(cfg).to(DEVICE)
@@ -365,10 +416,12 @@ def test_tiny_model_step_triton_matches_sdpa():
         AttentionMask("bidirectional", doc_ids=docs),
         AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([5, 20], device=DEVICE)),
     ]
+    if fused_ops == "triton":  # the interpreter runs every fused kernel: one mask, the most involved one
+        masks = masks[2:]
     for mask in masks:
         results = []
-        for backend in ("sdpa", "triton"):
-            model = build(backend)
+        for backend, fused in (("sdpa", "none"), ("triton", fused_ops)):
+            model = build(backend, fused)
             loss = labelled_loss(model.head, model(ids, mask), labels, weights, 1e-4).weighted / labels.numel()
             loss.backward()
             results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -376,6 +429,8 @@ def test_tiny_model_step_triton_matches_sdpa():
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # the packed path runs exactly when the fused ops do (on CPU "auto" means PyTorch ops): once per layer and mask
+    assert len(packed_calls) == (2 * len(masks) if fused_ops == "triton" or DEVICE == "cuda" else 0)
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
@@ -391,6 +446,15 @@ def test_gpu_bf16(kind, d, docs):
     doc_ids = torch.stack([runs([300, 1, 499, 200]), runs([t])]) if docs else None
     plen = torch.tensor([77, 500]) if kind == "prefix" else None
     check(2, 8, 2, t, d, AttentionMask(kind, doc_ids=doc_ids, prefix_len=plen), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["causal", "prefix"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_packed_qkv_bf16(kind):
+    docs = torch.stack([runs([300, 1, 499, 200]), runs([1000])])
+    plen = torch.tensor([77, 500]) if kind == "prefix" else None
+    check_qkv(2, 8, 2, 1000, 64, AttentionMask(kind, doc_ids=docs, prefix_len=plen), torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", ["flash", "flex"])
