@@ -24,15 +24,20 @@ tiles that straddle the diagonal, the prefix end or the sequence end evaluate th
 only the tiles that straddle a document boundary compare document ids: a pair of tiles lies inside one document
 when the run (``run_bounds``: the stretch of equal ids) around the first position of one side covers the other.
 
-Block sizes are autotuned on CUDA (A100/H100), keyed on head dim, mask and a power-of-two length bucket; on ROCm
-(MI250X) a short list of wavefront-64 friendly configs is used; under ``TRITON_INTERPRET=1`` one small config.
+Block sizes are autotuned from a list per architecture (``ARCH_SHAPES``: sm80, sm90, gfx90a, chosen from the device
+when a kernel is first tuned), keyed on head dim, mask, a power-of-two length bucket and the device model; where
+Triton supports it (>= 3.3) the results are cached on disk; under ``TRITON_INTERPRET=1`` one small config.
 This module must be imported after ``TRITON_INTERPRET`` is set (triton reads it when a kernel is decorated).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
+import zlib
+from collections.abc import Callable
 
 import torch
 import triton
@@ -44,31 +49,79 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 IS_HIP = torch.version.hip is not None
 
 
+# Candidate (BLOCK_M, BLOCK_N, warps, stages) per architecture and kernel; BLOCK_M tiles queries and BLOCK_N keys
+# in every kernel. The first entry of each list is what autotune mode "one" runs. The small backward tiles get more
+# pipeline stages (their loads are short, so more of them can be in flight); sm90 has 228 KB of shared memory per
+# SM against sm80's 164 KB, hence deeper pipelines there; gfx90a (MI250X, 64-wide wavefronts): the stream pipeliner
+# wants num_stages 1 or 2.
+ARCH_SHAPES: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
+    "sm80": {
+        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+        "bwd_kv": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4), (16, 64, 4, 5)],
+        "bwd_q": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4)],
+    },
+    "sm90": {
+        "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 5), (64, 128, 4, 3)],
+        "bwd_kv": [(32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 4), (32, 64, 4, 5), (16, 128, 4, 5)],
+        "bwd_q": [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 5), (32, 64, 4, 5)],
+    },
+    "gfx90a": {
+        "fwd": [(128, 64, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1), (64, 64, 4, 2)],
+        "bwd_kv": [(32, 64, 4, 1), (64, 64, 4, 1), (16, 128, 4, 1), (32, 64, 4, 2)],
+        "bwd_q": [(64, 32, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1), (64, 32, 4, 2)],
+    },
+}
+_INTERPRET_SHAPES = {"fwd": (32, 16), "bwd_q": (32, 16), "bwd_kv": (16, 32)}  # BLOCK_M != BLOCK_N: tests see
+# tile-alignment bugs
+
+
+def _config(shape: tuple[int, int, int, int]) -> triton.Config:
+    m, n, w, s = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def _shape(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
 def _configs(kind: str) -> list[triton.Config]:
-    """Candidate (BLOCK_M, BLOCK_N, warps, stages); BLOCK_M tiles queries and BLOCK_N keys in every kernel."""
-    if INTERPRET:  # one small config; BLOCK_M != BLOCK_N so that tile-alignment bugs show up in the tests
-        m, n = (32, 16) if kind != "bwd_kv" else (16, 32)
+    """Every candidate this build may use (ROCm: gfx90a's; CUDA: sm80's and sm90's); :func:`_prune` keeps the
+    current device's list when a kernel is first tuned (the arch is not known at import without touching CUDA)."""
+    if INTERPRET:
+        m, n = _INTERPRET_SHAPES[kind]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=1, num_stages=1)]
-    if IS_HIP:  # MI250X: 64-wide wavefronts, the stream pipeliner wants num_stages 1 (or 2)
-        shapes = {
-            "fwd": [(128, 64, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1)],
-            "bwd_kv": [(32, 64, 4, 1), (64, 64, 4, 1), (16, 128, 4, 1)],
-            "bwd_q": [(64, 32, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1)],
-        }[kind]
-    else:  # A100 / H100
-        shapes = {
-            "fwd": [
-                (128, 64, 4, 3),
-                (128, 64, 8, 3),
-                (128, 128, 8, 3),
-                (64, 64, 4, 4),
-                (128, 32, 4, 4),
-                (64, 32, 4, 3),
-            ],
-            "bwd_kv": [(32, 128, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3)],
-            "bwd_q": [(128, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-        }[kind]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    archs = ["gfx90a"] if IS_HIP else ["sm80", "sm90"]
+    shapes = list(dict.fromkeys(x for arch in archs for x in ARCH_SHAPES[arch][kind]))
+    return [_config(x) for x in shapes]
+
+
+@functools.cache
+def _device_arch(index: int) -> str:
+    if IS_HIP:
+        return "gfx90a"
+    major, _ = torch.cuda.get_device_capability(index)
+    return "sm90" if major >= 9 else "sm80"
+
+
+def device_arch(device: torch.device) -> str:
+    """Which :data:`ARCH_SHAPES` list a device tunes from: ``gfx90a`` on ROCm, ``sm90`` for compute capability 9
+    and up, ``sm80`` below; ``interpret`` on CPU."""
+    if device.type != "cuda":
+        return "interpret"
+    return _device_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _device_key_of(index: int) -> int:
+    return zlib.crc32(torch.cuda.get_device_name(index).encode()) & 0x7FFFFFFF
+
+
+def _device_key(device: torch.device) -> int:
+    """A tuning-key number per device model (an H100 and an H200 are both sm90 but tune apart, and Triton's
+    on-disk autotuning cache keeps them apart too)."""
+    if device.type != "cuda":
+        return 0
+    return _device_key_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 AUTOTUNE_MODES = ("full", "one")
@@ -89,16 +142,47 @@ def set_autotune(mode: str) -> str:
     return previous
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Drop tiles that overflow shared memory for large head dims (D=256 wants 64-wide tiles); under autotune mode
-    ``one`` keep only the first remaining candidate (Triton then runs it without benchmarking)."""
+def _for_arch(configs: list[triton.Config], kind: str, arch: str) -> list[triton.Config]:
+    """The candidates of ``arch``'s list for ``kind``, in that list's order (all of them where the arch has none)."""
+    if arch not in ARCH_SHAPES:
+        return configs
+    by_shape = {_shape(c): c for c in configs}
+    return [by_shape[x] for x in ARCH_SHAPES[arch][kind] if x in by_shape] or configs
+
+
+def _prune(
+    configs: list[triton.Config], named_args: dict, kind: str | None = None, **kwargs: object
+) -> list[triton.Config]:
+    """Keep the current device's candidates for kernel ``kind`` (see :data:`ARCH_SHAPES`); drop tiles that overflow
+    shared memory for large head dims (D=256 wants 64-wide tiles); under autotune mode ``one`` keep only the first
+    remaining candidate (Triton then runs it without benchmarking)."""
+    q = named_args.get("Q")
+    if kind is not None and isinstance(q, torch.Tensor):
+        configs = _for_arch(configs, kind, device_arch(q.device))
     d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs.get("HEAD_DIM", 64)
     keep = [c for c in configs if d < 256 or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64)]
     keep = keep or configs[-1:]
     return keep[:1] if AUTOTUNE == "one" else keep
 
 
-_TUNE_KEY = ["HEAD_DIM", "MASK_KIND", "HAS_DOCS", "SEQ_BUCKET", "GROUP_KEY"]
+_TUNE_KEY = ["HEAD_DIM", "MASK_KIND", "HAS_DOCS", "SEQ_BUCKET", "GROUP_KEY", "DEVICE_KEY"]
+# Triton >= 3.3 can keep the autotuning results on disk (next to its compiled kernels): a new process skips the
+# benchmark; MEGATRON_DUAL_AUTOTUNE_CACHE=0 turns that off
+_CACHE_RESULTS = (
+    {"cache_results": True}
+    if "cache_results" in inspect.signature(triton.autotune).parameters
+    and os.environ.get("MEGATRON_DUAL_AUTOTUNE_CACHE", "1") != "0"
+    else {}
+)
+
+
+def _autotune(kind: str) -> Callable:
+    return triton.autotune(
+        configs=_configs(kind),
+        key=_TUNE_KEY,
+        prune_configs_by={"early_config_prune": functools.partial(_prune, kind=kind)},
+        **_CACHE_RESULTS,
+    )
 
 
 @triton.jit
@@ -219,7 +303,7 @@ def _fwd_tiles(
             k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         else:
             k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled: the scale joins the fma below
         if POS_MASK:
             ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND) & n_valid[None, :]
             if DOC_MASK:
@@ -229,9 +313,9 @@ def _fwd_tiles(
         elif DOC_MASK:
             k_doc = tl.load(DOCS + b * sdoc + offs_n)
             qk = tl.where(q_doc[:, None] == k_doc[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)  # scale_log2 > 0: the max commutes with it
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.math.exp2(qk - m_safe[:, None])
+        p = tl.math.exp2(tl.fma(qk, scale_log2, -m_safe[:, None]))
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if POS_MASK:
@@ -244,7 +328,7 @@ def _fwd_tiles(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@_autotune("fwd")
 @triton.jit
 def _fwd_kernel(
     Q,
@@ -279,6 +363,7 @@ def _fwd_kernel(
     Q_OFFSET,
     SEQ_BUCKET,
     GROUP_KEY,
+    DEVICE_KEY,
     HEAD_DIM: tl.constexpr,
     MASK_KIND: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -491,8 +576,8 @@ def _bwd_kv_tiles(
         do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
         lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=float("inf"))  # rows past T_Q get p = 0
         delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(qk_t - lse2[None, :])
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(tl.fma(qk_t, scale_log2, -lse2[None, :]))
         q_pos = offs_m + Q_OFFSET
         if POS_MASK:
             ok = _pos_mask_t(k_pos, q_pos, plen, MASK_KIND)
@@ -569,7 +654,7 @@ def _key_tile_query_range(
     return lo, mid, b1, b2, hi, k_doc
 
 
-@triton.autotune(configs=_configs("bwd_kv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@_autotune("bwd_kv")
 @triton.jit
 def _bwd_kv_kernel(
     Q,
@@ -615,6 +700,7 @@ def _bwd_kv_kernel(
     Q_OFFSET,
     SEQ_BUCKET,
     GROUP_KEY,
+    DEVICE_KEY,
     HEAD_DIM: tl.constexpr,
     MASK_KIND: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -834,8 +920,8 @@ def _bwd_q_tiles(
         # keys past T_K load as zeros: their p is harmless because dq adds p * (0 - delta) * k = 0
         k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.math.exp2(qk - lse2[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(tl.fma(qk, scale_log2, -lse2[:, None]))
         if POS_MASK:
             ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND)
             if DOC_MASK:
@@ -851,7 +937,7 @@ def _bwd_q_tiles(
     return dq
 
 
-@triton.autotune(configs=_configs("bwd_q"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@_autotune("bwd_q")
 @triton.jit
 def _bwd_q_kernel(
     Q,
@@ -896,6 +982,7 @@ def _bwd_q_kernel(
     Q_OFFSET,
     SEQ_BUCKET,
     GROUP_KEY,
+    DEVICE_KEY,
     HEAD_DIM: tl.constexpr,
     MASK_KIND: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -1255,6 +1342,7 @@ def _forward(
         meta.q_offset,
         _bucket(max(tq, tk)),
         min(hq // hkv, 8),
+        _device_key(q.device),
         HEAD_DIM=d,
         MASK_KIND=meta.code,
         HAS_DOCS=meta.has_docs,
@@ -1329,6 +1417,7 @@ def _backward(
         meta.q_offset,
         bucket,
         min(group, 8),
+        _device_key(q.device),
         HEAD_DIM=d,
         MASK_KIND=meta.code,
         HAS_DOCS=meta.has_docs,
@@ -1382,6 +1471,7 @@ def _backward(
         meta.q_offset,
         bucket,
         min(group, 8),
+        _device_key(q.device),
         HEAD_DIM=d,
         MASK_KIND=meta.code,
         HAS_DOCS=meta.has_docs,
