@@ -176,10 +176,10 @@ _CACHE_RESULTS = (
 )
 
 
-def _autotune(kind: str) -> Callable:
+def _autotune(kind: str, extra_key: tuple[str, ...] = ()) -> Callable:
     return triton.autotune(
         configs=_configs(kind),
-        key=_TUNE_KEY,
+        key=_TUNE_KEY + list(extra_key),
         prune_configs_by={"early_config_prune": functools.partial(_prune, kind=kind)},
         **_CACHE_RESULTS,
     )
@@ -295,11 +295,14 @@ def _fwd_tiles(
     POS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_valid = offs_n < T_K
-        if POS_MASK:
+        if USE_TMA:  # k_base and v_base are tensor descriptors: bulk copies, rows past T_K come back as zeros
+            k = k_base.load([start_n, 0])
+        elif POS_MASK:
             k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         else:
             k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
@@ -318,7 +321,9 @@ def _fwd_tiles(
         p = tl.math.exp2(tl.fma(qk, scale_log2, -m_safe[:, None]))
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if POS_MASK:
+        if USE_TMA:
+            v = v_base.load([start_n, 0])
+        elif POS_MASK:
             v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         else:
             v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :])
@@ -328,7 +333,7 @@ def _fwd_tiles(
     return acc, m_i, l_i
 
 
-@_autotune("fwd")
+@_autotune("fwd", ("USE_TMA",))
 @triton.jit
 def _fwd_kernel(
     Q,
@@ -368,6 +373,7 @@ def _fwd_kernel(
     MASK_KIND: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -408,6 +414,9 @@ def _fwd_kernel(
     )
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    if USE_TMA:  # sm90 (MEGATRON_DUAL_ATTN_TMA=1): one 2-D descriptor per (batch, kv head) over (T_K, D)
+        k_base = tl.make_tensor_descriptor(k_base, [T_K, HEAD_DIM], [skt, 1], [BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, [T_K, HEAD_DIM], [svt, 1], [BLOCK_N, HEAD_DIM])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -446,6 +455,7 @@ def _fwd_kernel(
             False,
             BLOCK_N,
             DOT_PRECISION,
+            USE_TMA,
         )
     acc, m_i, l_i = _fwd_tiles(
         acc,
@@ -473,6 +483,7 @@ def _fwd_kernel(
         False,
         BLOCK_N,
         DOT_PRECISION,
+        USE_TMA,
     )
     if HAS_DOCS:
         acc, m_i, l_i = _fwd_tiles(
@@ -501,6 +512,7 @@ def _fwd_kernel(
             False,
             BLOCK_N,
             DOT_PRECISION,
+            USE_TMA,
         )
     acc, m_i, l_i = _fwd_tiles(
         acc,
@@ -528,6 +540,7 @@ def _fwd_kernel(
         True,
         BLOCK_N,
         DOT_PRECISION,
+        USE_TMA,
     )
     empty = l_i == 0.0  # a query that sees no key at all: output 0, and lse = +inf makes its backward p = 0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -1223,6 +1236,31 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of float16, bfloat16, float32")
 
 
+# MEGATRON_DUAL_ATTN_TMA=1: on sm90 (Triton with device-side tensor descriptors, >= 3.6) the forward kernel loads its
+# key/value tiles through TMA descriptors (bulk asynchronous copies) instead of pointer arithmetic; experimental, off
+# by default, not yet measured on a GPU. Read at import; the tests switch it through this attribute.
+TMA = os.environ.get("MEGATRON_DUAL_ATTN_TMA", "0") == "1"
+_ALLOCATOR_SET = False
+
+
+def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward kernel uses TMA descriptors for k and v: the flag, an sm90 device (or the interpreter), and
+    16-byte aligned base and strides (TMA's requirement)."""
+    global _ALLOCATOR_SET
+    if not TMA or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not INTERPRET and device_arch(k.device) != "sm90":
+        return False
+    if not all(
+        x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]) for x in (k, v)
+    ):
+        return False
+    if not INTERPRET and not _ALLOCATOR_SET:  # device-side descriptors live in a global scratch buffer
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=k.device))
+        _ALLOCATOR_SET = True
+    return True
+
+
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -1347,6 +1385,7 @@ def _forward(
         MASK_KIND=meta.code,
         HAS_DOCS=meta.has_docs,
         DOT_PRECISION=precision,
+        USE_TMA=_use_tma(k, v),
     )
     return o, lse
 

@@ -191,6 +191,26 @@ def test_output_is_laid_out_bthd():
     torch.testing.assert_close(out, reference_attention(q, kv, kv, AttentionMask("causal")), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("kind", ["causal", "prefix"])
+def test_tma_descriptors_forward(monkeypatch, kind):
+    """MEGATRON_DUAL_ATTN_TMA=1: the forward loads k and v through tensor descriptors (the interpreter emulates them);
+    ragged last tiles come back zero-filled, as the masked loads do."""
+    monkeypatch.setattr(K, "TMA", True)
+    k = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    assert K._use_tma(k, k) == hasattr(K.tl, "make_tensor_descriptor")
+    shifted = k.flatten()[1:129].view(1, 2, 4, 16)  # a base 4 bytes off 16-byte alignment
+    assert not K._use_tma(shifted, shifted)
+    docs = torch.stack([runs([20, 17]), runs([5, 32])])
+    check(
+        2,
+        4,
+        2,
+        37,
+        16,
+        AttentionMask(kind, doc_ids=docs, prefix_len=torch.tensor([9, 30]) if kind == "prefix" else None),
+    )
+
+
 def test_kernel_input_errors():
     q = torch.zeros(1, 3, 8, 16, device=DEVICE)
     kv = torch.zeros(1, 2, 8, 16, device=DEVICE)
@@ -498,20 +518,26 @@ for spec in sys.argv[1:]:
     io = {"Q": dt, "K": dt, "V": dt, "O": dt, "DO": dt, "DQ": dt, "DK": dt, "DV": dt, "LSE": "*fp32",
           "DELTA": "*fp32", "DOCS": "*i32", "DOC_LO": "*i32", "DOC_HI": "*i32", "RUN_LO": "*i32", "RUN_HI": "*i32",
           "PREFIX": "*i32", "scale": "fp32", "scale_log2": "fp32"}
-    for kern, bm, bn in [(K._fwd_kernel, 128, 64), (K._bwd_kv_kernel, 32, 128), (K._bwd_q_kernel, 128, 32)]:
+    kernels = [(K._fwd_kernel, 128, 64), (K._bwd_kv_kernel, 32, 128), (K._bwd_q_kernel, 128, 32)]
+    if arch == "90":  # and the forward with TMA descriptors (MEGATRON_DUAL_ATTN_TMA=1)
+        kernels.append((K._fwd_kernel, 128, 64, True))
+    for kern, bm, bn, *tma in kernels:
         fn = kern.fn
         consts = dict(HEAD_DIM=64, MASK_KIND=2, HAS_DOCS=True, DOT_PRECISION=None, BLOCK_M=bm, BLOCK_N=bn)
+        if "USE_TMA" in fn.arg_names:
+            consts["USE_TMA"] = bool(tma)
         sig = {a: "constexpr" if a in consts else io.get(a, "i32") for a in fn.arg_names}
         done = triton.compile(ASTSource(fn, sig, consts), target=target,
                               options=dict(num_warps=4, num_stages=int(stages)))
-        print(arch, fn.__name__, len(done.asm.get("cubin", done.asm.get("hsaco", b""))))
+        print(arch, fn.__name__ + "_tma" * bool(tma), len(done.asm.get("cubin", done.asm.get("hsaco", b""))))
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_gpus():
-    """The compiled path (not the interpreter) lowers to a GPU binary for sm_90 (bf16, 4 stages), sm_80 (fp16, 3
-    stages) and gfx90a (bf16): prefix + documents, the most involved case; one process for the three targets."""
+    """The compiled path (not the interpreter) lowers to a GPU binary for sm_90 (bf16, 4 stages; the forward also with
+    TMA descriptors), sm_80 (fp16, 3 stages) and gfx90a (bf16): prefix + documents, the most involved case; one
+    process for the three targets."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -520,5 +546,6 @@ def test_kernels_compile_for_gpus():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines()]
     kernels = ["_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"]
-    assert [(a, k) for a, k, _ in rows] == [(a, k) for a in ("90", "80", "gfx90a") for k in kernels]
+    want = [(a, k) for a in ("90", "80", "gfx90a") for k in kernels + (["_fwd_kernel_tma"] if a == "90" else [])]
+    assert [(a, k) for a, k, _ in rows] == want
     assert all(int(n) > 0 for _, _, n in rows)
