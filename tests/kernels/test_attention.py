@@ -176,6 +176,8 @@ def test_tiles_inside_a_run_skip_the_document_compare():
     tiles = K.document_tiles(docs.to(DEVICE))
     good = K.flash_attention(q, k, v, "bidirectional", doc_ids=docs.to(DEVICE), doc_spans=tiles)
     torch.testing.assert_close(good, reference_attention(q, k, v, mask), **TOL[torch.float32])
+    spans_only = K.flash_attention(q, k, v, "bidirectional", doc_ids=docs.to(DEVICE), doc_spans=tiles[:2])
+    torch.testing.assert_close(spans_only, good, atol=0, rtol=0)  # the older 2-tuple form: runs derived inside
     one_run = (torch.zeros_like(tiles[2]), torch.full_like(tiles[3], 96))
     bad = K.flash_attention(q, k, v, "bidirectional", doc_ids=docs.to(DEVICE), doc_spans=(*tiles[:2], *one_run))
     assert not torch.allclose(bad, good, atol=1e-3)
@@ -475,6 +477,17 @@ def test_gpu_packed_qkv_bf16(kind):
     docs = torch.stack([runs([300, 1, 499, 200]), runs([1000])])
     plen = torch.tensor([77, 500]) if kind == "prefix" else None
     check_qkv(2, 8, 2, 1000, 64, AttentionMask(kind, doc_ids=docs, prefix_len=plen), torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tma_bf16(monkeypatch, kind):
+    if K.device_arch(torch.device("cuda")) != "sm90" or not hasattr(K.tl, "make_tensor_descriptor"):
+        pytest.skip("TMA descriptors: sm90 and a Triton with tl.make_tensor_descriptor")
+    monkeypatch.setattr(K, "TMA", True)
+    docs = torch.stack([runs([300, 1, 499, 200]), runs([1000])])
+    check(2, 8, 2, 1000, 64, AttentionMask(kind, doc_ids=docs), dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", ["flash", "flex"])
