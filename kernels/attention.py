@@ -287,6 +287,8 @@ def _fwd_tiles(
     T_K,
     lo,
     hi,
+    skip_at,
+    skip_len,
     scale_log2,
     offs_n0,
     offs_d,
@@ -297,7 +299,8 @@ def _fwd_tiles(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(lo, hi, BLOCK_N):
+        start_n = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_n = start_n + offs_n0
         n_valid = offs_n < T_K
         if USE_TMA:  # k_base and v_base are tensor descriptors: bulk copies, rows past T_K come back as zeros
@@ -421,9 +424,10 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # key tiles below mid need no positional mask; those in [a1, a2) lie inside the query tile's document run
-    # and need no document compare either (only tiles straddling a document boundary pay for it)
+    # and need no document compare either (only tiles straddling a document boundary pay for it): one loop
+    # over [lo, a1) and [a2, mid) with the compare, one over [a1, a2) without, one over [mid, hi) positional
     a1 = lo
-    a2 = mid
+    a2 = lo
     if HAS_DOCS:
         last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
         f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
@@ -446,7 +450,9 @@ def _fwd_kernel(
             sdoc,
             T_K,
             lo,
+            mid - (a2 - a1),
             a1,
+            a2 - a1,
             scale_log2,
             offs_n0,
             offs_d,
@@ -457,6 +463,8 @@ def _fwd_kernel(
             DOT_PRECISION,
             USE_TMA,
         )
+    else:
+        a2 = mid
     acc, m_i, l_i = _fwd_tiles(
         acc,
         m_i,
@@ -475,6 +483,8 @@ def _fwd_kernel(
         T_K,
         a1,
         a2,
+        a2,
+        0,
         scale_log2,
         offs_n0,
         offs_d,
@@ -485,35 +495,6 @@ def _fwd_kernel(
         DOT_PRECISION,
         USE_TMA,
     )
-    if HAS_DOCS:
-        acc, m_i, l_i = _fwd_tiles(
-            acc,
-            m_i,
-            l_i,
-            q,
-            q_pos,
-            q_doc,
-            plen,
-            k_base,
-            v_base,
-            skt,
-            svt,
-            DOCS,
-            b,
-            sdoc,
-            T_K,
-            a2,
-            mid,
-            scale_log2,
-            offs_n0,
-            offs_d,
-            MASK_KIND,
-            True,
-            False,
-            BLOCK_N,
-            DOT_PRECISION,
-            USE_TMA,
-        )
     acc, m_i, l_i = _fwd_tiles(
         acc,
         m_i,
@@ -532,6 +513,8 @@ def _fwd_kernel(
         T_K,
         mid,
         hi,
+        hi,
+        0,
         scale_log2,
         offs_n0,
         offs_d,
@@ -570,6 +553,8 @@ def _bwd_kv_tiles(
     Q_OFFSET,
     lo,
     hi,
+    skip_at,
+    skip_len,
     scale_log2,
     offs_m0,
     offs_d,
@@ -582,7 +567,8 @@ def _bwd_kv_tiles(
     b,
     sdoc,
 ):
-    for start_m in range(lo, hi, BLOCK_M):
+    for it in range(lo, hi, BLOCK_M):
+        start_m = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_m = start_m + offs_m0
         m_valid = offs_m < T_Q
         q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
@@ -781,6 +767,8 @@ def _bwd_kv_kernel(
             Q_OFFSET,
             lo,
             mid,
+            mid,
+            0,
             scale_log2,
             offs_m0,
             offs_d,
@@ -793,7 +781,7 @@ def _bwd_kv_kernel(
             b,
             sdoc,
         )
-        if HAS_DOCS:
+        if HAS_DOCS:  # [mid, b1) and [b2, hi) compare documents, [b1, b2) lies inside the key tile's run
             dk, dv = _bwd_kv_tiles(
                 dk,
                 dv,
@@ -811,7 +799,9 @@ def _bwd_kv_kernel(
                 T_Q,
                 Q_OFFSET,
                 mid,
+                hi - (b2 - b1),
                 b1,
+                b2 - b1,
                 scale_log2,
                 offs_m0,
                 offs_d,
@@ -842,6 +832,8 @@ def _bwd_kv_kernel(
             Q_OFFSET,
             b1,
             b2,
+            b2,
+            0,
             scale_log2,
             offs_m0,
             offs_d,
@@ -854,37 +846,6 @@ def _bwd_kv_kernel(
             b,
             sdoc,
         )
-        if HAS_DOCS:
-            dk, dv = _bwd_kv_tiles(
-                dk,
-                dv,
-                k,
-                v,
-                offs_n,
-                k_doc,
-                plen,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                sqt,
-                sdot,
-                T_Q,
-                Q_OFFSET,
-                b2,
-                hi,
-                scale_log2,
-                offs_m0,
-                offs_d,
-                MASK_KIND,
-                True,
-                False,
-                BLOCK_M,
-                DOT_PRECISION,
-                DOCS,
-                b,
-                sdoc,
-            )
     dk = dk * scale
     tl.store(
         DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
@@ -918,6 +879,8 @@ def _bwd_q_tiles(
     T_K,
     lo,
     hi,
+    skip_at,
+    skip_len,
     scale_log2,
     offs_n0,
     offs_d,
@@ -927,7 +890,8 @@ def _bwd_q_tiles(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(lo, hi, BLOCK_N):
+        start_n = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_n = start_n + offs_n0
         n_valid = offs_n < T_K
         # keys past T_K load as zeros: their p is harmless because dq adds p * (0 - delta) * k = 0
@@ -1048,9 +1012,10 @@ def _bwd_q_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # the forward's split of the key range
     a1 = lo
-    a2 = mid
-    if HAS_DOCS:  # as in the forward: [a1, a2) needs no document compare
+    a2 = lo
+    if HAS_DOCS:
         last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
         f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
         a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
@@ -1073,7 +1038,9 @@ def _bwd_q_kernel(
             sdoc,
             T_K,
             lo,
+            mid - (a2 - a1),
             a1,
+            a2 - a1,
             scale_log2,
             offs_n0,
             offs_d,
@@ -1083,6 +1050,8 @@ def _bwd_q_kernel(
             BLOCK_N,
             DOT_PRECISION,
         )
+    else:
+        a2 = mid
     dq = _bwd_q_tiles(
         dq,
         q,
@@ -1102,6 +1071,8 @@ def _bwd_q_kernel(
         T_K,
         a1,
         a2,
+        a2,
+        0,
         scale_log2,
         offs_n0,
         offs_d,
@@ -1111,35 +1082,6 @@ def _bwd_q_kernel(
         BLOCK_N,
         DOT_PRECISION,
     )
-    if HAS_DOCS:
-        dq = _bwd_q_tiles(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            q_pos,
-            q_doc,
-            plen,
-            k_base,
-            v_base,
-            skt,
-            svt,
-            DOCS,
-            b,
-            sdoc,
-            T_K,
-            a2,
-            mid,
-            scale_log2,
-            offs_n0,
-            offs_d,
-            MASK_KIND,
-            True,
-            False,
-            BLOCK_N,
-            DOT_PRECISION,
-        )
     dq = _bwd_q_tiles(
         dq,
         q,
@@ -1159,6 +1101,8 @@ def _bwd_q_kernel(
         T_K,
         mid,
         hi,
+        hi,
+        0,
         scale_log2,
         offs_n0,
         offs_d,
