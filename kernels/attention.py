@@ -26,7 +26,8 @@ when the run (``run_bounds``: the stretch of equal ids) around the first positio
 
 Block sizes are autotuned from a list per architecture (``ARCH_SHAPES``: sm80, sm90, gfx90a, chosen from the device
 when a kernel is first tuned), keyed on head dim, mask, a power-of-two length bucket and the device model; where
-Triton supports it (>= 3.3) the results are cached on disk; under ``TRITON_INTERPRET=1`` one small config.
+``triton.autotune`` takes ``cache_results`` the results are cached on disk; under ``TRITON_INTERPRET=1`` one small
+config.
 This module must be imported after ``TRITON_INTERPRET`` is set (triton reads it when a kernel is decorated).
 """
 
@@ -166,8 +167,8 @@ def _prune(
 
 
 _TUNE_KEY = ["HEAD_DIM", "MASK_KIND", "HAS_DOCS", "SEQ_BUCKET", "GROUP_KEY", "DEVICE_KEY"]
-# Triton >= 3.3 can keep the autotuning results on disk (next to its compiled kernels): a new process skips the
-# benchmark; MEGATRON_DUAL_AUTOTUNE_CACHE=0 turns that off
+# Tritons whose autotune takes cache_results keep the tuning results on disk (next to the compiled kernels): a new
+# process skips the benchmark; MEGATRON_DUAL_AUTOTUNE_CACHE=0 turns that off
 _CACHE_RESULTS = (
     {"cache_results": True}
     if "cache_results" in inspect.signature(triton.autotune).parameters
