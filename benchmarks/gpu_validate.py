@@ -21,7 +21,8 @@ Stages (default budget in seconds):
   autotuning cut to one config per kernel (``MEGATRON_DUAL_AUTOTUNE=one``).
 * ``attention`` (100): fwd and fwd+bwd of our Triton kernel vs SDPA (flash and cuDNN backends; efficient with a
   dense mask for documents and prefixes), varlen for documents (flash-attn or torch's varlen), FlexAttention
-  compiled once per mask (timed under ``fail_on_recompile``); full autotuning only for the two training masks.
+  compiled once per mask (timed under ``fail_on_recompile``); full autotuning only for the two training masks; on
+  sm90, for the document masks, ours again with TMA descriptors (``ours_tma``, last, so the first to be skipped).
 * ``train_step`` (110): dual-470m AR and MD micro-batches (8 x 2048): fused+padded, unfused, fused unpadded; time,
   optimizer step, peak memory, MFU by executed FLOPs against the peak and against the measured matmul ceiling.
 * ``fused_ops`` (35): ``benchmarks/fused_ops.py``'s ops, time and peak memory fused vs unfused.
@@ -334,7 +335,29 @@ def _attention_peers(ctx: Ctx, q: Any, k: Any, v: Any, mask: Any) -> dict[str, C
         varlen = _varlen(q, k, v, runs, mask.kind == "causal", importlib.util.find_spec("flash_attn") is not None)
         if varlen is not None:
             peers["varlen"] = varlen
+    tma = _ours_with_tma(q, k, v, mask) if mask.doc_ids is not None and ctx.device == "cuda" else None
+    if tma is not None:  # last: the first peer to go when the stage's budget runs short
+        peers["ours_tma"] = tma
     return peers
+
+
+def _ours_with_tma(q: Any, k: Any, v: Any, mask: Any) -> Callable[[], Any] | None:
+    """Our kernel with the forward's k/v tiles loaded through TMA descriptors (MEGATRON_DUAL_ATTN_TMA=1); sm90 only."""
+    import megatron_dual.kernels.attention as K
+
+    from megatron_dual.model.attention import attention
+
+    if K.device_arch(q.device) != "sm90" or not hasattr(K.tl, "make_tensor_descriptor"):
+        return None
+
+    def ours_tma() -> Any:
+        previous, K.TMA = K.TMA, True
+        try:
+            return attention(q, k, v, mask, backend="triton")
+        finally:
+            K.TMA = previous
+
+    return ours_tma
 
 
 def _varlen(q: Any, k: Any, v: Any, runs: tuple, causal: bool, flash: bool) -> Callable[[], Any] | None:

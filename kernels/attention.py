@@ -1,10 +1,14 @@
 """Flash attention in Triton for the dual objective's masks: causal, bidirectional, prefix-LM and documents.
 
 Layout: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) with Hq a multiple of Hkv (GQA); any strides with a unit stride
-on D. The forward pass streams key/value tiles past a resident query tile with an online softmax (running max and
-running sum in fp32) and saves one log-sum-exp per query row; the backward pass recomputes the probabilities from
-it: one kernel walks the query tiles for each key tile (dK, dV; the GQA group's query heads are summed in the same
-program, so there are no atomics) and one walks the key tiles for each query tile (dQ).
+on D. The output is a (B, Hq, Tq, D) view of (B, Tq, Hq, D) memory (the output projection's layout: no transpose
+copy follows). The forward pass streams key/value tiles past a resident query tile with an online softmax (running
+max and running sum in fp32) and saves one log-sum-exp per query row; the backward pass recomputes the
+probabilities from it: one kernel walks the key tiles for each query tile (dQ; its prologue also computes
+delta = rowsum(dO * O) in fp32 and stores it) and then one walks the query tiles for each key tile (dK, dV; the GQA
+group's query heads are summed in the same program, so there are no atomics).
+:func:`flash_attention_qkv` takes the fused qkv projection's output instead: rotary in place, attention, and one
+packed (B, T, Hq + 2 Hkv, D) gradient with the inverse rotation applied in place on it.
 
 Masks, with query i at absolute position ``q_offset + i``:
 
@@ -16,17 +20,25 @@ Masks, with query i at absolute position ``q_offset + i``:
 Tiles that the mask empties are never visited: the key range of a query tile is cut to the causal (or prefix)
 bound and to the span of the documents in the tile (``document_spans``: per position, the first and one past the
 last position of its document; correct for any layout of ids, tight when documents are contiguous runs). Only the
-tiles that straddle the diagonal, the prefix end or the sequence end evaluate the positional mask element-wise.
+tiles that straddle the diagonal, the prefix end or the sequence end evaluate the positional mask element-wise, and
+only the tiles that straddle a document boundary compare document ids: a pair of tiles lies inside one document
+when the run (``run_bounds``: the stretch of equal ids) around the first position of one side covers the other.
 
-Block sizes are autotuned on CUDA (A100/H100), keyed on head dim, mask and a power-of-two length bucket; on ROCm
-(MI250X) a short list of wavefront-64 friendly configs is used; under ``TRITON_INTERPRET=1`` one small config.
+Block sizes are autotuned from a list per architecture (``ARCH_SHAPES``: sm80, sm90, gfx90a, chosen from the device
+when a kernel is first tuned), keyed on head dim, mask, a power-of-two length bucket and the device model; where
+``triton.autotune`` takes ``cache_results`` the results are cached on disk; under ``TRITON_INTERPRET=1`` one small
+config.
 This module must be imported after ``TRITON_INTERPRET`` is set (triton reads it when a kernel is decorated).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
+import zlib
+from collections.abc import Callable
 
 import torch
 import triton
@@ -38,31 +50,79 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 IS_HIP = torch.version.hip is not None
 
 
+# Candidate (BLOCK_M, BLOCK_N, warps, stages) per architecture and kernel; BLOCK_M tiles queries and BLOCK_N keys
+# in every kernel. The first entry of each list is what autotune mode "one" runs. The small backward tiles get more
+# pipeline stages (their loads are short, so more of them can be in flight); sm90 has 228 KB of shared memory per
+# SM against sm80's 164 KB, hence deeper pipelines there; gfx90a (MI250X, 64-wide wavefronts): the stream pipeliner
+# wants num_stages 1 or 2.
+ARCH_SHAPES: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
+    "sm80": {
+        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)],
+        "bwd_kv": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4), (16, 64, 4, 5)],
+        "bwd_q": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4)],
+    },
+    "sm90": {
+        "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 5), (64, 128, 4, 3)],
+        "bwd_kv": [(32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 4), (32, 64, 4, 5), (16, 128, 4, 5)],
+        "bwd_q": [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 5), (32, 64, 4, 5)],
+    },
+    "gfx90a": {
+        "fwd": [(128, 64, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1), (64, 64, 4, 2)],
+        "bwd_kv": [(32, 64, 4, 1), (64, 64, 4, 1), (16, 128, 4, 1), (32, 64, 4, 2)],
+        "bwd_q": [(64, 32, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1), (64, 32, 4, 2)],
+    },
+}
+_INTERPRET_SHAPES = {"fwd": (32, 16), "bwd_q": (32, 16), "bwd_kv": (16, 32)}  # BLOCK_M != BLOCK_N: tests see
+# tile-alignment bugs
+
+
+def _config(shape: tuple[int, int, int, int]) -> triton.Config:
+    m, n, w, s = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def _shape(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
 def _configs(kind: str) -> list[triton.Config]:
-    """Candidate (BLOCK_M, BLOCK_N, warps, stages); BLOCK_M tiles queries and BLOCK_N keys in every kernel."""
-    if INTERPRET:  # one small config; BLOCK_M != BLOCK_N so that tile-alignment bugs show up in the tests
-        m, n = (32, 16) if kind != "bwd_kv" else (16, 32)
+    """Every candidate this build may use (ROCm: gfx90a's; CUDA: sm80's and sm90's); :func:`_prune` keeps the
+    current device's list when a kernel is first tuned (the arch is not known at import without touching CUDA)."""
+    if INTERPRET:
+        m, n = _INTERPRET_SHAPES[kind]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=1, num_stages=1)]
-    if IS_HIP:  # MI250X: 64-wide wavefronts, the stream pipeliner wants num_stages 1 (or 2)
-        shapes = {
-            "fwd": [(128, 64, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1)],
-            "bwd_kv": [(32, 64, 4, 1), (64, 64, 4, 1), (16, 128, 4, 1)],
-            "bwd_q": [(64, 32, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1)],
-        }[kind]
-    else:  # A100 / H100
-        shapes = {
-            "fwd": [
-                (128, 64, 4, 3),
-                (128, 64, 8, 3),
-                (128, 128, 8, 3),
-                (64, 64, 4, 4),
-                (128, 32, 4, 4),
-                (64, 32, 4, 3),
-            ],
-            "bwd_kv": [(32, 128, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3)],
-            "bwd_q": [(128, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-        }[kind]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    archs = ["gfx90a"] if IS_HIP else ["sm80", "sm90"]
+    shapes = list(dict.fromkeys(x for arch in archs for x in ARCH_SHAPES[arch][kind]))
+    return [_config(x) for x in shapes]
+
+
+@functools.cache
+def _device_arch(index: int) -> str:
+    if IS_HIP:
+        return "gfx90a"
+    major, _ = torch.cuda.get_device_capability(index)
+    return "sm90" if major >= 9 else "sm80"
+
+
+def device_arch(device: torch.device) -> str:
+    """Which :data:`ARCH_SHAPES` list a device tunes from: ``gfx90a`` on ROCm, ``sm90`` for compute capability 9
+    and up, ``sm80`` below; ``interpret`` on CPU."""
+    if device.type != "cuda":
+        return "interpret"
+    return _device_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _device_key_of(index: int) -> int:
+    return zlib.crc32(torch.cuda.get_device_name(index).encode()) & 0x7FFFFFFF
+
+
+def _device_key(device: torch.device) -> int:
+    """A tuning-key number per device model (an H100 and an H200 are both sm90 but tune apart, and Triton's
+    on-disk autotuning cache keeps them apart too)."""
+    if device.type != "cuda":
+        return 0
+    return _device_key_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 AUTOTUNE_MODES = ("full", "one")
@@ -83,16 +143,47 @@ def set_autotune(mode: str) -> str:
     return previous
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Drop tiles that overflow shared memory for large head dims (D=256 wants 64-wide tiles); under autotune mode
-    ``one`` keep only the first remaining candidate (Triton then runs it without benchmarking)."""
+def _for_arch(configs: list[triton.Config], kind: str, arch: str) -> list[triton.Config]:
+    """The candidates of ``arch``'s list for ``kind``, in that list's order (all of them where the arch has none)."""
+    if arch not in ARCH_SHAPES:
+        return configs
+    by_shape = {_shape(c): c for c in configs}
+    return [by_shape[x] for x in ARCH_SHAPES[arch][kind] if x in by_shape] or configs
+
+
+def _prune(
+    configs: list[triton.Config], named_args: dict, kind: str | None = None, **kwargs: object
+) -> list[triton.Config]:
+    """Keep the current device's candidates for kernel ``kind`` (see :data:`ARCH_SHAPES`); drop tiles that overflow
+    shared memory for large head dims (D=256 wants 64-wide tiles); under autotune mode ``one`` keep only the first
+    remaining candidate (Triton then runs it without benchmarking)."""
+    q = named_args.get("Q")
+    if kind is not None and isinstance(q, torch.Tensor):
+        configs = _for_arch(configs, kind, device_arch(q.device))
     d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs.get("HEAD_DIM", 64)
     keep = [c for c in configs if d < 256 or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64)]
     keep = keep or configs[-1:]
     return keep[:1] if AUTOTUNE == "one" else keep
 
 
-_TUNE_KEY = ["HEAD_DIM", "MASK_KIND", "HAS_DOCS", "SEQ_BUCKET", "GROUP_KEY"]
+_TUNE_KEY = ["HEAD_DIM", "MASK_KIND", "HAS_DOCS", "SEQ_BUCKET", "GROUP_KEY", "DEVICE_KEY"]
+# Tritons whose autotune takes cache_results keep the tuning results on disk (next to the compiled kernels): a new
+# process skips the benchmark; MEGATRON_DUAL_AUTOTUNE_CACHE=0 turns that off
+_CACHE_RESULTS = (
+    {"cache_results": True}
+    if "cache_results" in inspect.signature(triton.autotune).parameters
+    and os.environ.get("MEGATRON_DUAL_AUTOTUNE_CACHE", "1") != "0"
+    else {}
+)
+
+
+def _autotune(kind: str, extra_key: tuple[str, ...] = ()) -> Callable:
+    return triton.autotune(
+        configs=_configs(kind),
+        key=_TUNE_KEY + list(extra_key),
+        prune_configs_by={"early_config_prune": functools.partial(_prune, kind=kind)},
+        **_CACHE_RESULTS,
+    )
 
 
 @triton.jit
@@ -163,6 +254,22 @@ def _query_tile_key_range(
 
 
 @triton.jit
+def _full_range(RUN_LO, RUN_HI, row, first, last, shift, limit, BLOCK: tl.constexpr):
+    """Indices [f_lo, f_hi) of the other side whose BLOCK-aligned tiles lie wholly inside the run (the contiguous
+    stretch of one document id) holding positions first..last of this side; f_lo = f_hi = limit when first..last
+    straddle a run boundary. Positions minus ``shift`` are indices; a tile reaching past ``limit`` (the index count)
+    counts as inside: its rows beyond the end are masked by bounds anyway."""
+    r_lo = tl.load(RUN_LO + row + first)
+    r_hi = tl.load(RUN_HI + row + first)
+    inside = r_hi > last
+    i_lo = tl.maximum(r_lo - shift, 0)
+    i_hi = tl.maximum(r_hi - shift, 0)
+    f_lo = tl.cdiv(i_lo, BLOCK) * BLOCK
+    f_hi = tl.where(i_hi >= limit, limit, (i_hi // BLOCK) * BLOCK)
+    return tl.where(inside, f_lo, limit), tl.where(inside, f_hi, limit)
+
+
+@triton.jit
 def _fwd_tiles(
     acc,
     m_i,
@@ -181,38 +288,46 @@ def _fwd_tiles(
     T_K,
     lo,
     hi,
+    skip_at,
+    skip_len,
     scale_log2,
     offs_n0,
     offs_d,
     MASK_KIND: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
+    DOC_MASK: tl.constexpr,
     POS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(lo, hi, BLOCK_N):
+        start_n = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_n = start_n + offs_n0
         n_valid = offs_n < T_K
-        if POS_MASK:
+        if USE_TMA:  # k_base and v_base are tensor descriptors: bulk copies, rows past T_K come back as zeros
+            k = k_base.load([start_n, 0])
+        elif POS_MASK:
             k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         else:
             k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled: the scale joins the fma below
         if POS_MASK:
             ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND) & n_valid[None, :]
-            if HAS_DOCS:
+            if DOC_MASK:
                 k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
                 ok = ok & (q_doc[:, None] == k_doc[None, :])
             qk = tl.where(ok, qk, float("-inf"))
-        elif HAS_DOCS:
+        elif DOC_MASK:
             k_doc = tl.load(DOCS + b * sdoc + offs_n)
             qk = tl.where(q_doc[:, None] == k_doc[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)  # scale_log2 > 0: the max commutes with it
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.math.exp2(qk - m_safe[:, None])
+        p = tl.math.exp2(tl.fma(qk, scale_log2, -m_safe[:, None]))
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if POS_MASK:
+        if USE_TMA:
+            v = v_base.load([start_n, 0])
+        elif POS_MASK:
             v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         else:
             v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :])
@@ -222,7 +337,7 @@ def _fwd_tiles(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@_autotune("fwd", ("USE_TMA",))
 @triton.jit
 def _fwd_kernel(
     Q,
@@ -233,6 +348,8 @@ def _fwd_kernel(
     DOCS,
     DOC_LO,
     DOC_HI,
+    RUN_LO,
+    RUN_HI,
     PREFIX,
     scale_log2,
     sqb,
@@ -255,10 +372,12 @@ def _fwd_kernel(
     Q_OFFSET,
     SEQ_BUCKET,
     GROUP_KEY,
+    DEVICE_KEY,
     HEAD_DIM: tl.constexpr,
     MASK_KIND: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -299,9 +418,54 @@ def _fwd_kernel(
     )
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    if USE_TMA:  # sm90 (MEGATRON_DUAL_ATTN_TMA=1): one 2-D descriptor per (batch, kv head) over (T_K, D)
+        k_base = tl.make_tensor_descriptor(k_base, [T_K, HEAD_DIM], [skt, 1], [BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, [T_K, HEAD_DIM], [svt, 1], [BLOCK_N, HEAD_DIM])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # key tiles below mid need no positional mask; those in [a1, a2) lie inside the query tile's document run
+    # and need no document compare either (only tiles straddling a document boundary pay for it): one loop
+    # over [lo, a1) and [a2, mid) with the compare, one over [a1, a2) without, one over [mid, hi) positional
+    a1 = lo
+    a2 = lo
+    if HAS_DOCS:
+        last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
+        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
+        a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
+        a2 = tl.minimum(tl.maximum(f_hi, a1), mid)
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            q_pos,
+            q_doc,
+            plen,
+            k_base,
+            v_base,
+            skt,
+            svt,
+            DOCS,
+            b,
+            sdoc,
+            T_K,
+            lo,
+            mid - (a2 - a1),
+            a1,
+            a2 - a1,
+            scale_log2,
+            offs_n0,
+            offs_d,
+            MASK_KIND,
+            True,
+            False,
+            BLOCK_N,
+            DOT_PRECISION,
+            USE_TMA,
+        )
+    else:
+        a2 = mid
     acc, m_i, l_i = _fwd_tiles(
         acc,
         m_i,
@@ -318,16 +482,19 @@ def _fwd_kernel(
         b,
         sdoc,
         T_K,
-        lo,
-        mid,
+        a1,
+        a2,
+        a2,
+        0,
         scale_log2,
         offs_n0,
         offs_d,
         MASK_KIND,
-        HAS_DOCS,
+        False,
         False,
         BLOCK_N,
         DOT_PRECISION,
+        USE_TMA,
     )
     acc, m_i, l_i = _fwd_tiles(
         acc,
@@ -347,6 +514,8 @@ def _fwd_kernel(
         T_K,
         mid,
         hi,
+        hi,
+        0,
         scale_log2,
         offs_n0,
         offs_d,
@@ -355,6 +524,7 @@ def _fwd_kernel(
         True,
         BLOCK_N,
         DOT_PRECISION,
+        USE_TMA,
     )
     empty = l_i == 0.0  # a query that sees no key at all: output 0, and lse = +inf makes its backward p = 0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -384,11 +554,13 @@ def _bwd_kv_tiles(
     Q_OFFSET,
     lo,
     hi,
+    skip_at,
+    skip_len,
     scale_log2,
     offs_m0,
     offs_d,
     MASK_KIND: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
+    DOC_MASK: tl.constexpr,
     POS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -396,23 +568,24 @@ def _bwd_kv_tiles(
     b,
     sdoc,
 ):
-    for start_m in range(lo, hi, BLOCK_M):
+    for it in range(lo, hi, BLOCK_M):
+        start_m = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_m = start_m + offs_m0
         m_valid = offs_m < T_Q
         q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
         lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=float("inf"))  # rows past T_Q get p = 0
         delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(qk_t - lse2[None, :])
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(tl.fma(qk_t, scale_log2, -lse2[None, :]))
         q_pos = offs_m + Q_OFFSET
         if POS_MASK:
             ok = _pos_mask_t(k_pos, q_pos, plen, MASK_KIND)
-            if HAS_DOCS:
+            if DOC_MASK:
                 q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
                 ok = ok & (k_doc[:, None] == q_doc[None, :])
             p_t = tl.where(ok, p_t, 0.0)
-        elif HAS_DOCS:
+        elif DOC_MASK:
             q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
             p_t = tl.where(k_doc[:, None] == q_doc[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -422,7 +595,66 @@ def _bwd_kv_tiles(
     return dk, dv
 
 
-@triton.autotune(configs=_configs("bwd_kv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _key_tile_query_range(
+    start_n,
+    b,
+    T_Q,
+    T_K,
+    Q_OFFSET,
+    plen,
+    offs_n,
+    n_valid,
+    DOCS,
+    DOC_LO,
+    DOC_HI,
+    RUN_LO,
+    RUN_HI,
+    sdoc,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Queries [lo, hi) that may see some key of the tile (starting at ``start_n``), split at mid, b1 and b2:
+    [lo, mid) needs the positional mask, [b1, b2) lies inside the key tile's document run (no document compare);
+    and the keys' document ids."""
+    # queries [lo, hi) that may see some key of the tile; queries from mid on see all of them (positionally)
+    lo = start_n * 0
+    hi = start_n * 0 + T_Q
+    mid = lo
+    if MASK_KIND == 1:
+        lo = tl.maximum(lo, start_n - Q_OFFSET)
+        mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
+    if MASK_KIND == 2:
+        if start_n + BLOCK_N > plen:  # not entirely inside the prefix
+            if start_n >= plen:
+                lo = tl.maximum(lo, start_n - Q_OFFSET)
+            mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
+    k_doc = offs_n
+    if HAS_DOCS:
+        k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
+        d_lo = tl.load(DOC_LO + b * sdoc + offs_n, mask=n_valid, other=T_K)
+        d_hi = tl.load(DOC_HI + b * sdoc + offs_n, mask=n_valid, other=0)
+        lo = tl.maximum(lo, tl.min(d_lo, 0) - Q_OFFSET)
+        hi = tl.minimum(hi, tl.max(d_hi, 0) - Q_OFFSET)
+    lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
+    mid = tl.cdiv(tl.maximum(mid, 0), BLOCK_M) * BLOCK_M
+    mid = tl.maximum(lo, tl.minimum(mid, hi))
+    # query tiles in [b1, b2) lie inside the key tile's document run: no document compare there
+    b1 = hi
+    b2 = hi
+    if HAS_DOCS:
+        last_k = tl.minimum(start_n + BLOCK_N, T_K) - 1
+        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_n, last_k, Q_OFFSET, T_Q, BLOCK_M)
+        b1 = tl.minimum(tl.maximum(f_lo, mid), hi)
+        b2 = tl.minimum(tl.maximum(f_hi, b1), hi)
+    else:
+        b1 = mid
+    return lo, mid, b1, b2, hi, k_doc
+
+
+@_autotune("bwd_kv")
 @triton.jit
 def _bwd_kv_kernel(
     Q,
@@ -436,6 +668,8 @@ def _bwd_kv_kernel(
     DOCS,
     DOC_LO,
     DOC_HI,
+    RUN_LO,
+    RUN_HI,
     PREFIX,
     scale_log2,
     scale,
@@ -466,6 +700,7 @@ def _bwd_kv_kernel(
     Q_OFFSET,
     SEQ_BUCKET,
     GROUP_KEY,
+    DEVICE_KEY,
     HEAD_DIM: tl.constexpr,
     MASK_KIND: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -487,28 +722,26 @@ def _bwd_kv_kernel(
     plen = 0
     if MASK_KIND == 2:
         plen = tl.load(PREFIX + b)
-    # queries [lo, hi) that may see some key of the tile; queries from mid on see all of them (positionally)
-    lo = start_n * 0
-    hi = start_n * 0 + T_Q
-    mid = lo
-    if MASK_KIND == 1:
-        lo = tl.maximum(lo, start_n - Q_OFFSET)
-        mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
-    if MASK_KIND == 2:
-        if start_n + BLOCK_N > plen:  # not entirely inside the prefix
-            if start_n >= plen:
-                lo = tl.maximum(lo, start_n - Q_OFFSET)
-            mid = tl.maximum(lo, start_n + BLOCK_N - 1 - Q_OFFSET)
-    k_doc = offs_n
-    if HAS_DOCS:
-        k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
-        d_lo = tl.load(DOC_LO + b * sdoc + offs_n, mask=n_valid, other=T_K)
-        d_hi = tl.load(DOC_HI + b * sdoc + offs_n, mask=n_valid, other=0)
-        lo = tl.maximum(lo, tl.min(d_lo, 0) - Q_OFFSET)
-        hi = tl.minimum(hi, tl.max(d_hi, 0) - Q_OFFSET)
-    lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
-    mid = tl.cdiv(tl.maximum(mid, 0), BLOCK_M) * BLOCK_M
-    mid = tl.maximum(lo, tl.minimum(mid, hi))
+    lo, mid, b1, b2, hi, k_doc = _key_tile_query_range(
+        start_n,
+        b,
+        T_Q,
+        T_K,
+        Q_OFFSET,
+        plen,
+        offs_n,
+        n_valid,
+        DOCS,
+        DOC_LO,
+        DOC_HI,
+        RUN_LO,
+        RUN_HI,
+        sdoc,
+        MASK_KIND,
+        HAS_DOCS,
+        BLOCK_M,
+        BLOCK_N,
+    )
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for g in range(GROUP):
@@ -535,6 +768,8 @@ def _bwd_kv_kernel(
             Q_OFFSET,
             lo,
             mid,
+            mid,
+            0,
             scale_log2,
             offs_m0,
             offs_d,
@@ -547,6 +782,39 @@ def _bwd_kv_kernel(
             b,
             sdoc,
         )
+        if HAS_DOCS:  # [mid, b1) and [b2, hi) compare documents, [b1, b2) lies inside the key tile's run
+            dk, dv = _bwd_kv_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                offs_n,
+                k_doc,
+                plen,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                sqt,
+                sdot,
+                T_Q,
+                Q_OFFSET,
+                mid,
+                hi - (b2 - b1),
+                b1,
+                b2 - b1,
+                scale_log2,
+                offs_m0,
+                offs_d,
+                MASK_KIND,
+                True,
+                False,
+                BLOCK_M,
+                DOT_PRECISION,
+                DOCS,
+                b,
+                sdoc,
+            )
         dk, dv = _bwd_kv_tiles(
             dk,
             dv,
@@ -563,13 +831,15 @@ def _bwd_kv_kernel(
             sdot,
             T_Q,
             Q_OFFSET,
-            mid,
-            hi,
+            b1,
+            b2,
+            b2,
+            0,
             scale_log2,
             offs_m0,
             offs_d,
             MASK_KIND,
-            HAS_DOCS,
+            False,
             False,
             BLOCK_M,
             DOT_PRECISION,
@@ -610,30 +880,33 @@ def _bwd_q_tiles(
     T_K,
     lo,
     hi,
+    skip_at,
+    skip_len,
     scale_log2,
     offs_n0,
     offs_d,
     MASK_KIND: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
+    DOC_MASK: tl.constexpr,
     POS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(lo, hi, BLOCK_N):
+        start_n = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_n = start_n + offs_n0
         n_valid = offs_n < T_K
         # keys past T_K load as zeros: their p is harmless because dq adds p * (0 - delta) * k = 0
         k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.math.exp2(qk - lse2[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(tl.fma(qk, scale_log2, -lse2[:, None]))
         if POS_MASK:
             ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND)
-            if HAS_DOCS:
+            if DOC_MASK:
                 k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
                 ok = ok & (q_doc[:, None] == k_doc[None, :])
             p = tl.where(ok, p, 0.0)
-        elif HAS_DOCS:
+        elif DOC_MASK:
             k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
             p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -642,19 +915,22 @@ def _bwd_q_tiles(
     return dq
 
 
-@triton.autotune(configs=_configs("bwd_q"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@_autotune("bwd_q")
 @triton.jit
 def _bwd_q_kernel(
     Q,
     K,
     V,
     DO,
+    O,
     LSE,
     DELTA,
     DQ,
     DOCS,
     DOC_LO,
     DOC_HI,
+    RUN_LO,
+    RUN_HI,
     PREFIX,
     scale_log2,
     scale,
@@ -670,6 +946,9 @@ def _bwd_q_kernel(
     sdob,
     sdoh,
     sdot,
+    sob,
+    soh,
+    sot,
     sdqb,
     sdqh,
     sdqt,
@@ -681,6 +960,7 @@ def _bwd_q_kernel(
     Q_OFFSET,
     SEQ_BUCKET,
     GROUP_KEY,
+    DEVICE_KEY,
     HEAD_DIM: tl.constexpr,
     MASK_KIND: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -702,7 +982,11 @@ def _bwd_q_kernel(
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     lse2 = tl.load(LSE + pid_bh * T_Q + offs_m, mask=m_valid, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * T_Q + offs_m, mask=m_valid, other=0.0)
+    # delta = rowsum(dO * O) = rowsum(P * dP) in fp32, computed here (no separate pass over O and dO) and stored
+    # for the dK/dV kernel, which runs after this one
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * T_Q + offs_m, delta, mask=m_valid)
     plen = 0
     if MASK_KIND == 2:
         plen = tl.load(PREFIX + b)
@@ -729,6 +1013,46 @@ def _bwd_q_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # the forward's split of the key range
+    a1 = lo
+    a2 = lo
+    if HAS_DOCS:
+        last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
+        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
+        a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
+        a2 = tl.minimum(tl.maximum(f_hi, a1), mid)
+        dq = _bwd_q_tiles(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            q_pos,
+            q_doc,
+            plen,
+            k_base,
+            v_base,
+            skt,
+            svt,
+            DOCS,
+            b,
+            sdoc,
+            T_K,
+            lo,
+            mid - (a2 - a1),
+            a1,
+            a2 - a1,
+            scale_log2,
+            offs_n0,
+            offs_d,
+            MASK_KIND,
+            True,
+            False,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
+    else:
+        a2 = mid
     dq = _bwd_q_tiles(
         dq,
         q,
@@ -746,13 +1070,15 @@ def _bwd_q_kernel(
         b,
         sdoc,
         T_K,
-        lo,
-        mid,
+        a1,
+        a2,
+        a2,
+        0,
         scale_log2,
         offs_n0,
         offs_d,
         MASK_KIND,
-        HAS_DOCS,
+        False,
         False,
         BLOCK_N,
         DOT_PRECISION,
@@ -776,6 +1102,8 @@ def _bwd_q_kernel(
         T_K,
         mid,
         hi,
+        hi,
+        0,
         scale_log2,
         offs_n0,
         offs_d,
@@ -818,6 +1146,27 @@ def document_spans(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
 
 
+def run_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the first position and one past the last position of its run: the longest stretch of equal
+    ids around it. Equal to :func:`document_spans` when every document is one contiguous run. The kernels use it
+    to find tiles that lie inside one document (no element-wise document compare there). Two int32 (B, T) tensors.
+    """
+    b, t = doc_ids.shape
+    pos = torch.arange(t, device=doc_ids.device).expand(b, t)
+    starts = torch.ones((b, t), dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    lo = torch.where(starts, pos, 0).cummax(dim=1).values
+    hi = torch.where(ends, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def document_tiles(doc_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`document_spans` and :func:`run_bounds` together: what ``flash_attention(doc_spans=...)`` takes."""
+    return (*document_spans(doc_ids), *run_bounds(doc_ids))
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("flash_attention wants q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D)")
@@ -830,6 +1179,31 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"head dim {d} is not supported by the Triton kernel (powers of two from 16 to 256)")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of float16, bfloat16, float32")
+
+
+# MEGATRON_DUAL_ATTN_TMA=1: on sm90 (Triton with device-side tensor descriptors, >= 3.6) the forward kernel loads its
+# key/value tiles through TMA descriptors (bulk asynchronous copies) instead of pointer arithmetic; experimental, off
+# by default, not yet measured on a GPU. Read at import; the tests switch it through this attribute.
+TMA = os.environ.get("MEGATRON_DUAL_ATTN_TMA", "0") == "1"
+_ALLOCATOR_SET = False
+
+
+def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward kernel uses TMA descriptors for k and v: the flag, an sm90 device (or the interpreter), and
+    16-byte aligned base and strides (TMA's requirement)."""
+    global _ALLOCATOR_SET
+    if not TMA or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not INTERPRET and device_arch(k.device) != "sm90":
+        return False
+    if not all(
+        x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]) for x in (k, v)
+    ):
+        return False
+    if not INTERPRET and not _ALLOCATOR_SET:  # device-side descriptors live in a global scratch buffer
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=k.device))
+        _ALLOCATOR_SET = True
+    return True
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -853,7 +1227,7 @@ class _Meta:
         k_len: int,
         batch: int,
         device: torch.device,
-        spans: tuple[torch.Tensor, torch.Tensor] | None,
+        spans: tuple[torch.Tensor, ...] | None,
     ) -> None:
         if kind not in MASK_CODES:
             raise ValueError(f"mask kind {kind!r}; allowed: {', '.join(MASK_CODES)}")
@@ -874,6 +1248,18 @@ class _Meta:
         else:
             self.prefix = dummy
         self.has_docs = doc_ids is not None
+        self._set_docs(doc_ids, spans, q_len, k_len, batch, device, dummy)
+
+    def _set_docs(
+        self,
+        doc_ids: torch.Tensor | None,
+        spans: tuple[torch.Tensor, ...] | None,
+        q_len: int,
+        k_len: int,
+        batch: int,
+        device: torch.device,
+        dummy: torch.Tensor,
+    ) -> None:
         if doc_ids is not None:
             if doc_ids.shape != (batch, k_len):
                 raise ValueError(f"doc_ids of shape {tuple(doc_ids.shape)}; expected (B, Tk) = ({batch}, {k_len})")
@@ -883,10 +1269,13 @@ class _Meta:
                     f"document id (doc_ids cover {k_len} keys)"
                 )
             self.docs = doc_ids.to(device=device, dtype=torch.int32).contiguous()
-            lo, hi = spans if spans is not None else document_spans(self.docs)
-            self.doc_lo, self.doc_hi = lo.contiguous(), hi.contiguous()
+            if spans is None:
+                spans = document_tiles(self.docs)
+            elif len(spans) == 2:  # document spans only (the older form): the runs are derived here
+                spans = (*spans, *run_bounds(self.docs))
+            self.doc_lo, self.doc_hi, self.run_lo, self.run_hi = (x.to(torch.int32).contiguous() for x in spans)
         else:
-            self.docs = self.doc_lo = self.doc_hi = dummy
+            self.docs = self.doc_lo = self.doc_hi = self.run_lo = self.run_hi = dummy
 
 
 def _forward(
@@ -894,7 +1283,9 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    o = torch.empty_like(q)
+    # (B, T, H, D) in memory, returned as a (B, H, T, D) view: o.transpose(1, 2).reshape(B, T, H * D), what the
+    # output projection takes, is then a view (no transpose copy after the kernel)
+    o = torch.empty((b, tq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 inputs: exact products, not tf32
 
@@ -910,6 +1301,8 @@ def _forward(
         meta.docs,
         meta.doc_lo,
         meta.doc_hi,
+        meta.run_lo,
+        meta.run_hi,
         meta.prefix,
         scale * _LOG2E,
         q.stride(0),
@@ -932,10 +1325,12 @@ def _forward(
         meta.q_offset,
         _bucket(max(tq, tk)),
         min(hq // hkv, 8),
+        _device_key(q.device),
         HEAD_DIM=d,
         MASK_KIND=meta.code,
         HAS_DOCS=meta.has_docs,
         DOT_PRECISION=precision,
+        USE_TMA=_use_tma(k, v),
     )
     return o, lse
 
@@ -949,16 +1344,69 @@ def _backward(
     lse: torch.Tensor,
     meta: _Meta,
     scale: float,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv; written into ``grads`` (views of shapes q, k, v with a unit last stride) when given."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     do = _unit_last(do)
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(P * dP)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    delta = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)  # written by the dq kernel
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 inputs: exact products, not tf32
     bucket, group = _bucket(max(tq, tk)), hq // hkv
+
+    def grid_q(meta_: dict) -> tuple[int, int]:
+        return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
+
+    _bwd_q_kernel[grid_q](
+        q,
+        k,
+        v,
+        do,
+        o,
+        lse,
+        delta,
+        dq,
+        meta.docs,
+        meta.doc_lo,
+        meta.doc_hi,
+        meta.run_lo,
+        meta.run_hi,
+        meta.prefix,
+        scale * _LOG2E,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        meta.docs.stride(0),
+        hq,
+        group,
+        tq,
+        tk,
+        meta.q_offset,
+        bucket,
+        min(group, 8),
+        _device_key(q.device),
+        HEAD_DIM=d,
+        MASK_KIND=meta.code,
+        HAS_DOCS=meta.has_docs,
+        DOT_PRECISION=precision,
+    )
 
     def grid_kv(meta_: dict) -> tuple[int, int]:
         return triton.cdiv(tk, meta_["BLOCK_N"]), b * hkv
@@ -975,6 +1423,8 @@ def _backward(
         meta.docs,
         meta.doc_lo,
         meta.doc_hi,
+        meta.run_lo,
+        meta.run_hi,
         meta.prefix,
         scale * _LOG2E,
         scale,
@@ -1005,57 +1455,13 @@ def _backward(
         meta.q_offset,
         bucket,
         min(group, 8),
+        _device_key(q.device),
         HEAD_DIM=d,
         MASK_KIND=meta.code,
         HAS_DOCS=meta.has_docs,
         DOT_PRECISION=precision,
     )
 
-    def grid_q(meta_: dict) -> tuple[int, int]:
-        return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
-
-    _bwd_q_kernel[grid_q](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dq,
-        meta.docs,
-        meta.doc_lo,
-        meta.doc_hi,
-        meta.prefix,
-        scale * _LOG2E,
-        scale,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
-        meta.docs.stride(0),
-        hq,
-        group,
-        tq,
-        tk,
-        meta.q_offset,
-        bucket,
-        min(group, 8),
-        HEAD_DIM=d,
-        MASK_KIND=meta.code,
-        HAS_DOCS=meta.has_docs,
-        DOT_PRECISION=precision,
-    )
     return dq, dk, dv
 
 
@@ -1086,6 +1492,100 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+class FlashAttentionQKVFunction(torch.autograd.Function):
+    """Rotary + attention on the fused projection's output (B, T, (Hq + 2 Hkv) * D), returning (B, T, Hq * D).
+
+    The q and k heads are rotated in place on ``qkv`` (the function marks it dirty and returns it as its second
+    output); the backward writes dq, dk and dv into one packed buffer of the projection's layout and applies the
+    inverse rotation in place on it, so autograd neither splits nor concatenates anything.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        heads: tuple[int, int, int],
+        meta: _Meta,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from megatron_dual.kernels.rotary import rotate_heads_
+
+        hq, hkv, d = heads
+        b, t, _ = qkv.shape
+        packed = qkv.view(b, t, hq + 2 * hkv, d)
+        rotate_heads_(packed[:, :, : hq + hkv], cos, sin)
+        q, k, v = (x.transpose(1, 2) for x in packed.split([hq, hkv, hkv], dim=2))
+        o, lse = _forward(q, k, v, meta, scale)
+        ctx.mark_dirty(qkv)
+        ctx.set_materialize_grads(False)  # the returned qkv gets no gradient in the model: no zero tensor for it
+        ctx.save_for_backward(qkv, o, lse, cos, sin)
+        ctx.meta, ctx.scale, ctx.heads = meta, scale, heads
+        return o.transpose(1, 2).reshape(b, t, hq * d), qkv
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor | None, dqkv_out: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+        from megatron_dual.kernels.rotary import rotate_heads_
+
+        qkv, o, lse, cos, sin = ctx.saved_tensors
+        hq, hkv, d = ctx.heads
+        b, t, _ = qkv.shape
+        if dy is None and dqkv_out is None:
+            return None, None, None, None, None, None
+        dqkv = torch.zeros_like(qkv) if dy is None else torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        grads = dqkv.view(b, t, hq + 2 * hkv, d)
+        if dy is not None:
+            packed = qkv.view(b, t, hq + 2 * hkv, d)
+            q, k, v = (x.transpose(1, 2) for x in packed.split([hq, hkv, hkv], dim=2))
+            do = dy.reshape(b, t, hq, d).transpose(1, 2)
+            views = tuple(x.transpose(1, 2) for x in grads.split([hq, hkv, hkv], dim=2))
+            _backward(do, q, k, v, o, lse, ctx.meta, ctx.scale, grads=views)  # type: ignore[arg-type]
+        if dqkv_out is not None:  # someone used the rotated qkv: its gradient joins before the inverse rotation
+            dqkv += dqkv_out
+        rotate_heads_(grads[:, :, : hq + hkv], cos, sin, inverse=True)
+        return dqkv, None, None, None, None, None
+
+
+def flash_attention_qkv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    kind: str = "causal",
+    *,
+    doc_ids: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | int | None = None,
+    softmax_scale: float | None = None,
+    doc_spans: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
+    """Rotary embedding (rotate-half, ``cos``/``sin`` (T, D) or (B, T, D)) and attention on a fused projection.
+
+    ``qkv`` (B, T, (Hq + 2 Hkv) * D) is the projection's output, [q heads | k heads | v heads]; it is rotated in
+    place (as :func:`megatron_dual.kernels.rotary.rotary_qkv_` does). Returns the attention output (B, T, Hq * D)
+    for the output projection; its gradient reaches ``qkv`` as one packed tensor. Masks as in
+    :func:`flash_attention` (queries and keys are the same T positions, so no ``q_offset``).
+    """
+    if qkv.dim() != 3 or qkv.stride(-1) != 1 or qkv.shape[-1] % (n_heads + 2 * n_kv_heads):
+        raise ValueError(
+            f"qkv of shape {tuple(qkv.shape)} is not (B, T, (Hq + 2 Hkv) * D) with a unit last stride "
+            f"for Hq = {n_heads}, Hkv = {n_kv_heads}"
+        )
+    b, t, width = qkv.shape
+    d = width // (n_heads + 2 * n_kv_heads)
+    shapes = ((b, n_heads, t, d), (b, n_kv_heads, t, d), (b, n_kv_heads, t, d))
+    _check_inputs(*(torch.empty(x, dtype=qkv.dtype, device="meta") for x in shapes))
+    if qkv.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError("the Triton attention kernel runs on CPU only under TRITON_INTERPRET=1")
+    meta = _Meta(kind, doc_ids, prefix_len, 0, t, t, b, qkv.device, doc_spans)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    y, _ = FlashAttentionQKVFunction.apply(qkv, cos, sin, (n_heads, n_kv_heads, d), meta, scale)
+    return y
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1096,13 +1596,13 @@ def flash_attention(
     prefix_len: torch.Tensor | int | None = None,
     q_offset: int = 0,
     softmax_scale: float | None = None,
-    doc_spans: tuple[torch.Tensor, torch.Tensor] | None = None,
+    doc_spans: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Masked attention through the Triton kernels; differentiable in q, k and v.
 
     kind: ``causal``, ``bidirectional`` or ``prefix`` (then ``prefix_len``, (B,) or a scalar). ``doc_ids`` (B, Tk)
-    restricts every query to keys of its own document. ``doc_spans`` may pass precomputed
-    :func:`document_spans` (the model computes them once per mask for all layers).
+    restricts every query to keys of its own document. ``doc_spans`` may pass precomputed :func:`document_tiles`
+    (or just :func:`document_spans`); the model computes them once per mask for all layers.
     """
     _check_inputs(q, k, v)
     if q.device.type == "cpu" and not INTERPRET:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["apply_rotary", "rotary_qkv_", "RotaryFunction", "RotaryQKVInplace"]
+__all__ = ["apply_rotary", "rotary_qkv_", "rotate_heads_", "RotaryFunction", "RotaryQKVInplace"]
 
 
 @triton.jit
@@ -113,6 +113,15 @@ def _launch(x_bthd: torch.Tensor, out_bthd: torch.Tensor, cos: torch.Tensor, sin
         BLOCK_D=block_d,
         BACKWARD=backward,
     )
+
+
+def rotate_heads_(x_bthd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> None:
+    """Rotate ``x_bthd`` (B, T, H, D), any strides, in place; ``inverse`` applies the backward (sin -> -sin).
+
+    No autograd: for callers that own their backward, e.g. the packed qkv attention, which rotates the q and k
+    heads of the projection's output and, in its backward, the dq and dk heads of the packed gradient.
+    """
+    _launch(x_bthd, x_bthd, cos, sin, backward=inverse)
 
 
 class RotaryFunction(torch.autograd.Function):

@@ -259,14 +259,51 @@ def _say_once(message: str, warn: bool) -> None:
 
 
 def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    from megatron_dual.kernels.attention import document_spans, flash_attention
+    from megatron_dual.kernels.attention import document_tiles, flash_attention
 
     spans = None
     if mask.doc_ids is not None:
         docs = mask.doc_ids
-        spans = mask.derived(("spans", q.device), lambda: document_spans(docs.to(q.device)))
+        spans = mask.derived(("tiles", q.device), lambda: document_tiles(docs.to(q.device)))
     return flash_attention(
         q, k, v, mask.kind, doc_ids=mask.doc_ids, prefix_len=mask.prefix_len, q_offset=mask.q_offset, doc_spans=spans
+    )
+
+
+def fused_qkv_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: tuple[int, int, int],
+    mask: AttentionMask,
+    backend: str = "auto",
+) -> torch.Tensor | None:
+    """Rotary + attention straight from the fused projection's output (B, T, (Hq + 2 Hkv) D) to (B, T, Hq D) when
+    the call resolves to the Triton backend (then dq, dk and dv come back as one packed gradient, the rotary
+    backward in place on it); None otherwise, and ``qkv`` is left untouched for the unfused path.
+
+    heads: (Hq, Hkv, D). The caller has decided that fused kernels run (``model.fused_ops``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
+    n_heads, n_kv, head_dim = heads
+    b, t, _ = qkv.shape
+    if mask.q_offset != 0 or backend == "sdpa":
+        return None
+    name, message = select_backend(
+        backend, device=qkv.device.type, dtype=qkv.dtype, head_dim=head_dim, mask=mask, q_len=t, k_len=t
+    )
+    if name != "triton":
+        return None
+    _say_once(message, warn=backend != "auto" and name != backend)
+    from megatron_dual.kernels.attention import document_tiles, flash_attention_qkv
+
+    spans = None
+    if mask.doc_ids is not None:
+        docs = mask.doc_ids
+        spans = mask.derived(("tiles", qkv.device), lambda: document_tiles(docs.to(qkv.device)))
+    return flash_attention_qkv(
+        qkv, cos, sin, n_heads, n_kv, mask.kind, doc_ids=mask.doc_ids, prefix_len=mask.prefix_len, doc_spans=spans
     )
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from megatron_dual.config import ConfigError, ModelConfig
-from megatron_dual.model.attention import AttentionMask, attention
+from megatron_dual.model.attention import AttentionMask, attention, fused_qkv_attention
 from megatron_dual.model.flops import flops_per_token  # noqa: F401  (re-exported; it lives in model/flops.py)
 from megatron_dual.model.fused import RMSNorm, add_rms_norm, rotary_qkv, swiglu, use_triton
 from megatron_dual.model.head import LMHead, trunc_normal_
@@ -70,7 +70,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x)
-        if use_triton(self.fused_ops, qkv):  # q and k rotated in place on the projection's output
+        fused = use_triton(self.fused_ops, qkv)
+        if fused and cache is None:  # rotary + attention from qkv to (B, T, Hq D); one packed gradient for qkv
+            y = fused_qkv_attention(qkv, cos, sin, (self.n_heads, self.n_kv, self.d), mask, self.backend)
+            if y is not None:
+                return self.out(y)
+        if fused:  # q and k rotated in place on the projection's output
             q, k, v = rotary_qkv(qkv, cos, sin, self.n_heads, self.n_kv, self.d)
         else:
             q, k, v = qkv.split(self.split_sizes, dim=-1)

@@ -142,6 +142,77 @@ def test_document_spans_match_brute_force():
             assert (lo[b, t], hi[b, t]) == (where.min(), where.max() + 1)
 
 
+def test_run_bounds_match_brute_force():
+    g = torch.Generator().manual_seed(2)
+    docs = torch.randint(0, 3, (3, 23), generator=g)
+    docs[0] = 4  # one run over the whole row
+    lo, hi = K.run_bounds(docs)
+    for b in range(3):
+        for t in range(23):
+            a, e = t, t + 1
+            while a > 0 and docs[b, a - 1] == docs[b, t]:
+                a -= 1
+            while e < 23 and docs[b, e] == docs[b, t]:
+                e += 1
+            assert (lo[b, t], hi[b, t]) == (a, e)
+
+
+@pytest.mark.parametrize("kind", ["causal", "prefix"])
+def test_documents_on_tile_boundaries(kind):
+    # runs that start and end exactly on 16- and 32-wide tile edges, next to ones that do not (interpreter tiles:
+    # 32 x 16 forward and dq, 16 x 32 dk/dv), so every tile class (inside, straddling, edge-aligned) occurs
+    docs = torch.stack([runs([32, 48, 16, 3]), runs([64, 1, 34])])
+    plen = torch.tensor([40, 65]) if kind == "prefix" else None
+    check(2, 2, 1, 99, 16, AttentionMask(kind, doc_ids=docs, prefix_len=plen))
+
+
+def test_tiles_inside_a_run_skip_the_document_compare():
+    """The kernels trust the run bounds: claiming one run over two documents must change the result, so the fast
+    tiles (no element-wise document compare) are really taken; the true bounds give the reference."""
+    docs = runs([40, 56])[None]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=g).to(DEVICE) for _ in range(3))
+    mask = AttentionMask("bidirectional", doc_ids=docs.to(DEVICE))
+    tiles = K.document_tiles(docs.to(DEVICE))
+    good = K.flash_attention(q, k, v, "bidirectional", doc_ids=docs.to(DEVICE), doc_spans=tiles)
+    torch.testing.assert_close(good, reference_attention(q, k, v, mask), **TOL[torch.float32])
+    spans_only = K.flash_attention(q, k, v, "bidirectional", doc_ids=docs.to(DEVICE), doc_spans=tiles[:2])
+    torch.testing.assert_close(spans_only, good, atol=0, rtol=0)  # the older 2-tuple form: runs derived inside
+    one_run = (torch.zeros_like(tiles[2]), torch.full_like(tiles[3], 96))
+    bad = K.flash_attention(q, k, v, "bidirectional", doc_ids=docs.to(DEVICE), doc_spans=(*tiles[:2], *one_run))
+    assert not torch.allclose(bad, good, atol=1e-3)
+
+
+def test_output_is_laid_out_bthd():
+    """The output is a (B, H, T, D) view of (B, T, H, D) memory, so the model's reshape to (B, T, H * D) is a view."""
+    q = torch.randn(2, 4, 19, 16, device=DEVICE)
+    kv = torch.randn(2, 2, 19, 16, device=DEVICE)
+    out = K.flash_attention(q, kv, kv, "causal")
+    flat = out.transpose(1, 2).reshape(2, 19, 64)
+    assert out.shape == (2, 4, 19, 16) and flat.data_ptr() == out.data_ptr() and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, reference_attention(q, kv, kv, AttentionMask("causal")), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kind", ["causal", "prefix"])
+def test_tma_descriptors_forward(monkeypatch, kind):
+    """MEGATRON_DUAL_ATTN_TMA=1: the forward loads k and v through tensor descriptors (the interpreter emulates them);
+    ragged last tiles come back zero-filled, as the masked loads do."""
+    monkeypatch.setattr(K, "TMA", True)
+    k = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    assert K._use_tma(k, k) == hasattr(K.tl, "make_tensor_descriptor")
+    shifted = k.flatten()[1:129].view(1, 2, 4, 16)  # a base 4 bytes off 16-byte alignment
+    assert not K._use_tma(shifted, shifted)
+    docs = torch.stack([runs([20, 17]), runs([5, 32])])
+    check(
+        2,
+        4,
+        2,
+        37,
+        16,
+        AttentionMask(kind, doc_ids=docs, prefix_len=torch.tensor([9, 30]) if kind == "prefix" else None),
+    )
+
+
 def test_kernel_input_errors():
     q = torch.zeros(1, 3, 8, 16, device=DEVICE)
     kv = torch.zeros(1, 2, 8, 16, device=DEVICE)
@@ -153,6 +224,49 @@ def test_kernel_input_errors():
     with pytest.raises(ValueError, match="prefix_len"):
         x = torch.zeros(1, 1, 8, 16, device=DEVICE)
         K.flash_attention(x, x, x, "prefix")
+
+
+def check_qkv(b: int, hq: int, hkv: int, t: int, d: int, mask: AttentionMask, dtype: torch.dtype) -> None:
+    """flash_attention_qkv (rotary in place + attention, packed gradient) against rope.apply_rotary followed by
+    reference_attention in fp32: the output (B, T, Hq * D) and the gradient of the projection's output."""
+    from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(b, t, (hq + 2 * hkv) * d, generator=g).to(DEVICE, dtype).requires_grad_()
+    dy = torch.randn(b, t, hq * d, generator=g).to(DEVICE, dtype)
+    cos, sin = RotaryEmbedding(d, max(t, 64), 10_000.0).cos_sin(torch.arange(t))
+    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
+    docs = mask.doc_ids.to(DEVICE) if mask.doc_ids is not None else None
+    plen = mask.prefix_len.to(DEVICE) if mask.prefix_len is not None else None
+    qkv = base * 1  # a non-leaf, like the projection's output (rotated in place)
+    y = K.flash_attention_qkv(qkv, cos, sin, hq, hkv, mask.kind, doc_ids=docs, prefix_len=plen)
+    (grad,) = torch.autograd.grad(y, base, dy)
+    ref_base = base.detach().float().requires_grad_()
+    q, k, v = ref_base.view(b, t, hq + 2 * hkv, d).transpose(1, 2).split([hq, hkv, hkv], dim=1)
+    ref_mask = AttentionMask(mask.kind, doc_ids=docs, prefix_len=plen)
+    ref = reference_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, ref_mask)
+    ref = ref.transpose(1, 2).reshape(b, t, hq * d)
+    (ref_grad,) = torch.autograd.grad(ref, ref_base, dy.float())
+    assert y.shape == ref.shape and y.dtype == dtype and grad.dtype == dtype
+    assert y.is_contiguous() and grad.is_contiguous()
+    torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+    torch.testing.assert_close(grad.float(), ref_grad, **TOL[dtype])
+
+
+def test_packed_qkv_causal_documents_gqa():
+    check_qkv(
+        2, 4, 2, 37, 16, AttentionMask("causal", doc_ids=torch.stack([runs([20, 17]), runs([37])])), torch.float32
+    )
+
+
+def test_packed_qkv_prefix_documents_fp16():
+    docs = torch.stack([runs([9, 28]), runs([30, 7])])
+    mask = AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([5, 21]))
+    check_qkv(2, 2, 1, 37, 32, mask, torch.float16)
+
+
+def test_packed_qkv_bidirectional():
+    check_qkv(1, 2, 2, 21, 16, AttentionMask("bidirectional"), torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- backends
@@ -283,11 +397,18 @@ def test_flex_backend_on_cpu(kind):
 # ------------------------------------------------------------------------------ a training step end to end
 
 
-def test_tiny_model_step_triton_matches_sdpa():
+@pytest.mark.parametrize("fused_ops", ["auto", "triton"])
+def test_tiny_model_step_triton_matches_sdpa(monkeypatch, fused_ops):
+    """A loss and its gradients: Triton attention (with fused_ops=triton: rotary + attention on the packed qkv)
+    against SDPA with the unfused ops."""
     from megatron_dual.model import DualTransformer
     from megatron_dual.model.loss import labelled_loss
 
-    def build(backend: str) -> DualTransformer:
+    packed_calls = []
+    packed = K.flash_attention_qkv
+    monkeypatch.setattr(K, "flash_attention_qkv", lambda *a, **kw: packed_calls.append(1) or packed(*a, **kw))
+
+    def build(backend: str, fused: str) -> DualTransformer:
         cfg = ModelConfig(
             n_layers=2,
             hidden_size=64,
@@ -298,6 +419,7 @@ def test_tiny_model_step_triton_matches_sdpa():
             max_seq_len=64,
             rope_theta=10_000.0,
             attention_backend=backend,
+            fused_ops=fused,
         )
         torch.manual_seed(0)
         model = DualTransformer(cfg).to(DEVICE)
@@ -316,10 +438,12 @@ def test_tiny_model_step_triton_matches_sdpa():
         AttentionMask("bidirectional", doc_ids=docs),
         AttentionMask("prefix", doc_ids=docs, prefix_len=torch.tensor([5, 20], device=DEVICE)),
     ]
+    if fused_ops == "triton":  # the interpreter runs every fused kernel: one mask, the most involved one
+        masks = masks[2:]
     for mask in masks:
         results = []
-        for backend in ("sdpa", "triton"):
-            model = build(backend)
+        for backend, fused in (("sdpa", "none"), ("triton", fused_ops)):
+            model = build(backend, fused)
             loss = labelled_loss(model.head, model(ids, mask), labels, weights, 1e-4).weighted / labels.numel()
             loss.backward()
             results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -327,6 +451,8 @@ def test_tiny_model_step_triton_matches_sdpa():
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # the packed path runs exactly when the fused ops do (on CPU "auto" means PyTorch ops): once per layer and mask
+    assert len(packed_calls) == (2 * len(masks) if fused_ops == "triton" or DEVICE == "cuda" else 0)
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
@@ -342,6 +468,26 @@ def test_gpu_bf16(kind, d, docs):
     doc_ids = torch.stack([runs([300, 1, 499, 200]), runs([t])]) if docs else None
     plen = torch.tensor([77, 500]) if kind == "prefix" else None
     check(2, 8, 2, t, d, AttentionMask(kind, doc_ids=doc_ids, prefix_len=plen), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["causal", "prefix"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_packed_qkv_bf16(kind):
+    docs = torch.stack([runs([300, 1, 499, 200]), runs([1000])])
+    plen = torch.tensor([77, 500]) if kind == "prefix" else None
+    check_qkv(2, 8, 2, 1000, 64, AttentionMask(kind, doc_ids=docs, prefix_len=plen), torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tma_bf16(monkeypatch, kind):
+    if K.device_arch(torch.device("cuda")) != "sm90" or not hasattr(K.tl, "make_tensor_descriptor"):
+        pytest.skip("TMA descriptors: sm90 and a Triton with tl.make_tensor_descriptor")
+    monkeypatch.setattr(K, "TMA", True)
+    docs = torch.stack([runs([300, 1, 499, 200]), runs([1000])])
+    check(2, 8, 2, 1000, 64, AttentionMask(kind, doc_ids=docs), dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", ["flash", "flex"])
@@ -379,28 +525,40 @@ from triton.compiler import ASTSource
 import megatron_dual.kernels.attention as K
 
 assert not K.INTERPRET
-backend, arch, dt = sys.argv[1], sys.argv[2], sys.argv[3]
-target = GPUTarget(backend, int(arch) if backend == "cuda" else arch, 32 if backend == "cuda" else 64)
-io = {"Q": dt, "K": dt, "V": dt, "O": dt, "DO": dt, "DQ": dt, "DK": dt, "DV": dt, "LSE": "*fp32", "DELTA": "*fp32",
-      "DOCS": "*i32", "DOC_LO": "*i32", "DOC_HI": "*i32", "PREFIX": "*i32", "scale": "fp32", "scale_log2": "fp32"}
-for kern, bm, bn in [(K._fwd_kernel, 128, 64), (K._bwd_kv_kernel, 64, 128), (K._bwd_q_kernel, 128, 64)]:
-    fn = kern.fn
-    consts = dict(HEAD_DIM=64, MASK_KIND=2, HAS_DOCS=True, DOT_PRECISION=None, BLOCK_M=bm, BLOCK_N=bn)
-    sig = {a: "constexpr" if a in consts else io.get(a, "i32") for a in fn.arg_names}
-    done = triton.compile(ASTSource(fn, sig, consts), target=target,
-                          options=dict(num_warps=4, num_stages=3 if backend == "cuda" else 1))
-    print(fn.__name__, len(done.asm.get("cubin", done.asm.get("hsaco", b""))))
+for spec in sys.argv[1:]:
+    backend, arch, dt, stages = spec.split(":")
+    target = GPUTarget(backend, int(arch) if backend == "cuda" else arch, 32 if backend == "cuda" else 64)
+    io = {"Q": dt, "K": dt, "V": dt, "O": dt, "DO": dt, "DQ": dt, "DK": dt, "DV": dt, "LSE": "*fp32",
+          "DELTA": "*fp32", "DOCS": "*i32", "DOC_LO": "*i32", "DOC_HI": "*i32", "RUN_LO": "*i32", "RUN_HI": "*i32",
+          "PREFIX": "*i32", "scale": "fp32", "scale_log2": "fp32"}
+    kernels = [(K._fwd_kernel, 128, 64), (K._bwd_kv_kernel, 32, 128), (K._bwd_q_kernel, 128, 32)]
+    if arch == "90":  # and the forward with TMA descriptors (MEGATRON_DUAL_ATTN_TMA=1)
+        kernels.append((K._fwd_kernel, 128, 64, True))
+    for kern, bm, bn, *tma in kernels:
+        fn = kern.fn
+        consts = dict(HEAD_DIM=64, MASK_KIND=2, HAS_DOCS=True, DOT_PRECISION=None, BLOCK_M=bm, BLOCK_N=bn)
+        if "USE_TMA" in fn.arg_names:
+            consts["USE_TMA"] = bool(tma)
+        sig = {a: "constexpr" if a in consts else io.get(a, "i32") for a in fn.arg_names}
+        done = triton.compile(ASTSource(fn, sig, consts), target=target,
+                              options=dict(num_warps=4, num_stages=int(stages)))
+        print(arch, fn.__name__ + "_tma" * bool(tma), len(done.asm.get("cubin", done.asm.get("hsaco", b""))))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", [("cuda", "90", "*bf16"), ("hip", "gfx90a", "*bf16")], ids=["sm90", "mi250x"])
-def test_kernels_compile_for_gpus(target):
-    """The compiled path (not the interpreter) lowers to a GPU binary: prefix + documents, the most involved case."""
+def test_kernels_compile_for_gpus():
+    """The compiled path (not the interpreter) lowers to a GPU binary for sm_90 (bf16, 4 stages; the forward also with
+    TMA descriptors), sm_80 (fp16, 3 stages) and gfx90a (bf16): prefix + documents, the most involved case; one
+    process for the three targets."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", AOT, *target], env=env, capture_output=True, text=True, timeout=300)
+    targets = ["cuda:90:*bf16:4", "cuda:80:*fp16:3", "hip:gfx90a:*bf16:1"]
+    r = subprocess.run([sys.executable, "-c", AOT, *targets], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.split()
-    assert lines[0::2] == ["_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"] and all(int(n) > 0 for n in lines[1::2])
+    rows = [line.split() for line in r.stdout.splitlines()]
+    kernels = ["_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"]
+    want = [(a, k) for a in ("90", "80", "gfx90a") for k in kernels + (["_fwd_kernel_tma"] if a == "90" else [])]
+    assert [(a, k) for a, k, _ in rows] == want
+    assert all(int(n) > 0 for _, _, n in rows)
