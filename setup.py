@@ -5,8 +5,7 @@ setup(
     version="0.1.0",
     description="Training stack for dual-objective (autoregressive + masked-diffusion) language models",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_dual", "megatron_dual.*"]) + ["megatron_dual.kernels"],
-    package_dir={"megatron_dual.kernels": "kernels"},
+    packages=find_packages(include=["megatron_dual", "megatron_dual.*"]),
     package_data={"megatron_dual": ["assets/ltg-tokenizer/*", "configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",

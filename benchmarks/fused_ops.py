@@ -82,6 +82,7 @@ def _build_rmsnorm_apex(a: argparse.Namespace, device: str, g: Any, rnd: Callabl
 def _build_rmsnorm(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
     import torch
     import torch.nn.functional as F
+
     from megatron_dual.kernels.rmsnorm import rms_norm
 
     n, h = a.tokens, a.hidden
@@ -92,6 +93,7 @@ def _build_rmsnorm(a: argparse.Namespace, device: str, g: Any, rnd: Callable[...
 def _build_add_rmsnorm(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
     import torch
     import torch.nn.functional as F
+
     from megatron_dual.kernels.rmsnorm import add_rms_norm
 
     n, h = a.tokens, a.hidden
@@ -107,6 +109,7 @@ def _build_add_rmsnorm(a: argparse.Namespace, device: str, g: Any, rnd: Callable
 def _build_swiglu(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
     import torch
     import torch.nn.functional as F
+
     from megatron_dual.kernels.swiglu import swiglu
 
     x = rnd(a.tokens, 2 * a.intermediate)
@@ -120,8 +123,8 @@ def _build_swiglu(a: argparse.Namespace, device: str, g: Any, rnd: Callable[...,
 
 def _build_rotary(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
     import torch
-    from megatron_dual.kernels.rotary import rotary_qkv_
 
+    from megatron_dual.kernels.rotary import rotary_qkv_
     from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
 
     n = a.tokens
@@ -148,6 +151,7 @@ def _build_rotary(a: argparse.Namespace, device: str, g: Any, rnd: Callable[...,
 def _build_linear_ce(a: argparse.Namespace, device: str, g: Any, rnd: Callable[..., Any]) -> Built:
     import torch
     import torch.nn.functional as F
+
     from megatron_dual.kernels.cross_entropy import fused_linear_cross_entropy
 
     h, nc, v = a.hidden, a.ce_tokens, a.vocab

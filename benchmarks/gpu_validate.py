@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/gpu_validate.py --stages attention,train_step     # a partial rerun
     python benchmarks/gpu_validate.py --smoke                         # CPU: every stage at tiny shapes (tests)
 
-Runs from a plain checkout (no ``pip install -e``: ``megatron_dual/kernels`` is a committed link to ``kernels/``),
+Runs from a plain checkout (no ``pip install -e``; the kernels live in ``megatron_dual/kernels``),
 on a bare CUDA image with torch and Triton; flash-attn, DeepSpeed, zstandard and a network are optional and never
 needed. Each stage runs in a child process: over its budget (``--budget NAME=SECONDS``) it is stopped, recorded as
 ``timeout`` and the next stage starts; inside, a stage also skips its remaining measurements once its deadline is
@@ -344,7 +344,6 @@ def _attention_peers(ctx: Ctx, q: Any, k: Any, v: Any, mask: Any) -> dict[str, C
 def _ours_with_tma(q: Any, k: Any, v: Any, mask: Any) -> Callable[[], Any] | None:
     """Our kernel with the forward's k/v tiles loaded through TMA descriptors (MEGATRON_DUAL_ATTN_TMA=1); sm90 only."""
     import megatron_dual.kernels.attention as K
-
     from megatron_dual.model.attention import attention
 
     if K.device_arch(q.device) != "sm90" or not hasattr(K.tl, "make_tensor_descriptor"):
@@ -382,10 +381,10 @@ def _varlen(q: Any, k: Any, v: Any, runs: tuple, causal: bool, flash: bool) -> C
 
 @stage
 def stage_attention(ctx: Ctx) -> None:
-    import megatron_dual.kernels.attention as K
     import torch
     from attention import MASKS, make_mask  # benchmarks/attention.py
 
+    import megatron_dual.kernels.attention as K
     from megatron_dual.model.flops import attention_pairs
 
     b, t, h, d = (2, 48, 2, 16) if ctx.smoke else (8, 2048, 16, 64)

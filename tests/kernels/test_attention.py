@@ -14,10 +14,10 @@ import sys
 import types
 import warnings
 
-import megatron_dual.kernels.attention as K  # noqa: E402
 import pytest  # noqa: E402
 import torch
 
+import megatron_dual.kernels.attention as K  # noqa: E402
 from megatron_dual.config import ModelConfig  # noqa: E402
 from megatron_dual.model.attention import AttentionMask, attention, reference_attention  # noqa: E402
 

@@ -13,13 +13,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: E402
+
+from megatron_dual.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from megatron_dual.kernels.cross_entropy import default_chunk_size, fused_linear_cross_entropy  # noqa: E402
 from megatron_dual.kernels.rmsnorm import FusedRMSNorm, rms_norm  # noqa: E402
 from megatron_dual.kernels.rotary import apply_rotary as fused_apply_rotary  # noqa: E402
 from megatron_dual.kernels.rotary import rotary_qkv_  # noqa: E402
 from megatron_dual.kernels.swiglu import swiglu  # noqa: E402
-
-from megatron_dual.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from megatron_dual.model import AttentionMask, DualTransformer  # noqa: E402
 from megatron_dual.model.fused import use_triton  # noqa: E402
 from megatron_dual.model.loss import IGNORE, labelled_loss  # noqa: E402

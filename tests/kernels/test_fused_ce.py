@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from megatron_dual.kernels import cross_entropy as ce  # noqa: E402
 from megatron_dual.kernels.cross_entropy import (  # noqa: E402
     fp32_out_addmm,
     fused_linear_cross_entropy,
     previous_grad_path,
 )
-
 from megatron_dual.model import loss as loss_mod  # noqa: E402
 from megatron_dual.model.head import LMHead  # noqa: E402
 from megatron_dual.model.loss import IGNORE, host_labelled_count, labelled_loss, reference_loss  # noqa: E402

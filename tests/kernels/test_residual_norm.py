@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from megatron_dual.kernels.rmsnorm import add_rms_norm, rms_norm
 
+from megatron_dual.kernels.rmsnorm import add_rms_norm, rms_norm
 from megatron_dual.model.fused import RMSNorm
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
