@@ -1250,6 +1250,10 @@ class _Meta:
         self.has_docs = doc_ids is not None
         self._set_docs(doc_ids, spans, q_len, k_len, batch, device, dummy)
 
+    def doc_args(self) -> tuple[torch.Tensor, ...]:
+        """The mask tensors every kernel takes, in its argument order."""
+        return self.docs, self.doc_lo, self.doc_hi, self.run_lo, self.run_hi, self.prefix
+
     def _set_docs(
         self,
         doc_ids: torch.Tensor | None,
@@ -1278,6 +1282,11 @@ class _Meta:
             self.docs = self.doc_lo = self.doc_hi = self.run_lo = self.run_hi = dummy
 
 
+def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The strides of the first three dimensions of each tensor, in order (the kernels take them flat)."""
+    return tuple(st for t in tensors for st in t.stride()[:3])
+
+
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _Meta, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1293,45 +1302,11 @@ def _forward(
         return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
 
     _fwd_kernel[grid](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        meta.docs,
-        meta.doc_lo,
-        meta.doc_hi,
-        meta.run_lo,
-        meta.run_hi,
-        meta.prefix,
-        scale * _LOG2E,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        meta.docs.stride(0),
-        hq,
-        hq // hkv,
-        tq,
-        tk,
-        meta.q_offset,
-        _bucket(max(tq, tk)),
-        min(hq // hkv, 8),
-        _device_key(q.device),
-        HEAD_DIM=d,
-        MASK_KIND=meta.code,
-        HAS_DOCS=meta.has_docs,
-        DOT_PRECISION=precision,
-        USE_TMA=_use_tma(k, v),
-    )
+        q, k, v, o, lse, *meta.doc_args(), scale * _LOG2E,
+        *_strides(q, k, v, o), meta.docs.stride(0),
+        hq, hq // hkv, tq, tk, meta.q_offset, _bucket(max(tq, tk)), min(hq // hkv, 8), _device_key(q.device),
+        HEAD_DIM=d, MASK_KIND=meta.code, HAS_DOCS=meta.has_docs, DOT_PRECISION=precision, USE_TMA=_use_tma(k, v),
+    )  # fmt: skip
     return o, lse
 
 
@@ -1352,116 +1327,30 @@ def _backward(
     do = _unit_last(do)
     delta = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)  # written by the dq kernel
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    precision = "ieee" if q.dtype == torch.float32 else None  # fp32 inputs: exact products, not tf32
-    bucket, group = _bucket(max(tq, tk)), hq // hkv
+    group = hq // hkv
+    tail = (meta.q_offset, _bucket(max(tq, tk)), min(group, 8), _device_key(q.device))
+    consts = dict(
+        HEAD_DIM=d,
+        MASK_KIND=meta.code,
+        HAS_DOCS=meta.has_docs,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32 inputs: exact products, not tf32
+    )
 
     def grid_q(meta_: dict) -> tuple[int, int]:
         return triton.cdiv(tq, meta_["BLOCK_M"]), b * hq
 
     _bwd_q_kernel[grid_q](
-        q,
-        k,
-        v,
-        do,
-        o,
-        lse,
-        delta,
-        dq,
-        meta.docs,
-        meta.doc_lo,
-        meta.doc_hi,
-        meta.run_lo,
-        meta.run_hi,
-        meta.prefix,
-        scale * _LOG2E,
-        scale,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
-        meta.docs.stride(0),
-        hq,
-        group,
-        tq,
-        tk,
-        meta.q_offset,
-        bucket,
-        min(group, 8),
-        _device_key(q.device),
-        HEAD_DIM=d,
-        MASK_KIND=meta.code,
-        HAS_DOCS=meta.has_docs,
-        DOT_PRECISION=precision,
-    )
+        q, k, v, do, o, lse, delta, dq, *meta.doc_args(), scale * _LOG2E, scale,
+        *_strides(q, k, v, do, o, dq), meta.docs.stride(0), hq, group, tq, tk, *tail, **consts,
+    )  # fmt: skip
 
     def grid_kv(meta_: dict) -> tuple[int, int]:
         return triton.cdiv(tk, meta_["BLOCK_N"]), b * hkv
 
     _bwd_kv_kernel[grid_kv](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        meta.docs,
-        meta.doc_lo,
-        meta.doc_hi,
-        meta.run_lo,
-        meta.run_hi,
-        meta.prefix,
-        scale * _LOG2E,
-        scale,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dk.stride(0),
-        dk.stride(1),
-        dk.stride(2),
-        dv.stride(0),
-        dv.stride(1),
-        dv.stride(2),
-        meta.docs.stride(0),
-        hq,
-        hkv,
-        group,
-        tq,
-        tk,
-        meta.q_offset,
-        bucket,
-        min(group, 8),
-        _device_key(q.device),
-        HEAD_DIM=d,
-        MASK_KIND=meta.code,
-        HAS_DOCS=meta.has_docs,
-        DOT_PRECISION=precision,
-    )
-
+        q, k, v, do, lse, delta, dk, dv, *meta.doc_args(), scale * _LOG2E, scale,
+        *_strides(q, k, v, do, dk, dv), meta.docs.stride(0), hq, hkv, group, tq, tk, *tail, **consts,
+    )  # fmt: skip
     return dq, dk, dv
 
 

@@ -13,7 +13,7 @@ smallest global index whose logit equals the global max (all-reduce MIN).
 
 :func:`vocab_parallel_loss_sums` is one chunk's sums for
 :class:`~megatron_dual.parallel.layers.VocabParallelLMHead` (its ``chunk_sums``), run by the one loss entry point
-:func:`megatron_dual.model.loss.labelled_loss`. The fused Triton linear + CE kernel (``megatron_dual/kernels/cross_entropy.py``,
+:func:`megatron_dual.model.loss.labelled_loss`. The fused Triton linear + CE kernel (``kernels/cross_entropy.py``,
 vocab-parallel variant) is used instead when the head's ``fused_ops`` selects triton; this module is the reference
 it is tested against.
 """
