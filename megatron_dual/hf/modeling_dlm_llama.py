@@ -24,11 +24,17 @@ Attention backends: eager and sdpa (the 4-D mask needs one of them; flash-attent
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, LlamaConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel, LlamaRMSNorm
+
+# transformers 5.25 renamed LlamaModel.forward's ``past_key_values`` (and the output field) to ``cache`` and warns on
+# the old name; earlier releases only know the old one. The installed LlamaModel's own keyword is used.
+CACHE_KEYWORD = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 class DLMLlamaConfig(LlamaConfig):
@@ -93,13 +99,16 @@ class DLMLlamaForCausalLM(DLMLlamaPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs: object,
     ) -> CausalLMOutputWithPast:
+        cache = kwargs.pop("cache", None)
+        if cache is None:
+            cache = past_key_values
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_KEYWORD: cache},
             **kwargs,
         )
         hidden = out.last_hidden_state
@@ -107,7 +116,7 @@ class DLMLlamaForCausalLM(DLMLlamaPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.head(hidden)
         loss = _shifted_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEYWORD: getattr(out, CACHE_KEYWORD)})
 
 
 def bidirectional_mask(
