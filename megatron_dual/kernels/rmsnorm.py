@@ -46,6 +46,15 @@ def _rmsnorm_fwd_kernel(
 
 
 @triton.jit
+def _norm_grads(x, dy, w, rstd, n_cols):
+    """One row's input gradient of ``x * rstd(x) * w`` and its weight-gradient term (fp32 in, fp32 out)."""
+    x_hat = x * rstd
+    wdy = w * dy
+    # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)), g = w * dy
+    return rstd * (wdy - x_hat * (tl.sum(wdy * x_hat, axis=0) / n_cols)), dy * x_hat
+
+
+@triton.jit
 def _rmsnorm_bwd_kernel(
     dy_ptr,
     x_ptr,
@@ -72,13 +81,9 @@ def _rmsnorm_bwd_kernel(
         if row < n_rows:
             dy = tl.load(dy_ptr + row * stride_dy + cols, mask=valid, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + row * stride_x + cols, mask=valid, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            x_hat = x * rstd
-            wdy = w * dy
-            # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)), g = w * dy
-            dx = rstd * (wdy - x_hat * (tl.sum(wdy * x_hat, axis=0) / n_cols))
+            dx, dw_row = _norm_grads(x, dy, w, tl.load(rstd_ptr + row), n_cols)
             tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=valid)
-            dw_acc += dy * x_hat
+            dw_acc += dw_row
     tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=valid)
 
 
@@ -149,14 +154,12 @@ def _add_rmsnorm_bwd_kernel(
             dy = tl.load(dy_ptr + row * stride_dy + cols, mask=valid, other=0.0).to(tl.float32)
             x = tl.load(xo_ptr + row * stride_xo + cols, mask=valid, other=0.0).to(tl.float32)
             g = tl.load(dxo_ptr + row * stride_dxo + cols, mask=valid, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            x_hat = x * rstd
-            wdy = w * dy
-            g += rstd * (wdy - x_hat * (tl.sum(wdy * x_hat, axis=0) / n_cols))
+            dx, dw_row = _norm_grads(x, dy, w, tl.load(rstd_ptr + row), n_cols)
+            g += dx
             tl.store(dx_ptr + row * stride_dx + cols, g.to(dx_ptr.dtype.element_ty), mask=valid)
             if WRITE_DD:
                 tl.store(dd_ptr + row * stride_dd + cols, g.to(dd_ptr.dtype.element_ty), mask=valid)
-            dw_acc += dy * x_hat
+            dw_acc += dw_row
     tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=valid)
 
 
