@@ -265,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix-lm", action="store_true", help="same as --mode prefix")
     g.set_defaults(func=cmd_generate)
 
-    f = sub.add_parser("fill-mask", help="MNTP fill-mask: predictions for each <mask> (read at the position before)")
+    f = sub.add_parser(
+        "fill-mask",
+        help="MNTP fill-mask: one forward, the top-k predictions for each <mask> (read at the position before); "
+        "iterative infilling is generate --mode diffusion",
+    )
     _inference_args(f)
     f.add_argument("--text", action="append", required=True, help="text with one or more <mask> (repeatable)")
     f.add_argument("--top-k", type=int, default=5)
