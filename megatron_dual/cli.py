@@ -11,6 +11,8 @@ import torch
 
 from megatron_dual.config import PRESETS, ConfigError, load_config
 
+_DEFAULT_NEW_TOKENS = 64  # generate's --max-new-tokens unless diffusion infills prompts with <mask>
+
 
 def _model_info(cfg: Any) -> dict[str, Any]:
     """Shape, parameter counts, FLOPs per token and tokens per step of ``cfg`` (a meta-device model)."""
@@ -105,9 +107,37 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diffusion_lines(args: argparse.Namespace, model: Any, cfg: Any, tok: Any, g: torch.Generator) -> list[str]:
+    """``generate --mode diffusion``: prompt + filled span per prompt, or, where any prompt has a ``<mask>``,
+    each prompt with its masks filled (infilling) and the span after it."""
+    from megatron_dual.inference.diffusion import DiffusionConfig, infill_text
+    from megatron_dual.inference.fill_mask import MASK_TEXT
+    from megatron_dual.inference.generate import diffusion_text
+
+    infill = any(MASK_TEXT in p for p in args.prompt)
+    new_tokens = args.max_new_tokens
+    if new_tokens is None:
+        new_tokens = 0 if infill else _DEFAULT_NEW_TOKENS
+    dcfg = DiffusionConfig(
+        length=new_tokens,
+        steps=args.steps,
+        block_length=args.block_length,
+        remasking=args.remasking,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        mask_id=tok.mask_id,
+        n_special=cfg.objective.n_special,
+    )
+    if infill:
+        return infill_text(model, tok, args.prompt, dcfg, generator=g)
+    outs = diffusion_text(model, tok, args.prompt, dcfg, generator=g)
+    bold = sys.stdout.isatty()
+    return [f"{p}\033[1m{o}\033[0m" if bold else f"{p}{o}" for p, o in zip(args.prompt, outs, strict=True)]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from megatron_dual.inference.diffusion import DiffusionConfig
-    from megatron_dual.inference.generate import diffusion_text, generate_text
+    from megatron_dual.inference.generate import generate_text
     from megatron_dual.inference.loading import load_model
 
     mode = "prefix" if args.prefix_lm else args.mode
@@ -116,32 +146,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, cfg, tok = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     if mode == "diffusion":
-        steps = args.steps or args.max_new_tokens
-        dcfg = DiffusionConfig(
-            length=args.max_new_tokens,
-            steps=steps,
-            block_length=args.block_length,
-            remasking=args.remasking,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            mask_id=tok.mask_id,
-            n_special=cfg.objective.n_special,
-        )
-        outs = diffusion_text(model, tok, args.prompt, dcfg, generator=g)
-    else:
-        outs = generate_text(
-            model,
-            tok,
-            args.prompt,
-            stop=args.stop,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            generator=g,
-            mode=mode,
-        )
+        for line in _diffusion_lines(args, model, cfg, tok, g):
+            print(line)
+        return 0
+    outs = generate_text(
+        model,
+        tok,
+        args.prompt,
+        stop=args.stop,
+        max_new_tokens=_DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        generator=g,
+        mode=mode,
+    )
     for prompt, out in zip(args.prompt, outs, strict=True):
         print(f"{prompt}\033[1m{out}\033[0m" if sys.stdout.isatty() else f"{prompt}{out}")
     return 0
@@ -214,20 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=["causal", "prefix", "diffusion"],
         default="causal",
-        help="causal; prefix (prompt attended bidirectionally); diffusion (unmask a span of masks)",
+        help="causal; prefix (prompt attended bidirectionally); diffusion (unmask an appended span of masks "
+        "and any <mask> in the prompt)",
     )
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (diffusion: span length)")
+    g.add_argument(
+        "--max-new-tokens",
+        "--new-tokens",
+        type=int,
+        default=None,
+        help=f"tokens to generate (diffusion: masks appended; default {_DEFAULT_NEW_TOKENS}, but 0 when a diffusion "
+        "prompt has <mask>: fill only the prompt's masks)",
+    )
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (causal modes; repeatable)")
-    g.add_argument("--steps", type=int, default=0, help="diffusion: unmasking steps (default: one per token)")
+    g.add_argument("--steps", type=int, default=0, help="diffusion: unmasking steps (default: one per mask)")
     g.add_argument(
         "--block-length",
         type=int,
         default=0,
-        help="diffusion: semi-autoregressive block length (default: the whole span)",
+        help="diffusion: semi-autoregressive block length, in masks (default: all masks in one block)",
     )
     g.add_argument(
         "--remasking",
@@ -238,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix-lm", action="store_true", help="same as --mode prefix")
     g.set_defaults(func=cmd_generate)
 
-    f = sub.add_parser("fill-mask", help="MNTP fill-mask: predictions for each <mask> (read at the position before)")
+    f = sub.add_parser(
+        "fill-mask",
+        help="MNTP fill-mask: one forward, the top-k predictions for each <mask> (read at the position before); "
+        "iterative infilling is generate --mode diffusion",
+    )
     _inference_args(f)
     f.add_argument("--text", action="append", required=True, help="text with one or more <mask> (repeatable)")
     f.add_argument("--top-k", type=int, default=5)

@@ -5,6 +5,11 @@ predicts the original token at i + 1. So the prediction for a ``<mask>`` at posi
 position j - 1 (``logits[:, j - 1]``), never from position j itself. A mask at position 0 has nothing before it
 and is an error (with the ltg tokenizer position 0 is ``<s>``, so this only happens with ``add_bos=False``).
 
+Fill-mask is one forward pass: each mask's distribution given every other mask still masked. Iterative infilling,
+where later masks see the tokens already chosen, is :func:`.diffusion.diffusion_infill` (``generate --mode diffusion``
+with ``<mask>`` in the prompt); with one greedy step it puts this module's most probable non-special token at each
+mask.
+
 Tokenisation choice (see :func:`encode_with_masks`): the text is split on the literal ``<mask>``, the whitespace
 around each mask is dropped, each piece is encoded on its own (``<s>`` only on the first) and the pieces are joined
 with the mask id. Encoding the whole text does not work: the project's tokenizer

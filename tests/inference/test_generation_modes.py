@@ -141,3 +141,30 @@ def test_cli_generate_errors_are_one_line(checkpoint, capsys):
     assert err.count("\n") == 1
     assert cli.main(base + ["--mode", "diffusion", "--stop", "x"]) == 2
     assert "--stop applies to the causal modes" in capsys.readouterr().err
+
+
+def test_cli_diffusion_infills_prompt_masks(checkpoint, capsys):
+    from megatron_dual.inference import DiffusionConfig, diffusion_infill, encode_with_masks, load_model
+
+    text = "the history of <mask> union is the <mask> <mask> its people"
+    base = ["generate", "--checkpoint", str(checkpoint), "--mode", "diffusion", "--temperature", "0"]
+    assert cli.main(base + ["--prompt", text]) == 0  # --max-new-tokens defaults to 0 for a prompt with <mask>
+    out = capsys.readouterr().out
+    model, _, tok = load_model(checkpoint)
+    ids = encode_with_masks(tok, text)
+    filled = diffusion_infill(model, [ids], DiffusionConfig())[0]
+    assert out == tok.decode(filled) + "\n" and len(filled) == len(ids) and tok.mask_id not in filled
+    assert out.startswith("the history of") and "<mask>" not in out
+    assert cli.main(base + ["--prompt", text, "--new-tokens", "0", "--steps", "3"]) == 0
+    three = capsys.readouterr().out
+    assert cli.main(base + ["--prompt", text, "--prompt", "the history", "--new-tokens", "4", "--steps", "3"]) == 0
+    two = capsys.readouterr().out.splitlines()
+    # the appended span follows row 0's filled masks; the mask-free row is continued
+    assert len(two) == 2 and len(two[0]) > len(three.rstrip("\n")) and two[1].startswith("the history")
+
+
+def test_cli_diffusion_with_nothing_to_fill_is_one_line_error(checkpoint, capsys):
+    base = ["generate", "--checkpoint", str(checkpoint), "--mode", "diffusion", "--prompt", "the history of"]
+    assert cli.main(base + ["--new-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: diffusion: prompt 0 has no <mask> (id 4) and length = 0: nothing to fill\n"
