@@ -128,15 +128,18 @@ class _Fp32GradLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
         x_low, w_low = x.to(dtype), _cast(weight, dtype)
         ctx.save_for_backward(x_low, w_low, weight)  # weight: a leaf, saved to check it is not changed before backward
+        # the parameter itself, for its .grad: under activation checkpointing the saved tensors come back from the
+        # recomputation as detached aliases, whose .grad is not the parameter's (the gradient would be lost)
+        ctx.param = weight
         ctx.x_dtype = x.dtype
         return F.linear(x_low, w_low)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
-        x_low, w_low, weight = ctx.saved_tensors
+        x_low, w_low, _ = ctx.saved_tensors
         dy = dy.to(w_low.dtype)
         dx = dy.matmul(w_low).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        accumulate_weight_grad(weight, dy.reshape(-1, dy.shape[-1]), x_low.reshape(-1, x_low.shape[-1]))
+        accumulate_weight_grad(ctx.param, dy.reshape(-1, dy.shape[-1]), x_low.reshape(-1, x_low.shape[-1]))
         return dx, None, None
 
 

@@ -316,3 +316,19 @@ def test_fp32_grad_accumulation_in_tensor_parallel_layers(tmp_path):
         for name, g in ref.items():
             scale = float(g.abs().max())
             torch.testing.assert_close(got[name], g, atol=2e-2 * scale, rtol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_fp32_grad_accumulation_with_activation_checkpointing(mode):
+    """Recomputation in backward hands the linear its saved tensors back as detached recomputed copies: the
+    weight gradient must still land in the parameter's own ``.grad`` (not a copy's), equal to the untagged path."""
+    ref_model, model = model_pair("none")
+    for m in (ref_model, model):
+        apply_activation_checkpointing(m, mode)
+    enable_fp32_grad_accumulation(model)
+    bf16_steps(ref_model, (1, 2))
+    bf16_steps(model, (1, 2))
+    for (name, r), p in zip(ref_model.named_parameters(), model.parameters(), strict=True):
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        scale = float(r.grad.abs().max())
+        torch.testing.assert_close(p.grad, r.grad, atol=1e-2 * scale, rtol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
