@@ -173,8 +173,12 @@ def build_data(cfg: Config, dp_size: int = 1, extending: bool = False) -> DataBu
         raise ConfigError(f"data.path = {d.path!r}: {e}") from e
     if len(train) == 0:
         raise ConfigError(
-            f"data.path = {d.path!r}: too few training tokens for one sample of data.seq_len + 1 = "
-            f"{d.seq_len + 1} tokens"
+            f"data.path = {d.path!r}: too few training tokens for one sample of "
+            + (
+                f"data.seq_len + 1 = {d.seq_len + 1} tokens"
+                if layout == "concat"
+                else f"data.seq_len = {d.seq_len} input positions (data.packing = reference)"
+            )
         )
     _check_tokenizer(cfg)
     _check_vocab(cfg, [prefix for _, prefix in entries], cache_dir)

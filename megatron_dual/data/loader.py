@@ -11,7 +11,9 @@ subset in its own seeded order. The stream is cut into samples of ``seq_len + 1`
 s covers stream tokens ``[s*L, s*L + L + 1)``); samples are shuffled within their pass (again seeded per pass). So
 over the R passes every document of the subset is seen exactly R times and nothing else is seen, except that the
 last ``R*U mod L`` tokens of the stream (fewer than one sample) are dropped. R = 0 means "all training documents,
-as many passes as the budget needs". Everything is a pure function of (seed, pass, index).
+as many passes as the budget needs". Everything is a pure function of (seed, pass, index). With ``layout =
+"reference"`` (``data.packing``, megatron_dual.data.packing) a document occupies its tokens but the last as inputs,
+each with its target; samples are ``seq_len`` input positions without overlap, and the subset and R count those.
 
 Several datasets are blended by weight: dataset d gets a budget of about ``w_d * T`` and its own R passes, and the
 global sample order interleaves them so that every prefix of the order holds each dataset's share to within one
