@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 ALPHA_MAX_DENOMINATOR = 1 << 16
 PRECISIONS = ("auto", "bf16", "fp32")  # train.precision: auto is bf16 on GPU, fp32 on CPU
 DIST_BACKENDS = ("auto", "nccl", "gloo")  # parallel.backend: auto is nccl on CUDA, gloo on CPU
+PACKINGS = ("auto", "concat", "reference")  # data.packing (megatron_dual.data.packing.LAYOUTS, or auto: by recipe)
 
 
 def _check(cond: bool, field_: str, value: Any, allowed: str) -> None:
@@ -292,6 +293,10 @@ class DataConfig:
     repetitions: int | str = 0
     budget_tokens: int = 0  # T, the tokens training consumes; 0: train.steps x tokens per step
     cache_dir: str = ""  # where large sample indexes are cached; "": <first prefix>_cache
+    # how documents become samples: concat (documents concatenated, a document's final token is an input) |
+    # reference (the paper's code: inputs doc[:-1], targets doc[1:]) | auto: reference under objective.recipe =
+    # reference, concat otherwise
+    packing: str = "auto"
 
     def validate(self, max_seq_len: int) -> None:
         """The fields, ``seq_len`` against ``model.max_seq_len``."""
@@ -303,6 +308,7 @@ class DataConfig:
             f"must not exceed model.max_seq_len = {max_seq_len}",
         )
         _check(0 <= self.valid_fraction < 1, "data.valid_fraction", self.valid_fraction, "must be in [0, 1)")
+        _check(self.packing in PACKINGS, "data.packing", self.packing, f"one of {', '.join(PACKINGS)}")
         if isinstance(self.repetitions, str):
             from megatron_dual.data.loader import DataPathError, parse_repetitions
 
@@ -323,6 +329,12 @@ class DataConfig:
             self.budget_tokens,
             "must be >= 0 (0: train.steps x micro_batch_size x grad_accum x data-parallel ranks x seq_len)",
         )
+
+    def layout(self, recipe: str) -> str:
+        """The sample layout (megatron_dual.data.packing.LAYOUTS) of ``data.packing`` under ``objective.recipe``."""
+        if self.packing == "auto":
+            return "reference" if recipe == "reference" else "concat"
+        return self.packing
 
     def epoch_repetitions(self) -> int:
         """R for the length of a data epoch (objective.rotate = epoch): the repetitions, the largest of a per-dataset
@@ -514,6 +526,13 @@ class Config:
         self.schedule.validate(self.train.steps)
         self.parallel.validate(self.model, self.optimizer.name)
         self.engine.validate()
+        _check(
+            self.data.layout(self.objective.recipe) == "concat" or self.objective.recipe == "reference",
+            "data.packing",
+            self.data.packing,
+            "reference packing needs objective.recipe = reference (the paper recipe's MD labels are defined on "
+            "the concatenated stream)",
+        )
         _check(
             self.engine.name == "ddp" or not self.parallel.sequence_parallel,
             "parallel.sequence_parallel",

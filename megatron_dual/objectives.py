@@ -21,6 +21,10 @@ The per-token loss is ``nll + z_loss * logsumexp(logits)^2``; the step loss is
 ``alpha * L_AR + (1 - alpha) * L_MD`` (``sum_o share_o * L_o`` for a three-objective ``objective.mix``) with each
 objective normalised by its own token count over the step (``objective.recipe = paper``). ``objective.recipe =
 reference`` is the paper's training code instead (:func:`reference_md_batch`, :func:`step_coefficients`).
+
+Samples packed by the reference layout (``data.packing``, megatron_dual.data.packing) carry their targets: inputs,
+targets and doc ids of T positions each, every position labelled by the next token of its own document
+(:func:`ar_batch_shifted`, :func:`reference_md_batch_shifted`).
 """
 
 from __future__ import annotations
@@ -161,12 +165,28 @@ def reference_md_batch(
       ``ratios <= k-th``), so when k exceeds the maskable count the threshold is +inf and every position, special
       tokens too, is masked;
     * position i is labelled iff input i + 1 was masked, and the last position always (``target_mask =
-      cat([mask[1:], True])``); here also only inside one document (our packing keeps each document's final token
-      as an input, the reference drops it, see the README);
+      cat([mask[1:], True])``); here, on the concatenated layout (``data.packing = concat``), also only inside one
+      document (the reference layout: :func:`reference_md_batch_shifted`);
     * every label weighs ``1 / ((1 - 1e-4) m / T + 1e-4)`` with m the realised number of masked positions;
     * the normaliser is all B x T positions (run_pretraining.py: ``loss / input_ids.numel()``)."""
     _check_shapes(tokens, doc_ids)
-    inputs = tokens[:, :-1]
+    predict_doc = _same_doc(doc_ids)
+    return _reference_md(
+        tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1], predict_doc, generator, mask_token_id, n_special
+    )
+
+
+def _reference_md(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    doc_ids: torch.Tensor,
+    allowed: torch.Tensor | None,
+    generator: torch.Generator,
+    mask_token_id: int,
+    n_special: int,
+) -> ObjectiveBatch:
+    """The reference's MD draw on T ``inputs`` with their ``targets``; ``allowed`` (or None: everywhere) limits the
+    labelled positions (the concatenated layout: targets in the same document)."""
     b, t_len = inputs.shape
     ratios = torch.rand(inputs.shape, generator=generator, dtype=torch.float64)
     ratios = torch.where(inputs < n_special, torch.full_like(ratios, math.inf), ratios)
@@ -178,8 +198,10 @@ def reference_md_batch(
     frac = masked.sum(dim=1, keepdim=True).double() / t_len
     weight = 1.0 / ((1.0 - REFERENCE_MASK_SMOOTHING) * frac + REFERENCE_MASK_SMOOTHING)
     last = torch.ones(b, 1, dtype=torch.bool)
-    predict = torch.cat([masked[:, 1:], last], dim=1) & _same_doc(doc_ids)
-    labels = torch.where(predict, tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE))
+    predict = torch.cat([masked[:, 1:], last], dim=1)
+    if allowed is not None:
+        predict = predict & allowed
+    labels = torch.where(predict, targets, torch.full_like(targets, IGNORE))
     weights = torch.where(predict, weight.expand_as(predict), torch.zeros((), dtype=torch.float64))
     corrupted = torch.where(masked, torch.full_like(inputs, mask_token_id), inputs)
     return ObjectiveBatch(
@@ -187,9 +209,49 @@ def reference_md_batch(
         corrupted.contiguous(),
         labels,
         weights.float(),
-        AttentionMask("bidirectional", doc_ids=doc_ids[:, :-1].clone()),
+        AttentionMask("bidirectional", doc_ids=doc_ids.clone()),
         b * t_len,
     )
+
+
+def _check_shifted(inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor) -> None:
+    if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.shape != doc_ids.shape or inputs.shape[1] < 1:
+        raise ValueError(
+            f"expected inputs, targets and doc_ids of one shape (B, T) with T >= 1; got {tuple(inputs.shape)}, "
+            f"{tuple(targets.shape)} and {tuple(doc_ids.shape)}"
+        )
+
+
+def ar_batch_shifted(inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor) -> ObjectiveBatch:
+    """AR on the reference layout: causal, document-aware mask; every position predicts its target (the next token
+    of its own document, a document's final token included); weight 1; normaliser B x T (= the labelled count)."""
+    _check_shifted(inputs, targets, doc_ids)
+    return ObjectiveBatch(
+        AR,
+        inputs.clone(),
+        targets.clone(),
+        torch.ones(inputs.shape, dtype=torch.float32),
+        AttentionMask("causal", doc_ids=doc_ids.clone()),
+        inputs.numel(),
+    )
+
+
+def reference_md_batch_shifted(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    doc_ids: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    mask_token_id: int,
+    n_special: int,
+) -> ObjectiveBatch:
+    """The reference's MD on its own layout, exactly as ``DiffusionDatasetv2.apply_mask`` computes it from its inputs
+    and targets: the masks of :func:`reference_md_batch` drawn on the T inputs, position i labelled with its target
+    iff input i + 1 was masked, and the last position always (``target_mask = cat([mask[1:], True])``), with no
+    further condition: a document's last input is labelled (by the document's final token) when the next
+    document's first input was masked (only when every position is, as it is special)."""
+    _check_shifted(inputs, targets, doc_ids)
+    return _reference_md(inputs, targets, doc_ids, None, generator, mask_token_id, n_special)
 
 
 def prefix_batch(
@@ -214,12 +276,40 @@ def prefix_batch(
     return ObjectiveBatch(PREFIX, tokens[:, :-1].clone(), labels, valid.float(), mask, int(valid.sum()))
 
 
+def _shifted_batch(
+    objective: str,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    doc_ids: torch.Tensor,
+    cfg: ObjectiveConfig,
+    generator: torch.Generator,
+) -> ObjectiveBatch:
+    if objective == AR:
+        return ar_batch_shifted(inputs, targets, doc_ids)
+    if objective == MD and cfg.recipe == "reference":
+        return reference_md_batch_shifted(
+            inputs, targets, doc_ids, generator, mask_token_id=cfg.mask_token_id, n_special=cfg.n_special
+        )
+    raise ValueError(
+        f"objective {objective!r} under objective.recipe = {cfg.recipe} has no form on the reference packing "
+        f"(data.packing = reference trains AR and the reference recipe's MD)"
+    )
+
+
 def make_objective_batch(
-    objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator
+    objective: str,
+    tokens: torch.Tensor,
+    doc_ids: torch.Tensor,
+    cfg: ObjectiveConfig,
+    generator: torch.Generator,
+    targets: torch.Tensor | None = None,
 ) -> ObjectiveBatch:
     """The :class:`ObjectiveBatch` of ``objective`` for packed ``tokens``/``doc_ids`` (B, T + 1), under
     ``cfg.recipe`` (paper: the module docstring; reference: AR normalised by B x T positions, MD as
-    :func:`reference_md_batch`)."""
+    :func:`reference_md_batch`). With ``targets`` the samples are of the reference layout: ``tokens``,
+    ``targets`` and ``doc_ids`` (B, T) (:func:`ar_batch_shifted`, :func:`reference_md_batch_shifted`)."""
+    if targets is not None:
+        return _shifted_batch(objective, tokens, targets, doc_ids, cfg, generator)
     reference = cfg.recipe == "reference"
     if objective == AR:
         batch = ar_batch(tokens, doc_ids)
@@ -248,10 +338,16 @@ class ObjectiveBatcher:
         self.seed = seed
 
     def __call__(
-        self, objective: str, tokens: torch.Tensor, doc_ids: torch.Tensor, step: int, global_slot: int
+        self,
+        objective: str,
+        tokens: torch.Tensor,
+        doc_ids: torch.Tensor,
+        step: int,
+        global_slot: int,
+        targets: torch.Tensor | None = None,
     ) -> ObjectiveBatch:
         gen = masking_generator(self.seed, step, global_slot)
-        return make_objective_batch(objective, tokens, doc_ids, self.cfg, gen)
+        return make_objective_batch(objective, tokens, doc_ids, self.cfg, gen, targets)
 
 
 # ---------------------------------------------------------------------------------------------------- the mix

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_dual.config import ConfigError, load_config
-from megatron_dual.data.dataloader import collate
+from megatron_dual.data.dataloader import collate, collate_samples
 from megatron_dual.data.indexed import IndexedDatasetWriter
 from megatron_dual.data.loader import build_datasets
 from megatron_dual.model.loss import IGNORE, labelled_loss
@@ -122,8 +122,9 @@ def test_reference_step_loss_and_gradient_by_hand(corpus, tmp_path):
     indices = tr.loader.sampler.indices(0, 8)
     loss = 0.0
     for s, obj in enumerate(tr.schedule.slots(0, 0)):
-        t, d = collate(tr.data.train, indices[s * 2 : (s + 1) * 2])
-        b = make_objective_batch(obj, t, d, cfg.objective, masking_generator(cfg.train.seed, 0, s))
+        t, d, y = collate_samples(tr.data.train, indices[s * 2 : (s + 1) * 2])  # the reference packing: targets
+        assert y is not None and t.shape == (2, 16)
+        b = make_objective_batch(obj, t, d, cfg.objective, masking_generator(cfg.train.seed, 0, s), y)
         out = labelled_loss(tr.model.head, tr.model(b.input_ids, b.mask), b.labels, b.weights, cfg.objective.z_loss)
         loss = loss + (2.0 if obj == AR else 1.0) * out.weighted / (4 * 2 * 16)
     params = list(tr.model.parameters())

@@ -37,6 +37,7 @@ __all__ = [
     "DataBundle",
     "build_data",
     "collate",
+    "collate_samples",
     "StepBatches",
     "TrainDataLoader",
     "validation_batches",
@@ -46,7 +47,8 @@ __all__ = [
 
 class SampleSource(Protocol):
     """What the loader reads: ``len(ds)`` samples, ``ds[i] -> {"tokens", "doc_ids"}`` of ``seq_len + 1`` each
-    (``PackedDataset``, ``RepeatedPackedDataset``, ``BlendedDataset``)."""
+    (``PackedDataset``, ``RepeatedPackedDataset``, ``BlendedDataset``), or, packed by the reference layout,
+    ``{"tokens", "targets", "doc_ids"}`` of ``seq_len`` each (megatron_dual.data.packing)."""
 
     def __len__(self) -> int: ...
 
@@ -59,6 +61,7 @@ class DataBundle:
     valid: SampleSource | None
     fingerprint: str
     plan: DataPlan | None = None
+    packing: str = "concat"  # the sample layout (data.packing resolved by the recipe)
 
 
 def _run_tokens(cfg: Config, dp_size: int, extending: bool = False) -> int:
@@ -161,27 +164,46 @@ def build_data(cfg: Config, dp_size: int = 1, extending: bool = False) -> DataBu
     except DataPathError as e:
         raise ConfigError(str(e)) from e
     cache_dir = d.cache_dir or f"{entries[0][1]}_cache"
+    layout = d.layout(cfg.objective.recipe)
     try:
         train, valid, fingerprint, plan = build_datasets(
-            d.path, d.seq_len, d.seed, d.valid_fraction, budget, d.repetitions, cache_dir=cache_dir
+            d.path, d.seq_len, d.seed, d.valid_fraction, budget, d.repetitions, cache_dir=cache_dir, layout=layout
         )
     except ValueError as e:
         raise ConfigError(f"data.path = {d.path!r}: {e}") from e
     if len(train) == 0:
         raise ConfigError(
-            f"data.path = {d.path!r}: too few training tokens for one sample of data.seq_len + 1 = "
-            f"{d.seq_len + 1} tokens"
+            f"data.path = {d.path!r}: too few training tokens for one sample of "
+            + (
+                f"data.seq_len + 1 = {d.seq_len + 1} tokens"
+                if layout == "concat"
+                else f"data.seq_len = {d.seq_len} input positions (data.packing = reference)"
+            )
         )
     _check_tokenizer(cfg)
     _check_vocab(cfg, [prefix for _, prefix in entries], cache_dir)
-    return DataBundle(train, valid if valid is not None and len(valid) else None, fingerprint, plan)
+    return DataBundle(train, valid if valid is not None and len(valid) else None, fingerprint, plan, layout)
 
 
-def collate(dataset: SampleSource, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens, doc_ids)`` int64 (len(indices), seq_len + 1) of the given samples."""
+def collate_samples(
+    dataset: SampleSource, indices: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(tokens, doc_ids, targets)`` int64 of the given samples: (len(indices), seq_len + 1) and ``targets`` None
+    for concatenated packing; (len(indices), seq_len) each for the reference layout."""
     samples = [dataset[i] for i in indices]
     tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
     doc_ids = torch.from_numpy(np.stack([s["doc_ids"] for s in samples]).astype(np.int64))
+    if "targets" not in samples[0]:
+        return tokens, doc_ids, None
+    return tokens, doc_ids, torch.from_numpy(np.stack([s["targets"] for s in samples]).astype(np.int64))
+
+
+def collate(dataset: SampleSource, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, doc_ids)`` int64 (len(indices), seq_len + 1) of the given samples (concatenated packing only:
+    use :func:`collate_samples` for either layout)."""
+    tokens, doc_ids, targets = collate_samples(dataset, indices)
+    if targets is not None:
+        raise ValueError("these samples are packed by the reference layout (they carry targets): use collate_samples")
     return tokens, doc_ids
 
 
@@ -225,7 +247,8 @@ class TrainDataLoader:
         self.slots = schedule.n_slots
         self.dp_rank = dp_rank
         self.device = torch.device(device)
-        self.sampler = ResumableSampler(len(dataset), seed, fingerprint, shuffle=shuffle)
+        packing = getattr(dataset, "layout", "concat")
+        self.sampler = ResumableSampler(len(dataset), seed, fingerprint, shuffle=shuffle, packing=packing)
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.cost = cost  # e.g. executed FLOPs of a batch, computed on the host copy (no device read)
         self._pool: ThreadPoolExecutor | None = None
@@ -245,8 +268,8 @@ class TrainDataLoader:
         out = []
         for s, objective in enumerate(self.schedule.slots(self.dp_rank, step)):
             g = self.dp_rank * self.slots + s
-            tokens, doc_ids = collate(self.dataset, indices[g * self.mbs : (g + 1) * self.mbs])
-            batch = self.batcher(objective, tokens, doc_ids, step, g)
+            tokens, doc_ids, targets = collate_samples(self.dataset, indices[g * self.mbs : (g + 1) * self.mbs])
+            batch = self.batcher(objective, tokens, doc_ids, step, g, targets=targets)
             out.append(batch.pin_memory() if self.prefetch and self.device.type == "cuda" else batch)
         return out, sum(self.cost(b) for b in out) if self.cost else 0.0
 
@@ -307,6 +330,6 @@ def validation_batches(
     for j, start in enumerate(range(0, n, micro_batch_size)):
         if j % dp_size != dp_rank:
             continue
-        tokens, doc_ids = collate(dataset, list(range(start, min(n, start + micro_batch_size))))
+        tokens, doc_ids, targets = collate_samples(dataset, list(range(start, min(n, start + micro_batch_size))))
         for objective in objectives:
-            yield batcher(objective, tokens, doc_ids, 0, start)
+            yield batcher(objective, tokens, doc_ids, 0, start, targets=targets)

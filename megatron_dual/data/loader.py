@@ -11,7 +11,9 @@ subset in its own seeded order. The stream is cut into samples of ``seq_len + 1`
 s covers stream tokens ``[s*L, s*L + L + 1)``); samples are shuffled within their pass (again seeded per pass). So
 over the R passes every document of the subset is seen exactly R times and nothing else is seen, except that the
 last ``R*U mod L`` tokens of the stream (fewer than one sample) are dropped. R = 0 means "all training documents,
-as many passes as the budget needs". Everything is a pure function of (seed, pass, index).
+as many passes as the budget needs". Everything is a pure function of (seed, pass, index). With ``layout =
+"reference"`` (``data.packing``, megatron_dual.data.packing) a document occupies its tokens but the last as inputs,
+each with its target; samples are ``seq_len`` input positions without overlap, and the subset and R count those.
 
 Several datasets are blended by weight: dataset d gets a budget of about ``w_d * T`` and its own R passes, and the
 global sample order interleaves them so that every prefix of the order holds each dataset's share to within one
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_dual.data.indexed import IndexedDataset, index_file_path
-from megatron_dual.data.packing import PackedDataset
+from megatron_dual.data.packing import PackedDataset, check_layout, read_shifted, shifted_sample, stream_lengths
 from megatron_dual.data.sampler import dataset_fingerprint, split_documents
 
 __all__ = [
@@ -227,7 +229,11 @@ class _ArrayCache:
 
 class RepeatedPackedDataset:
     """R passes over ``documents`` of ``dataset`` (see the module docstring), cut into samples of ``seq_len + 1``
-    tokens; ``ds[p]`` is the sample at position p of the (per-pass shuffled) order: ``{"tokens", "doc_ids"}``."""
+    tokens; ``ds[p]`` is the sample at position p of the (per-pass shuffled) order: ``{"tokens", "doc_ids"}``.
+
+    ``layout = "reference"`` (megatron_dual.data.packing): each pass holds every document's tokens but its last as
+    inputs, samples are ``seq_len`` input positions with their ``"targets"``, and ``unique_tokens`` counts those
+    positions (tokens - documents), so every input and every target of the subset is seen exactly R times."""
 
     def __init__(
         self,
@@ -238,6 +244,7 @@ class RepeatedPackedDataset:
         seed: int,
         cache_dir: str | None = None,
         shuffle: bool = True,
+        layout: str = "concat",
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len = {seq_len}: must be >= 1")
@@ -249,16 +256,20 @@ class RepeatedPackedDataset:
         self.passes = int(passes)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
-        self._lengths = dataset.sequence_lengths[self.documents].astype(np.int64)
+        self.layout = check_layout(layout)
+        self._lengths = stream_lengths(dataset.sequence_lengths[self.documents], layout)
         self.unique_tokens = int(self._lengths.sum())
         if self.unique_tokens < 1:
             raise ValueError(f"{dataset.prefix}: the chosen documents hold no tokens")
-        # the last sample may read one token of pass R (a label across a document boundary: never trained on)
+        # concat: the last sample may read one token of pass R (a label across a document boundary: never trained
+        # on); reference: a sample's targets lie in its own documents
         self.num_samples = self.passes * self.unique_tokens // self.seq_len
         key = hashlib.sha256()
         key.update(dataset.prefix.encode())
         key.update(struct.pack("<qqqq", self.seq_len, self.seed, self.unique_tokens, int(self.shuffle)))
         key.update(self.documents.tobytes())
+        if layout != "concat":  # (concat keeps the cache names it always had)
+            key.update(layout.encode())
         self.key = key.hexdigest()[:16]
         self._cache = _ArrayCache(cache_dir)
 
@@ -333,6 +344,19 @@ class RepeatedPackedDataset:
             pos += take
         return np.concatenate(pieces), np.concatenate(starts)
 
+    def read_shifted(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Reference layout: ``(inputs, targets, is_start)`` of input positions ``[start, start + count)``."""
+        U = self.unique_tokens
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        pos, end = start, start + count
+        while pos < end:
+            e, local = divmod(pos, U)
+            take = min(end - pos, U - local)
+            docs, offsets = self.pass_index(e)
+            parts.append(read_shifted(self.dataset, docs, offsets, local, take))
+            pos += take
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
     def __getitem__(self, position: int) -> dict[str, np.ndarray]:
         n = self.num_samples
         if not isinstance(position, (int, np.integer)):
@@ -343,6 +367,8 @@ class RepeatedPackedDataset:
         if not 0 <= p < n:
             raise IndexError(f"sample index {p} out of range for {n} samples")
         s = self.sample_at(p)
+        if self.layout == "reference":
+            return shifted_sample(*self.read_shifted(s * self.seq_len, self.seq_len))
         tokens, is_start = self.read(s * self.seq_len, self.seq_len + 1)
         is_start[0] = False  # ids are local to the sample: the first (partial) document is 0
         return {"tokens": tokens.astype(np.int64), "doc_ids": np.cumsum(is_start, dtype=np.int64)}
@@ -350,7 +376,8 @@ class RepeatedPackedDataset:
     def __repr__(self) -> str:
         return (
             f"RepeatedPackedDataset({self.dataset.prefix!r}, documents={self.documents.size}, "
-            f"unique_tokens={self.unique_tokens}, passes={self.passes}, samples={self.num_samples})"
+            f"unique_tokens={self.unique_tokens}, passes={self.passes}, samples={self.num_samples}"
+            + (", layout='reference')" if self.layout == "reference" else ")")
         )
 
 
@@ -369,6 +396,7 @@ class BlendedDataset:
         if np.any(w <= 0):
             raise ValueError(f"weights {weights}: must be positive")
         self.datasets = datasets
+        self.layout = getattr(datasets[0], "layout", "concat")  # the sample layout (all datasets share it)
         self.weights = w / w.sum()
         self.size = int(size)
         key = hashlib.sha256(repr((name, self.weights.tolist(), self.size)).encode()).hexdigest()[:16]
@@ -432,6 +460,7 @@ class DataPlan:
     train_documents: list[int] = field(default_factory=list)
     subset_documents: list[int] = field(default_factory=list)
     per_dataset: list[int] = field(default_factory=list)  # R of each dataset
+    packing: str = "concat"  # the sample layout (megatron_dual.data.packing.LAYOUTS)
 
     def describe(self) -> str:
         rows = []
@@ -439,13 +468,16 @@ class DataPlan:
             self.prefixes, self.weights, self.unique_tokens, self.passes, self.subset_documents, strict=True
         ):
             rows.append(f"{p} (weight {w:.3f}): {n:,} documents, {u:,} unique tokens x {r} passes")
-        return f"budget {self.budget_tokens:,} tokens, R = {self.repetitions or 'auto'}; " + "; ".join(rows)
+        packing = "" if self.packing == "concat" else f", packing {self.packing} (unique tokens: input positions)"
+        return f"budget {self.budget_tokens:,} tokens, R = {self.repetitions or 'auto'}{packing}; " + "; ".join(rows)
 
 
 def _fingerprint(parts: list[str], plan: DataPlan, seq_len: int, seed: int) -> str:
     h = hashlib.sha256(b"megatron-dual/blend/v1")
     reps = plan.per_dataset if isinstance(plan.repetitions, str) else plan.repetitions  # int: as before
     h.update(repr((plan.weights, plan.budget_tokens, reps, plan.passes, seq_len, seed)).encode())
+    if plan.packing != "concat":  # concat: the fingerprint it always had, so those checkpoints still resume
+        h.update(f"packing={plan.packing}".encode())
     for p in parts:
         h.update(p.encode())
     return h.hexdigest()
@@ -482,13 +514,16 @@ def _subset_and_passes(
     seed: int,
     budget_tokens: int,
     repetitions: int,
+    layout: str = "concat",
 ) -> tuple[np.ndarray, int]:
     """The documents this dataset trains on and how many passes over them cover its ``need_tokens``: a unique
-    subset of need/R tokens for R passes, or (R = 0) every training document, as many passes as needed."""
+    subset of need/R tokens for R passes, or (R = 0) every training document, as many passes as needed. Tokens
+    are stream positions of ``layout`` (reference: a document's tokens but its last)."""
+    lengths = stream_lengths(ds.sequence_lengths, layout)
     if repetitions > 0:
         unique = -(-need_tokens // repetitions)
         try:
-            subset = choose_subset(tr, ds.sequence_lengths, unique, seed)
+            subset = choose_subset(tr, lengths, unique, seed)
         except ValueError as e:
             raise ValueError(
                 f"{prefix}: data.repetitions = {repetitions} with a budget of {budget_tokens:,} tokens gives this "
@@ -496,7 +531,7 @@ def _subset_and_passes(
                 f"lower data.repetitions, the budget or the weight, or add data"
             ) from e
         return subset, repetitions
-    total = int(ds.sequence_lengths[tr].sum(dtype=np.int64))
+    total = int(lengths[tr].sum(dtype=np.int64))
     if total < 1:
         raise ValueError(f"{prefix}: the training documents hold no tokens")
     return tr, max(1, -(-(need_tokens + seq_len) // total))
@@ -529,13 +564,15 @@ def build_datasets(
     budget_tokens: int,
     repetitions: int | str,
     cache_dir: str | None = None,
+    layout: str = "concat",
 ) -> tuple[BlendedDataset | RepeatedPackedDataset, BlendedDataset | PackedDataset | None, str, DataPlan]:
     """Train dataset, validation dataset (or None), fingerprint and plan for ``data.path`` (see module docstring).
 
     ``budget_tokens`` (> 0): the tokens training will consume; ``repetitions`` R >= 1 picks a unique subset of
     budget/R tokens per dataset (its share of the budget), R = 0 uses every training document; a
     ``"web=4 books=16"`` spec gives each dataset its own R (:func:`resolve_repetitions`). ``cache_dir``: where
-    large indexes go (``None``: memory only). Raises ValueError naming the dataset when it cannot hold its share.
+    large indexes go (``None``: memory only). ``layout``: how samples are packed (megatron_dual.data.packing;
+    training and validation alike). Raises ValueError naming the dataset when it cannot hold its share.
     """
     if budget_tokens < 1:
         raise ValueError(f"budget_tokens = {budget_tokens}: must be >= 1")
@@ -554,6 +591,7 @@ def build_datasets(
     n_total = max(1, budget_tokens // L)
     plan = DataPlan([p for _, p in entries], weights, budget_tokens, repetitions)
     plan.per_dataset = per_dataset
+    plan.packing = check_layout(layout)
     trains: list[RepeatedPackedDataset] = []
     valids: list[tuple[PackedDataset, float]] = []
     parts: list[str] = []
@@ -562,8 +600,8 @@ def build_datasets(
             raise ValueError(f"{prefix}: holds no training tokens (data.path = {path!r})")
         # this dataset's share: enough samples for any blend prefix (+2 for rounding), in tokens
         need_tokens = (int(math.ceil(w * n_total)) + 2) * L
-        subset, passes = _subset_and_passes(prefix, ds, tr, w, need_tokens, L, seed, budget_tokens, reps)
-        rp = RepeatedPackedDataset(ds, subset, L, passes, seed, cache_dir=cache_dir)
+        subset, passes = _subset_and_passes(prefix, ds, tr, w, need_tokens, L, seed, budget_tokens, reps, layout)
+        rp = RepeatedPackedDataset(ds, subset, L, passes, seed, cache_dir=cache_dir, layout=layout)
         trains.append(rp)
         plan.unique_tokens.append(rp.unique_tokens)
         plan.passes.append(passes)
@@ -571,7 +609,7 @@ def build_datasets(
         plan.subset_documents.append(int(subset.size))
         parts.append(dataset_fingerprint(ds, L, subset))
         if va.size:
-            v = PackedDataset(ds, L, va)
+            v = PackedDataset(ds, L, va, layout=layout)
             if len(v):
                 valids.append((v, w))
     fingerprint = _fingerprint(parts, plan, L, seed)

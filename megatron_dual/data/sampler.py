@@ -1,8 +1,8 @@
 """Deterministic, resumable data order.
 
 The order is a pure function of ``(seed, epoch, index)``: epoch ``e`` visits ``epoch_permutation(N, seed, e)``. A
-sampler's whole state is ``(seed, consumed_samples)`` plus a fingerprint of the dataset it indexes, checked on resume
-so a checkpoint is never silently continued on different data.
+sampler's whole state is ``(seed, consumed_samples)`` plus a fingerprint of the dataset it indexes and the packing
+layout of its samples, checked on resume so a checkpoint is never silently continued on different data.
 """
 
 from __future__ import annotations
@@ -81,13 +81,16 @@ class ResumableSampler:
     restore the position; the continuation after a restore is identical to an uninterrupted run.
     """
 
-    def __init__(self, num_samples: int, seed: int, fingerprint: str, shuffle: bool = True) -> None:
+    def __init__(
+        self, num_samples: int, seed: int, fingerprint: str, shuffle: bool = True, packing: str = "concat"
+    ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples = {num_samples}: the sampler needs at least one sample")
         self.num_samples = int(num_samples)
         self.seed = _check_seed(seed)
         self.fingerprint = str(fingerprint)
         self.shuffle = bool(shuffle)
+        self.packing = str(packing)  # the sample layout (data.packing), named when a resume finds another
         self.consumed_samples = 0
         self._cached: tuple[int, np.ndarray] | None = None
 
@@ -135,6 +138,7 @@ class ResumableSampler:
             "fingerprint": self.fingerprint,
             "num_samples": self.num_samples,
             "shuffle": self.shuffle,
+            "packing": self.packing,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -142,6 +146,9 @@ class ResumableSampler:
         if missing:
             raise ValueError(f"sampler state lacks {', '.join(missing)} (has {sorted(state)})")
         diffs = []
+        packing = state.get("packing", "concat")  # states older than the field were all packed by concatenation
+        if packing != self.packing:
+            diffs.append(f"data.packing (the sample layout) {packing!r} in the checkpoint vs {self.packing!r} now")
         for key, now in (("seed", self.seed), ("num_samples", self.num_samples), ("shuffle", self.shuffle)):
             if key in state and state[key] != now:
                 diffs.append(f"{key} {state[key]!r} in the checkpoint vs {now!r} now")

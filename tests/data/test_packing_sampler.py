@@ -137,7 +137,14 @@ def test_resume_gives_identical_continuation():
     first = ResumableSampler(17, seed=5, fingerprint="abc")
     part = [first.next_indices(4) for _ in range(5)]
     state = json.loads(json.dumps(first.state_dict()))  # survives JSON
-    assert state == {"seed": 5, "consumed_samples": 20, "fingerprint": "abc", "num_samples": 17, "shuffle": True}
+    assert state == {
+        "seed": 5,
+        "consumed_samples": 20,
+        "fingerprint": "abc",
+        "num_samples": 17,
+        "shuffle": True,
+        "packing": "concat",
+    }
     resumed = ResumableSampler(17, seed=5, fingerprint="abc")
     resumed.load_state_dict(state)
     assert part + [resumed.next_indices(4) for _ in range(7)] == straight
