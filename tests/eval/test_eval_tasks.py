@@ -120,7 +120,8 @@ def test_resolve_tasks_and_modes(tmp_path, monkeypatch):
     write_bigbench(tmp_path / "bb")
     monkeypatch.setenv(T.BIGBENCH_DATA_ENV, str(tmp_path / "bb"))
     notes = []
-    assert [t.name for t in T.resolve_tasks("all", note=notes.append)] == list(T.TASKS) and not notes
+    assert [t.name for t in T.resolve_tasks("all", note=notes.append)] == list(T.PAPER_TASKS) and not notes
+    assert [t.name for t in T.resolve_tasks("all,agreement")] == [*T.PAPER_TASKS, "agreement"]
     assert set(T.PAPER_TASKS) == set(T.TASKS) - {"agreement"} and len(T.PAPER_TASKS) == 9
     got = T.resolve_tasks(f"piqa, {tmp_path / 'mine.jsonl'},piqa")
     assert [t.name for t in got] == ["piqa", "mine"] and got[1].metric == "acc_char"
@@ -137,9 +138,10 @@ def test_blimp_only_where_its_data_is(tmp_path, monkeypatch):
     no_bigbench(monkeypatch, tmp_path)
     notes = []
     names = [t.name for t in T.resolve_tasks("all", note=notes.append)]
-    assert names == [n for n in T.TASKS if n != "blimp_sva"] and "agreement" in names
+    assert names == [n if n != "blimp_sva" else "agreement" for n in T.PAPER_TASKS]  # nine tasks, stand-in in place
     (note,) = notes  # said once
-    assert note.startswith("note: --tasks all skips blimp_sva (BLiMP*): ") and "\n" not in note
+    assert note.startswith("note: --tasks all uses agreement (Agreement*) in place of blimp_sva (BLiMP*): ")
+    assert "\n" not in note
     assert "removed from PyPI" in note and "--tarball bigbench-1.0.0.tar.gz" in note and T.BIGBENCH_DATA_ENV in note
     with pytest.raises(T.EvalError) as e:  # named on its own: an error, before any model is loaded
         T.resolve_tasks("arc_easy,blimp_sva")
