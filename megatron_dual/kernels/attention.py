@@ -1454,7 +1454,9 @@ def flash_attention_qkv(
     """Rotary embedding (rotate-half, ``cos``/``sin`` (T, D) or (B, T, D)) and attention on a fused projection.
 
     ``qkv`` (B, T, (Hq + 2 Hkv) * D) is the projection's output, [q heads | k heads | v heads]; it is rotated in
-    place (as :func:`megatron_dual.kernels.rotary.rotary_qkv_` does). Returns the attention output (B, T, Hq * D)
+    place (as :func:`megatron_dual.kernels.rotary.rotary_qkv_` does; a ``qkv`` that autograd tracks as a view of another
+    tensor, e.g. a biased ``F.linear``'s 3-D output or a slice, is copied first and left as it is: autograd cannot
+    mark a view dirty in a function with two outputs). Returns the attention output (B, T, Hq * D)
     for the output projection; its gradient reaches ``qkv`` as one packed tensor. Masks as in
     :func:`flash_attention` (queries and keys are the same T positions, so no ``q_offset``).
     """
@@ -1471,6 +1473,8 @@ def flash_attention_qkv(
         raise RuntimeError("the Triton attention kernel runs on CPU only under TRITON_INTERPRET=1")
     meta = _Meta(kind, doc_ids, prefix_len, 0, t, t, b, qkv.device, doc_spans)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    if qkv._is_view() and qkv.requires_grad and torch.is_grad_enabled():
+        qkv = qkv.clone()  # the model's bias-free projection output is no view: no copy there
     y, _ = FlashAttentionQKVFunction.apply(qkv, cos, sin, (n_heads, n_kv_heads, d), meta, scale)
     return y
 

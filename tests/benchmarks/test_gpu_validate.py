@@ -76,3 +76,16 @@ def test_over_budget_stage_is_recorded_and_the_next_runs(tmp_path):
     assert any(r["stage"] == "ceilings" and r.get("name") == "matmul" for r in rows)
     rc, _, log = _run(out, "--stages", "env,nope")
     assert rc == 2 and "unknown stage(s) nope" in log
+
+
+def test_default_budgets_fit_the_issue_s_eight_minutes():
+    """Issue 14: the whole run in about 8 minutes on a fresh GPU, ~30 s of which are process starts; a new stage's
+    budget must come out of the others."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_validate
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert set(gpu_validate.BUDGETS) == set(gpu_validate.STAGES)
+    assert sum(gpu_validate.BUDGETS.values()) <= 455
+    assert min(gpu_validate.BUDGETS.values()) >= 10

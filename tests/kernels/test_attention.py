@@ -269,6 +269,36 @@ def test_packed_qkv_bidirectional():
     check_qkv(1, 2, 2, 21, 16, AttentionMask("bidirectional"), torch.float32)
 
 
+def test_packed_qkv_from_a_view():
+    """A qkv that autograd tracks as a view (a biased projection's 3-D output, a slice of a wider buffer) works
+    with gradients on (copied first: a view cannot be marked dirty in a two-output function) and equals the
+    reference, for the gradients of the projection's input, weight and bias."""
+    from megatron_dual.model.rope import RotaryEmbedding, apply_rotary
+
+    b, t, hq, hkv, d = 2, 19, 2, 1, 16
+    g = torch.Generator().manual_seed(4)
+    x, w, bias = (torch.randn(s, generator=g).to(DEVICE).requires_grad_() for s in ((b, t, 24), (64, 24), (64,)))
+    dy = torch.randn(b, t, hq * d, generator=g).to(DEVICE)
+    cos, sin = (c.to(DEVICE) for c in RotaryEmbedding(d, 32, 10_000.0).cos_sin(torch.arange(t)))
+    mask = AttentionMask("causal", doc_ids=torch.stack([runs([7, 12]), runs([19])]).to(DEVICE))
+    qkv = torch.nn.functional.linear(x, w, bias)
+    wide = torch.nn.functional.linear(x, torch.cat([w, w[:16]]))[..., :64]  # a slice of a wider projection
+    assert qkv._is_view() and wide._is_view()
+    outs = [K.flash_attention_qkv(t_, cos, sin, hq, hkv, "causal", doc_ids=mask.doc_ids) for t_ in (qkv, wide)]
+    grads = torch.autograd.grad(outs[0], (x, w, bias), dy)
+    ref_qkv = torch.nn.functional.linear(x, w, bias)
+    q, k, v = ref_qkv.view(b, t, hq + 2 * hkv, d).transpose(1, 2).split([hq, hkv, hkv], dim=1)
+    ref = reference_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
+    ref = ref.transpose(1, 2).reshape(b, t, hq * d)
+    torch.testing.assert_close(outs[0], ref, **TOL[torch.float32])
+    plain = torch.nn.functional.linear(x, w)  # no bias: not a view, the model's case
+    assert not plain._is_view()
+    same = K.flash_attention_qkv(plain, cos, sin, hq, hkv, "causal", doc_ids=mask.doc_ids)
+    torch.testing.assert_close(outs[1], same, atol=0, rtol=0)
+    for got, want in zip(grads, torch.autograd.grad(ref, (x, w, bias), dy), strict=True):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 # ---------------------------------------------------------------------------------------------- backends
 
 CAPS_ALL = A.Capabilities(triton=True, flash=True, flex=True, interpret=False)
