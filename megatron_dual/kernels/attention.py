@@ -43,6 +43,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 MASK_CODES = {"bidirectional": 0, "causal": 1, "prefix": 2}
 _LOG2E = 1.4426950408889634
@@ -1373,6 +1374,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # a double backward through the kernels is an error, not a silent zero
     def backward(
         ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
@@ -1414,6 +1416,7 @@ class FlashAttentionQKVFunction(torch.autograd.Function):
         return o.transpose(1, 2).reshape(b, t, hq * d), qkv
 
     @staticmethod
+    @once_differentiable  # a double backward through the kernels is an error, not a silent zero
     def backward(
         ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor | None, dqkv_out: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, None, None, None, None, None]:

@@ -74,7 +74,7 @@ def orthogonalise_blocks(blocks: list[Block], batched: bool) -> None:
         rows, cols = blk[0].shape
         groups.setdefault((min(rows, cols), max(rows, cols), blk[3]), []).append(blk)
     for (rows, cols, _), members in groups.items():
-        per_chunk = max(1, NS_BATCH_NUMEL // (rows * cols))
+        per_chunk = max(1, NS_BATCH_NUMEL // max(1, rows * cols))  # (a zero-size block: one per chunk)
         for i in range(0, len(members), per_chunk):
             _orthogonalise_stack(members[i : i + per_chunk])
 

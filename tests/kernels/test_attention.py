@@ -299,6 +299,22 @@ def test_packed_qkv_from_a_view():
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+def test_double_backward_is_an_error():
+    """The kernels' backward is not itself differentiable: a second-order gradient through them raises instead of
+    silently contributing zero (plain and packed functions)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    (dq,) = torch.autograd.grad(K.flash_attention(q, k, v, "causal").square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dq.sum().backward()
+    qkv = torch.randn(1, 9, 4 * 16, generator=g).to(DEVICE).requires_grad_()
+    cos, sin = torch.ones(9, 16, device=DEVICE), torch.zeros(9, 16, device=DEVICE)
+    out = K.flash_attention_qkv(qkv.clone(), cos, sin, 2, 1, "bidirectional")
+    (dqkv,) = torch.autograd.grad(out.square().sum(), (qkv,), create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dqkv.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------- backends
 
 CAPS_ALL = A.Capabilities(triton=True, flash=True, flex=True, interpret=False)

@@ -251,3 +251,12 @@ def test_cuda_defaults_batched_bf16_fused_adamw_foreach_norms():
     norms = [global_grad_norm(params, foreach=f) for f in (False, True, None)]
     torch.testing.assert_close(norms[1], norms[0], rtol=1e-5, atol=0)
     assert torch.equal(norms[2], norms[1])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_zero_size_block_is_left_empty(batched):
+    """A block without elements (a shard of nothing) is passed over by either path, next to a real one."""
+    src, dst = torch.randn(4, 6), torch.zeros(4, 6)
+    empty = torch.zeros(0, 6)
+    orthogonalise_blocks([(empty, empty.clone(), 1.0, 5), (src, dst, 1.0, 5)], batched)
+    assert dst.abs().sum() > 0
