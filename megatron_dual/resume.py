@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from megatron_dual.config import resolve_model_dict
+from megatron_dual.config import DataConfig, resolve_model_dict
 from megatron_dual.engine.checkpoint import CheckpointError
 
 __all__ = [
@@ -86,7 +86,8 @@ def matches(key: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"section.field": value}`` with JSON-normalised values (tuples as lists), null head fields resolved."""
+    """``{"section.field": value}`` with JSON-normalised values (tuples as lists), null head fields resolved,
+    ``data.packing = auto`` as its layout under ``objective.recipe``."""
     tree = json.loads(json.dumps(dict(config), default=str))
     if isinstance(tree.get("model"), dict):
         tree["model"] = resolve_model_dict(tree["model"])
@@ -96,6 +97,8 @@ def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
             out.update({f"{section}.{k}": v for k, v in value.items()})
         else:
             out[section] = value
+    if out.get("data.packing") == "auto":  # compared as the layout it names, so auto == its layout spelled out
+        out["data.packing"] = DataConfig(packing="auto").layout(str(out.get("objective.recipe", "paper")))
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from megatron_dual.eval.metrics import TaskResult, average, task_result
 from megatron_dual.eval.scoring import MNTP_MASKS, MODES, Score, Scorer, default_batch_tokens
-from megatron_dual.eval.tasks import PAPER_TASKS, TASKS, EvalError, Example, TaskSpec, resolve_tasks
+from megatron_dual.eval.tasks import PAPER_TASKS, STAND_INS, TASKS, EvalError, Example, TaskSpec, resolve_tasks
 
 __all__ = [
     "encode_pair",
@@ -249,7 +249,8 @@ def results_record(
     results: Sequence[TaskResult], args: argparse.Namespace, model_config: dict, wall: float
 ) -> dict[str, Any]:
     """The JSON written by ``--output``: the run's config, the checkpoint, per task and mode counts, accuracies
-    (all normalisations) with standard errors, normalised scores, and the per-mode averages."""
+    (all normalisations) with standard errors, normalised scores, and the per-mode averages; ``stand_ins`` maps a
+    model card task (``paper_tasks``) to the task that took its slot in the run (:data:`tasks.STAND_INS`)."""
     from megatron_dual.inference.loading import find_checkpoint
 
     by_task: dict[str, dict[str, Any]] = {}
@@ -271,6 +272,8 @@ def results_record(
             "device": args.device,
             "tokenizer": args.tokenizer,
             "paper_tasks": list(PAPER_TASKS),
+            # a model card column filled by its stand-in in this run (--tasks all without BLiMP*'s data)
+            "stand_ins": {t: s for t, s in STAND_INS.items() if t not in by_task and s in by_task},
         },
         "model_config": model_config,
         "results": by_task,

@@ -253,3 +253,39 @@ def test_download_sdist_keeps_pips_message(tmp_path, monkeypatch):
     line, unavailable = fetch._download_failure(pip_gone)
     assert unavailable and "no pip==25.0.1 on the package index (no versions listed)" in line
     assert "removed from PyPI" not in line
+
+
+def _record(tmp_path, names, modes=("causal", "mntp")):
+    """results_record of fake results for ``names`` (a checkpoint folder with a meta.json stands in)."""
+    import argparse
+
+    from megatron_dual.eval.harness import results_record
+    from megatron_dual.eval.metrics import TaskResult
+
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    (tmp_path / "ckpt" / "meta.json").write_text("{}")
+    results = [
+        TaskResult(t, T.TASKS[t].title, m, "acc_raw", 10, 0.5, {"acc_raw": 0.6}, {"acc_raw": 0.1}, 20.0 + i, 1.0)
+        for m in modes
+        for i, t in enumerate(names)
+    ]
+    args = argparse.Namespace(
+        checkpoint=str(tmp_path / "ckpt"), limit=None, batch_tokens=64, mntp_mask="rest", device="cpu", tokenizer=None
+    )
+    return results_record(results, args, {}, 1.0)
+
+
+def test_results_json_names_the_stand_in_in_its_slot(tmp_path, monkeypatch):
+    """--tasks all without BIG-bench's data: Agreement* fills BLiMP*'s slot; the JSON says so, and the average's
+    tasks are the paper's nine with that substitution (with the data: the nine, no stand-in)."""
+    no_bigbench(monkeypatch, tmp_path)
+    rec = _record(tmp_path, [t.name for t in T.resolve_tasks("all", note=lambda line: None)])
+    assert rec["config"]["paper_tasks"] == list(T.PAPER_TASKS)
+    assert rec["config"]["stand_ins"] == {"blimp_sva": "agreement"}
+    slots = [rec["config"]["stand_ins"].get(t, t) for t in rec["config"]["paper_tasks"]]
+    for mode in ("causal", "mntp"):
+        assert rec["average"][mode]["tasks"] == slots == rec["config"]["tasks"]
+    rec = _record(tmp_path, list(T.PAPER_TASKS))
+    assert rec["config"]["stand_ins"] == {} and rec["average"]["causal"]["tasks"] == list(T.PAPER_TASKS)
+    rec = _record(tmp_path, [*T.PAPER_TASKS, "agreement"])  # both ran: agreement is an extra task, no stand-in
+    assert rec["config"]["stand_ins"] == {}
