@@ -48,6 +48,7 @@ from megatron_dual.config import (
     parse_overrides,
 )
 from megatron_dual.data.indexed import IndexedDataset, IndexedDatasetWriter, index_file_path
+from megatron_dual.data.packing import stream_lengths
 from megatron_dual.data.sampler import split_documents
 from megatron_dual.parallel.state import check_alpha
 
@@ -104,23 +105,32 @@ class SubsetInfo:
 
 
 def _take_training_tokens(
-    src: IndexedDataset, source: str, train_docs: np.ndarray, train_samples: int, seq_len: int, seed: int
+    src: IndexedDataset,
+    source: str,
+    train_docs: np.ndarray,
+    train_samples: int,
+    seq_len: int,
+    seed: int,
+    layout: str = "concat",
 ) -> tuple[np.ndarray, int, int]:
     """The first documents of a seeded permutation of ``train_docs`` that hold the ``train_samples`` samples'
-    tokens -> (those documents, how many, the tokens kept of the last one)."""
-    need = train_samples * seq_len + 1  # PackedDataset: len = (tokens - 1) // seq_len
+    positions in the packing ``layout`` -> (those documents, how many, the tokens kept of the last one)."""
+    # concat: len = (tokens - 1) // seq_len; reference: len = (sum of each document's tokens - 1) // seq_len
+    need = train_samples * seq_len + (1 if layout == "concat" else 0)
     order = np.random.default_rng([seed, 0xDA7A]).permutation(train_docs)
-    lengths = src.sequence_lengths[order].astype(np.int64)
+    lengths = stream_lengths(src.sequence_lengths[order].astype(np.int64), layout)
     cum = np.cumsum(lengths)
     if cum.size == 0 or cum[-1] < need:
         have = int(cum[-1]) if cum.size else 0
+        unit = "training tokens" if layout == "concat" else "training input positions (reference packing)"
         raise ValueError(
-            f"{source} has {have:,} training tokens; {train_samples} samples of {seq_len} need {need:,}"
+            f"{source} has {have:,} {unit}; {train_samples} samples of {seq_len} need {need:,}"
             f" (lower the repetition count's unique tokens: raise R or lower the budget)"
         )
     n_sel = int(np.searchsorted(cum, need)) + 1
     last_len = need - (int(cum[n_sel - 2]) if n_sel > 1 else 0)
-    return order[:n_sel], n_sel, last_len
+    # reference packing: the last document's kept positions plus its final token, which is a target only
+    return order[:n_sel], n_sel, last_len + (0 if layout == "concat" else 1)
 
 
 def _subset_layout(n_sel: int, valid_docs: np.ndarray, seed: int) -> tuple[list[tuple[str, int]], float]:
@@ -141,11 +151,20 @@ def _subset_layout(n_sel: int, valid_docs: np.ndarray, seed: int) -> tuple[list[
 
 
 def write_repetition_subset(
-    source: str, prefix: str, train_samples: int, seq_len: int, *, valid_fraction: float, seed: int
+    source: str,
+    prefix: str,
+    train_samples: int,
+    seq_len: int,
+    *,
+    valid_fraction: float,
+    seed: int,
+    layout: str = "concat",
 ) -> SubsetInfo:
-    """Write ``prefix``.bin/.idx: exactly ``train_samples`` packed training samples of ``seq_len + 1`` tokens (the
-    first documents of a seeded permutation of the source's training split, the last one truncated) and all of the
-    source's held-out documents, placed where the trainer's ``split_documents`` will look for them."""
+    """Write ``prefix``.bin/.idx: exactly ``train_samples`` packed training samples in the packing ``layout``
+    (``concat``: ``seq_len + 1`` tokens each; ``reference``: ``seq_len`` input positions, a document's final token
+    a target only) from the first documents of a seeded permutation of the source's training split, the last one
+    truncated, and all of the source's held-out documents, placed where the trainer's ``split_documents`` will look
+    for them."""
     if train_samples < 1:
         raise ValueError(f"train_samples = {train_samples}: must be >= 1")
     if not Path(index_file_path(source)).exists():
@@ -154,8 +173,7 @@ def write_repetition_subset(
     train_docs, valid_docs = split_documents(len(src), valid_fraction, seed)
     if valid_docs.size == 0:
         raise ValueError("valid_fraction = 0 leaves no held-out documents: the sweep compares held-out loss")
-    need = train_samples * seq_len + 1
-    chosen, n_sel, last_len = _take_training_tokens(src, source, train_docs, train_samples, seq_len, seed)
+    chosen, n_sel, last_len = _take_training_tokens(src, source, train_docs, train_samples, seq_len, seed, layout)
     slot, vf = _subset_layout(n_sel, valid_docs, seed)
     valid_tokens = 0
     with IndexedDatasetWriter(prefix, src.dtype) as w:
@@ -168,7 +186,8 @@ def write_repetition_subset(
                 if ref == n_sel - 1:
                     toks = toks[:last_len]
             w.add_document(toks)
-    return SubsetInfo(prefix, vf, train_samples, need, n_sel, int(valid_docs.size), valid_tokens)
+    unique = train_samples * seq_len + (1 if layout == "concat" else 0)  # tokens (concat) or input positions
+    return SubsetInfo(prefix, vf, train_samples, unique, n_sel, int(valid_docs.size), valid_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -280,6 +299,7 @@ def _subset_fields(sw: _Sweep, r: float, subsets: dict[float, SubsetInfo]) -> tu
             sw.base.data.seq_len,
             valid_fraction=sw.base.data.valid_fraction,
             seed=sw.base.data.seed,
+            layout=sw.base.data.layout(sw.base.objective.recipe),
         )
     info = subsets[r]
     data_fields: dict[str, Any] = {

@@ -232,6 +232,25 @@ def test_subset_realises_r_and_keeps_the_held_out_documents(tmp_path):
     assert [sub.get(int(i)).tolist() for i in va] == [ds.get(int(i)).tolist() for i in src_valid]
 
 
+def test_subset_for_the_reference_packing_holds_exactly_its_samples(tmp_path):
+    """Under the reference recipe's packing (a document's final token is a target only) the subset holds exactly
+    ``train_samples`` samples of input positions: no pass spills into a partial extra sample."""
+    src = make_corpus(tmp_path / "c_text_document")
+    info = write_repetition_subset(
+        src, str(tmp_path / "sub_text_document"), 10, 128, valid_fraction=0.05, seed=1234, layout="reference"
+    )
+    sub = IndexedDataset(info.prefix)
+    tr, _ = split_documents(len(sub), info.valid_fraction, 1234)
+    assert info.unique_tokens == 10 * 128
+    assert int(np.maximum(sub.sequence_lengths[tr].astype(np.int64) - 1, 0).sum()) == 10 * 128
+    assert len(PackedDataset(sub, 128, tr, layout="reference")) == 10
+    # the concat subset of the same size, packed the reference way, would fall short of its 10th sample
+    plain = write_repetition_subset(src, str(tmp_path / "plain_text_document"), 10, 128, valid_fraction=0.05, seed=1234)
+    sub2 = IndexedDataset(plain.prefix)
+    tr2, _ = split_documents(len(sub2), plain.valid_fraction, 1234)
+    assert len(PackedDataset(sub2, 128, tr2, layout="reference")) < 10
+
+
 @pytest.mark.parametrize("force_subset", [False, True])
 def test_generate_and_collect(tmp_path, force_subset):
     src = make_corpus(tmp_path / "c_text_document", n_docs=300)
