@@ -260,8 +260,8 @@ def _full_range(RUN_LO, RUN_HI, row, first, last, shift, limit, BLOCK: tl.conste
     stretch of one document id) holding positions first..last of this side; f_lo = f_hi = limit when first..last
     straddle a run boundary. Positions minus ``shift`` are indices; a tile reaching past ``limit`` (the index count)
     counts as inside: its rows beyond the end are masked by bounds anyway."""
-    r_lo = tl.load(RUN_LO + row + first)
-    r_hi = tl.load(RUN_HI + row + first)
+    r_lo = tl.load(RUN_LO + (row + first))  # row is int64 (a batch offset): one 64-bit scalar offset
+    r_hi = tl.load(RUN_HI + (row + first))
     inside = r_hi > last
     i_lo = tl.maximum(r_lo - shift, 0)
     i_hi = tl.maximum(r_hi - shift, 0)
@@ -383,7 +383,9 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, under a causal mask) query tiles first
-    pid_bh = tl.program_id(1)
+    # int64 from here: b * stride reaches past 2^31 on large batches (the packed qkv's batch stride is
+    # T (Hq + 2 Hkv) D); in-tile offsets (< T * stride_t, checked on the host) stay int32
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -710,7 +712,8 @@ def _bwd_kv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # int64 batch and head offsets (see _fwd_kernel)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
@@ -970,7 +973,8 @@ def _bwd_q_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, under a causal mask) query tiles first
-    pid_bh = tl.program_id(1)
+    # int64 batch and head offsets (see _fwd_kernel)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -1283,8 +1287,21 @@ class _Meta:
             self.docs = self.doc_lo = self.doc_hi = self.run_lo = self.run_hi = dummy
 
 
+_I32_MAX = 2**31 - 1
+
+
 def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
-    """The strides of the first three dimensions of each tensor, in order (the kernels take them flat)."""
+    """The strides of the first three dimensions of each tensor, in order (the kernels take them flat).
+
+    The kernels add batch and head offsets in int64 but keep the in-tile offsets ``t * stride_t + d`` in int32 (a
+    stride >= 2^31 reaches them as int64 anyway: Triton passes such an argument as i64); check that they fit."""
+    for t in tensors:
+        _, _, n, d = t.shape
+        if t.stride(2) <= _I32_MAX and (n - 1) * t.stride(2) + d - 1 > _I32_MAX:
+            raise ValueError(
+                f"a (B, H, T, D) = {tuple(t.shape)} operand with T stride {t.stride(2)} spans more than 2^31 elements "
+                "along one sequence; the attention kernel's in-tile offsets are 32-bit"
+            )
     return tuple(st for t in tensors for st in t.stride()[:3])
 
 

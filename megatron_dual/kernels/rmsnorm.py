@@ -84,7 +84,7 @@ def _rmsnorm_bwd_kernel(
             dx, dw_row = _norm_grads(x, dy, w, tl.load(rstd_ptr + row), n_cols)
             tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=valid)
             dw_acc += dw_row
-    tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=valid)
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=valid)
 
 
 @triton.jit
@@ -160,7 +160,7 @@ def _add_rmsnorm_bwd_kernel(
             if WRITE_DD:
                 tl.store(dd_ptr + row * stride_dd + cols, g.to(dd_ptr.dtype.element_ty), mask=valid)
             dw_acc += dw_row
-    tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=valid)
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=valid)
 
 
 def _block_size(n_cols: int) -> int:

@@ -95,6 +95,10 @@ def _launch(x_bthd: torch.Tensor, out_bthd: torch.Tensor, cos: torch.Tensor, sin
     half = head_dim // 2
     if batch * seq_len * n_heads == 0:
         return
+    for t in (x_bthd, out_bthd):  # the kernel's per-token offsets over (H, D) are int32 (its b, t offsets int64)
+        span = (n_heads - 1) * t.stride(2) + (head_dim - 1) * t.stride(3)
+        if max(t.stride(2), t.stride(3)) <= 2**31 - 1 < span:
+            raise ValueError(f"rotary: one token's heads span {span} elements (strides {t.stride()}), over 2^31")
     block_d = triton.next_power_of_2(half)
     block_h = max(1, min(triton.next_power_of_2(n_heads), 4096 // block_d))
     _rotary_kernel[(batch * seq_len,)](

@@ -237,19 +237,30 @@ class Muon(torch.optim.Optimizer):
             self._owners = self._assign_owners()
         entries = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
         tp = par.tp_size if distributed else 1
-        pending = []
-        # a bounded number of matrices in flight (their updates and results): the same on every rank
+        # chunks of a bounded number of matrices, the same on every rank (one collective order). Distributed: chunk
+        # i's broadcasts are in flight while chunk i + 1 is orthogonalised, then waited for and applied, so at most
+        # two chunks of whole-matrix results are alive at a time (not one result per matrix of the step)
+        in_flight: list = []
         for chunk in _chunks(entries, NS_BATCH_NUMEL, lambda e: _full_numel(e[0], tp)):
             updates = [self._momentum_update(p, group) for p, group in chunk]
             if distributed:
-                pending += self._launch_owned(chunk, updates, par)
+                launched = self._launch_owned(chunk, updates, par)
+                _finish(in_flight, par)
+                in_flight = launched
             else:
                 self._step_local(chunk, updates)
-        for _, _, work, _, _ in pending:
-            if work is not None:
-                work.wait()
-        _apply_updates([(p, _local_shard(delta, p, par), lr, wd) for p, delta, _, lr, wd in pending])
+        _finish(in_flight, par)
         return loss
+
+
+def _finish(launched: list, par: Any) -> None:
+    """Wait for the broadcasts of one launched chunk and apply its results (``launched`` is emptied, so the caller
+    holds no reference to them afterwards). Each parameter's update is the same whole-tensor op as ever."""
+    for _, _, work, _, _ in launched:
+        if work is not None:
+            work.wait()
+    _apply_updates([(p, _local_shard(delta, p, par), lr, wd) for p, delta, _, lr, wd in launched])
+    launched.clear()
 
 
 def _chunks(items: list, cap: int, numel: Callable[[Any], int]) -> list[list]:

@@ -564,6 +564,7 @@ def test_gpu_backend_parity(backend, kind):
 # ------------------------------------------------------------------------- GPU compilation without a GPU
 
 AOT = r"""
+import os
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -588,18 +589,26 @@ for spec in sys.argv[1:]:
         sig = {a: "constexpr" if a in consts else io.get(a, "i32") for a in fn.arg_names}
         done = triton.compile(ASTSource(fn, sig, consts), target=target,
                               options=dict(num_warps=4, num_stages=int(stages)))
-        print(arch, fn.__name__ + "_tma" * bool(tma), len(done.asm.get("cubin", done.asm.get("hsaco", b""))))
+        name = fn.__name__ + "_tma" * bool(tma)
+        print(arch, name, len(done.asm.get("cubin", done.asm.get("hsaco", b""))))
+        if os.environ.get("AOT_TTIR_DIR"):
+            with open(os.path.join(os.environ["AOT_TTIR_DIR"], f"{arch}{name}.ttir"), "w") as f:
+                f.write(done.asm["ttir"])
 """
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_gpus():
+def test_kernels_compile_for_gpus(tmp_path):
     """The compiled path (not the interpreter) lowers to a GPU binary for sm_90 (bf16, 4 stages; the forward also with
     TMA descriptors), sm_80 (fp16, 3 stages) and gfx90a (bf16): prefix + documents, the most involved case; one
-    process for the three targets."""
+    process for the three targets. Every base pointer offset derived from a program id is int64 in the TTIR (a batch
+    index times the packed qkv's batch stride passes 2^31 at 64 x 8192 tokens of 48 heads x 128)."""
     import subprocess
 
+    from ir_offsets import narrow_base_offsets
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["AOT_TTIR_DIR"] = str(tmp_path)
     targets = ["cuda:90:*bf16:4", "cuda:80:*fp16:3", "hip:gfx90a:*bf16:1"]
     r = subprocess.run([sys.executable, "-c", AOT, *targets], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -608,3 +617,6 @@ def test_kernels_compile_for_gpus():
     want = [(a, k) for a in ("90", "80", "gfx90a") for k in kernels + (["_fwd_kernel_tma"] if a == "90" else [])]
     assert [(a, k) for a, k, _ in rows] == want
     assert all(int(n) > 0 for _, _, n in rows)
+    ttir = sorted(tmp_path.glob("*.ttir"))
+    assert len(ttir) == len(want)
+    assert {f.name: narrow_base_offsets(f.read_text()) for f in ttir} == {f.name: [] for f in ttir}

@@ -402,6 +402,7 @@ def test_fused_ops_config_and_dispatch():
 
 # ----------------------------------------------------------------------- GPU compilation without a GPU
 AOT = r"""
+import os
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -434,6 +435,9 @@ for kern, io, consts, warps in jobs:
     sig = {a: "constexpr" if a in consts else io.get(a, "i32") for a in kern.arg_names}
     done = triton.compile(ASTSource(kern, sig, consts), target=target, options=dict(num_warps=warps))
     print(kern.__name__, len(done.asm.get("cubin", done.asm.get("hsaco", b""))))
+    if os.environ.get("AOT_TTIR_DIR"):
+        with open(os.path.join(os.environ["AOT_TTIR_DIR"], kern.__name__ + ".ttir"), "w") as f:
+            f.write(done.asm["ttir"])
 """
 AOT_KERNELS = [
     "_rmsnorm_fwd_kernel",
@@ -454,15 +458,21 @@ AOT_KERNELS = [
     [("cuda", "90", "*bf16"), ("cuda", "80", "*fp16"), ("hip", "gfx90a", "*bf16")],
     ids=["sm90-bf16", "sm80-fp16", "mi250x-bf16"],
 )
-def test_fused_kernels_compile_for_gpus(target):
-    """The compiled path (not the interpreter) lowers every fused kernel to a GPU binary at the 470m shapes."""
+def test_fused_kernels_compile_for_gpus(target, tmp_path):
+    """The compiled path (not the interpreter) lowers every fused kernel to a GPU binary at the 470m shapes; every
+    base pointer offset derived from a program id is int64 in the TTIR."""
     import subprocess
 
+    from ir_offsets import narrow_base_offsets
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["AOT_TTIR_DIR"] = str(tmp_path)
     r = subprocess.run([sys.executable, "-c", AOT, *target], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split()
     assert lines[0::2] == AOT_KERNELS and all(int(n) > 0 for n in lines[1::2]), r.stdout
+    narrow = {k: narrow_base_offsets((tmp_path / f"{k}.ttir").read_text()) for k in AOT_KERNELS}
+    assert narrow == {k: [] for k in AOT_KERNELS}
 
 
 # ------------------------------------------------------------------------------------------------------- GPU
