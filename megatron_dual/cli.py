@@ -211,22 +211,8 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-dual", description="dual-objective (AR + masked diffusion) LM stack")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    from megatron_dual.train import add_train_args
-
-    t = sub.add_parser("train", help="train a model")
-    add_train_args(t)
-    t.set_defaults(func=cmd_train)
-
-    i = sub.add_parser("info", help="parameter counts and FLOPs per token of a preset/config")
-    _config_args(i)
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_info)
-
-    g = sub.add_parser("generate", help="generation: causal (KV cache), prefix-LM, or masked diffusion")
+def _generate_args(g: argparse.ArgumentParser) -> None:
+    """The ``generate`` subcommand's arguments."""
     _inference_args(g)
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
     g.add_argument(
@@ -263,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="diffusion: keep the most confident predictions (low-confidence remasking) or random ones",
     )
     g.add_argument("--prefix-lm", action="store_true", help="same as --mode prefix")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-dual", description="dual-objective (AR + masked diffusion) LM stack")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    from megatron_dual.train import add_train_args
+
+    t = sub.add_parser("train", help="train a model")
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("info", help="parameter counts and FLOPs per token of a preset/config")
+    _config_args(i)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("generate", help="generation: causal (KV cache), prefix-LM, or masked diffusion")
+    _generate_args(g)
     g.set_defaults(func=cmd_generate)
 
     f = sub.add_parser(

@@ -556,6 +556,18 @@ def _blend_valid(valids: list[tuple[PackedDataset, float]]) -> BlendedDataset | 
     return valid
 
 
+def _open_and_split(
+    path: str, entries: list[tuple[float | None, str]], valid_fraction: float, seed: int
+) -> tuple[list[IndexedDataset], list[tuple[np.ndarray, np.ndarray]], list[float]]:
+    """The datasets of ``data.path``, their (train, validation) document splits and their blend weights."""
+    datasets = [IndexedDataset(p) for _, p in entries]
+    splits = [split_documents(len(ds), valid_fraction, seed) for ds in datasets]
+    train_tokens = [
+        int(ds.sequence_lengths[tr].sum(dtype=np.int64)) for ds, (tr, _) in zip(datasets, splits, strict=True)
+    ]
+    return datasets, splits, _blend_weights(path, [w for w, _ in entries], train_tokens)
+
+
 def build_datasets(
     path: str,
     seq_len: int,
@@ -580,13 +592,7 @@ def build_datasets(
     per_dataset = resolve_repetitions(repetitions, [p for _, p in entries])
     if min(per_dataset) < 0:
         raise ValueError(f"repetitions = {repetitions}: must be >= 0")
-    datasets = [IndexedDataset(p) for _, p in entries]
-    splits = [split_documents(len(ds), valid_fraction, seed) for ds in datasets]
-    train_tokens = [
-        int(ds.sequence_lengths[tr].sum(dtype=np.int64)) for ds, (tr, _) in zip(datasets, splits, strict=True)
-    ]
-    weights = _blend_weights(path, [w for w, _ in entries], train_tokens)
-
+    datasets, splits, weights = _open_and_split(path, entries, valid_fraction, seed)
     L = seq_len
     n_total = max(1, budget_tokens // L)
     plan = DataPlan([p for _, p in entries], weights, budget_tokens, repetitions)
