@@ -37,7 +37,7 @@ from megatron_dual.engine.ddp import global_grad_norm
 from megatron_dual.model.checkpointing import apply_activation_checkpointing
 from megatron_dual.optim.gathered import FlatLayout, GatheredOrthogonalOptimizer
 from megatron_dual.optim.muon import build_optimizers
-from megatron_dual.optim.schedules import build_scheduler
+from megatron_dual.optim.schedules import build_scheduler, retarget_scheduler
 from megatron_dual.parallel.state import ParallelState
 from megatron_dual.parallel.tensor_parallel import parallelize_model
 
@@ -374,6 +374,17 @@ class DeepSpeedEngine(Engine):
             self.scheduler.load_state_dict(state["schedulers"]["all"])
         except (KeyError, TypeError) as e:
             raise ckpt.CheckpointError(f"{source}: no schedule state for the DeepSpeed engine ({e})") from e
+
+    def apply_schedule(self, cfg: Config) -> bool:
+        """As the DDP engine: the restored schedule retargeted at ``cfg``'s lrs and schedule over ``cfg.train.steps``.
+        The groups are our client optimizer's, the very dicts every ZeRO stage steps with (ZeRO swaps only their
+        ``params`` for its fp32 partitions); call after :meth:`load_checkpoint`, whose optimizer state (lrs included)
+        it overrides. The next checkpoint keeps the new base lrs (scheduler) and lrs (optimizer state)."""
+        bases = {"muon": cfg.optimizer.lr, "adamw": cfg.optimizer.adamw_lr or cfg.optimizer.lr}
+        retarget_scheduler(
+            self.scheduler, [bases[g["kind"]] for g in self.optimizer.param_groups], cfg.train.steps, cfg.schedule
+        )
+        return True
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def describe(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ One spawn of 2 ranks runs every case in turn (DeepSpeed's import and the spawn d
 Muon and with AdamW for 3 optimizer steps at alpha = 1/2, compared with one DDP process holding both slots (losses,
 gradient norms, every parameter); for each stage a run saved at step 2 and resumed must equal the uninterrupted
 run bit for bit; the ZeRO-3 checkpoint converted to the single-file form must give the same logits. A second spawn
-of 4 ranks runs TP = 2 x ZeRO-1 over DP = 2 against one process.
+of 4 ranks runs TP = 2 x ZeRO-1 over DP = 2 against one process. A third spawn of 2 ranks resumes ZeRO-2 AdamW and
+ZeRO-3 Muon with a changed lr, train.steps and schedule: the same lrs and run as the DDP engine resumed alike.
 """
 
 import importlib.util
@@ -274,3 +275,62 @@ def test_wandb_offline_run_is_written_without_network(zero_runs, run):
     assert len(runs) == 1, f"expected one offline run under {tmp / run / 'wandb'}"
     data = list(runs[0].glob("run-*.wandb"))
     assert data and data[0].stat().st_size > 0
+
+
+# Resuming with changed lr and schedule: trained 2 steps of 4 (decay over the last step), resumed for 6 steps at
+# another lr with decay over the last 5 to a floor, saved at step 4 and resumed from there once more.
+BUDGET = 6 * 2 * 2 * 16  # tokens of 6 steps (micro-batch 2 x 2 slots x seq_len 16): train.steps may grow to 6
+OLD_SCHEDULE = ["train.steps=4", "schedule.decay_steps=1", f"data.budget_tokens={BUDGET}"]
+NEW_SCHEDULE = [
+    "train.steps=6",
+    "optimizer.lr=0.004",
+    "schedule.decay_steps=5",
+    "schedule.min_lr_ratio=0.1",
+    f"data.budget_tokens={BUDGET}",
+    "checkpoint.resume=auto",
+]
+SCHEDULE_CASES = ((2, "adamw"), (3, "muon"))  # (ZeRO stage, optimizer): both flat layouts, both optimizers
+
+
+def _schedule_phases(overrides):
+    """(job name suffix, _run args) of the three phases in ``overrides(extra)``'s output directory."""
+    return (
+        ("before", (overrides(OLD_SCHEDULE), 2, 2)),
+        ("changed", (overrides(NEW_SCHEDULE), 6, 4)),
+        ("again", (overrides(NEW_SCHEDULE), 6)),
+    )
+
+
+@pytest.fixture(scope="module")
+def schedule_runs(corpus, tmp_path_factory):
+    """The three phases on the DDP engine (one process, both slots) and on ZeRO (2 ranks, one spawn)."""
+    tmp = tmp_path_factory.mktemp("schedule")
+    refs, jobs = {}, []
+    for stage, opt in SCHEDULE_CASES:
+        out = tmp / f"ddp_{opt}"
+        for phase, args in _schedule_phases(
+            lambda e, o=out, n=opt: _overrides(corpus, o, 2, [f"optimizer.name={n}", *e])
+        ):
+            refs[f"{opt}_{phase}"] = _run(*args)
+        out = tmp / f"z{stage}_{opt}"
+        for phase, args in _schedule_phases(lambda e, o=out, s=stage, n=opt: _overrides(corpus, o, 1, _ds(s, n, e))):
+            jobs.append((f"z{stage}_{opt}_{phase}", args))
+    return refs, _spawn(2, jobs, tmp)
+
+
+@pytest.mark.parametrize("stage,opt", SCHEDULE_CASES)
+def test_zero_resume_applies_changed_lr_and_schedule_as_ddp(schedule_runs, stage, opt):
+    from megatron_dual.optim.schedules import lr_multiplier
+
+    refs, results = schedule_runs
+    changed, again = (results[0][f"z{stage}_{opt}_{p}"] for p in ("changed", "again"))
+    assert [len(r["metrics"]) for r in (changed, again)] == [4, 2]  # steps 3-6, then steps 5-6
+    lrs = [0.004 * lr_multiplier(s, 6, "wsd", 0, 5, 0.1) for s in range(2, 6)]
+    assert lrs[0] != pytest.approx(0.007)  # the old settings would train step 3 at 0.007
+    assert [m["lr"] for m in changed["metrics"]] == pytest.approx(lrs, rel=1e-12)
+    assert [m["lr"] for m in refs[f"{opt}_changed"]["metrics"]] == pytest.approx(lrs, rel=1e-12)
+    _assert_same_run(changed, refs[f"{opt}_changed"], TOL[opt], f"ZeRO-{stage} {opt} resumed with new schedule")
+    # resumed from the checkpoint saved after the change: the new schedule goes on, bit for bit
+    assert again["metrics"] == changed["metrics"][2:]
+    for name, p in changed["params"].items():
+        assert torch.equal(again["params"][name], p), (stage, opt, name)
