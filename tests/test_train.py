@@ -193,7 +193,8 @@ def test_resume_on_another_dataset_is_refused(corpus, tmp_path):
 
 def test_cli_reports_bad_config(corpus, tmp_path, capsys):
     out = ["--set", f"output_dir={tmp_path}/run"]  # (not the default runs/default of the working directory)
-    assert main([*out, "--set", f"data.path={corpus}", "--set", "objective.alpha=0.3", "--set", "train.grad_accum=4"]) == 2
+    bad_alpha = ["--set", "objective.alpha=0.3", "--set", "train.grad_accum=4"]
+    assert main([*out, "--set", f"data.path={corpus}", *bad_alpha]) == 2
     assert "cannot be realised exactly" in capsys.readouterr().err
     assert main([*out, "--set", f"data.path={tmp_path}/missing_text_document"]) == 2
     assert "does not exist" in capsys.readouterr().err
