@@ -38,6 +38,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from .matmul import addmm_fp32_, fp32_out_addmm
+
 __all__ = [
     "FusedLinearCrossEntropy",
     "FusedCESums",
@@ -216,33 +218,10 @@ def previous_grad_path() -> Iterator[None]:
         _PATH.fp32_wgrad, _PATH.fold_db = saved
 
 
-@functools.cache
-def fp32_out_addmm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds the 16-bit product ``a @ b`` to the
-    fp32 ``acc`` in place on ``device``: CUDA builds of recent torch have ``addmm.dtype_out``; its first versions
-    wanted ``acc`` in the 16-bit dtype, and CPU builds have no kernel for it. Tried once per device and dtype on a
-    small exact product (one host read, at the first backward)."""
-    if device.type != "cuda" or not hasattr(torch.ops.aten.addmm, "dtype_out"):
-        return False
-    a = torch.arange(6, device=device, dtype=dtype).reshape(3, 2)
-    acc = torch.full((2, 2), 0.5, device=device)
-    try:
-        torch.addmm(acc, a.t(), a, out_dtype=torch.float32, out=acc)
-    except (RuntimeError, TypeError):
-        return False
-    return bool(torch.equal(acc, torch.tensor([[20.5, 26.5], [26.5, 35.5]], device=device)))
-
-
 def _accumulate_wgrad(dw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
-    """``dw`` (fp32) += g^T h_c. fp32 operands: in place. 16-bit ones: in the GEMM's fp32 output where torch allows
-    it (no 16-bit product, no upcast copy, no separate add: about 3.8 GB less traffic per dual-470m micro-batch, and
-    one rounding fewer), else the 16-bit product upcast and added."""
-    if g.dtype == torch.float32:
-        dw.addmm_(g.t(), h_c)
-    elif _PATH.fp32_wgrad and fp32_out_addmm(g.device, g.dtype):
-        torch.addmm(dw, g.t(), h_c, out_dtype=torch.float32, out=dw)
-    else:
-        dw += (g.t() @ h_c).float()
+    """``dw`` (fp32) += g^T h_c, in the GEMM's fp32 output for 16-bit operands unless :func:`previous_grad_path`
+    (about 3.8 GB less traffic per dual-470m micro-batch than the 16-bit product upcast and added)."""
+    addmm_fp32_(dw, g.t(), h_c, _PATH.fp32_wgrad)
 
 
 # Rows x vocabulary columns of one gradient-kernel tile: 4,096 elements on a GPU; the interpreter takes bigger

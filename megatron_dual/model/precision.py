@@ -10,10 +10,10 @@
 * :func:`linear`: with a weight tagged by :func:`enable_fp32_grad_accumulation` (the DDP engine does so for bf16
   on CUDA, where ``param.grad`` is an fp32 view into an all-reduce bucket), the weight gradient of a bf16 linear is
   one matmul with fp32 output accumulated straight into ``param.grad``:
-  ``torch.addmm(grad, dy^T, x, out_dtype=torch.float32, out=grad)`` (Megatron's gradient-accumulation fusion),
-  instead of a bf16 product that autograd casts to fp32 and adds in two more passes. Where ``addmm`` has no
-  ``out_dtype`` (CPU; torch before 2.8) the bf16 product is added in place (``grad.add_(dy^T @ x)``: the floats of
-  the autocast path, minus the fp32 temporary). Autograd then receives no weight gradient; the weight's
+  ``torch.addmm(grad, dy^T, x, out_dtype=torch.float32, out=grad)`` (Megatron's gradient-accumulation fusion;
+  :mod:`megatron_dual.kernels.matmul`, shared with the fused CE), instead of a bf16 product that autograd casts to
+  fp32 and adds in two more passes. Where ``addmm`` has no ``out_dtype`` (CPU; torch before 2.8) the bf16 product
+  is added in place (the floats of the autocast path). Autograd then receives no weight gradient; the weight's
   post-accumulate-grad hooks (the gradient buckets' readiness) still run once per backward: torch 2.13 runs them
   for a None gradient too, and where a torch does not (feature-tested once) the function runs them itself. Not
   for engines that manage gradients themselves (DeepSpeed hooks autograd's accumulation nodes): only the tagged
@@ -29,6 +29,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from megatron_dual.kernels.matmul import addmm_fp32_, fp32_out_addmm
 
 __all__ = ["Linear", "enable_fp32_grad_accumulation", "linear", "step_region"]
 
@@ -64,18 +66,6 @@ def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     low = weight.detach().to(dtype)
     _cache[id(weight)] = (weight, weight._version, low)
     return low
-
-
-@functools.cache
-def addmm_out_dtype(device_type: str) -> bool:
-    """Whether ``torch.addmm(fp32, bf16, bf16, out_dtype=fp32, out=fp32)`` runs, in place, on ``device_type``."""
-    try:
-        g = torch.ones(2, 2, device=device_type)
-        a = torch.ones(2, 2, device=device_type, dtype=torch.bfloat16)
-        torch.addmm(g, a, a, out_dtype=torch.float32, out=g)
-        return bool((g == 3).all())
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
 
 
 class _NoWeightGrad(torch.autograd.Function):
@@ -114,10 +104,7 @@ def accumulate_weight_grad(weight: torch.Tensor, dy: torch.Tensor, x: torch.Tens
     grad = weight.grad
     if grad is None:
         grad = weight.grad = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    if grad.dtype == torch.float32 and grad.is_contiguous() and addmm_out_dtype(grad.device.type):
-        torch.addmm(grad, dy.t(), x, out_dtype=torch.float32, out=grad)
-    else:
-        grad.add_(torch.mm(dy.t(), x))
+    addmm_fp32_(grad, dy.t(), x)
     _run_post_accumulate_hooks(weight)
 
 
@@ -178,7 +165,7 @@ def enable_fp32_grad_accumulation(model: nn.Module) -> int:
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.dtype == torch.float32:
                 setattr(weight, FP32_GRAD_ATTR, True)
-                addmm_out_dtype(weight.device.type)  # the feature tests run now, outside any forward or backward
+                fp32_out_addmm(weight.device, torch.bfloat16)  # the feature tests run now, not inside a backward
                 n += 1
     autograd_runs_hooks_without_grad()
     return n

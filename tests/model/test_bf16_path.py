@@ -13,10 +13,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from toy import tiny_overrides, write_random_corpus
 
 from megatron_dual.config import ModelConfig, load_config
+from megatron_dual.kernels.matmul import fp32_out_addmm
 from megatron_dual.model import AttentionMask, DualTransformer
 from megatron_dual.model.checkpointing import apply_activation_checkpointing
 from megatron_dual.model.loss import IGNORE, labelled_loss
-from megatron_dual.model.precision import Linear, addmm_out_dtype, enable_fp32_grad_accumulation, step_region
+from megatron_dual.model.precision import Linear, enable_fp32_grad_accumulation, step_region
 from megatron_dual.trainer import Trainer
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,7 +255,8 @@ def test_fp32_grad_accumulation_ddp_two_gloo_ranks(tmp_path):
 def test_gpu_fp32_weight_grad_accumulation_with_addmm_out_dtype():
     """On CUDA the weight gradient is one fp32-output matmul accumulated in place: closer to the fp32 product of
     the same bf16 operands than the autocast path's bf16-rounded product, and two backwards add up."""
-    assert addmm_out_dtype("cuda"), f"torch {torch.__version__}: no addmm out_dtype on CUDA (fallback in use)"
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert fp32_out_addmm(device, torch.bfloat16), f"torch {torch.__version__}: no addmm out_dtype on CUDA (fallback)"
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
     lin = Linear(1024, 3584, bias=False).cuda()
