@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_dual.kernels.matmul import addmm_fp32_, fp32_out_addmm
+from megatron_dual.model.fused import autocast_dtype
 
 __all__ = ["Linear", "enable_fp32_grad_accumulation", "linear", "step_region"]
 
@@ -136,8 +137,7 @@ def _low_precision(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
         return None
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return None
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return autocast_dtype(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
