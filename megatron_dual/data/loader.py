@@ -32,13 +32,20 @@ import math
 import os
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megatron_dual.data.indexed import IndexedDataset, index_file_path
-from megatron_dual.data.packing import PackedDataset, check_layout, read_shifted, shifted_sample, stream_lengths
+from megatron_dual.data.packing import (
+    PackedDataset,
+    check_layout,
+    read_plain,
+    read_shifted,
+    shifted_sample,
+    stream_lengths,
+)
 from megatron_dual.data.sampler import dataset_fingerprint, split_documents
 
 __all__ = [
@@ -321,40 +328,25 @@ class RepeatedPackedDataset:
         return lo + int(self._sample_perm(e)[position - lo])
 
     # ------------------------------------------------------------------------------------------------ samples
-    def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stream tokens ``[start, start + count)`` and, per token, whether a document starts there."""
+    def _pass_spans(self, start: int, count: int) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
+        """Stream positions ``[start, start + count)`` cut at pass boundaries: ``(docs, offsets, local start,
+        count)`` of each pass's index."""
         U = self.unique_tokens
-        pieces: list[np.ndarray] = []
-        starts: list[np.ndarray] = []
         pos, end = start, start + count
         while pos < end:
             e, local = divmod(pos, U)
             take = min(end - pos, U - local)
-            docs, offsets = self.pass_index(e)
-            first = int(np.searchsorted(offsets, local, side="right")) - 1
-            last = int(np.searchsorted(offsets, local + take - 1, side="right")) - 1
-            for k in range(first, last + 1):
-                lo = max(local, int(offsets[k]))
-                hi = min(local + take, int(offsets[k + 1]))
-                if hi > lo:
-                    pieces.append(self.dataset.get(int(docs[k]), lo - int(offsets[k]), hi - lo))
-                    mark = np.zeros(hi - lo, dtype=bool)
-                    mark[0] = lo == int(offsets[k])
-                    starts.append(mark)
+            yield (*self.pass_index(e), local, take)
             pos += take
-        return np.concatenate(pieces), np.concatenate(starts)
+
+    def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stream tokens ``[start, start + count)`` and, per token, whether a document starts there."""
+        parts = [read_plain(self.dataset, *span) for span in self._pass_spans(start, count)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def read_shifted(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Reference layout: ``(inputs, targets, is_start)`` of input positions ``[start, start + count)``."""
-        U = self.unique_tokens
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        pos, end = start, start + count
-        while pos < end:
-            e, local = divmod(pos, U)
-            take = min(end - pos, U - local)
-            docs, offsets = self.pass_index(e)
-            parts.append(read_shifted(self.dataset, docs, offsets, local, take))
-            pos += take
+        parts = [read_shifted(self.dataset, *span) for span in self._pass_spans(start, count)]
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
     def __getitem__(self, position: int) -> dict[str, np.ndarray]:

@@ -20,7 +20,16 @@ import numpy as np
 
 from megatron_dual.data.indexed import IndexedDataset
 
-__all__ = ["LAYOUTS", "PackedDataset", "check_layout", "stream_lengths", "read_shifted", "shifted_sample"]
+__all__ = [
+    "LAYOUTS",
+    "PackedDataset",
+    "check_layout",
+    "stream_lengths",
+    "read_spans",
+    "read_plain",
+    "read_shifted",
+    "shifted_sample",
+]
 
 LAYOUTS = ("concat", "reference")
 
@@ -38,26 +47,47 @@ def stream_lengths(lengths: np.ndarray, layout: str) -> np.ndarray:
     return lengths if check_layout(layout) == "concat" else np.maximum(lengths - 1, 0)
 
 
+def read_spans(
+    dataset: IndexedDataset, docs: np.ndarray, offsets: np.ndarray, start: int, count: int, extra: int = 0
+) -> list[tuple[np.ndarray, bool]]:
+    """Per document overlapping stream positions ``[start, start + count)`` of a stream where document ``docs[k]``
+    holds positions ``[offsets[k], offsets[k + 1])``: its tokens at those positions (and ``extra`` more of the same
+    document after them) and whether the document starts inside the span."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, start + count - 1, side="right")) - 1
+    out = []
+    for k in range(first, last + 1):
+        lo = max(start, int(offsets[k]))
+        hi = min(start + count, int(offsets[k + 1]))
+        if hi > lo:
+            out.append((dataset.get(int(docs[k]), lo - int(offsets[k]), hi - lo + extra), lo == int(offsets[k])))
+    return out
+
+
+def _start_marks(length: int, starts: bool) -> np.ndarray:
+    mark = np.zeros(length, dtype=bool)
+    mark[0] = starts
+    return mark
+
+
 def read_shifted(
     dataset: IndexedDataset, docs: np.ndarray, offsets: np.ndarray, start: int, count: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference layout: ``(inputs, targets, is_start)`` of input positions ``[start, start + count)`` of a stream
     where document ``docs[k]`` holds positions ``[offsets[k], offsets[k + 1])`` (its tokens but the last); the
     target of each input is the token after it in its document. ``is_start``: a document starts at that position."""
-    first = int(np.searchsorted(offsets, start, side="right")) - 1
-    last = int(np.searchsorted(offsets, start + count - 1, side="right")) - 1
-    inputs, targets, marks = [], [], []
-    for k in range(first, last + 1):
-        lo = max(start, int(offsets[k]))
-        hi = min(start + count, int(offsets[k + 1]))
-        if hi > lo:
-            piece = dataset.get(int(docs[k]), lo - int(offsets[k]), hi - lo + 1)  # one more: the last target
-            inputs.append(piece[:-1])
-            targets.append(piece[1:])
-            mark = np.zeros(hi - lo, dtype=bool)
-            mark[0] = lo == int(offsets[k])
-            marks.append(mark)
-    return np.concatenate(inputs), np.concatenate(targets), np.concatenate(marks)
+    spans = read_spans(dataset, docs, offsets, start, count, extra=1)  # one more: the last input's target
+    inputs = np.concatenate([piece[:-1] for piece, _ in spans])
+    targets = np.concatenate([piece[1:] for piece, _ in spans])
+    return inputs, targets, np.concatenate([_start_marks(piece.size - 1, st) for piece, st in spans])
+
+
+def read_plain(
+    dataset: IndexedDataset, docs: np.ndarray, offsets: np.ndarray, start: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated layout: ``(tokens, is_start)`` of stream positions ``[start, start + count)``."""
+    spans = read_spans(dataset, docs, offsets, start, count)
+    return np.concatenate([p for p, _ in spans]), np.concatenate([_start_marks(p.size, st) for p, st in spans])
 
 
 def shifted_sample(inputs: np.ndarray, targets: np.ndarray, is_start: np.ndarray) -> dict[str, np.ndarray]:
