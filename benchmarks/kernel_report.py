@@ -1,0 +1,166 @@
+"""What the compiler makes of the attention kernels for H100 (sm90), A100 (sm80) and MI250X (gfx90a), on a CPU.
+
+For each attention kernel (forward, dQ, dK/dV; on sm90 also the forward with TMA descriptors) and each block
+configuration its autotuner may pick on that architecture (``attention.ARCH_SHAPES``), compiled with the
+specialisation Triton's JIT gives the dual-470m training launch (the packed qkv projection of 2048 positions x 48
+heads x 64, bf16, document ids, under the two training masks; launches recorded from the host code, see
+``megatron_dual/kernels/aot.py``): registers per thread, spilled bytes, shared memory (LDS) against the device's
+limit, how many tile loads the software pipeliner made asynchronous (cp.async or TMA into shared memory), and which
+tensor-core instructions carry the products (Hopper's wgmma, the older mma.sync, AMD's MFMA).
+
+These are the compiler's figures for the code the GPU will run, not timings. A configuration that spills, overflows
+shared memory or (on CUDA, with more than one stage) loads every tile synchronously is flagged; ``--check`` exits 1
+when any is, so a change to a kernel that makes it spill is seen before a GPU is at hand.
+
+    python benchmarks/kernel_report.py                                   # every arch, kernel, mask and config
+    python benchmarks/kernel_report.py --arch sm90 --kernels fwd --first  # the first (autotune "one") config only
+    python benchmarks/kernel_report.py --out report.jsonl --check        # rows to JSONL, exit 1 on a flag
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter (read when triton is imported)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARCHS = ("sm90", "sm80", "gfx90a")
+KERNELS = {"fwd": "_fwd_kernel", "bwd_q": "_bwd_q_kernel", "bwd_kv": "_bwd_kv_kernel"}
+MASKS = ("causal-docs", "bidirectional-docs", "prefix-docs", "causal", "bidirectional", "prefix")
+TRAINING_MASKS = ("causal-docs", "bidirectional-docs")
+# dual-470m: 16 query and 16 key/value heads of 64, 2048 positions, bf16; one sequence is enough (the batch size
+# changes no stride the JIT specialises on)
+SHAPE = {"t": 2048, "hq": 16, "hkv": 16, "d": 64}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", default=",".join(ARCHS), help=f"comma-separated: {', '.join(ARCHS)}")
+    p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated: {', '.join(KERNELS)}")
+    p.add_argument("--masks", default=",".join(TRAINING_MASKS), help=f"comma-separated: {', '.join(MASKS)}")
+    p.add_argument("--first", action="store_true", help="only each list's first config (what autotune 'one' runs)")
+    p.add_argument("--no-tma", action="store_true", help="leave out the sm90 forward with TMA descriptors")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: CPU count)")
+    p.add_argument("--out", type=Path, help="also write one JSON row per compiled kernel to this file")
+    p.add_argument("--check", action="store_true", help="exit 1 when a config spills, overflows or loads sync")
+    a = p.parse_args(argv)
+    for name, value, allowed in (("arch", a.arch, ARCHS), ("kernels", a.kernels, KERNELS), ("masks", a.masks, MASKS)):
+        bad = [x for x in value.split(",") if x not in allowed]
+        if bad:
+            p.error(f"--{name}: unknown {', '.join(bad)}; allowed: {', '.join(allowed)}")
+    return a
+
+
+@functools.cache
+def recorded_launches(mask: str) -> dict[str, Any]:
+    from megatron_dual.kernels.aot import attention_launches
+
+    return attention_launches(mask, SHAPE["t"], (SHAPE["hq"], SHAPE["hkv"]), SHAPE["d"])
+
+
+def configs(arch: str, kernel: str, first: bool) -> list[tuple[int, int, int, int]]:
+    import megatron_dual.kernels.attention as K
+
+    shapes = K.ARCH_SHAPES[arch][kernel]
+    return shapes[:1] if first else list(shapes)
+
+
+def compile_one(job: tuple[str, str, str, tuple[int, int, int, int], bool]) -> dict[str, Any]:
+    """Compile one (arch, kernel, mask, config, tma) job and return its report row (``error`` if it failed)."""
+    from megatron_dual.kernels import aot
+
+    arch, kernel, mask, (bm, bn, warps, stages), tma = job
+    row: dict[str, Any] = {"arch": arch, "kernel": kernel + "_tma" * tma, "mask": mask}
+    row |= {"block_m": bm, "block_n": bn, "warps": warps, "stages": stages}
+    target = aot.TARGETS[arch]
+    spec = aot.specialize(recorded_launches(mask)[KERNELS[kernel]], target)
+    extra: dict[str, Any] = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if "USE_TMA" in spec.signature:
+        extra["USE_TMA"] = tma
+    start = time.perf_counter()
+    try:
+        compiled = aot.compile_launch(spec.with_constants(**extra), target, warps, stages)
+    except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a row of the report, not a crash)
+        return row | {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    row |= aot.resources(compiled, target) | {"compile_s": round(time.perf_counter() - start, 1)}
+    return row | {"flags": flags(row)}
+
+
+def flags(row: dict[str, Any]) -> list[str]:
+    """What in a row would cost speed or fail at launch."""
+    from megatron_dual.kernels.aot import SHARED_LIMIT
+
+    out = []
+    if row.get("spill_bytes", 0) > 0:
+        out.append(f"spills {row['spill_bytes']} B")
+    if row["shared"] > SHARED_LIMIT[row["arch"]]:
+        out.append(f"shared {row['shared']} > {SHARED_LIMIT[row['arch']]}")
+    if row["arch"] != "gfx90a" and row["stages"] > 1 and row.get("pipelined_loads", 0) == 0:
+        out.append("loads not pipelined")
+    return out
+
+
+def jobs(a: argparse.Namespace) -> list[tuple[str, str, str, tuple[int, int, int, int], bool]]:
+    out = []
+    for arch in a.arch.split(","):
+        for kernel in a.kernels.split(","):
+            variants = [False, True] if arch == "sm90" and kernel == "fwd" and not a.no_tma else [False]
+            for mask in a.masks.split(","):
+                for cfg in configs(arch, kernel, a.first):
+                    out += [(arch, kernel, mask, cfg, tma) for tma in variants]
+    return out
+
+
+COLUMNS = {
+    "sm90": ("registers", "spill_bytes", "shared", "pipelined_loads", "tma_loads", "wgmma", "mma"),
+    "sm80": ("registers", "spill_bytes", "shared", "pipelined_loads", "mma"),
+    "gfx90a": ("vgpr", "agpr", "spill_bytes", "shared", "occupancy", "mfma"),
+}
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        cols = COLUMNS[arch]
+        print(f"\n{arch}: kernel, mask, (BLOCK_M, BLOCK_N, warps, stages), " + ", ".join(cols))
+        for r in (r for r in rows if r["arch"] == arch):
+            cfg = f"({r['block_m']}, {r['block_n']}, {r['warps']}, {r['stages']})"
+            head = f"  {r['kernel']:<10} {r['mask']:<19} {cfg:<18}"
+            if "error" in r:
+                print(head, "ERROR", r["error"])
+                continue
+            vals = " ".join(f"{c}={r.get(c, '-')}" for c in cols)
+            print(head, vals, ("  <- " + "; ".join(r["flags"])) if r["flags"] else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import triton
+
+    a = parse(argv)
+    todo = jobs(a)
+    print(f"kernel_report: Triton {triton.__version__}, {len(todo)} compiles on {a.jobs} process(es)", flush=True)
+    start = time.perf_counter()
+    if a.jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
+            rows = list(pool.map(compile_one, todo))
+    else:
+        rows = [compile_one(j) for j in todo]
+    print_table(rows)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        with a.out.open("w") as f:
+            f.writelines(json.dumps(r | {"triton": triton.__version__}) + "\n" for r in rows)
+    bad = [r for r in rows if "error" in r or r["flags"]]
+    print(f"\n{len(rows)} kernels compiled in {time.perf_counter() - start:.0f} s; {len(bad)} flagged or failed")
+    return 1 if a.check and bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

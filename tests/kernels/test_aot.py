@@ -1,0 +1,92 @@
+"""Ahead-of-time compilation as the JIT specialises (``megatron_dual/kernels/aot.py``) and the compiler report
+(``benchmarks/kernel_report.py``). Compiling runs in a subprocess: the kernels must be imported without
+``TRITON_INTERPRET``, which the test session sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SPECIALIZE = r"""
+import json
+import torch
+import triton
+import triton.language as tl
+from megatron_dual.kernels import aot
+
+
+@triton.jit
+def probe(X, Y, n, stride, one, scale, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + i * stride * one, tl.load(X + i, mask=i < n) * scale, mask=i < n)
+
+
+class Host:
+    probe = probe
+
+
+x = torch.zeros(64, dtype=torch.bfloat16)
+with aot.record_launches(Host, ["probe"]) as launches:
+    Host.probe[(1,)](x, x[1:], 48, 7, 1, 0.5, MODE=2, num_warps=2)
+out = {}
+for name, target in aot.TARGETS.items():
+    spec = aot.specialize(launches[0], target)
+    out[name] = {"sig": spec.signature, "consts": {k: v for k, v in spec.constants.items()},
+                 "attrs": {str(k[0]): v for k, v in spec.attrs.items()}, "options": launches[0].options()}
+print(json.dumps(out))
+"""
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_specialize_matches_the_jit_rules(tmp_path):
+    """Pointers at 16-byte-aligned addresses and integers that are multiples of 16 get divisibility 16 (ROCm: also
+    the 2 GB pointer range), an integer equal to 1 becomes a constant, constexprs stay constants, launch options
+    (num_warps) are kept apart, and block sizes left to a config stay open."""
+    script = tmp_path / "specialize.py"  # a file: @triton.jit reads its function's source
+    script.write_text(SPECIALIZE)
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    cuda = out["sm90"]
+    assert cuda["sig"] == {
+        "X": "*bf16", "Y": "*bf16", "n": "i32", "stride": "i32", "one": "constexpr", "scale": "fp32",
+        "MODE": "constexpr", "BLOCK": "constexpr",
+    }  # fmt: skip
+    assert cuda["consts"] == {"one": 1, "MODE": 2}
+    div = [["tt.divisibility", 16]]
+    assert cuda["attrs"] == {"0": div, "2": div}  # x aligned, x[1:] (2 bytes in) not; n = 48, stride = 7 not
+    assert cuda["options"] == {"num_warps": 2}
+    assert out["sm80"]["attrs"] == cuda["attrs"]
+    amd = out["gfx90a"]["attrs"]
+    assert amd["0"] == [*div, ["tt.pointer_range", 32]] and amd["1"] == [["tt.pointer_range", 32]]
+
+
+@pytest.mark.slow
+def test_report_first_configs_compile_pipelined_without_spills(tmp_path):
+    """The report compiles the three attention kernels' first sm90 configs (what autotune mode "one" runs on an
+    H100) as the dual-470m causal document launch is specialised: every one uses wgmma, multi-buffers its tile
+    loads, spills nothing and fits in shared memory; the TMA forward loads through TMA."""
+    out = tmp_path / "report.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--arch", "sm90", "--masks", "causal-docs"]
+    cmd += ["--first", "--jobs", "1", "--out", str(out), "--check"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["kernel"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"fwd", "fwd_tma", "bwd_q", "bwd_kv"}
+    for row in rows.values():
+        assert row["flags"] == [] and row["spill_bytes"] == 0 and 0 < row["shared"] <= 232448
+        assert row["wgmma"] > 0 and row["mma"] == 0 and row["pipelined_loads"] > 0 and 0 < row["registers"] <= 255
+    assert rows["fwd_tma"]["tma_loads"] > 0 and rows["fwd"]["tma_loads"] == 0
+    assert "fwd_tma" in r.stdout and "0 flagged or failed" in r.stdout
