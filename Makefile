@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean triton-image
 
 setup: $(STAMP)
 
@@ -43,5 +43,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The GPU image's Triton (DESIGN.md section 7: 3.6.0) beside ours, no GPU needed: the kernel tests (interpreter and
+# the ahead-of-time compiles for sm_90a / sm_80 / gfx90a) and the compiler report (benchmarks/kernel_report.py) under
+# it, in a copy of .venv. Triton 3.6's interpreter wants numpy < 2.4 (it calls int() on one-element arrays).
+TRITON_IMAGE ?= 3.6.0
+TRITON_VENV := .venv-triton$(TRITON_IMAGE)
+
+triton-image: $(STAMP)
+	test -x $(TRITON_VENV)/bin/python || cp -a $(VENV) $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --no-deps "triton==$(TRITON_IMAGE)" "numpy<2.4"
+	PYTHONPATH=. $(TRITON_VENV)/bin/python -m pytest -q -n 2 --timeout 900 -W ignore::DeprecationWarning tests/kernels
+	PYTHONPATH=. $(TRITON_VENV)/bin/python benchmarks/kernel_report.py --check
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .venv-triton*
