@@ -291,6 +291,8 @@ def _fwd_tiles(
     hi,
     skip_at,
     skip_len,
+    in_lo,
+    in_hi,
     scale_log2,
     offs_n0,
     offs_d,
@@ -315,8 +317,9 @@ def _fwd_tiles(
         if POS_MASK:
             ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND) & n_valid[None, :]
             if DOC_MASK:
-                k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
-                ok = ok & (q_doc[:, None] == k_doc[None, :])
+                if (start_n < in_lo) | (start_n >= in_hi):  # else the key tile lies inside the query tile's run
+                    k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
+                    ok = ok & (q_doc[:, None] == k_doc[None, :])
             qk = tl.where(ok, qk, float("-inf"))
         elif DOC_MASK:
             k_doc = tl.load(DOCS + b * sdoc + offs_n)
@@ -432,6 +435,8 @@ def _fwd_kernel(
     # over [lo, a1) and [a2, mid) with the compare, one over [a1, a2) without, one over [mid, hi) positional
     a1 = lo
     a2 = lo
+    f_lo = lo  # tiles [f_lo, f_hi) lie inside the query tile's run (none without documents)
+    f_hi = lo
     if HAS_DOCS:
         last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
         f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
@@ -457,6 +462,8 @@ def _fwd_kernel(
             mid - (a2 - a1),
             a1,
             a2 - a1,
+            f_lo,
+            f_hi,
             scale_log2,
             offs_n0,
             offs_d,
@@ -489,6 +496,8 @@ def _fwd_kernel(
         a2,
         a2,
         0,
+        f_lo,
+        f_hi,
         scale_log2,
         offs_n0,
         offs_d,
@@ -519,6 +528,8 @@ def _fwd_kernel(
         hi,
         hi,
         0,
+        f_lo,
+        f_hi,
         scale_log2,
         offs_n0,
         offs_d,
@@ -559,6 +570,8 @@ def _bwd_kv_tiles(
     hi,
     skip_at,
     skip_len,
+    in_lo,
+    in_hi,
     scale_log2,
     offs_m0,
     offs_d,
@@ -585,8 +598,9 @@ def _bwd_kv_tiles(
         if POS_MASK:
             ok = _pos_mask_t(k_pos, q_pos, plen, MASK_KIND)
             if DOC_MASK:
-                q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
-                ok = ok & (k_doc[:, None] == q_doc[None, :])
+                if (start_m < in_lo) | (start_m >= in_hi):  # else the query tile lies inside the key tile's run
+                    q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
+                    ok = ok & (k_doc[:, None] == q_doc[None, :])
             p_t = tl.where(ok, p_t, 0.0)
         elif DOC_MASK:
             q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
@@ -621,7 +635,8 @@ def _key_tile_query_range(
 ):
     """Queries [lo, hi) that may see some key of the tile (starting at ``start_n``), split at mid, b1 and b2:
     [lo, mid) needs the positional mask, [b1, b2) lies inside the key tile's document run (no document compare);
-    and the keys' document ids."""
+    [in_lo, in_hi): the query tiles inside that run wherever they lie (the positional tiles among them skip the
+    document compare too); and the keys' document ids."""
     # queries [lo, hi) that may see some key of the tile; queries from mid on see all of them (positionally)
     lo = start_n * 0
     hi = start_n * 0 + T_Q
@@ -647,14 +662,16 @@ def _key_tile_query_range(
     # query tiles in [b1, b2) lie inside the key tile's document run: no document compare there
     b1 = hi
     b2 = hi
+    in_lo = lo  # query tiles [in_lo, in_hi) lie inside the key tile's run (none without documents)
+    in_hi = lo
     if HAS_DOCS:
         last_k = tl.minimum(start_n + BLOCK_N, T_K) - 1
-        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_n, last_k, Q_OFFSET, T_Q, BLOCK_M)
-        b1 = tl.minimum(tl.maximum(f_lo, mid), hi)
-        b2 = tl.minimum(tl.maximum(f_hi, b1), hi)
+        in_lo, in_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_n, last_k, Q_OFFSET, T_Q, BLOCK_M)
+        b1 = tl.minimum(tl.maximum(in_lo, mid), hi)
+        b2 = tl.minimum(tl.maximum(in_hi, b1), hi)
     else:
         b1 = mid
-    return lo, mid, b1, b2, hi, k_doc
+    return lo, mid, b1, b2, hi, in_lo, in_hi, k_doc
 
 
 @_autotune("bwd_kv")
@@ -726,7 +743,7 @@ def _bwd_kv_kernel(
     plen = 0
     if MASK_KIND == 2:
         plen = tl.load(PREFIX + b)
-    lo, mid, b1, b2, hi, k_doc = _key_tile_query_range(
+    lo, mid, b1, b2, hi, in_lo, in_hi, k_doc = _key_tile_query_range(
         start_n,
         b,
         T_Q,
@@ -774,6 +791,8 @@ def _bwd_kv_kernel(
             mid,
             mid,
             0,
+            in_lo,
+            in_hi,
             scale_log2,
             offs_m0,
             offs_d,
@@ -807,6 +826,8 @@ def _bwd_kv_kernel(
                 hi - (b2 - b1),
                 b1,
                 b2 - b1,
+                in_lo,
+                in_hi,
                 scale_log2,
                 offs_m0,
                 offs_d,
@@ -839,6 +860,8 @@ def _bwd_kv_kernel(
             b2,
             b2,
             0,
+            in_lo,
+            in_hi,
             scale_log2,
             offs_m0,
             offs_d,
@@ -886,6 +909,8 @@ def _bwd_q_tiles(
     hi,
     skip_at,
     skip_len,
+    in_lo,
+    in_hi,
     scale_log2,
     offs_n0,
     offs_d,
@@ -907,8 +932,9 @@ def _bwd_q_tiles(
         if POS_MASK:
             ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND)
             if DOC_MASK:
-                k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
-                ok = ok & (q_doc[:, None] == k_doc[None, :])
+                if (start_n < in_lo) | (start_n >= in_hi):  # else the key tile lies inside the query tile's run
+                    k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
+                    ok = ok & (q_doc[:, None] == k_doc[None, :])
             p = tl.where(ok, p, 0.0)
         elif DOC_MASK:
             k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
@@ -1021,6 +1047,8 @@ def _bwd_q_kernel(
     # the forward's split of the key range
     a1 = lo
     a2 = lo
+    f_lo = lo  # tiles [f_lo, f_hi) lie inside the query tile's run (none without documents)
+    f_hi = lo
     if HAS_DOCS:
         last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
         f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
@@ -1047,6 +1075,8 @@ def _bwd_q_kernel(
             mid - (a2 - a1),
             a1,
             a2 - a1,
+            f_lo,
+            f_hi,
             scale_log2,
             offs_n0,
             offs_d,
@@ -1079,6 +1109,8 @@ def _bwd_q_kernel(
         a2,
         a2,
         0,
+        f_lo,
+        f_hi,
         scale_log2,
         offs_n0,
         offs_d,
@@ -1109,6 +1141,8 @@ def _bwd_q_kernel(
         hi,
         hi,
         0,
+        f_lo,
+        f_hi,
         scale_log2,
         offs_n0,
         offs_d,
