@@ -1,4 +1,5 @@
-"""What the compiler makes of the attention kernels for H100 (sm90), A100 (sm80) and MI250X (gfx90a), on a CPU.
+"""What the compiler makes of the attention and fused kernels for H100 (sm90), A100 (sm80) and MI250X (gfx90a) on a
+CPU.
 
 For each attention kernel (forward, dQ, dK/dV; on sm90 also the forward with TMA descriptors) and each block
 configuration its autotuner may pick on that architecture (``attention.ARCH_SHAPES``), compiled with the
@@ -8,12 +9,22 @@ heads x 64, bf16, document ids, under the two training masks; launches recorded 
 limit, how many tile loads the software pipeliner made asynchronous (cp.async or TMA into shared memory), and which
 tensor-core instructions carry the products (Hopper's wgmma, the older mma.sync, AMD's MFMA).
 
+``--kernels fused`` (or single names: ``rmsnorm_fwd``, ``ce_grad``, ...) adds the fused kernels (RMSNorm and
+add-RMSNorm forward and backward, rotary and its inverse, SwiGLU forward and backward, the cross-entropy's
+statistics and gradient kernels): one row per kernel and arch, compiled as the JIT specialises dual-470m's launches
+(``aot.fused_launches``: bf16 activations, fp32 residual stream, the arch's SM count for persistent grids) with the
+block size and warps its host code picks and the backend's default stages; besides registers, spills and shared
+memory, the global loads and stores and how many of them are vectorised (16-byte ``ld.global.v4``, AMD dwordx2
+and wider).
+
 These are the compiler's figures for the code the GPU will run, not timings. A configuration that spills, overflows
-shared memory or (on CUDA, with more than one stage) loads every tile synchronously is flagged; ``--check`` exits 1
-when any is, so a change to a kernel that makes it spill is seen before a GPU is at hand.
+shared memory or (on CUDA, with more than one stage) loads every tile synchronously is flagged, as is a fused
+kernel without a vectorised load; ``--check`` exits 1 when any is, so a change to a kernel that makes it spill is
+seen before a GPU is at hand.
 
     python benchmarks/kernel_report.py                                   # every arch, kernel, mask and config
     python benchmarks/kernel_report.py --arch sm90 --kernels fwd --first  # the first (autotune "one") config only
+    python benchmarks/kernel_report.py --kernels fused                   # the fused kernels, every arch
     python benchmarks/kernel_report.py --out report.jsonl --check        # rows to JSONL, exit 1 on a flag
 """
 
@@ -34,6 +45,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ARCHS = ("sm90", "sm80", "gfx90a")
 KERNELS = {"fwd": "_fwd_kernel", "bwd_q": "_bwd_q_kernel", "bwd_kv": "_bwd_kv_kernel"}
+# the fused kernels by report name: the key of aot.fused_launches (the rotary inverse is "_rotary_kernel_bwd")
+FUSED = {
+    "rmsnorm_fwd": "_rmsnorm_fwd_kernel",
+    "rmsnorm_bwd": "_rmsnorm_bwd_kernel",
+    "add_rmsnorm_fwd": "_add_rmsnorm_fwd_kernel",
+    "add_rmsnorm_bwd": "_add_rmsnorm_bwd_kernel",
+    "rotary": "_rotary_kernel",
+    "rotary_bwd": "_rotary_kernel_bwd",
+    "swiglu_fwd": "_swiglu_fwd_kernel",
+    "swiglu_bwd": "_swiglu_bwd_kernel",
+    "ce_stats": "_ce_stats_kernel",
+    "ce_grad": "_ce_grad_kernel",
+}
+KERNEL_CHOICES = (*KERNELS, "fused", *FUSED)
 MASKS = ("causal-docs", "bidirectional-docs", "prefix-docs", "causal", "bidirectional", "prefix")
 TRAINING_MASKS = ("causal-docs", "bidirectional-docs")
 # dual-470m: 16 query and 16 key/value heads of 64, 2048 positions, bf16; one sequence is enough (the batch size
@@ -44,7 +69,11 @@ SHAPE = {"t": 2048, "hq": 16, "hkv": 16, "d": 64}
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", default=",".join(ARCHS), help=f"comma-separated: {', '.join(ARCHS)}")
-    p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated: {', '.join(KERNELS)}")
+    p.add_argument(
+        "--kernels",
+        default=",".join(KERNELS),
+        help=f"comma-separated: {', '.join(KERNEL_CHOICES)} (fused: all of those after it)",
+    )
     p.add_argument("--masks", default=",".join(TRAINING_MASKS), help=f"comma-separated: {', '.join(MASKS)}")
     p.add_argument("--first", action="store_true", help="only each list's first config (what autotune 'one' runs)")
     p.add_argument("--no-tma", action="store_true", help="leave out the sm90 forward with TMA descriptors")
@@ -52,7 +81,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="also write one JSON row per compiled kernel to this file")
     p.add_argument("--check", action="store_true", help="exit 1 when a config spills, overflows or loads sync")
     a = p.parse_args(argv)
-    for name, value, allowed in (("arch", a.arch, ARCHS), ("kernels", a.kernels, KERNELS), ("masks", a.masks, MASKS)):
+    for name, value, allowed in (
+        ("arch", a.arch, ARCHS),
+        ("kernels", a.kernels, KERNEL_CHOICES),
+        ("masks", a.masks, MASKS),
+    ):
         bad = [x for x in value.split(",") if x not in allowed]
         if bad:
             p.error(f"--{name}: unknown {', '.join(bad)}; allowed: {', '.join(allowed)}")
@@ -64,6 +97,13 @@ def recorded_launches(mask: str) -> dict[str, Any]:
     from megatron_dual.kernels.aot import attention_launches
 
     return attention_launches(mask, SHAPE["t"], (SHAPE["hq"], SHAPE["hkv"]), SHAPE["d"])
+
+
+@functools.cache
+def recorded_fused(arch: str) -> dict[str, Any]:
+    from megatron_dual.kernels.aot import SM_COUNT, fused_launches
+
+    return fused_launches("bfloat16", SM_COUNT[arch])
 
 
 def configs(arch: str, kernel: str, first: bool) -> list[tuple[int, int, int, int]]:
@@ -89,9 +129,39 @@ def compile_one(job: tuple[str, str, str, tuple[int, int, int, int], bool]) -> d
     try:
         compiled = aot.compile_launch(spec.with_constants(**extra), target, warps, stages)
     except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a row of the report, not a crash)
-        return row | {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        return row | {"error": error(e)}
     row |= aot.resources(compiled, target) | {"compile_s": round(time.perf_counter() - start, 1)}
     return row | {"flags": flags(row)}
+
+
+def compile_fused(job: tuple[str, str]) -> dict[str, Any]:
+    """Compile one fused (arch, kernel) job as its recorded launch asks (block sizes and warps; stages: the
+    backend's default) and return its report row: resources and global loads/stores (``error`` if it failed)."""
+    from megatron_dual.kernels import aot
+
+    arch, kernel = job
+    launch = recorded_fused(arch)[FUSED[kernel]]
+    options = launch.options()
+    blocks = {k: v for k, v in launch.kwargs.items() if k.startswith("BLOCK")}
+    row: dict[str, Any] = {"arch": arch, "kernel": kernel, "group": "fused", "blocks": blocks}
+    row["warps"] = options.get("num_warps", 4)
+    target = aot.TARGETS[arch]
+    start = time.perf_counter()
+    try:
+        compiled = aot.compile_launch(aot.specialize(launch, target), target, row["warps"], options.get("num_stages"))
+    except Exception as e:  # noqa: BLE001 (a kernel the compiler rejects is a row of the report, not a crash)
+        return row | {"error": error(e)}
+    row |= {"stages": compiled.metadata.num_stages} | aot.resources(compiled, target)
+    row |= aot.memory_ops(compiled, target) | {"compile_s": round(time.perf_counter() - start, 1)}
+    return row | {"flags": flags(row)}
+
+
+def compile_job(job: tuple) -> dict[str, Any]:
+    return compile_fused(job) if len(job) == 2 else compile_one(job)
+
+
+def error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def flags(row: dict[str, Any]) -> list[str]:
@@ -103,26 +173,39 @@ def flags(row: dict[str, Any]) -> list[str]:
         out.append(f"spills {row['spill_bytes']} B")
     if row["shared"] > SHARED_LIMIT[row["arch"]]:
         out.append(f"shared {row['shared']} > {SHARED_LIMIT[row['arch']]}")
-    if row["arch"] != "gfx90a" and row["stages"] > 1 and row.get("pipelined_loads", 0) == 0:
+    if row.get("group") == "fused":
+        if row["vec_loads"] == 0:
+            out.append("no vectorised load")
+    elif row["arch"] != "gfx90a" and row["stages"] > 1 and row.get("pipelined_loads", 0) == 0:
         out.append("loads not pipelined")
     return out
 
 
-def jobs(a: argparse.Namespace) -> list[tuple[str, str, str, tuple[int, int, int, int], bool]]:
-    out = []
+def jobs(a: argparse.Namespace) -> list[tuple]:
+    """Attention jobs (arch, kernel, mask, config, tma), then fused ones (arch, kernel)."""
+    out: list[tuple] = []
+    kernels = a.kernels.split(",")
     for arch in a.arch.split(","):
-        for kernel in a.kernels.split(","):
+        for kernel in (k for k in kernels if k in KERNELS):
             variants = [False, True] if arch == "sm90" and kernel == "fwd" and not a.no_tma else [False]
             for mask in a.masks.split(","):
                 for cfg in configs(arch, kernel, a.first):
                     out += [(arch, kernel, mask, cfg, tma) for tma in variants]
-    return out
+    fused = dict.fromkeys(n for k in kernels if k == "fused" or k in FUSED for n in (FUSED if k == "fused" else [k]))
+    return out + [(arch, kernel) for arch in a.arch.split(",") for kernel in fused]
 
 
 COLUMNS = {
     "sm90": ("registers", "spill_bytes", "shared", "pipelined_loads", "tma_loads", "wgmma", "mma"),
     "sm80": ("registers", "spill_bytes", "shared", "pipelined_loads", "mma"),
     "gfx90a": ("vgpr", "agpr", "spill_bytes", "shared", "occupancy", "mfma"),
+}
+
+
+FUSED_COLUMNS = {
+    "sm90": ("registers", "spill_bytes", "shared", "pipelined_loads", "loads", "vec_loads", "stores", "vec_stores"),
+    "sm80": ("registers", "spill_bytes", "shared", "pipelined_loads", "loads", "vec_loads", "stores", "vec_stores"),
+    "gfx90a": ("vgpr", "spill_bytes", "shared", "occupancy", "loads", "vec_loads", "stores", "vec_stores"),
 }
 
 
@@ -140,6 +223,21 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(head, vals, ("  <- " + "; ".join(r["flags"])) if r["flags"] else "")
 
 
+def print_fused_table(rows: list[dict[str, Any]]) -> None:
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        cols = FUSED_COLUMNS[arch]
+        print(f"\n{arch} fused: kernel, block sizes, (warps, stages), " + ", ".join(cols))
+        for r in (r for r in rows if r["arch"] == arch):
+            blocks = " ".join(f"{k}={v}" for k, v in r["blocks"].items())
+            cfg = f"({r['warps']}, {r.get('stages', '-')})"
+            head = f"  {r['kernel']:<16} {blocks:<24} {cfg:<7}"
+            if "error" in r:
+                print(head, "ERROR", r["error"])
+                continue
+            vals = " ".join(f"{c}={r.get(c, '-')}" for c in cols)
+            print(head, vals, ("  <- " + "; ".join(r["flags"])) if r["flags"] else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     import triton
 
@@ -149,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if a.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
-            rows = list(pool.map(compile_one, todo))
+            rows = list(pool.map(compile_job, todo))
     else:
-        rows = [compile_one(j) for j in todo]
-    print_table(rows)
+        rows = [compile_job(j) for j in todo]
+    attention = [r for r in rows if r.get("group") != "fused"]
+    if attention:
+        print_table(attention)
+    print_fused_table([r for r in rows if r.get("group") == "fused"])
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         with a.out.open("w") as f:

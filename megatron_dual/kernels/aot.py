@@ -9,7 +9,10 @@ a kernel with synchronous scalar loads and a third of the shared memory, not the
 :func:`record_launches` runs the host code on CPU tensors with the kernels replaced by recorders (nothing is
 launched), :func:`specialize` turns a recorded launch into the JIT's signature, constants and attributes for a
 target, :func:`compile_launch` compiles it with a block configuration, and :func:`resources` reads what the compiler
-reports: registers, spills (local memory / scratch), shared memory, pipelined loads and tensor-core instructions.
+reports: registers, spills (local memory / scratch), shared memory, pipelined loads and tensor-core instructions;
+:func:`memory_ops` counts global loads and stores and how many are vectorised. :func:`attention_launches` and
+:func:`fused_launches` record the attention kernels' and the fused kernels' (RMSNorm, rotary, SwiGLU,
+cross-entropy) launches as the model makes them.
 """
 
 from __future__ import annotations
@@ -135,13 +138,15 @@ def specialize(launch: Launch, target: GPUTarget) -> Specialized:
     return Specialized(fn, signature, constants, attrs)
 
 
-def compile_launch(spec: Specialized, target: GPUTarget, num_warps: int, num_stages: int) -> Any:
-    """``triton.compile`` of a specialised launch for ``target`` (block sizes already among its constants)."""
+def compile_launch(spec: Specialized, target: GPUTarget, num_warps: int, num_stages: int | None = None) -> Any:
+    """``triton.compile`` of a specialised launch for ``target`` (block sizes already among its constants);
+    ``num_stages`` None: the backend's default, as for a launch that gives none (3 on CUDA, 2 on ROCm)."""
     missing = [a for a, t in spec.signature.items() if t == "constexpr" and a not in spec.constants]
     if missing:
         raise ValueError(f"{spec.fn.__name__}: no value for constexpr parameter(s) {', '.join(missing)}")
     src = ASTSource(spec.fn, spec.signature, spec.constants, spec.attrs)
-    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    return triton.compile(src, target=target, options=options)
 
 
 def _cuobjdump() -> str:
@@ -200,6 +205,29 @@ def resources(compiled: Any, target: GPUTarget) -> dict[str, Any]:
     return row
 
 
+# Global-memory loads and stores in the PTX (``ld.global.v4.b32``: a 16-byte vector) and in the AMDGCN
+# (``buffer_load_dwordx4``, ``global_store_dword``, ...); on AMD dwordx2 and wider count as vectors.
+_PTX_MEMORY = r"\b(ld|st)\.global\.[\w:.]+"
+_GCN_MEMORY = r"\b(?:global|buffer)_(load|store)_(\w+)"
+
+
+def memory_ops(compiled: Any, target: GPUTarget) -> dict[str, int]:
+    """Global loads and stores in the compiled code (instructions, not executions), and how many of them move a
+    vector per thread (``.v2``/``.v4`` in the PTX; ``dwordx2`` and wider in the AMDGCN): a streaming kernel whose
+    row loads are not vectorised was compiled without the alignment its launch gives (or cannot use it)."""
+    out = {"loads": 0, "vec_loads": 0, "stores": 0, "vec_stores": 0}
+    if target.backend == "cuda":
+        for m in re.finditer(_PTX_MEMORY, compiled.asm.get("ptx", "")):
+            kind = "loads" if m.group(1) == "ld" else "stores"
+            out[kind] += 1
+            out["vec_" + kind] += bool(re.search(r"\.v[248]\.", m.group(0)))
+    else:
+        for op, width in re.findall(_GCN_MEMORY, compiled.asm.get("amdgcn", "")):
+            out[op + "s"] += 1
+            out["vec_" + op + "s"] += bool(re.fullmatch(r"dwordx[234]", width))
+    return out
+
+
 def attention_launches(
     mask: str, t: int = 2048, heads: tuple[int, int] = (16, 16), head_dim: int = 64, dtype: str = "bfloat16"
 ) -> dict[str, Launch]:
@@ -231,3 +259,143 @@ def attention_launches(
         o, lse = K._forward(*split(qkv), meta, scale)
         K._backward(do, *split(qkv), o, lse, meta, scale, grads=split(dqkv))
     return {launch.name: launch for launch in launches}
+
+
+# The fused (non-attention) kernels by module (``megatron_dual/kernels/<module>.py``)
+FUSED_KERNELS: dict[str, tuple[str, ...]] = {
+    "rmsnorm": ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel", "_add_rmsnorm_fwd_kernel", "_add_rmsnorm_bwd_kernel"),
+    "rotary": ("_rotary_kernel",),
+    "swiglu": ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"),
+    "cross_entropy": ("_ce_stats_kernel", "_ce_grad_kernel"),
+}
+# Streaming multiprocessors (CUs of one MI250X GCD) the host code sizes its persistent grids by: H100/H200 SXM,
+# A100, MI250X
+SM_COUNT = {"sm90": 132, "sm80": 108, "gfx90a": 110}
+
+
+def fused_launches(
+    dtype: str = "bfloat16",
+    sm_count: int | None = SM_COUNT["sm90"],
+    *,
+    rows: int = 16384,
+    t: int = 2048,
+    hidden: int = 1024,
+    mlp_width: int = 3584,
+    heads: tuple[int, int] = (16, 16),
+    head_dim: int = 64,
+    vocab: int = 51200,
+    labelled: int = 64,
+) -> dict[str, Launch]:
+    """Every fused (non-attention) kernel's launch as the model makes it under autocast in ``dtype``, recorded on
+    CPU tensors (nothing runs), keyed by kernel name; the rotary kernel's inverse (its backward, ``BACKWARD``) is
+    ``_rotary_kernel_bwd``. The defaults are dual-470m's: hidden size 1024, the MLP executed 3584 wide (3554
+    padded), 16 query and 16 key/value heads of 64, vocabulary 51200, 2048 positions, and a micro-batch of
+    8 x 2048 = ``rows`` tokens.
+
+    * RMSNorm (the first block's attention norm, the head's norm) of the fp32 residual stream, fp32 weight, output
+      in ``dtype``; backward with ``dy`` in ``dtype``, writing an fp32 ``dx``.
+    * add-RMSNorm: the fp32 stream plus a sublayer's output in ``dtype``, the sum in fp32, output in ``dtype``;
+      backward with the fp32 residual gradient, writing the fp32 ``dx`` and the ``dd`` in ``dtype`` (``WRITE_DD``).
+    * rotary as the Triton attention applies it: in place on the q and k heads of the packed qkv projection
+      (1, t, (Hq + 2 Hkv) * D), inverted on the packed gradient; one sequence (the batch size changes no stride the
+      JIT specialises on).
+    * SwiGLU on the up projection's output (rows, 2 x ``mlp_width``), forward and backward.
+    * the fused linear + cross-entropy + z-loss over ``labelled`` rows of head features in ``dtype`` against the
+      fp32 output layer and bias (its gradient kernel runs in the forward). A few hundred rows keep the matmuls
+      cheap: chunks of 64 rows instead of a GPU micro-batch's 4096, with the same (rows, vocabulary) contiguous
+      logits, so the same strides.
+
+    Block sizes are the GPU's: the cross-entropy picks its CUDA tiles, not the interpreter's bigger ones. Integers
+    the host code derives from the device's SM count (persistent grids) are those of a GPU with ``sm_count`` SMs
+    (:data:`SM_COUNT`); ``None`` leaves the CPU's 4 programs, which change two arguments: the backward norms'
+    ``rows_per_program`` (4096 instead of 32 on an H100 and 38 on an A100 or MI250X: divisible by 16 unlike the
+    A100's and MI250X's, which leaves their compiled code unchanged) and the cross-entropy gradient kernel's (the
+    whole 64-row chunk instead of 8, and 376 on an H100 or 456 on an A100 or MI250X with 4096-row chunks: divisible
+    by 16 only on the CPU, which does change its compiled code). What still differs from a GPU launch: the
+    chunk's row count (64 instead of 4096, both multiples of 16) and grid sizes (not arguments)."""
+    import importlib
+
+    import torch
+
+    mods = {m: importlib.import_module(f"megatron_dual.kernels.{m}") for m in FUSED_KERNELS}
+    act = getattr(torch, dtype)
+    with contextlib.ExitStack() as stack:
+        recorded = [stack.enter_context(record_launches(mods[m], list(n))) for m, n in FUSED_KERNELS.items()]
+        stack.enter_context(_gpu_host_choices(mods["rmsnorm"], mods["cross_entropy"], sm_count))
+        _norm_host_code(mods["rmsnorm"], rows, hidden, act)
+        _rotary_host_code(mods["rotary"], t, heads, head_dim, act)
+        _swiglu_host_code(mods["swiglu"], rows, mlp_width, act)
+        _ce_host_code(mods["cross_entropy"], labelled, hidden, vocab, act)
+    out: dict[str, Launch] = {}
+    for launch in (x for launches in recorded for x in launches):
+        out.setdefault(launch.name + "_bwd" * bool(launch.kwargs.get("BACKWARD")), launch)
+    return out
+
+
+@contextlib.contextmanager
+def _gpu_host_choices(rn: ModuleType, ce: ModuleType, sm_count: int | None) -> Iterator[None]:
+    """The cross-entropy's GPU block sizes and, with ``sm_count``, the program counts of a GPU with that many
+    SMs (the host code computes them for a CUDA device from its SM count)."""
+    import torch
+
+    cuda = torch.device("cuda", 0)  # a device object only: nothing is allocated on it
+    patches: dict[tuple[ModuleType, str], Any] = {(ce, "_compiled"): lambda: True}
+    if sm_count is not None:
+        num_programs, row_programs = rn._num_programs, ce._row_programs
+        patches |= {(m, "_sm_count"): lambda _index: sm_count for m in (rn, ce)}
+        patches[(rn, "_num_programs")] = lambda n_rows, _device: num_programs(n_rows, cuda)
+        patches[(ce, "_row_programs")] = lambda n, n_vocab, _device: row_programs(n, n_vocab, cuda)
+    saved = {key: getattr(*key) for key in patches}
+    try:
+        for (mod, name), value in patches.items():
+            setattr(mod, name, value)
+        yield
+    finally:
+        for (mod, name), value in saved.items():
+            setattr(mod, name, value)
+
+
+def _norm_host_code(rn: ModuleType, rows: int, hidden: int, act: Any) -> None:
+    import torch
+
+    x = torch.empty(rows, hidden, requires_grad=True)  # the fp32 residual stream (uninitialised: nothing runs)
+    w = torch.empty(hidden, requires_grad=True)
+    y = rn.rms_norm(x, w, 1e-7, act)
+    torch.autograd.grad(y, (x, w), torch.empty_like(y))
+    d = torch.empty(rows, hidden, dtype=act, requires_grad=True)
+    xo, y = rn.add_rms_norm(x, d, w, 1e-7, act)
+    torch.autograd.grad((xo, y), (x, d, w), (torch.empty_like(xo), torch.empty_like(y)))
+
+
+def _rotary_host_code(ro: ModuleType, t: int, heads: tuple[int, int], head_dim: int, act: Any) -> None:
+    """As ``attention.FlashAttentionQKVFunction`` rotates the packed projection and its gradient."""
+    import torch
+
+    from megatron_dual.model.rope import RotaryEmbedding
+
+    hq, hkv = heads
+    cos, sin = RotaryEmbedding(head_dim, t, 160_000.0).cos_sin(torch.arange(t))
+    for inverse in (False, True):
+        packed = torch.empty(1, t, (hq + 2 * hkv) * head_dim, dtype=act).view(1, t, hq + 2 * hkv, head_dim)
+        ro.rotate_heads_(packed[:, :, : hq + hkv], cos, sin, inverse=inverse)
+
+
+def _swiglu_host_code(sw: ModuleType, rows: int, width: int, act: Any) -> None:
+    import torch
+
+    h = torch.empty(rows, 2 * width, dtype=act, requires_grad=True)
+    out = sw.swiglu(h)
+    torch.autograd.grad(out, h, torch.empty_like(out))
+
+
+def _ce_host_code(ce: ModuleType, labelled: int, hidden: int, vocab: int, act: Any) -> None:
+    """As ``loss._fused`` calls it: features in the autocast dtype, fp32 output layer, bias and token weights.
+    Forward only: its gradient kernel runs there (the backward scales the gradients, no kernel)."""
+    import torch
+
+    h = torch.zeros(labelled, hidden, dtype=act, requires_grad=True)
+    weight = torch.zeros(vocab, hidden, requires_grad=True)
+    bias = torch.zeros(vocab, requires_grad=True)
+    labels = torch.zeros(labelled, dtype=torch.long)
+    with torch.autocast("cpu", dtype=act):
+        ce.fused_linear_cross_entropy(h, weight, bias, labels, torch.ones(labelled), z_loss=1e-4)

@@ -162,8 +162,14 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     return h.dtype
 
 
+def _compiled() -> bool:
+    """Whether the kernels run compiled on a GPU (block sizes for it) rather than in the CPU interpreter (bigger
+    blocks: fewer Python-level steps). ``kernels.aot.fused_launches`` records the GPU's choices on a CPU."""
+    return torch.cuda.is_available()
+
+
 def _block_v(n_vocab: int) -> int:
-    return min(4096 if torch.cuda.is_available() else 1024, triton.next_power_of_2(max(1, n_vocab)))
+    return min(4096 if _compiled() else 1024, triton.next_power_of_2(max(1, n_vocab)))
 
 
 def _check_shapes(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
@@ -231,7 +237,7 @@ _GRAD_TILE_INTERPRETED = (16, 1024)
 
 
 def _grad_tile(n_vocab: int) -> tuple[int, int]:
-    rows, cols = _GRAD_TILE if torch.cuda.is_available() else _GRAD_TILE_INTERPRETED
+    rows, cols = _GRAD_TILE if _compiled() else _GRAD_TILE_INTERPRETED
     return rows, min(cols, triton.next_power_of_2(max(1, n_vocab)))
 
 

@@ -90,3 +90,22 @@ def test_report_first_configs_compile_pipelined_without_spills(tmp_path):
         assert row["wgmma"] > 0 and row["mma"] == 0 and row["pipelined_loads"] > 0 and 0 < row["registers"] <= 255
     assert rows["fwd_tma"]["tma_loads"] > 0 and rows["fwd"]["tma_loads"] == 0
     assert "fwd_tma" in r.stdout and "0 flagged or failed" in r.stdout
+
+
+@pytest.mark.slow
+def test_report_fused_kernels(tmp_path):
+    """``--kernels`` takes fused kernels by name: one row per kernel and arch, compiled from the recorded dual-470m
+    launch with its block sizes and warps and the backend's default stages; vectorised loads, no spills."""
+    out = tmp_path / "report.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--arch", "sm90,gfx90a"]
+    cmd += ["--kernels", "rmsnorm_bwd,ce_grad", "--jobs", "1", "--out", str(out), "--check"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {(row["arch"], row["kernel"]): row for row in map(json.loads, out.read_text().splitlines())}
+    assert list(rows) == [(a, k) for a in ("sm90", "gfx90a") for k in ("rmsnorm_bwd", "ce_grad")]
+    for (arch, _), row in rows.items():
+        assert row["group"] == "fused" and row["flags"] == [] and row["spill_bytes"] == 0
+        assert 0 < row["vec_loads"] <= row["loads"] and row["stages"] == (3 if arch == "sm90" else 2)
+    assert rows[("sm90", "rmsnorm_bwd")]["blocks"] == {"BLOCK": 1024} and rows[("sm90", "rmsnorm_bwd")]["warps"] == 4
+    assert rows[("sm90", "ce_grad")]["blocks"] == {"BLOCK_R": 8, "BLOCK_V": 512}  # the GPU tile, not the interpreter's
+    assert "sm90 fused:" in r.stdout and "gfx90a fused:" in r.stdout and "0 flagged or failed" in r.stdout
