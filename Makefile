@@ -45,13 +45,16 @@ lint: $(STAMP)
 
 # The GPU image's Triton (DESIGN.md section 7: 3.6.0) beside ours, no GPU needed: the kernel tests (interpreter and
 # the ahead-of-time compiles for sm_90a / sm_80 / gfx90a) and the compiler report (benchmarks/kernel_report.py) under
-# it, in a copy of .venv. Triton 3.6's interpreter wants numpy < 2.4 (it calls int() on one-element arrays).
+# it. A small venv of its own holds that Triton (and numpy < 2.4: Triton 3.6's interpreter calls int() on one-element
+# arrays) and reaches everything else in .venv through a .pth file, after its own packages.
 TRITON_IMAGE ?= 3.6.0
 TRITON_VENV := .venv-triton$(TRITON_IMAGE)
+SITE = -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"
 
 triton-image: $(STAMP)
-	test -x $(TRITON_VENV)/bin/python || cp -a $(VENV) $(TRITON_VENV)
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install -q --no-deps "triton==$(TRITON_IMAGE)" "numpy<2.4"
+	echo "import site; site.addsitedir('$$($(BIN)/python $(SITE))')" > "$$($(TRITON_VENV)/bin/python $(SITE))/_base.pth"
 	PYTHONPATH=. $(TRITON_VENV)/bin/python -m pytest -q -n 2 --timeout 900 -W ignore::DeprecationWarning tests/kernels
 	PYTHONPATH=. $(TRITON_VENV)/bin/python benchmarks/kernel_report.py --check
 
