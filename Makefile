@@ -56,7 +56,7 @@ triton-image: $(STAMP)
 	$(TRITON_VENV)/bin/python -m pip install -q --no-deps "triton==$(TRITON_IMAGE)" "numpy<2.4"
 	echo "import site; site.addsitedir('$$($(BIN)/python $(SITE))')" > "$$($(TRITON_VENV)/bin/python $(SITE))/_base.pth"
 	PYTHONPATH=. $(TRITON_VENV)/bin/python -m pytest -q -n 2 --timeout 900 -W ignore::DeprecationWarning tests/kernels
-	PYTHONPATH=. $(TRITON_VENV)/bin/python benchmarks/kernel_report.py --check
+	PYTHONPATH=. $(TRITON_VENV)/bin/python benchmarks/kernel_report.py --kernels fwd,bwd_q,bwd_kv,fused --check
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .venv-triton*
