@@ -76,7 +76,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--masks", default=",".join(TRAINING_MASKS), help=f"comma-separated: {', '.join(MASKS)}")
     p.add_argument("--first", action="store_true", help="only each list's first config (what autotune 'one' runs)")
-    p.add_argument("--no-tma", action="store_true", help="leave out the sm90 forward with TMA descriptors")
+    p.add_argument("--no-tma", action="store_true", help="leave out the sm90 kernels with TMA descriptors")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: CPU count)")
     p.add_argument("--out", type=Path, help="also write one JSON row per compiled kernel to this file")
     p.add_argument("--check", action="store_true", help="exit 1 when a config spills, overflows or loads sync")
@@ -187,7 +187,7 @@ def jobs(a: argparse.Namespace) -> list[tuple]:
     kernels = a.kernels.split(",")
     for arch in a.arch.split(","):
         for kernel in (k for k in kernels if k in KERNELS):
-            variants = [False, True] if arch == "sm90" and kernel == "fwd" and not a.no_tma else [False]
+            variants = [False, True] if arch == "sm90" and not a.no_tma else [False]
             for mask in a.masks.split(","):
                 for cfg in configs(arch, kernel, a.first):
                     out += [(arch, kernel, mask, cfg, tma) for tma in variants]

@@ -583,13 +583,18 @@ def _bwd_kv_tiles(
     DOCS,
     b,
     sdoc,
+    USE_TMA: tl.constexpr,
 ):
     for it in range(lo, hi, BLOCK_M):
         start_m = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_m = start_m + offs_m0
         m_valid = offs_m < T_Q
-        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        if USE_TMA:  # q_base and do_base are tensor descriptors: rows past T_Q come back as zeros
+            q = q_base.load([start_m, 0])
+            do = do_base.load([start_m, 0])
+        else:
+            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
         lse2 = tl.load(lse_base + offs_m, mask=m_valid, other=float("inf"))  # rows past T_Q get p = 0
         delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -674,7 +679,7 @@ def _key_tile_query_range(
     return lo, mid, b1, b2, hi, in_lo, in_hi, k_doc
 
 
-@_autotune("bwd_kv")
+@_autotune("bwd_kv", ("USE_TMA",))
 @triton.jit
 def _bwd_kv_kernel(
     Q,
@@ -725,6 +730,7 @@ def _bwd_kv_kernel(
     MASK_KIND: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -769,6 +775,9 @@ def _bwd_kv_kernel(
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
+        if USE_TMA:  # one 2-D descriptor per (batch, query head) over (T_Q, D)
+            q_base = tl.make_tensor_descriptor(q_base, [T_Q, HEAD_DIM], [sqt, 1], [BLOCK_M, HEAD_DIM])
+            do_base = tl.make_tensor_descriptor(do_base, [T_Q, HEAD_DIM], [sdot, 1], [BLOCK_M, HEAD_DIM])
         lse_base = LSE + (b * HQ + h) * T_Q
         delta_base = DELTA + (b * HQ + h) * T_Q
         dk, dv = _bwd_kv_tiles(
@@ -804,6 +813,7 @@ def _bwd_kv_kernel(
             DOCS,
             b,
             sdoc,
+            USE_TMA,
         )
         if HAS_DOCS:  # [mid, b1) and [b2, hi) compare documents, [b1, b2) lies inside the key tile's run
             dk, dv = _bwd_kv_tiles(
@@ -839,6 +849,7 @@ def _bwd_kv_kernel(
                 DOCS,
                 b,
                 sdoc,
+                USE_TMA,
             )
         dk, dv = _bwd_kv_tiles(
             dk,
@@ -873,6 +884,7 @@ def _bwd_kv_kernel(
             DOCS,
             b,
             sdoc,
+            USE_TMA,
         )
     dk = dk * scale
     tl.store(
@@ -919,14 +931,19 @@ def _bwd_q_tiles(
     POS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     for it in range(lo, hi, BLOCK_N):
         start_n = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_n = start_n + offs_n0
         n_valid = offs_n < T_K
         # keys past T_K load as zeros: their p is harmless because dq adds p * (0 - delta) * k = 0
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        if USE_TMA:  # k_base and v_base are tensor descriptors: rows past T_K come back as zeros
+            k = k_base.load([start_n, 0])
+            v = v_base.load([start_n, 0])
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(tl.fma(qk, scale_log2, -lse2[:, None]))
         if POS_MASK:
@@ -945,7 +962,7 @@ def _bwd_q_tiles(
     return dq
 
 
-@_autotune("bwd_q")
+@_autotune("bwd_q", ("USE_TMA",))
 @triton.jit
 def _bwd_q_kernel(
     Q,
@@ -995,6 +1012,7 @@ def _bwd_q_kernel(
     MASK_KIND: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -1043,6 +1061,9 @@ def _bwd_q_kernel(
     )
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    if USE_TMA:  # as the forward's: one 2-D descriptor per (batch, kv head) over (T_K, D)
+        k_base = tl.make_tensor_descriptor(k_base, [T_K, HEAD_DIM], [skt, 1], [BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, [T_K, HEAD_DIM], [svt, 1], [BLOCK_N, HEAD_DIM])
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # the forward's split of the key range
     a1 = lo
@@ -1085,6 +1106,7 @@ def _bwd_q_kernel(
             False,
             BLOCK_N,
             DOT_PRECISION,
+            USE_TMA,
         )
     else:
         a2 = mid
@@ -1119,6 +1141,7 @@ def _bwd_q_kernel(
         False,
         BLOCK_N,
         DOT_PRECISION,
+        USE_TMA,
     )
     dq = _bwd_q_tiles(
         dq,
@@ -1151,6 +1174,7 @@ def _bwd_q_kernel(
         True,
         BLOCK_N,
         DOT_PRECISION,
+        USE_TMA,
     )
     dq = dq * scale
     tl.store(
@@ -1220,27 +1244,29 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of float16, bfloat16, float32")
 
 
-# MEGATRON_DUAL_ATTN_TMA=1: on sm90 (Triton with device-side tensor descriptors, >= 3.6) the forward kernel loads its
-# key/value tiles through TMA descriptors (bulk asynchronous copies) instead of pointer arithmetic; experimental, off
-# by default, not yet measured on a GPU. Read at import; the tests switch it through this attribute.
+# MEGATRON_DUAL_ATTN_TMA=1: on sm90 (Triton with device-side tensor descriptors, >= 3.6) the kernels load the tiles
+# they stream (the forward's and dQ's key/value tiles, dK/dV's query and output-gradient tiles) through TMA
+# descriptors (bulk asynchronous copies) instead of pointer arithmetic; experimental, off by default, not yet measured
+# on a GPU. Read at import; the tests switch it through this attribute.
 TMA = os.environ.get("MEGATRON_DUAL_ATTN_TMA", "0") == "1"
 _ALLOCATOR_SET = False
 
 
-def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the forward kernel uses TMA descriptors for k and v: the flag, an sm90 device (or the interpreter), and
-    16-byte aligned base and strides (TMA's requirement)."""
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel loads ``tensors`` (the forward's and dQ's k and v, dK/dV's q and dO) through TMA descriptors:
+    the flag, an sm90 device (or the interpreter), and 16-byte aligned bases and strides (TMA's requirement)."""
     global _ALLOCATOR_SET
     if not TMA or not hasattr(tl, "make_tensor_descriptor"):
         return False
-    if not INTERPRET and device_arch(k.device) != "sm90":
+    device = tensors[0].device
+    if not INTERPRET and device_arch(device) != "sm90":
         return False
     if not all(
-        x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]) for x in (k, v)
+        x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]) for x in tensors
     ):
         return False
     if not INTERPRET and not _ALLOCATOR_SET:  # device-side descriptors live in a global scratch buffer
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=k.device))
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
         _ALLOCATOR_SET = True
     return True
 
@@ -1394,6 +1420,7 @@ def _backward(
     _bwd_q_kernel[grid_q](
         q, k, v, do, o, lse, delta, dq, *meta.doc_args(), scale * _LOG2E, scale,
         *_strides(q, k, v, do, o, dq), meta.docs.stride(0), hq, group, tq, tk, *tail, **consts,
+        USE_TMA=_use_tma(k, v),
     )  # fmt: skip
 
     def grid_kv(meta_: dict) -> tuple[int, int]:
@@ -1402,6 +1429,7 @@ def _backward(
     _bwd_kv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv, *meta.doc_args(), scale * _LOG2E, scale,
         *_strides(q, k, v, do, dk, dv), meta.docs.stride(0), hq, hkv, group, tq, tk, *tail, **consts,
+        USE_TMA=_use_tma(q, do),
     )  # fmt: skip
     return dq, dk, dv
 

@@ -77,19 +77,20 @@ def test_specialize_matches_the_jit_rules(tmp_path):
 def test_report_first_configs_compile_pipelined_without_spills(tmp_path):
     """The report compiles the three attention kernels' first sm90 configs (what autotune mode "one" runs on an
     H100) as the dual-470m causal document launch is specialised: every one uses wgmma, multi-buffers its tile
-    loads, spills nothing and fits in shared memory; the TMA forward loads through TMA."""
+    loads, spills nothing and fits in shared memory; with TMA descriptors each loads its streamed tiles through TMA."""
     out = tmp_path / "report.jsonl"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--arch", "sm90", "--masks", "causal-docs"]
     cmd += ["--first", "--jobs", "1", "--out", str(out), "--check"]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {row["kernel"]: row for row in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {"fwd", "fwd_tma", "bwd_q", "bwd_kv"}
+    assert set(rows) == {"fwd", "fwd_tma", "bwd_q", "bwd_q_tma", "bwd_kv", "bwd_kv_tma"}
     for row in rows.values():
         assert row["flags"] == [] and row["spill_bytes"] == 0 and 0 < row["shared"] <= 232448
         assert row["wgmma"] > 0 and row["mma"] == 0 and row["pipelined_loads"] > 0 and 0 < row["registers"] <= 255
-    assert rows["fwd_tma"]["tma_loads"] > 0 and rows["fwd"]["tma_loads"] == 0
-    assert "fwd_tma" in r.stdout and "0 flagged or failed" in r.stdout
+    for name in ("fwd", "bwd_q", "bwd_kv"):
+        assert rows[name + "_tma"]["tma_loads"] > 0 and rows[name]["tma_loads"] == 0
+    assert "bwd_kv_tma" in r.stdout and "0 flagged or failed" in r.stdout
 
 
 @pytest.mark.slow

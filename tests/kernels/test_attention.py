@@ -194,9 +194,9 @@ def test_output_is_laid_out_bthd():
 
 
 @pytest.mark.parametrize("kind", ["causal", "prefix"])
-def test_tma_descriptors_forward(monkeypatch, kind):
-    """MEGATRON_DUAL_ATTN_TMA=1: the forward loads k and v through tensor descriptors (the interpreter emulates them);
-    ragged last tiles come back zero-filled, as the masked loads do."""
+def test_tma_descriptors(monkeypatch, kind):
+    """MEGATRON_DUAL_ATTN_TMA=1: the forward and dQ kernels load k and v, the dK/dV kernel q and dO, through tensor
+    descriptors (the interpreter emulates them); ragged last tiles come back zero-filled, as the masked loads do."""
     monkeypatch.setattr(K, "TMA", True)
     k = torch.zeros(1, 2, 8, 16, device=DEVICE)
     assert K._use_tma(k, k) == hasattr(K.tl, "make_tensor_descriptor")
@@ -573,8 +573,8 @@ for spec in sys.argv[1:]:
     target = aot.TARGETS[arch]
     launches = aot.attention_launches("prefix-docs", dtype=dtype)  # specialised as the JIT would
     kernels = [("_fwd_kernel", 128, 64, False), ("_bwd_kv_kernel", 32, 128, False), ("_bwd_q_kernel", 128, 32, False)]
-    if arch == "sm90":  # and the forward with TMA descriptors (MEGATRON_DUAL_ATTN_TMA=1)
-        kernels.append(("_fwd_kernel", 128, 64, True))
+    if arch == "sm90":  # and each with TMA descriptors (MEGATRON_DUAL_ATTN_TMA=1)
+        kernels += [(name, bm, bn, True) for name, bm, bn, _ in kernels]
     for name, bm, bn, tma in kernels:
         job = aot.specialize(launches[name], target)
         extra = {"BLOCK_M": bm, "BLOCK_N": bn} | ({"USE_TMA": tma} if "USE_TMA" in job.signature else {})
@@ -589,7 +589,7 @@ for spec in sys.argv[1:]:
 
 @pytest.mark.slow
 def test_kernels_compile_for_gpus(tmp_path):
-    """The compiled path (not the interpreter) lowers to a GPU binary for sm_90 (bf16, 4 stages; the forward also with
+    """The compiled path (not the interpreter) lowers to a GPU binary for sm_90 (bf16, 4 stages; each kernel also with
     TMA descriptors), sm_80 (fp16, 3 stages) and gfx90a (bf16): prefix + documents, the most involved case, compiled
     from the model's own launches with the JIT's specialisation (aligned pointers and strides: without it the
     compiler lowers synchronous scalar loads the GPU never runs); one process for the three targets. On CUDA every
@@ -607,7 +607,8 @@ def test_kernels_compile_for_gpus(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines()]
     kernels = ["_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"]
-    want = [(a, k) for a in ("sm90", "sm80", "gfx90a") for k in kernels + (["_fwd_kernel_tma"] if a == "sm90" else [])]
+    tma = [k + "_tma" for k in kernels]
+    want = [(a, k) for a in ("sm90", "sm80", "gfx90a") for k in kernels + (tma if a == "sm90" else [])]
     assert [(a, k) for a, k, _, _ in rows] == want
     assert all(int(loads) > 0 for a, _, loads, _ in rows if a != "gfx90a")  # cp.async / TMA, not synchronous loads
     assert all(int(spills) == 0 for *_, spills in rows)
