@@ -345,7 +345,7 @@ def _attention_peers(ctx: Ctx, q: Any, k: Any, v: Any, mask: Any) -> dict[str, C
 
 
 def _ours_with_tma(q: Any, k: Any, v: Any, mask: Any) -> Callable[[], Any] | None:
-    """Our kernel with the forward's k/v tiles loaded through TMA descriptors (MEGATRON_DUAL_ATTN_TMA=1); sm90 only."""
+    """Our kernels with their streamed tiles loaded through TMA descriptors (MEGATRON_DUAL_ATTN_TMA=1); sm90 only."""
     import megatron_dual.kernels.attention as K
     from megatron_dual.model.attention import attention
 
