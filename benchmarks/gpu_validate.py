@@ -385,14 +385,25 @@ def _varlen(q: Any, k: Any, v: Any, runs: tuple, causal: bool, flash: bool) -> C
 @stage
 def stage_attention(ctx: Ctx) -> None:
     import torch
-    from attention import MASKS, make_mask  # benchmarks/attention.py
-
-    import megatron_dual.kernels.attention as K
-    from megatron_dual.model.flops import attention_pairs
+    from attention import MASKS  # benchmarks/attention.py
 
     b, t, h, d = (2, 48, 2, 16) if ctx.smoke else (8, 2048, 16, 64)
     dtype = torch.bfloat16 if ctx.device == "cuda" else torch.float32
     order = ["doc-causal", "doc-bidirectional"] + [m for m in MASKS if not m.startswith("doc-")]
+    try:
+        _attention_masks(ctx, order, (b, t, h, d), dtype)
+    finally:
+        _record_binaries(ctx)
+
+
+def _attention_masks(ctx: Ctx, order: list[str], shape: tuple[int, int, int, int], dtype: Any) -> None:
+    import torch
+    from attention import make_mask  # benchmarks/attention.py
+
+    import megatron_dual.kernels.attention as K
+    from megatron_dual.model.flops import attention_pairs
+
+    b, t, h, d = shape
     for mask_name in order:
         K.set_autotune("full" if mask_name.startswith("doc-") and not ctx.smoke else "one")
         mask = make_mask(mask_name, b, t, 12 if ctx.smoke else 512, ctx.device)
@@ -404,6 +415,23 @@ def stage_attention(ctx: Ctx) -> None:
             if not ctx.enough(3 if ctx.smoke else 8, f"{mask_name} {peer}"):
                 return
             _attention_case(ctx, mask_name, peer, fwd, (q, k, v), do, fwd_flops)
+
+
+def _record_binaries(ctx: Ctx) -> None:
+    """Registers, spills and shared memory of every attention binary this stage built, as the driver reports them,
+    and the config full autotuning chose per tuning key: the GPU's side of `benchmarks/kernel_report.py`."""
+    import megatron_dual.kernels.attention as K
+    from megatron_dual.kernels.aot import compiled_binaries
+
+    for name in ("_fwd_kernel", "_bwd_q_kernel", "_bwd_kv_kernel"):
+        kernel = getattr(K, name)
+        try:
+            rows = compiled_binaries(kernel)
+        except Exception as exc:  # Triton internals: a changed attribute is a record, not a failed stage
+            ctx.record(binaries=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        chosen = {str(key): str(cfg) for key, cfg in getattr(kernel, "cache", {}).items()}
+        ctx.record(binaries=name, compiled=rows, autotuned=chosen)
 
 
 def _attention_case(
@@ -808,6 +836,10 @@ def _headlines(rows: list[dict]) -> list[str]:
             )
         elif r.get("stage") == "gpu_tests" and "counts" in r:
             out.append(f"gpu tests: {r['counts']} (rc {r['rc']})")
+        elif r.get("compiled"):
+            regs = [b["registers"] for b in r["compiled"]]
+            spilled = sum(b["spill_bytes"] for b in r["compiled"])
+            out.append(f"{r['binaries']}: {len(regs)} binaries, {min(regs)}-{max(regs)} registers, {spilled} B spilled")
     return out
 
 

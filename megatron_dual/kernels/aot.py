@@ -228,40 +228,81 @@ def memory_ops(compiled: Any, target: GPUTarget) -> dict[str, int]:
     return out
 
 
+def compiled_binaries(kernel: Any) -> list[dict[str, Any]]:
+    """Every binary Triton's JIT built for ``kernel`` in this process, with what the loaded binary reports: registers
+    per thread and spilled bytes (read by the driver when the binary is loaded), shared memory, warps, stages and the
+    constexpr arguments (block sizes, mask kind, ...). The GPU's counterpart of :func:`resources`, to hold the
+    ahead-of-time figures against; empty under the interpreter."""
+    if triton.knobs.runtime.interpret:
+        return []
+    fn = jit_function(kernel)
+    rows = []
+    for cache in list(getattr(fn, "device_caches", {}).values()):
+        for compiled in list(cache[0].values()):
+            compiled._init_handles()  # loads the binary if no launch has yet (n_regs / n_spills come from it)
+            consts = getattr(compiled.src, "constants", {})
+            named = {fn.arg_names[k[0]]: v for k, v in consts.items() if isinstance(k, tuple) and len(k) == 1}
+            row = {"kernel": fn.__name__, "registers": compiled.n_regs, "spill_bytes": compiled.n_spills}
+            row |= {"shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps}
+            row |= {"stages": compiled.metadata.num_stages}
+            rows.append(row | {k: v for k, v in named.items() if k.isupper() and isinstance(v, (bool, int, str))})
+    return rows
+
+
 def attention_launches(
-    mask: str, t: int = 2048, heads: tuple[int, int] = (16, 16), head_dim: int = 64, dtype: str = "bfloat16"
+    mask: str,
+    t: int = 2048,
+    heads: tuple[int, int] = (16, 16),
+    head_dim: int = 64,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
 ) -> dict[str, Launch]:
-    """The forward, dQ and dK/dV launches of one attention layer as the model makes them, recorded on CPU tensors
-    (nothing runs): q, k and v are views of the packed qkv projection (1, t, (Hq + 2 Hkv) * D), the gradients views
-    of one packed buffer, dO a view of the output projection's gradient. ``mask``: causal, bidirectional or prefix,
-    with ``-docs`` for document ids (documents of 700 positions; the values change nothing the JIT specialises).
-    Defaults: dual-470m (2048 positions, 16 + 16 heads of 64, bf16). One sequence: the batch size changes no
-    stride the JIT specialises on. Keyed by kernel name."""
+    """The forward, dQ and dK/dV launches of one attention layer as the model makes them, recorded (nothing runs):
+    see :func:`attention_step`. Keyed by kernel name."""
+    from megatron_dual.kernels import attention as K
+
+    with record_launches(K, ["_fwd_kernel", "_bwd_q_kernel", "_bwd_kv_kernel"]) as launches:
+        attention_step(mask, t, heads, head_dim, dtype, device)
+    return {launch.name: launch for launch in launches}
+
+
+def attention_step(
+    mask: str,
+    t: int = 2048,
+    heads: tuple[int, int] = (16, 16),
+    head_dim: int = 64,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+) -> None:
+    """Forward and backward of one attention layer on tensors laid out as the model lays them out: q, k and v are
+    views of the packed qkv projection (1, t, (Hq + 2 Hkv) * D), the gradients views of one packed buffer, dO a view
+    of the output projection's gradient. ``mask``: causal, bidirectional or prefix, with ``-docs`` for document ids
+    (documents of 700 positions; the values change nothing the JIT specialises). Defaults: dual-470m (2048
+    positions, 16 + 16 heads of 64, bf16). One sequence: the batch size changes no stride the JIT specialises on."""
     import torch
 
     from megatron_dual.kernels import attention as K
 
     hq, hkv = heads
     kind = mask.removesuffix("-docs")
-    docs = torch.arange(t).unsqueeze(0) // 700 if mask.endswith("-docs") else None
-    prefix = torch.tensor([t // 3]) if kind == "prefix" else None
-    meta = K._Meta(kind, docs, prefix, 0, t, t, 1, torch.device("cpu"), None)
+    docs = torch.arange(t, device=device).unsqueeze(0) // 700 if mask.endswith("-docs") else None
+    prefix = torch.tensor([t // 3], device=device) if kind == "prefix" else None
+    meta = K._Meta(kind, docs, prefix, 0, t, t, 1, torch.device(device), None)
 
     def split(buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         packed = buf.view(1, t, hq + 2 * hkv, head_dim)
         return tuple(x.transpose(1, 2) for x in packed.split([hq, hkv, hkv], dim=2))
 
-    qkv = torch.zeros(1, t, (hq + 2 * hkv) * head_dim, dtype=getattr(torch, dtype))
+    g = torch.Generator(device).manual_seed(0)
+    qkv = torch.randn(1, t, (hq + 2 * hkv) * head_dim, generator=g, device=device).to(getattr(torch, dtype))
     dqkv = torch.empty_like(qkv)
-    do = torch.zeros(1, t, hq * head_dim, dtype=qkv.dtype).view(1, t, hq, head_dim).transpose(1, 2)
+    do = torch.randn(1, t, hq * head_dim, generator=g, device=device).to(qkv.dtype)
+    do = do.view(1, t, hq, head_dim).transpose(1, 2)
     scale = head_dim**-0.5
-    with record_launches(K, ["_fwd_kernel", "_bwd_q_kernel", "_bwd_kv_kernel"]) as launches:
-        o, lse = K._forward(*split(qkv), meta, scale)
-        K._backward(do, *split(qkv), o, lse, meta, scale, grads=split(dqkv))
-    return {launch.name: launch for launch in launches}
+    o, lse = K._forward(*split(qkv), meta, scale)
+    K._backward(do, *split(qkv), o, lse, meta, scale, grads=split(dqkv))
 
 
-# The fused (non-attention) kernels by module (``megatron_dual/kernels/<module>.py``)
 FUSED_KERNELS: dict[str, tuple[str, ...]] = {
     "rmsnorm": ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel", "_add_rmsnorm_fwd_kernel", "_add_rmsnorm_bwd_kernel"),
     "rotary": ("_rotary_kernel",),

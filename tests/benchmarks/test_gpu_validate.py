@@ -52,9 +52,12 @@ def test_smoke_runs_every_stage(tmp_path):
     matmuls = {(r["name"], r["width"]) for r in by["mlp_align"] if "width" in r}
     assert len(matmuls) == 12 and ("up_fwd", 3554) in matmuls and ("down_wgrad", 3584) in matmuls
     assert all(r["kernels"] for r in by["mlp_align"] if "width" in r)
-    masks = {r["mask"] for r in by["attention"] if r["peer"] == "ours" and r["ms_fwd_bwd"]}
+    cases = [r for r in by["attention"] if "peer" in r]
+    masks = {r["mask"] for r in cases if r["peer"] == "ours" and r["ms_fwd_bwd"]}
     assert masks == {"causal", "bidirectional", "doc-causal", "doc-bidirectional", "prefix"}
-    assert {r["mask"] for r in by["attention"] if r["peer"] == "flex"} == masks
+    assert {r["mask"] for r in cases if r["peer"] == "flex"} == masks
+    binaries = {r["binaries"]: r["compiled"] for r in by["attention"] if "binaries" in r}
+    assert binaries == {"_fwd_kernel": [], "_bwd_q_kernel": [], "_bwd_kv_kernel": []}  # the interpreter builds none
     agree = [r for r in by["train_step"] if "agree" in r]
     assert agree and agree[0]["agree"] and len(agree[0]["losses"]["ar"]) == 3  # fused, unfused, unpadded
     assert all(r["flops"]["attention"] > 0 for r in by["train_step"] if "flops" in r)
@@ -89,3 +92,23 @@ def test_default_budgets_fit_the_issue_s_eight_minutes():
     assert set(gpu_validate.BUDGETS) == set(gpu_validate.STAGES)
     assert sum(gpu_validate.BUDGETS.values()) <= 455
     assert min(gpu_validate.BUDGETS.values()) >= 10
+
+
+def test_summary_names_the_binaries_the_gpu_built(tmp_path):
+    """The attention stage's `binaries` records (registers and spills the driver reports) reach the summary."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_validate
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    built = [{"registers": 255, "spill_bytes": 0}, {"registers": 179, "spill_bytes": 16}]
+    rows = [
+        {"run": "r", "stage": "attention", "status": "ok", "seconds": 50.0, "budget": 100},
+        {"run": "r", "stage": "attention", "binaries": "_bwd_q_kernel", "compiled": built, "autotuned": {}},
+        {"run": "r", "stage": "attention", "binaries": "_fwd_kernel", "compiled": [], "autotuned": {}},
+    ]
+    out = tmp_path / "v.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = gpu_validate.summary(out, "r")
+    assert "_bwd_q_kernel: 2 binaries, 179-255 registers, 16 B spilled" in lines
+    assert not [line for line in lines if line.startswith("_fwd_kernel")]

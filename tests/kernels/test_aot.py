@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,3 +111,41 @@ def test_report_fused_kernels(tmp_path):
     assert rows[("sm90", "rmsnorm_bwd")]["blocks"] == {"BLOCK": 1024} and rows[("sm90", "rmsnorm_bwd")]["warps"] == 4
     assert rows[("sm90", "ce_grad")]["blocks"] == {"BLOCK_R": 8, "BLOCK_V": 512}  # the GPU tile, not the interpreter's
     assert "sm90 fused:" in r.stdout and "gfx90a fused:" in r.stdout and "0 flagged or failed" in r.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_binaries_match_the_ahead_of_time_compile():
+    """On a GPU: the binaries the JIT builds for the dual-470m causal document launch (each kernel's first config)
+    spill nothing and have the registers and shared memory that the ahead-of-time compile of the same launch,
+    recorded and specialised by ``aot``, reports; and a launch recorded on CPU tensors is specialised as the one on
+    the GPU (but for the device key, an autotuning key the kernels do not read): what the CPU report compiles is what
+    the GPU runs."""
+    import megatron_dual.kernels.attention as K
+    from megatron_dual.kernels import aot
+
+    arch = K.device_arch(torch.device("cuda"))
+    if arch not in aot.TARGETS:
+        pytest.skip(f"no ahead-of-time target for {arch}")
+    previous = K.set_autotune("one")
+    try:
+        aot.attention_step("causal-docs", device="cuda")
+    finally:
+        K.set_autotune(previous)
+    target = aot.TARGETS[arch]
+    on_gpu = aot.attention_launches("causal-docs", device="cuda")
+    on_cpu = aot.attention_launches("causal-docs")
+    for name, kind in (("_fwd_kernel", "fwd"), ("_bwd_q_kernel", "bwd_q"), ("_bwd_kv_kernel", "bwd_kv")):
+        bm, bn, warps, stages = K.ARCH_SHAPES[arch][kind][0]
+        built = [r for r in aot.compiled_binaries(getattr(K, name)) if (r["BLOCK_M"], r["BLOCK_N"]) == (bm, bn)]
+        assert built and all(r["spill_bytes"] == 0 for r in built), (name, built)
+        spec = aot.specialize(on_gpu[name], target)
+        cpu_spec = aot.specialize(on_cpu[name], target)
+        key = spec.fn.arg_names.index("DEVICE_KEY")
+        assert {k: v for k, v in spec.attrs.items() if k != (key,)} == {
+            k: v for k, v in cpu_spec.attrs.items() if k != (key,)
+        }
+        extra = {"BLOCK_M": bm, "BLOCK_N": bn} | ({"USE_TMA": False} if "USE_TMA" in spec.signature else {})
+        ahead = aot.resources(aot.compile_launch(spec.with_constants(**extra), target, warps, stages), target)
+        got = next(r for r in built if not r.get("USE_TMA"))
+        assert (got["registers"], got["shared"]) == (ahead.get("registers", got["registers"]), ahead["shared"]), name
