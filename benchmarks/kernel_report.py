@@ -198,7 +198,7 @@ def jobs(a: argparse.Namespace) -> list[tuple]:
 COLUMNS = {
     "sm90": ("registers", "spill_bytes", "shared", "pipelined_loads", "tma_loads", "wgmma", "mma"),
     "sm80": ("registers", "spill_bytes", "shared", "pipelined_loads", "mma"),
-    "gfx90a": ("vgpr", "agpr", "spill_bytes", "shared", "occupancy", "mfma"),
+    "gfx90a": ("vgpr", "agpr", "spill_bytes", "sgpr_spill", "shared", "occupancy", "mfma"),
 }
 
 

@@ -177,6 +177,36 @@ def _amdgcn_usage(asm: str) -> dict[str, int]:
     }
 
 
+def _elf_text(binary: bytes) -> bytes:
+    """The bytes of every ``.text*`` section of an ELF64 binary (a cubin or an hsaco): the machine code, without the
+    debug sections whose line numbers move whenever the source does."""
+    shoff = int.from_bytes(binary[0x28:0x30], "little")
+    shentsize, shnum, shstrndx = (int.from_bytes(binary[o : o + 2], "little") for o in (0x3A, 0x3C, 0x3E))
+
+    def section(i: int) -> tuple[int, int, int]:  # name offset, file offset, size
+        h = binary[shoff + i * shentsize : shoff + (i + 1) * shentsize]
+        return int.from_bytes(h[0:4], "little"), int.from_bytes(h[24:32], "little"), int.from_bytes(h[32:40], "little")
+
+    _, names_at, _ = section(shstrndx)
+    out = b""
+    for i in range(shnum):
+        name_off, at, size = section(i)
+        name = binary[names_at + name_off : binary.index(b"\0", names_at + name_off)]
+        if name.startswith(b".text"):
+            out += name + b"\0" + binary[at : at + size]
+    return out
+
+
+def code_sha(compiled: Any, target: GPUTarget) -> str:
+    """A fingerprint (16 hex digits of sha256) of the compiled kernel's machine code alone: equal before and after a
+    change to a kernel's source means the GPU runs the same instructions (a pure refactor), whatever moved in the
+    debug information."""
+    import hashlib
+
+    binary = compiled.asm["cubin" if target.backend == "cuda" else "hsaco"]
+    return hashlib.sha256(_elf_text(binary)).hexdigest()[:16]
+
+
 _ASYNC_LOAD = r"ttg\.async_copy_global_to_local|async_tma_copy_global_to_local"  # cp.async / TMA into shared
 
 
@@ -185,9 +215,10 @@ def resources(compiled: Any, target: GPUTarget) -> dict[str, Any]:
     (local memory per thread: register spills), ``shared`` bytes, ``pipelined_loads`` (asynchronous copies to
     shared memory in the TTGIR: cp.async or TMA; 0 means every tile load waits on global memory),
     ``tma_loads``, and the tensor-core instructions in the PTX (``wgmma``: Hopper's warpgroup MMA, ``mma``:
-    the older per-warp mma.sync). On ROCm: VGPRs, AGPRs, scratch (spills), occupancy, LDS and MFMA count."""
+    the older per-warp mma.sync). On ROCm: VGPRs, AGPRs, scratch (spills), SGPRs spilled into VGPR lanes, occupancy,
+    LDS and MFMA count. Both: ``code_sha``, the machine code's fingerprint (:func:`code_sha`)."""
     ttgir = compiled.asm.get("ttgir", "")
-    row: dict[str, Any] = {"shared": int(compiled.metadata.shared)}
+    row: dict[str, Any] = {"shared": int(compiled.metadata.shared), "code_sha": code_sha(compiled, target)}
     if target.backend == "cuda":
         usage = _cubin_usage(compiled.asm["cubin"])
         ptx = compiled.asm.get("ptx", "")
