@@ -91,6 +91,8 @@ def test_report_first_configs_compile_pipelined_without_spills(tmp_path):
         assert row["wgmma"] > 0 and row["mma"] == 0 and row["pipelined_loads"] > 0 and 0 < row["registers"] <= 255
     for name in ("fwd", "bwd_q", "bwd_kv"):
         assert rows[name + "_tma"]["tma_loads"] > 0 and rows[name]["tma_loads"] == 0
+    shas = [row["code_sha"] for row in rows.values()]  # machine code fingerprints: six different kernels
+    assert len(set(shas)) == 6 and all(len(x) == 16 and int(x, 16) >= 0 for x in shas)
     assert "bwd_kv_tma" in r.stdout and "0 flagged or failed" in r.stdout
 
 
@@ -111,6 +113,7 @@ def test_report_fused_kernels(tmp_path):
     assert rows[("sm90", "rmsnorm_bwd")]["blocks"] == {"BLOCK": 1024} and rows[("sm90", "rmsnorm_bwd")]["warps"] == 4
     assert rows[("sm90", "ce_grad")]["blocks"] == {"BLOCK_R": 8, "BLOCK_V": 512}  # the GPU tile, not the interpreter's
     assert "sm90 fused:" in r.stdout and "gfx90a fused:" in r.stdout and "0 flagged or failed" in r.stdout
+    assert len({row["code_sha"] for row in rows.values()}) == 4  # a cubin's and an hsaco's .text fingerprinted
 
 
 @pytest.mark.gpu
