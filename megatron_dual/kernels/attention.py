@@ -272,30 +272,11 @@ def _full_range(RUN_LO, RUN_HI, row, first, last, shift, limit, BLOCK: tl.conste
 
 @triton.jit
 def _fwd_tiles(
-    acc,
-    m_i,
-    l_i,
-    q,
-    q_pos,
-    q_doc,
-    plen,
-    k_base,
-    v_base,
-    skt,
-    svt,
-    DOCS,
-    b,
-    sdoc,
-    T_K,
-    lo,
-    hi,
-    skip_at,
-    skip_len,
-    in_lo,
-    in_hi,
+    state,
+    query,
+    keys,
+    tiles,
     scale_log2,
-    offs_n0,
-    offs_d,
     MASK_KIND: tl.constexpr,
     DOC_MASK: tl.constexpr,
     POS_MASK: tl.constexpr,
@@ -303,6 +284,13 @@ def _fwd_tiles(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
+    """Key tiles [lo, hi) but [skip_at, skip_at + skip_len) into the online softmax ``state`` = (acc, m_i, l_i)
+    of the query tile ``query`` = (q, q_pos, q_doc, plen); ``keys`` = (k, v: pointers or TMA descriptors, their
+    row strides, DOCS, b, sdoc, T_K, offs_n0, offs_d); key tiles in [in_lo, in_hi) lie inside the query tile's run."""
+    acc, m_i, l_i = state
+    q, q_pos, q_doc, plen = query
+    k_base, v_base, skt, svt, DOCS, b, sdoc, T_K, offs_n0, offs_d = keys
+    lo, hi, skip_at, skip_len, in_lo, in_hi = tiles
     for it in range(lo, hi, BLOCK_N):
         start_n = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_n = start_n + offs_n0
@@ -406,22 +394,9 @@ def _fwd_kernel(
     if HAS_DOCS:
         q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
     lo, mid, hi = _query_tile_key_range(
-        start_m,
-        b,
-        T_Q,
-        T_K,
-        Q_OFFSET,
-        plen,
-        q_pos,
-        m_valid,
-        DOC_LO,
-        DOC_HI,
-        sdoc,
-        MASK_KIND,
-        HAS_DOCS,
-        BLOCK_M,
+        start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI, sdoc, MASK_KIND, HAS_DOCS, BLOCK_M,
         BLOCK_N,
-    )
+    )  # fmt: skip
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     if USE_TMA:  # sm90 (MEGATRON_DUAL_ATTN_TMA=1): one 2-D descriptor per (batch, kv head) over (T_K, D)
@@ -430,6 +405,8 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    query = (q, q_pos, q_doc, plen)
+    keys = (k_base, v_base, skt, svt, DOCS, b, sdoc, T_K, offs_n0, offs_d)
     # key tiles below mid need no positional mask; those in [a1, a2) lie inside the query tile's document run
     # and need no document compare either (only tiles straddling a document boundary pay for it): one loop
     # over [lo, a1) and [a2, mid) with the compare, one over [a1, a2) without, one over [mid, hi) positional
@@ -443,103 +420,19 @@ def _fwd_kernel(
         a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
         a2 = tl.minimum(tl.maximum(f_hi, a1), mid)
         acc, m_i, l_i = _fwd_tiles(
-            acc,
-            m_i,
-            l_i,
-            q,
-            q_pos,
-            q_doc,
-            plen,
-            k_base,
-            v_base,
-            skt,
-            svt,
-            DOCS,
-            b,
-            sdoc,
-            T_K,
-            lo,
-            mid - (a2 - a1),
-            a1,
-            a2 - a1,
-            f_lo,
-            f_hi,
-            scale_log2,
-            offs_n0,
-            offs_d,
-            MASK_KIND,
-            True,
-            False,
-            BLOCK_N,
-            DOT_PRECISION,
-            USE_TMA,
-        )
+            (acc, m_i, l_i), query, keys, (lo, mid - (a2 - a1), a1, a2 - a1, f_lo, f_hi), scale_log2, MASK_KIND, True,
+            False, BLOCK_N, DOT_PRECISION, USE_TMA,
+        )  # fmt: skip
     else:
         a2 = mid
     acc, m_i, l_i = _fwd_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        q_pos,
-        q_doc,
-        plen,
-        k_base,
-        v_base,
-        skt,
-        svt,
-        DOCS,
-        b,
-        sdoc,
-        T_K,
-        a1,
-        a2,
-        a2,
-        0,
-        f_lo,
-        f_hi,
-        scale_log2,
-        offs_n0,
-        offs_d,
-        MASK_KIND,
-        False,
-        False,
-        BLOCK_N,
-        DOT_PRECISION,
-        USE_TMA,
-    )
+        (acc, m_i, l_i), query, keys, (a1, a2, a2, 0, f_lo, f_hi), scale_log2, MASK_KIND, False, False, BLOCK_N,
+        DOT_PRECISION, USE_TMA,
+    )  # fmt: skip
     acc, m_i, l_i = _fwd_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        q_pos,
-        q_doc,
-        plen,
-        k_base,
-        v_base,
-        skt,
-        svt,
-        DOCS,
-        b,
-        sdoc,
-        T_K,
-        mid,
-        hi,
-        hi,
-        0,
-        f_lo,
-        f_hi,
-        scale_log2,
-        offs_n0,
-        offs_d,
-        MASK_KIND,
-        HAS_DOCS,
-        True,
-        BLOCK_N,
-        DOT_PRECISION,
-        USE_TMA,
-    )
+        (acc, m_i, l_i), query, keys, (mid, hi, hi, 0, f_lo, f_hi), scale_log2, MASK_KIND, HAS_DOCS, True, BLOCK_N,
+        DOT_PRECISION, USE_TMA,
+    )  # fmt: skip
     empty = l_i == 0.0  # a query that sees no key at all: output 0, and lse = +inf makes its backward p = 0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
@@ -551,40 +444,26 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kv_tiles(
-    dk,
-    dv,
-    k,
-    v,
-    k_pos,
-    k_doc,
-    plen,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    sqt,
-    sdot,
-    T_Q,
-    Q_OFFSET,
-    lo,
-    hi,
-    skip_at,
-    skip_len,
-    in_lo,
-    in_hi,
+    state,
+    key,
+    queries,
+    tiles,
     scale_log2,
-    offs_m0,
-    offs_d,
     MASK_KIND: tl.constexpr,
     DOC_MASK: tl.constexpr,
     POS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOCS,
-    b,
-    sdoc,
     USE_TMA: tl.constexpr,
 ):
+    """``state`` = (dk, dv) of the key tile ``key`` = (k, v, k_pos, k_doc, plen) over the query tiles [lo, hi) but
+    [skip_at, skip_at + skip_len) of one query head; ``queries`` = (q, do, lse and delta pointers, q and do row
+    strides, T_Q, Q_OFFSET, DOCS, b, sdoc, offs_m0, offs_d); query tiles in [in_lo, in_hi) lie inside the key
+    tile's run."""
+    dk, dv = state
+    k, v, k_pos, k_doc, plen = key
+    q_base, do_base, lse_base, delta_base, sqt, sdot, T_Q, Q_OFFSET, DOCS, b, sdoc, offs_m0, offs_d = queries
+    lo, hi, skip_at, skip_len, in_lo, in_hi = tiles
     for it in range(lo, hi, BLOCK_M):
         start_m = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_m = start_m + offs_m0
@@ -750,25 +629,9 @@ def _bwd_kv_kernel(
     if MASK_KIND == 2:
         plen = tl.load(PREFIX + b)
     lo, mid, b1, b2, hi, in_lo, in_hi, k_doc = _key_tile_query_range(
-        start_n,
-        b,
-        T_Q,
-        T_K,
-        Q_OFFSET,
-        plen,
-        offs_n,
-        n_valid,
-        DOCS,
-        DOC_LO,
-        DOC_HI,
-        RUN_LO,
-        RUN_HI,
-        sdoc,
-        MASK_KIND,
-        HAS_DOCS,
-        BLOCK_M,
-        BLOCK_N,
-    )
+        start_n, b, T_Q, T_K, Q_OFFSET, plen, offs_n, n_valid, DOCS, DOC_LO, DOC_HI, RUN_LO, RUN_HI, sdoc, MASK_KIND,
+        HAS_DOCS, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for g in range(GROUP):
@@ -780,112 +643,20 @@ def _bwd_kv_kernel(
             do_base = tl.make_tensor_descriptor(do_base, [T_Q, HEAD_DIM], [sdot, 1], [BLOCK_M, HEAD_DIM])
         lse_base = LSE + (b * HQ + h) * T_Q
         delta_base = DELTA + (b * HQ + h) * T_Q
+        queries = (q_base, do_base, lse_base, delta_base, sqt, sdot, T_Q, Q_OFFSET, DOCS, b, sdoc, offs_m0, offs_d)
         dk, dv = _bwd_kv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            offs_n,
-            k_doc,
-            plen,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            sqt,
-            sdot,
-            T_Q,
-            Q_OFFSET,
-            lo,
-            mid,
-            mid,
-            0,
-            in_lo,
-            in_hi,
-            scale_log2,
-            offs_m0,
-            offs_d,
-            MASK_KIND,
-            HAS_DOCS,
-            True,
-            BLOCK_M,
-            DOT_PRECISION,
-            DOCS,
-            b,
-            sdoc,
-            USE_TMA,
-        )
+            (dk, dv), (k, v, offs_n, k_doc, plen), queries, (lo, mid, mid, 0, in_lo, in_hi), scale_log2, MASK_KIND,
+            HAS_DOCS, True, BLOCK_M, DOT_PRECISION, USE_TMA,
+        )  # fmt: skip
         if HAS_DOCS:  # [mid, b1) and [b2, hi) compare documents, [b1, b2) lies inside the key tile's run
             dk, dv = _bwd_kv_tiles(
-                dk,
-                dv,
-                k,
-                v,
-                offs_n,
-                k_doc,
-                plen,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                sqt,
-                sdot,
-                T_Q,
-                Q_OFFSET,
-                mid,
-                hi - (b2 - b1),
-                b1,
-                b2 - b1,
-                in_lo,
-                in_hi,
-                scale_log2,
-                offs_m0,
-                offs_d,
-                MASK_KIND,
-                True,
-                False,
-                BLOCK_M,
-                DOT_PRECISION,
-                DOCS,
-                b,
-                sdoc,
-                USE_TMA,
-            )
+                (dk, dv), (k, v, offs_n, k_doc, plen), queries, (mid, hi - (b2 - b1), b1, b2 - b1, in_lo, in_hi),
+                scale_log2, MASK_KIND, True, False, BLOCK_M, DOT_PRECISION, USE_TMA,
+            )  # fmt: skip
         dk, dv = _bwd_kv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            offs_n,
-            k_doc,
-            plen,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            sqt,
-            sdot,
-            T_Q,
-            Q_OFFSET,
-            b1,
-            b2,
-            b2,
-            0,
-            in_lo,
-            in_hi,
-            scale_log2,
-            offs_m0,
-            offs_d,
-            MASK_KIND,
-            False,
-            False,
-            BLOCK_M,
-            DOT_PRECISION,
-            DOCS,
-            b,
-            sdoc,
-            USE_TMA,
-        )
+            (dk, dv), (k, v, offs_n, k_doc, plen), queries, (b1, b2, b2, 0, in_lo, in_hi), scale_log2, MASK_KIND,
+            False, False, BLOCK_M, DOT_PRECISION, USE_TMA,
+        )  # fmt: skip
     dk = dk * scale
     tl.store(
         DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
@@ -901,31 +672,11 @@ def _bwd_kv_kernel(
 
 @triton.jit
 def _bwd_q_tiles(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    q_pos,
-    q_doc,
-    plen,
-    k_base,
-    v_base,
-    skt,
-    svt,
-    DOCS,
-    b,
-    sdoc,
-    T_K,
-    lo,
-    hi,
-    skip_at,
-    skip_len,
-    in_lo,
-    in_hi,
+    state,
+    query,
+    keys,
+    tiles,
     scale_log2,
-    offs_n0,
-    offs_d,
     MASK_KIND: tl.constexpr,
     DOC_MASK: tl.constexpr,
     POS_MASK: tl.constexpr,
@@ -933,6 +684,12 @@ def _bwd_q_tiles(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
+    """dq of the query tile ``query`` = (q, do, lse2, delta, q_pos, q_doc, plen) over the key tiles [lo, hi) but
+    [skip_at, skip_at + skip_len); ``keys`` as for :func:`_fwd_tiles`."""
+    (dq,) = state
+    q, do, lse2, delta, q_pos, q_doc, plen = query
+    k_base, v_base, skt, svt, DOCS, b, sdoc, T_K, offs_n0, offs_d = keys
+    lo, hi, skip_at, skip_len, in_lo, in_hi = tiles
     for it in range(lo, hi, BLOCK_N):
         start_n = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_n = start_n + offs_n0
@@ -1043,22 +800,9 @@ def _bwd_q_kernel(
     if HAS_DOCS:
         q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
     lo, mid, hi = _query_tile_key_range(
-        start_m,
-        b,
-        T_Q,
-        T_K,
-        Q_OFFSET,
-        plen,
-        q_pos,
-        m_valid,
-        DOC_LO,
-        DOC_HI,
-        sdoc,
-        MASK_KIND,
-        HAS_DOCS,
-        BLOCK_M,
+        start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI, sdoc, MASK_KIND, HAS_DOCS, BLOCK_M,
         BLOCK_N,
-    )
+    )  # fmt: skip
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     if USE_TMA:  # as the forward's: one 2-D descriptor per (batch, kv head) over (T_K, D)
@@ -1066,6 +810,8 @@ def _bwd_q_kernel(
         v_base = tl.make_tensor_descriptor(v_base, [T_K, HEAD_DIM], [svt, 1], [BLOCK_N, HEAD_DIM])
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # the forward's split of the key range
+    query = (q, do, lse2, delta, q_pos, q_doc, plen)
+    keys = (k_base, v_base, skt, svt, DOCS, b, sdoc, T_K, offs_n0, offs_d)
     a1 = lo
     a2 = lo
     f_lo = lo  # tiles [f_lo, f_hi) lie inside the query tile's run (none without documents)
@@ -1076,106 +822,19 @@ def _bwd_q_kernel(
         a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
         a2 = tl.minimum(tl.maximum(f_hi, a1), mid)
         dq = _bwd_q_tiles(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            q_pos,
-            q_doc,
-            plen,
-            k_base,
-            v_base,
-            skt,
-            svt,
-            DOCS,
-            b,
-            sdoc,
-            T_K,
-            lo,
-            mid - (a2 - a1),
-            a1,
-            a2 - a1,
-            f_lo,
-            f_hi,
-            scale_log2,
-            offs_n0,
-            offs_d,
-            MASK_KIND,
-            True,
-            False,
-            BLOCK_N,
-            DOT_PRECISION,
-            USE_TMA,
-        )
+            (dq,), query, keys, (lo, mid - (a2 - a1), a1, a2 - a1, f_lo, f_hi), scale_log2, MASK_KIND, True, False,
+            BLOCK_N, DOT_PRECISION, USE_TMA,
+        )  # fmt: skip
     else:
         a2 = mid
     dq = _bwd_q_tiles(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        q_pos,
-        q_doc,
-        plen,
-        k_base,
-        v_base,
-        skt,
-        svt,
-        DOCS,
-        b,
-        sdoc,
-        T_K,
-        a1,
-        a2,
-        a2,
-        0,
-        f_lo,
-        f_hi,
-        scale_log2,
-        offs_n0,
-        offs_d,
-        MASK_KIND,
-        False,
-        False,
-        BLOCK_N,
-        DOT_PRECISION,
+        (dq,), query, keys, (a1, a2, a2, 0, f_lo, f_hi), scale_log2, MASK_KIND, False, False, BLOCK_N, DOT_PRECISION,
         USE_TMA,
-    )
+    )  # fmt: skip
     dq = _bwd_q_tiles(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        q_pos,
-        q_doc,
-        plen,
-        k_base,
-        v_base,
-        skt,
-        svt,
-        DOCS,
-        b,
-        sdoc,
-        T_K,
-        mid,
-        hi,
-        hi,
-        0,
-        f_lo,
-        f_hi,
-        scale_log2,
-        offs_n0,
-        offs_d,
-        MASK_KIND,
-        HAS_DOCS,
-        True,
-        BLOCK_N,
-        DOT_PRECISION,
-        USE_TMA,
-    )
+        (dq,), query, keys, (mid, hi, hi, 0, f_lo, f_hi), scale_log2, MASK_KIND, HAS_DOCS, True, BLOCK_N,
+        DOT_PRECISION, USE_TMA,
+    )  # fmt: skip
     dq = dq * scale
     tl.store(
         DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
