@@ -694,7 +694,7 @@ def _bwd_q_tiles(
         start_n = it + (it >= skip_at) * skip_len  # [skip_at, skip_at + skip_len) is left out
         offs_n = start_n + offs_n0
         n_valid = offs_n < T_K
-        # keys past T_K load as zeros: their p is harmless because dq adds p * (0 - delta) * k = 0
+        # keys past T_K load as zeros; they only occur on the positional tiles (the ragged last one), masked below
         if USE_TMA:  # k_base and v_base are tensor descriptors: rows past T_K come back as zeros
             k = k_base.load([start_n, 0])
             v = v_base.load([start_n, 0])
@@ -704,7 +704,9 @@ def _bwd_q_tiles(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(tl.fma(qk, scale_log2, -lse2[:, None]))
         if POS_MASK:
-            ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND)
+            # keys past T_K (zeros) need the bound: with lse2 < -126 their p = exp2(-lse2) would overflow, and
+            # inf * 0 in dq is NaN
+            ok = _pos_mask(q_pos, offs_n, plen, MASK_KIND) & n_valid[None, :]
             if DOC_MASK:
                 if (start_n < in_lo) | (start_n >= in_hi):  # else the key tile lies inside the query tile's run
                     k_doc = tl.load(DOCS + b * sdoc + offs_n, mask=n_valid, other=-1)
@@ -908,13 +910,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 # descriptors (bulk asynchronous copies) instead of pointer arithmetic; experimental, off by default, not yet measured
 # on a GPU. Read at import; the tests switch it through this attribute.
 TMA = os.environ.get("MEGATRON_DUAL_ATTN_TMA", "0") == "1"
-_ALLOCATOR_SET = False
 
 
 def _use_tma(*tensors: torch.Tensor) -> bool:
     """Whether a kernel loads ``tensors`` (the forward's and dQ's k and v, dK/dV's q and dO) through TMA descriptors:
-    the flag, an sm90 device (or the interpreter), and 16-byte aligned bases and strides (TMA's requirement)."""
-    global _ALLOCATOR_SET
+    the flag, an sm90 device (or the interpreter), and 16-byte aligned bases and strides (TMA's requirement). Sets
+    Triton's allocator for the descriptors' scratch memory each time: Triton keeps it per thread (a ContextVar), and
+    autograd runs the backward on a thread of its own."""
     if not TMA or not hasattr(tl, "make_tensor_descriptor"):
         return False
     device = tensors[0].device
@@ -924,9 +926,8 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
         x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1]) for x in tensors
     ):
         return False
-    if not INTERPRET and not _ALLOCATOR_SET:  # device-side descriptors live in a global scratch buffer
+    if not INTERPRET:  # device-side descriptors live in a global scratch buffer
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
-        _ALLOCATOR_SET = True
     return True
 
 

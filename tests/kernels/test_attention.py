@@ -183,6 +183,45 @@ def test_tiles_inside_a_run_skip_the_document_compare():
     assert not torch.allclose(bad, good, atol=1e-3)
 
 
+@pytest.mark.parametrize("docs", [False, True])
+def test_ragged_last_key_tile_under_very_negative_scores(docs):
+    """A query whose every score is about -100 has a base-2 log-sum-exp below -126; the zero keys past T in the
+    ragged last key tile must then be cut by the bound, not only by the document compare (which tiles inside one
+    document skip), or exp2(-lse) overflows and dq is NaN. Bidirectional, T = 20: not a multiple of any tile."""
+    t, d = 20, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 1, t, d, generator=g) for _ in range(4))
+    q[0, 0, 0] = 0.0
+    q[0, 0, 0, 0] = 20.0
+    k[0, 0, :, 0] = -20.0  # query 0: every score about -100
+    ids = torch.zeros(1, t, dtype=torch.long) if docs else None
+    q, k, v = (x.to(DEVICE).requires_grad_() for x in (q, k, v))
+    out = K.flash_attention(q, k, v, "bidirectional", doc_ids=None if ids is None else ids.to(DEVICE))
+    grads = torch.autograd.grad(out, (q, k, v), do.to(DEVICE))
+    ref_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*ref_in, AttentionMask("bidirectional", doc_ids=ids))
+    for got, want in zip(grads, torch.autograd.grad(ref, ref_in, do.to(DEVICE)), strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_diagonal_tiles_inside_a_run_skip_the_document_compare():
+    """The positional (diagonal) tiles trust the run bounds too. Documents [0, 32), [32, 50), [50, 64), [64, 96)
+    under a causal mask: with the interpreter's 32-query tiles every key tile a query tile visits is positional
+    (the true document spans start its key range at its own first position), and the only boundary inside a
+    visited tile is 50. Claiming one run must then change the result, through those tiles alone."""
+    docs = runs([32, 18, 14, 32])[None].to(DEVICE)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=g).to(DEVICE) for _ in range(3))
+    tiles = K.document_tiles(docs)
+    good = K.flash_attention(q, k, v, "causal", doc_ids=docs, doc_spans=tiles)
+    ref = reference_attention(q, k, v, AttentionMask("causal", doc_ids=docs))
+    torch.testing.assert_close(good, ref, **TOL[torch.float32])
+    one_run = (torch.zeros_like(tiles[2]), torch.full_like(tiles[3], 96))
+    bad = K.flash_attention(q, k, v, "causal", doc_ids=docs, doc_spans=(*tiles[:2], *one_run))
+    assert not torch.allclose(bad, good, atol=1e-3)
+
+
 def test_output_is_laid_out_bthd():
     """The output is a (B, H, T, D) view of (B, T, H, D) memory, so the model's reshape to (B, T, H * D) is a view."""
     q = torch.randn(2, 4, 19, 16, device=DEVICE)
@@ -581,7 +620,7 @@ for spec in sys.argv[1:]:
         done = aot.compile_launch(job.with_constants(**extra), target, num_warps=4, num_stages=int(stages))
         name += "_tma" * tma
         res = aot.resources(done, target)
-        print(arch, name, res.get("pipelined_loads", -1), res["spill_bytes"])
+        print(arch, name, res.get("pipelined_buffers", -1), res["spill_bytes"])
         with open(os.path.join(os.environ["AOT_TTIR_DIR"], f"{arch}{name}.ttir"), "w") as f:
             f.write(done.asm["ttir"])
 """
