@@ -34,6 +34,7 @@ Stages (default budget in seconds):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,13 +354,21 @@ def _ours_with_tma(q: Any, k: Any, v: Any, mask: Any) -> Callable[[], Any] | Non
         return None
 
     def ours_tma() -> Any:
-        previous, K.TMA = K.TMA, True
-        try:
-            return attention(q, k, v, mask, backend="triton")
-        finally:
-            K.TMA = previous
+        return attention(q, k, v, mask, backend="triton")
 
+    ours_tma.context = _tma_on  # type: ignore[attr-defined]  # the flag on around forward *and* backward
     return ours_tma
+
+
+@contextlib.contextmanager
+def _tma_on() -> Iterator[None]:
+    import megatron_dual.kernels.attention as K
+
+    previous, K.TMA = K.TMA, True
+    try:
+        yield
+    finally:
+        K.TMA = previous
 
 
 def _varlen(q: Any, k: Any, v: Any, runs: tuple, causal: bool, flash: bool) -> Callable[[], Any] | None:
@@ -446,16 +455,9 @@ def _attention_case(
         return torch.autograd.grad(out, inputs, do)
 
     backward = not (ctx.device == "cpu" and peer == "flex")  # FlexAttention has no CPU backward
-    ms_fwd = ms_all = None
     try:
-        with torch.set_grad_enabled(backward):
-            fwd_bwd() if backward else fwd()  # compiles (Flex: once for this mask) and tunes
-        with torch.compiler.set_stance("fail_on_recompile"):  # a recompile here would be timed: refuse it
-            if not (ctx.smoke and backward):  # (the smoke run times one of the two: the interpreter is slow)
-                with torch.no_grad():
-                    ms_fwd = bench_ms(ctx, fwd)
-            if backward:
-                ms_all = bench_ms(ctx, fwd_bwd)
+        with getattr(fwd, "context", contextlib.nullcontext)():  # a peer's setting for the whole case
+            ms_fwd, ms_all = _time_case(ctx, fwd, fwd_bwd, backward)
     except Exception as exc:  # one peer failing is a result, not the end of the stage
         ctx.record(mask=mask_name, peer=peer, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         return
@@ -467,6 +469,24 @@ def _attention_case(
         tflops_fwd=fwd_flops / ms_fwd / 1e9 if ms_fwd else None,
         tflops_fwd_bwd=3.5 * fwd_flops / ms_all / 1e9 if ms_all else None,
     )
+
+
+def _time_case(
+    ctx: Ctx, fwd: Callable[[], Any], fwd_bwd: Callable[[], Any], backward: bool
+) -> tuple[float | None, float | None]:
+    """(forward ms, forward+backward ms) of one peer, after one untimed call that compiles and tunes."""
+    import torch
+
+    ms_fwd = ms_all = None
+    with torch.set_grad_enabled(backward):
+        fwd_bwd() if backward else fwd()  # compiles (Flex: once for this mask) and tunes
+    with torch.compiler.set_stance("fail_on_recompile"):  # a recompile here would be timed: refuse it
+        if not (ctx.smoke and backward):  # (the smoke run times one of the two: the interpreter is slow)
+            with torch.no_grad():
+                ms_fwd = bench_ms(ctx, fwd)
+        if backward:
+            ms_all = bench_ms(ctx, fwd_bwd)
+    return ms_fwd, ms_all
 
 
 def _model_and_batches(ctx: Ctx, fused: str, pad_to: int) -> tuple[Any, Any, dict, Any]:
@@ -837,9 +857,11 @@ def _headlines(rows: list[dict]) -> list[str]:
         elif r.get("stage") == "gpu_tests" and "counts" in r:
             out.append(f"gpu tests: {r['counts']} (rc {r['rc']})")
         elif r.get("compiled"):
-            regs = [b["registers"] for b in r["compiled"]]
-            spilled = sum(b["spill_bytes"] for b in r["compiled"])
-            out.append(f"{r['binaries']}: {len(regs)} binaries, {min(regs)}-{max(regs)} registers, {spilled} B spilled")
+            loaded = [b for b in r["compiled"] if "registers" in b] or [{"registers": 0, "spill_bytes": 0}]
+            regs = [b["registers"] for b in loaded]
+            spilled = sum(b["spill_bytes"] for b in loaded)
+            n = len(r["compiled"])
+            out.append(f"{r['binaries']}: {n} binaries, {min(regs)}-{max(regs)} registers, {spilled} B spilled")
     return out
 
 

@@ -112,3 +112,48 @@ def test_summary_names_the_binaries_the_gpu_built(tmp_path):
     lines = gpu_validate.summary(out, "r")
     assert "_bwd_q_kernel: 2 binaries, 179-255 registers, 16 B spilled" in lines
     assert not [line for line in lines if line.startswith("_fwd_kernel")]
+
+
+def test_a_peer_s_setting_holds_through_its_backward(tmp_path):
+    """A peer's `context` (the `ours_tma` peer's MEGATRON_DUAL_ATTN_TMA switch) is on while its backward runs too,
+    not only its forward: autograd runs the backward after the forward closure has returned."""
+    import contextlib
+
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_validate
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    on: list[bool] = [False]
+    seen: list[tuple[str, bool]] = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[override]
+            seen.append(("forward", on[0]))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[override]
+            seen.append(("backward", on[0]))
+            return g * 2
+
+    @contextlib.contextmanager
+    def switch():
+        on[0] = True
+        try:
+            yield
+        finally:
+            on[0] = False
+
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+
+    def peer() -> torch.Tensor:
+        return Probe.apply(x)
+
+    peer.context = switch  # type: ignore[attr-defined]
+    ctx = gpu_validate.Ctx("attention", "r", tmp_path / "v.jsonl", smoke=True, deadline=1e18)
+    gpu_validate._attention_case(ctx, "causal", "ours_tma", peer, (x,), torch.ones(2, 3, 4, 5), 1.0)
+    assert ("backward", True) in seen and all(state for _, state in seen) and not on[0]
