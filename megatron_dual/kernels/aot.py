@@ -121,14 +121,15 @@ def specialize(launch: Launch, target: GPUTarget) -> Specialized:
     constants: dict[str, Any] = {}
     attrs: dict[tuple[int, ...], list] = {}
     for i, (name, param) in enumerate(zip(names, fn.params, strict=True)):
-        if name not in bound:
+        if name not in bound and param.has_default:
+            bound[name] = param.default
+        if name not in bound:  # left to an autotuner config (block sizes): see Specialized.with_constants
             signature[name] = "constexpr"
             continue
-        value = bound[name]
         if param.is_constexpr:
-            signature[name], constants[name] = "constexpr", value
+            signature[name], constants[name] = "constexpr", bound[name]
             continue
-        kind, key = native_specialize_impl(type(backend), value, False, True, True)
+        kind, key = _specialize_value(backend, param, name, bound[name])
         if kind == "constexpr":
             signature[name], constants[name] = "constexpr", key
             continue
@@ -136,6 +137,21 @@ def specialize(launch: Launch, target: GPUTarget) -> Specialized:
         if key:
             attrs[(i,)] = backend.parse_attr(key)
     return Specialized(fn, signature, constants, attrs)
+
+
+def _specialize_value(backend: Any, param: Any, name: str, value: Any) -> tuple[str, Any]:
+    """(type, specialisation key) of one runtime argument, by the JIT's binder's rules (``const`` pointers,
+    ``do_not_specialize``, alignment, annotated types; annotated floats and bools are never specialised)."""
+    if isinstance(value, tuple):
+        raise ValueError(f"{name}: tuple arguments are not supported by aot.specialize")
+    specialize = not param.do_not_specialize
+    align = not getattr(param, "do_not_specialize_on_alignment", False)
+    kind, key = native_specialize_impl(type(backend), value, param.is_const, specialize, align)
+    annotation = param.annotation_type
+    if isinstance(annotation, str) and annotation:
+        plain = annotation == "u1" or annotation[:2] in ("fp", "bf") or not specialize
+        return annotation, (None if plain else key)
+    return kind, key
 
 
 def compile_launch(spec: Specialized, target: GPUTarget, num_warps: int, num_stages: int | None = None) -> Any:
@@ -155,10 +171,16 @@ def _cuobjdump() -> str:
 
 def _cubin_usage(cubin: bytes) -> dict[str, int]:
     """REG / STACK / SHARED / LOCAL of the cubin's kernel, from the cuobjdump that Triton carries."""
+    tool = _cuobjdump()
+    if not os.path.exists(tool):
+        raise RuntimeError(f"cuobjdump not found at {tool} (Triton's NVIDIA backend carries it): cannot read registers")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        r = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{tool} -res-usage exited with {r.returncode}: {(r.stderr or r.stdout).strip()[:200]}")
+    out = r.stdout
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
@@ -207,14 +229,19 @@ def code_sha(compiled: Any, target: GPUTarget) -> str:
     return hashlib.sha256(_elf_text(binary)).hexdigest()[:16]
 
 
-_ASYNC_LOAD = r"ttg\.async_copy_global_to_local|async_tma_copy_global_to_local"  # cp.async / TMA into shared
+# A shared-memory tile buffer with a leading stage dimension (``!ttg.memdesc<3x64x64xbf16 ...>``; 1 deep at
+# num_stages=2 on sm80, which still issues the next tile's copy before this one's use): the software pipeliner's,
+# into which cp.async or TMA copies run ahead of their use. An unpipelined load (even a TMA one) gets a plain
+# (BLOCK, D) buffer.
+_STAGED_BUFFER = re.compile(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x")
 
 
 def resources(compiled: Any, target: GPUTarget) -> dict[str, Any]:
     """What the compiler reports for one compiled kernel. On CUDA: ``registers`` per thread, ``spill_bytes``
-    (local memory per thread: register spills), ``shared`` bytes, ``pipelined_loads`` (asynchronous copies to
-    shared memory in the TTGIR: cp.async or TMA; 0 means every tile load waits on global memory),
-    ``tma_loads``, and the tensor-core instructions in the PTX (``wgmma``: Hopper's warpgroup MMA, ``mma``:
+    (local memory per thread: register spills), ``shared`` bytes, ``pipelined_buffers`` (tile buffers with a stage
+    dimension: loads the software pipeliner issues ahead of their use; 0 means every tile load waits on global
+    memory), ``tma_loads``
+    (TMA copies in the TTGIR), and the tensor-core instructions in the PTX (``wgmma``: Hopper's warpgroup MMA, ``mma``:
     the older per-warp mma.sync). On ROCm: VGPRs, AGPRs, scratch (spills), SGPRs spilled into VGPR lanes, occupancy,
     LDS and MFMA count. Both: ``code_sha``, the machine code's fingerprint (:func:`code_sha`)."""
     ttgir = compiled.asm.get("ttgir", "")
@@ -225,7 +252,7 @@ def resources(compiled: Any, target: GPUTarget) -> dict[str, Any]:
         row |= {
             "registers": usage.get("reg", 0),
             "spill_bytes": usage.get("local", 0),
-            "pipelined_loads": len(re.findall(_ASYNC_LOAD, ttgir)),
+            "pipelined_buffers": len(_STAGED_BUFFER.findall(ttgir)),
             "tma_loads": ttgir.count("async_tma_copy_global_to_local"),
             "wgmma": ptx.count("wgmma.mma_async"),
             "mma": ptx.count("mma.sync"),
@@ -270,14 +297,21 @@ def compiled_binaries(kernel: Any) -> list[dict[str, Any]]:
     rows = []
     for cache in list(getattr(fn, "device_caches", {}).values()):
         for compiled in list(cache[0].values()):
-            compiled._init_handles()  # loads the binary if no launch has yet (n_regs / n_spills come from it)
-            consts = getattr(compiled.src, "constants", {})
-            named = {fn.arg_names[k[0]]: v for k, v in consts.items() if isinstance(k, tuple) and len(k) == 1}
-            row = {"kernel": fn.__name__, "registers": compiled.n_regs, "spill_bytes": compiled.n_spills}
-            row |= {"shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps}
-            row |= {"stages": compiled.metadata.num_stages}
-            rows.append(row | {k: v for k, v in named.items() if k.isupper() and isinstance(v, (bool, int, str))})
+            rows.append(_binary_row(fn, compiled))
     return rows
+
+
+def _binary_row(fn: Any, compiled: Any) -> dict[str, Any]:
+    consts = getattr(compiled.src, "constants", {})
+    named = {fn.arg_names[k[0]]: v for k, v in consts.items() if isinstance(k, tuple) and len(k) == 1}
+    row = {"kernel": fn.__name__, "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps}
+    row |= {"stages": compiled.metadata.num_stages}
+    row |= {k: v for k, v in named.items() if k.isupper() and isinstance(v, (bool, int, str))}
+    try:  # loads the binary if no launch has yet (n_regs / n_spills come from it)
+        compiled._init_handles()
+    except Exception as e:  # noqa: BLE001 (a config autotuning tried that does not fit: OutOfResources)
+        return row | {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    return row | {"registers": compiled.n_regs, "spill_bytes": compiled.n_spills}
 
 
 def attention_launches(
