@@ -480,6 +480,7 @@ def _bwd_kv_tiles(
         p_t = tl.math.exp2(tl.fma(qk_t, scale_log2, -lse2[None, :]))
         q_pos = offs_m + Q_OFFSET
         if POS_MASK:
+            # (rows of a ragged key tile past T_K may get inf here: each row's dk / dv is its own and never stored)
             ok = _pos_mask_t(k_pos, q_pos, plen, MASK_KIND)
             if DOC_MASK:
                 if (start_m < in_lo) | (start_m >= in_hi):  # else the query tile lies inside the key tile's run
