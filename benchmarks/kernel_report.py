@@ -210,33 +210,30 @@ FUSED_COLUMNS = {
 }
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    for arch in dict.fromkeys(r["arch"] for r in rows):
-        cols = COLUMNS[arch]
-        print(f"\n{arch}: kernel, mask, (BLOCK_M, BLOCK_N, warps, stages), " + ", ".join(cols))
-        for r in (r for r in rows if r["arch"] == arch):
-            cfg = f"({r['block_m']}, {r['block_n']}, {r['warps']}, {r['stages']})"
-            head = f"  {r['kernel']:<10} {r['mask']:<19} {cfg:<18}"
-            if "error" in r:
-                print(head, "ERROR", r["error"])
-                continue
-            vals = " ".join(f"{c}={r.get(c, '-')}" for c in cols)
-            print(head, vals, ("  <- " + "; ".join(r["flags"])) if r["flags"] else "")
+def _attention_head(r: dict[str, Any]) -> str:
+    cfg = f"({r['block_m']}, {r['block_n']}, {r['warps']}, {r['stages']})"
+    return f"  {r['kernel']:<10} {r['mask']:<19} {cfg:<18}"
 
 
-def print_fused_table(rows: list[dict[str, Any]]) -> None:
+def _fused_head(r: dict[str, Any]) -> str:
+    blocks = " ".join(f"{k}={v}" for k, v in r["blocks"].items())
+    return f"  {r['kernel']:<16} {blocks:<24} {'(' + str(r['warps']) + ', ' + str(r.get('stages', '-')) + ')':<7}"
+
+
+def print_table(rows: list[dict[str, Any]], fused: bool = False) -> None:
+    """One table per arch: a row per compiled kernel, its columns, and its flags (or the error)."""
+    columns, head = (FUSED_COLUMNS, _fused_head) if fused else (COLUMNS, _attention_head)
+    title = " fused: kernel, block sizes, (warps, stages)" if fused else ": kernel, mask, (BLOCK_M, BLOCK_N, warps,"
+    title += "" if fused else " stages)"
     for arch in dict.fromkeys(r["arch"] for r in rows):
-        cols = FUSED_COLUMNS[arch]
-        print(f"\n{arch} fused: kernel, block sizes, (warps, stages), " + ", ".join(cols))
+        cols = columns[arch]
+        print(f"\n{arch}{title}, " + ", ".join(cols))
         for r in (r for r in rows if r["arch"] == arch):
-            blocks = " ".join(f"{k}={v}" for k, v in r["blocks"].items())
-            cfg = f"({r['warps']}, {r.get('stages', '-')})"
-            head = f"  {r['kernel']:<16} {blocks:<24} {cfg:<7}"
             if "error" in r:
-                print(head, "ERROR", r["error"])
+                print(head(r), "ERROR", r["error"])
                 continue
             vals = " ".join(f"{c}={r.get(c, '-')}" for c in cols)
-            print(head, vals, ("  <- " + "; ".join(r["flags"])) if r["flags"] else "")
+            print(head(r), vals, ("  <- " + "; ".join(r["flags"])) if r["flags"] else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     attention = [r for r in rows if r.get("group") != "fused"]
     if attention:
         print_table(attention)
-    print_fused_table([r for r in rows if r.get("group") == "fused"])
+    print_table([r for r in rows if r.get("group") == "fused"], fused=True)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         with a.out.open("w") as f:
