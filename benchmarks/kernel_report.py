@@ -223,11 +223,10 @@ def _fused_head(r: dict[str, Any]) -> str:
 def print_table(rows: list[dict[str, Any]], fused: bool = False) -> None:
     """One table per arch: a row per compiled kernel, its columns, and its flags (or the error)."""
     columns, head = (FUSED_COLUMNS, _fused_head) if fused else (COLUMNS, _attention_head)
-    title = " fused: kernel, block sizes, (warps, stages)" if fused else ": kernel, mask, (BLOCK_M, BLOCK_N, warps,"
-    title += "" if fused else " stages)"
+    what = "fused: kernel, block sizes, (warps, stages)" if fused else "kernel, mask, (BLOCK_M, BLOCK_N, warps, stages)"
     for arch in dict.fromkeys(r["arch"] for r in rows):
         cols = columns[arch]
-        print(f"\n{arch}{title}, " + ", ".join(cols))
+        print(f"\n{arch}{' ' if fused else ': '}{what}, " + ", ".join(cols))
         for r in (r for r in rows if r["arch"] == arch):
             if "error" in r:
                 print(head(r), "ERROR", r["error"])
