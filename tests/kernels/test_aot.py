@@ -184,3 +184,82 @@ def test_pipelined_buffers_tell_pipelined_from_synchronous_loads(tmp_path):
     out = json.loads(r.stdout.splitlines()[-1])
     assert out["1"] == [0, 0] and out["1tma"][0] == 0 and out["1tma"][1] > 0
     assert out["3"][0] > 0 and out["3tma"][0] > 0 and out["3tma"][1] > out["1tma"][1]
+
+
+BINDER = r"""
+import json
+import torch
+import triton
+import triton.language as tl
+from triton.compiler import make_backend
+from triton.runtime import jit as J
+from megatron_dual.kernels import aot
+
+
+@triton.jit(do_not_specialize=["t16"])
+def probe(X, Y, n, flag, f, none, t16, scale, MODE: tl.constexpr, B: tl.constexpr = 32):
+    pass
+
+
+class Host:
+    probe = probe
+
+
+def triton_binder(launch, target, extra):
+    fn = aot.jit_function(launch.kernel)
+    backend = make_backend(target)
+    binder = J.create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs) | extra
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    _, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return sig, consts, attrs
+
+
+def by_index(fn, consts):
+    return {str((fn.arg_names.index(k),) if isinstance(k, str) else k): repr(v) for k, v in consts.items()}
+
+
+try:
+    J.create_function_from_signature, aot.jit_function(probe)._pack_args
+except AttributeError as e:
+    print(json.dumps({"skip": f"Triton's binder internals changed: {e}"}))
+    raise SystemExit(0)
+launches = {}
+for mask in ("causal-docs", "prefix"):
+    for name, launch in aot.attention_launches(mask, t=256, heads=(4, 2)).items():
+        launches[f"{mask}:{name}"] = (launch, {"BLOCK_M": 64, "BLOCK_N": 64})
+for name, launch in aot.fused_launches("bfloat16").items():
+    launches[name] = (launch, {})
+x = torch.zeros(64)
+with aot.record_launches(Host, ["probe"]) as recorded:
+    Host.probe[(1,)](x, x[1:], 1, True, 1.0, None, 16, 0.5, MODE=2)
+launches["probe"] = (recorded[0], {})
+diff = []
+for arch, target in aot.TARGETS.items():
+    for key, (launch, extra) in launches.items():
+        fn = aot.jit_function(launch.kernel)
+        ours = aot.specialize(launch, target)
+        ours = ours.with_constants(**extra) if extra else ours
+        sig, consts, attrs = triton_binder(launch, target, extra)
+        a = (ours.signature, by_index(fn, ours.constants), {str(k): v for k, v in ours.attrs.items() if v})
+        b = (sig, by_index(fn, consts), {str(k): v for k, v in attrs.items() if v})
+        if a != b:
+            diff.append(f"{arch} {key}: ours {a} / triton {b}")
+print(json.dumps({"compared": len(launches) * len(aot.TARGETS), "diff": diff}))
+"""
+
+
+@pytest.mark.slow
+def test_specialize_equals_triton_s_own_binder(tmp_path):
+    """`aot.specialize` gives exactly what Triton's JIT binder computes at a launch (signature, constants,
+    attributes) for every recorded attention and fused launch and a probe of the corner cases (a 1, a bool, a float,
+    None, an unaligned pointer, a constexpr default, do_not_specialize), on sm90, sm80 and gfx90a. Skipped where
+    Triton's internals (`create_function_from_signature`, `_pack_args`) are not there to compare with."""
+    script = tmp_path / "binder.py"
+    script.write_text(BINDER)
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    assert out["diff"] == [] and out["compared"] >= 3 * 17
