@@ -271,6 +271,76 @@ def _full_range(RUN_LO, RUN_HI, row, first, last, shift, limit, BLOCK: tl.conste
 
 
 @triton.jit
+def _query_tile(H, GROUP, T_Q, Q_OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's query tile: (pid_bh, b, h, hk, start_m, offs_m, offs_n0, offs_d, m_valid, q_pos). The heaviest
+    tiles (the last, under a causal mask) go first. Batch and head offsets are int64 from here: b * stride reaches
+    past 2^31 on large batches (the packed qkv's batch stride is T (Hq + 2 Hkv) D); in-tile offsets (< T * stride_t,
+    checked on the host) stay int32."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    return pid_bh, b, h, hk, start_m, offs_m, offs_n0, offs_d, offs_m < T_Q, offs_m + Q_OFFSET
+
+
+@triton.jit
+def _key_plan(
+    docs,
+    kv,
+    b,
+    hk,
+    start_m,
+    q_pos,
+    m_valid,
+    sizes,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """What a query tile needs to walk the key tiles, in the forward and in dQ alike: (plen, q_doc, k_base, v_base,
+    lo, mid, hi, a1, a2, f_lo, f_hi). ``docs`` = (DOCS, DOC_LO, DOC_HI, RUN_LO, RUN_HI, PREFIX, sdoc), ``kv`` =
+    (K, V and their batch, head and row strides), ``sizes`` = (T_Q, T_K, Q_OFFSET). Keys [lo, hi) may be seen;
+    tiles from mid on need the positional mask; [a1, a2) of [lo, mid), and every tile in [f_lo, f_hi), lie inside
+    the query tile's document run (no document compare); without documents [a1, a2) = [lo, mid). k_base and v_base
+    are tensor descriptors under USE_TMA (sm90, MEGATRON_DUAL_ATTN_TMA=1: one 2-D descriptor per (batch, kv head)
+    over (T_K, D))."""
+    DOCS, DOC_LO, DOC_HI, RUN_LO, RUN_HI, PREFIX, sdoc = docs
+    K, V, skb, skh, skt, svb, svh, svt = kv
+    T_Q, T_K, Q_OFFSET = sizes
+    plen = 0
+    if MASK_KIND == 2:
+        plen = tl.load(PREFIX + b)
+    q_doc = q_pos
+    if HAS_DOCS:
+        q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
+    lo, mid, hi = _query_tile_key_range(
+        start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI, sdoc, MASK_KIND, HAS_DOCS, BLOCK_M,
+        BLOCK_N,
+    )  # fmt: skip
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    if USE_TMA:
+        k_base = tl.make_tensor_descriptor(k_base, [T_K, HEAD_DIM], [skt, 1], [BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, [T_K, HEAD_DIM], [svt, 1], [BLOCK_N, HEAD_DIM])
+    if HAS_DOCS:
+        last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
+        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
+        a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
+        a2 = tl.minimum(tl.maximum(f_hi, a1), mid)
+    else:
+        a1, a2, f_lo, f_hi = lo, mid, lo, lo
+    return plen, q_doc, k_base, v_base, lo, mid, hi, a1, a2, f_lo, f_hi
+
+
+@triton.jit
 def _fwd_tiles(
     state,
     query,
@@ -373,35 +443,14 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, under a causal mask) query tiles first
-    # int64 from here: b * stride reaches past 2^31 on large batches (the packed qkv's batch stride is
-    # T (Hq + 2 Hkv) D); in-tile offsets (< T * stride_t, checked on the host) stay int32
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_valid = offs_m < T_Q
-    q_pos = offs_m + Q_OFFSET
+    pid_bh, b, h, hk, start_m, offs_m, offs_n0, offs_d, m_valid, q_pos = _query_tile(
+        H, GROUP, T_Q, Q_OFFSET, BLOCK_M, BLOCK_N, HEAD_DIM
+    )
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-    plen = 0
-    if MASK_KIND == 2:
-        plen = tl.load(PREFIX + b)
-    q_doc = q_pos
-    if HAS_DOCS:
-        q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
-    lo, mid, hi = _query_tile_key_range(
-        start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI, sdoc, MASK_KIND, HAS_DOCS, BLOCK_M,
-        BLOCK_N,
+    plen, q_doc, k_base, v_base, lo, mid, hi, a1, a2, f_lo, f_hi = _key_plan(
+        (DOCS, DOC_LO, DOC_HI, RUN_LO, RUN_HI, PREFIX, sdoc), (K, V, skb, skh, skt, svb, svh, svt), b, hk, start_m,
+        q_pos, m_valid, (T_Q, T_K, Q_OFFSET), MASK_KIND, HAS_DOCS, USE_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
     )  # fmt: skip
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    if USE_TMA:  # sm90 (MEGATRON_DUAL_ATTN_TMA=1): one 2-D descriptor per (batch, kv head) over (T_K, D)
-        k_base = tl.make_tensor_descriptor(k_base, [T_K, HEAD_DIM], [skt, 1], [BLOCK_N, HEAD_DIM])
-        v_base = tl.make_tensor_descriptor(v_base, [T_K, HEAD_DIM], [svt, 1], [BLOCK_N, HEAD_DIM])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -410,21 +459,11 @@ def _fwd_kernel(
     # key tiles below mid need no positional mask; those in [a1, a2) lie inside the query tile's document run
     # and need no document compare either (only tiles straddling a document boundary pay for it): one loop
     # over [lo, a1) and [a2, mid) with the compare, one over [a1, a2) without, one over [mid, hi) positional
-    a1 = lo
-    a2 = lo
-    f_lo = lo  # tiles [f_lo, f_hi) lie inside the query tile's run (none without documents)
-    f_hi = lo
     if HAS_DOCS:
-        last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
-        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
-        a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
-        a2 = tl.minimum(tl.maximum(f_hi, a1), mid)
         acc, m_i, l_i = _fwd_tiles(
             (acc, m_i, l_i), query, keys, (lo, mid - (a2 - a1), a1, a2 - a1, f_lo, f_hi), scale_log2, MASK_KIND, True,
             False, BLOCK_N, DOT_PRECISION, USE_TMA,
         )  # fmt: skip
-    else:
-        a2 = mid
     acc, m_i, l_i = _fwd_tiles(
         (acc, m_i, l_i), query, keys, (a1, a2, a2, 0, f_lo, f_hi), scale_log2, MASK_KIND, False, False, BLOCK_N,
         DOT_PRECISION, USE_TMA,
@@ -776,18 +815,9 @@ def _bwd_q_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, under a causal mask) query tiles first
-    # int64 batch and head offsets (see _fwd_kernel)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_valid = offs_m < T_Q
-    q_pos = offs_m + Q_OFFSET
+    pid_bh, b, h, hk, start_m, offs_m, offs_n0, offs_d, m_valid, q_pos = _query_tile(
+        H, GROUP, T_Q, Q_OFFSET, BLOCK_M, BLOCK_N, HEAD_DIM
+    )
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     lse2 = tl.load(LSE + pid_bh * T_Q + offs_m, mask=m_valid, other=float("inf"))
@@ -796,40 +826,19 @@ def _bwd_q_kernel(
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * T_Q + offs_m, delta, mask=m_valid)
-    plen = 0
-    if MASK_KIND == 2:
-        plen = tl.load(PREFIX + b)
-    q_doc = q_pos
-    if HAS_DOCS:
-        q_doc = tl.load(DOCS + b * sdoc + q_pos, mask=m_valid, other=-2)
-    lo, mid, hi = _query_tile_key_range(
-        start_m, b, T_Q, T_K, Q_OFFSET, plen, q_pos, m_valid, DOC_LO, DOC_HI, sdoc, MASK_KIND, HAS_DOCS, BLOCK_M,
-        BLOCK_N,
+    plen, q_doc, k_base, v_base, lo, mid, hi, a1, a2, f_lo, f_hi = _key_plan(
+        (DOCS, DOC_LO, DOC_HI, RUN_LO, RUN_HI, PREFIX, sdoc), (K, V, skb, skh, skt, svb, svh, svt), b, hk, start_m,
+        q_pos, m_valid, (T_Q, T_K, Q_OFFSET), MASK_KIND, HAS_DOCS, USE_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
     )  # fmt: skip
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    if USE_TMA:  # as the forward's: one 2-D descriptor per (batch, kv head) over (T_K, D)
-        k_base = tl.make_tensor_descriptor(k_base, [T_K, HEAD_DIM], [skt, 1], [BLOCK_N, HEAD_DIM])
-        v_base = tl.make_tensor_descriptor(v_base, [T_K, HEAD_DIM], [svt, 1], [BLOCK_N, HEAD_DIM])
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # the forward's split of the key range
     query = (q, do, lse2, delta, q_pos, q_doc, plen)
     keys = (k_base, v_base, skt, svt, DOCS, b, sdoc, T_K, offs_n0, offs_d)
-    a1 = lo
-    a2 = lo
-    f_lo = lo  # tiles [f_lo, f_hi) lie inside the query tile's run (none without documents)
-    f_hi = lo
     if HAS_DOCS:
-        last_q = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
-        f_lo, f_hi = _full_range(RUN_LO, RUN_HI, b * sdoc, start_m + Q_OFFSET, last_q, 0, T_K, BLOCK_N)
-        a1 = tl.minimum(tl.maximum(f_lo, lo), mid)
-        a2 = tl.minimum(tl.maximum(f_hi, a1), mid)
         dq = _bwd_q_tiles(
             (dq,), query, keys, (lo, mid - (a2 - a1), a1, a2 - a1, f_lo, f_hi), scale_log2, MASK_KIND, True, False,
             BLOCK_N, DOT_PRECISION, USE_TMA,
         )  # fmt: skip
-    else:
-        a2 = mid
     dq = _bwd_q_tiles(
         (dq,), query, keys, (a1, a2, a2, 0, f_lo, f_hi), scale_log2, MASK_KIND, False, False, BLOCK_N, DOT_PRECISION,
         USE_TMA,
