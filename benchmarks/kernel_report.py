@@ -50,8 +50,8 @@ KERNELS = {"fwd": "_fwd_kernel", "bwd_q": "_bwd_q_kernel", "bwd_kv": "_bwd_kv_ke
 FUSED = {
     "rmsnorm_fwd": "_rmsnorm_fwd_kernel",
     "rmsnorm_bwd": "_rmsnorm_bwd_kernel",
-    "add_rmsnorm_fwd": "_add_rmsnorm_fwd_kernel",
-    "add_rmsnorm_bwd": "_add_rmsnorm_bwd_kernel",
+    "add_rmsnorm_fwd": "_rmsnorm_fwd_kernel_add",
+    "add_rmsnorm_bwd": "_rmsnorm_bwd_kernel_add",
     "rotary": "_rotary_kernel",
     "rotary_bwd": "_rotary_kernel_bwd",
     "swiglu_fwd": "_swiglu_fwd_kernel",

@@ -369,11 +369,13 @@ def attention_step(
 
 
 FUSED_KERNELS: dict[str, tuple[str, ...]] = {
-    "rmsnorm": ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel", "_add_rmsnorm_fwd_kernel", "_add_rmsnorm_bwd_kernel"),
+    "rmsnorm": ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel"),
     "rotary": ("_rotary_kernel",),
     "swiglu": ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"),
     "cross_entropy": ("_ce_stats_kernel", "_ce_grad_kernel"),
 }
+# a kernel's constexpr switches that make another kernel of it, and the suffix its key in fused_launches gets
+VARIANTS = {"BACKWARD": "_bwd", "HAS_DELTA": "_add", "HAS_DXO": "_add"}
 # Streaming multiprocessors (CUs of one MI250X GCD) the host code sizes its persistent grids by: H100/H200 SXM,
 # A100, MI250X
 SM_COUNT = {"sm90": 132, "sm80": 108, "gfx90a": 110}
@@ -393,10 +395,11 @@ def fused_launches(
     labelled: int = 64,
 ) -> dict[str, Launch]:
     """Every fused (non-attention) kernel's launch as the model makes it under autocast in ``dtype``, recorded on
-    CPU tensors (nothing runs), keyed by kernel name; the rotary kernel's inverse (its backward, ``BACKWARD``) is
-    ``_rotary_kernel_bwd``. The defaults are dual-470m's: hidden size 1024, the MLP executed 3584 wide (3554
-    padded), 16 query and 16 key/value heads of 64, vocabulary 51200, 2048 positions, and a micro-batch of
-    8 x 2048 = ``rows`` tokens.
+    CPU tensors (nothing runs), keyed by kernel name and variant (:data:`VARIANTS`): the rotary kernel's inverse
+    (its backward, ``BACKWARD``) is ``_rotary_kernel_bwd``, the norms with the residual add
+    (``HAS_DELTA`` / ``HAS_DXO``) ``_rmsnorm_fwd_kernel_add`` and ``_rmsnorm_bwd_kernel_add``. The defaults are
+    dual-470m's: hidden size 1024, the MLP executed 3584 wide (3554 padded), 16 query and 16 key/value heads of 64,
+    vocabulary 51200, 2048 positions, and a micro-batch of 8 x 2048 = ``rows`` tokens.
 
     * RMSNorm (the first block's attention norm, the head's norm) of the fp32 residual stream, fp32 weight, output
       in ``dtype``; backward with ``dy`` in ``dtype``, writing an fp32 ``dx``.
@@ -434,7 +437,7 @@ def fused_launches(
         _ce_host_code(mods["cross_entropy"], labelled, hidden, vocab, act)
     out: dict[str, Launch] = {}
     for launch in (x for launches in recorded for x in launches):
-        out.setdefault(launch.name + "_bwd" * bool(launch.kwargs.get("BACKWARD")), launch)
+        out.setdefault(launch.name + "".join(s for k, s in VARIANTS.items() if launch.kwargs.get(k)), launch)
     return out
 
 

@@ -422,8 +422,8 @@ print(json.dumps(rows))
 AOT_KERNELS = [
     "_rmsnorm_fwd_kernel",
     "_rmsnorm_bwd_kernel",
-    "_add_rmsnorm_fwd_kernel",
-    "_add_rmsnorm_bwd_kernel",
+    "_rmsnorm_fwd_kernel_add",
+    "_rmsnorm_bwd_kernel_add",
     "_rotary_kernel",
     "_rotary_kernel_bwd",
     "_swiglu_fwd_kernel",
@@ -456,8 +456,8 @@ def test_fused_kernels_compile_for_gpus(target, tmp_path):
     rows = json.loads(r.stdout.splitlines()[-1])
     assert list(rows) == AOT_KERNELS
     act = {"bfloat16": "*bf16", "float16": "*fp16"}[target[1]]
-    assert rows["_add_rmsnorm_fwd_kernel"]["sig"]["x_ptr"] == "*fp32"  # the residual stream
-    assert rows["_add_rmsnorm_fwd_kernel"]["sig"]["d_ptr"] == act == rows["_swiglu_fwd_kernel"]["sig"]["x_ptr"]
+    assert rows["_rmsnorm_fwd_kernel_add"]["sig"]["x_ptr"] == "*fp32"  # the residual stream
+    assert rows["_rmsnorm_fwd_kernel_add"]["sig"]["d_ptr"] == act == rows["_swiglu_fwd_kernel"]["sig"]["x_ptr"]
     for name, row in rows.items():
         assert row["binary"] > 0 and row["spill_bytes"] == 0 and row["vec_loads"] > 0, (name, row)
     narrow = {k: narrow_base_offsets((tmp_path / f"{k}.ttir").read_text()) for k in AOT_KERNELS}
