@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ReshardError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)  # e.g. a corrupt model.safetensors given to generate / eval
         return 2
+    except ModuleNotFoundError as e:  # the checkout run from PYTHONPATH on an image without one of its packages
+        print(f"error: {e} (pip install -e . installs what megatron-dual needs)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

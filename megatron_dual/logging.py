@@ -22,6 +22,7 @@ __all__ = [
     "format_count",
     "read_metrics",
     "plot_metrics",
+    "pyplot",
 ]
 
 
@@ -279,15 +280,24 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def pyplot() -> Any:
+    """matplotlib's ``pyplot`` drawing to files (the Agg backend, no screen needed). Where matplotlib is missing (a
+    bare GPU image running the checkout from ``PYTHONPATH``), a ``ModuleNotFoundError`` that says so in one line."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ModuleNotFoundError("matplotlib is not installed (pip install matplotlib)", name="matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_metrics(
     jsonl: str | Path, png: str | Path, keys: Iterable[str] = ("ar_loss", "md_loss"), title: str = ""
 ) -> Path:
     """Training losses (raw and smoothed) against tokens seen, and validation losses of both objectives."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = read_metrics(jsonl)
     if not records:
         raise ValueError(f"{jsonl} holds no metrics to plot")

@@ -182,11 +182,11 @@ class Trainer:
                 self.resumed_from = self.last_checkpoint = candidate
                 self.saved_step = self.step
                 for key, old, new in self.resume_changes:
-                    self._say(f"resume: {key} {old} -> {new} applied")
+                    self.say(f"resume: {key} {old} -> {new} applied")
                 return candidate
             if fallback is None:
                 raise error
-            self._say(f"warning: {error}; resuming from the previous complete checkpoint {fallback} instead")
+            self.say(f"warning: {error}; resuming from the previous complete checkpoint {fallback} instead")
         return None
 
     def _try_load(self, path: Path) -> ckpt.CheckpointCorruptError | None:
@@ -369,7 +369,7 @@ class Trainer:
             self.stop_reason = "a stop request on another rank"
         return agreed
 
-    def _say(self, line: str) -> None:
+    def say(self, line: str) -> None:
         """A one-line notice on rank 0 (also when quiet: it says something the user must know)."""
         if self.is_main:
             print(line, file=sys.stderr, flush=True)
@@ -392,7 +392,7 @@ class Trainer:
         if self.is_main:
             moved = run_dir.move_run_aside(self.out, self.ckpt_dir, metrics_path(self))
             if moved is not None:
-                self._say(f"restart: the previous run was moved to {moved}")
+                self.say(f"restart: the previous run was moved to {moved}")
         if self.par.world_size > 1:
             watchdog.phase("restart barrier")
             dist.barrier()
@@ -414,7 +414,7 @@ class Trainer:
         if path is None:
             raise ckpt.CheckpointError(f"checkpoint.init_from = {where!r} names no checkpoint (give a path)")
         ckpt.load_model_state(path, self.model, self.par, model_config=self.cfg.to_dict()["model"])
-        self._say(f"initialised the model from {path} (optimizer, schedule and data start anew)")
+        self.say(f"initialised the model from {path} (optimizer, schedule and data start anew)")
 
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train until ``train.steps`` (or ``max_steps`` more steps, for tests that simulate an interruption); the

@@ -28,3 +28,16 @@ def test_example_configs_validate():
 
     for f in sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml")):
         load_config(f)
+
+
+def test_a_missing_package_is_a_one_line_error(monkeypatch, capsys):
+    """The checkout run from PYTHONPATH on an image without one of its packages: rc 2 and one line naming it."""
+    import megatron_dual.cli as cli
+
+    def needs_sklearn(args):
+        raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+
+    monkeypatch.setattr(cli, "cmd_info", needs_sklearn)
+    assert main(["info", "--preset", "dual-470m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: No module named 'sklearn' (pip install -e . installs what megatron-dual needs)"

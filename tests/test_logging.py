@@ -122,3 +122,25 @@ def test_wandb_and_tensorboard_sinks_send_numeric_metrics(tmp_path, monkeypatch)
 
     with pytest.raises(ConfigError, match=r"wandb is not installed: pip install 'megatron-dual\[wandb\]'"):
         WandbSink("proj")
+
+
+def test_loss_plot_without_matplotlib_says_so_in_one_line_and_the_run_ends(tmp_path, monkeypatch):
+    """A bare GPU image (the checkout on PYTHONPATH) may lack matplotlib: the last step's plot then costs one line,
+    not the finished run."""
+    import sys
+    from types import SimpleNamespace as NS
+
+    from megatron_dual.callbacks import LossPlot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "tokens": 10, "ar_loss": 5.0}) + "\n")
+    said: list[str] = []
+    cfg = NS(train=NS(steps=1), preset=None, logging=NS(metrics_file=None))
+    cb = LossPlot()
+    cb.trainer = NS(step=1, cfg=cfg, schedule=NS(alpha=0.5), out=tmp_path, say=said.append)
+    cb.post_train({})
+    assert len(said) == 1 and "matplotlib is not installed" in said[0] and str(metrics) in said[0], said
+    assert not (tmp_path / "loss.png").exists()
+    with pytest.raises(ModuleNotFoundError, match=r"^matplotlib is not installed \(pip install matplotlib\)$"):
+        plot_metrics(metrics, tmp_path / "loss.png")

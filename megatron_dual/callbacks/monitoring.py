@@ -148,7 +148,8 @@ class SummaryFile(Callback):
 
 
 class LossPlot(Callback):
-    """``loss.png``: training and validation losses of both objectives, drawn when the run reaches its last step."""
+    """``loss.png``: training and validation losses of both objectives, drawn when the run reaches its last step.
+    Without matplotlib (a bare GPU image) the run still ends well: one line says the plot was not drawn."""
 
     priority = -60
 
@@ -156,4 +157,7 @@ class LossPlot(Callback):
         tr = self.trainer
         if tr.step == tr.cfg.train.steps:
             title = f"{tr.cfg.preset or 'custom'}  alpha={tr.schedule.alpha}"
-            plot_metrics(metrics_path(tr), tr.out / "loss.png", title=title)
+            try:
+                plot_metrics(metrics_path(tr), tr.out / "loss.png", title=title)
+            except ModuleNotFoundError as e:
+                tr.say(f"loss.png not drawn: {e}; the losses are in {metrics_path(tr)} (logging.plot=false skips it)")

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_dual.logging import pyplot
+
 __all__ = [
     "ResultsError",
     "Results",
@@ -345,10 +347,7 @@ def plot_surface(
     best: list[BestAlpha] | None = None,
     rule: bool = True,
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lo, hi = fit.log_r_range
     if hi - lo < 1e-9:
@@ -388,10 +387,7 @@ def plot_surface(
 
 
 def plot_best_alpha(best: list[BestAlpha], png: str | Path, title: str = "", bin_width: float = 1 / 32) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     edges = np.arange(0, 1 + bin_width + 1e-9, bin_width)
