@@ -598,6 +598,53 @@ def _key_tile_query_range(
     return lo, mid, b1, b2, hi, in_lo, in_hi, k_doc
 
 
+@triton.jit
+def _key_tile(HKV, T_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's key tile: (b, hk, start_n, offs_n, offs_m0, offs_d, n_valid), batch and head int64 (see
+    :func:`_query_tile`)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    return b, hk, start_n, offs_n, offs_m0, offs_d, offs_n < T_K
+
+
+@triton.jit
+def _bwd_kv_head(
+    state,
+    key,
+    queries,
+    plan,
+    scale_log2,
+    MASK_KIND: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """(dk, dv) of the key tile plus one query head's share, over the query tiles of ``plan`` = (lo, mid, b1, b2,
+    hi, in_lo, in_hi) from :func:`_key_tile_query_range`: [lo, mid) with the positional mask, [mid, b1) and
+    [b2, hi) with the document compare, [b1, b2) inside the key tile's run with neither."""
+    lo, mid, b1, b2, hi, in_lo, in_hi = plan
+    state = _bwd_kv_tiles(
+        state, key, queries, (lo, mid, mid, 0, in_lo, in_hi), scale_log2, MASK_KIND, HAS_DOCS, True, BLOCK_M,
+        DOT_PRECISION, USE_TMA,
+    )  # fmt: skip
+    if HAS_DOCS:
+        state = _bwd_kv_tiles(
+            state, key, queries, (mid, hi - (b2 - b1), b1, b2 - b1, in_lo, in_hi), scale_log2, MASK_KIND, True,
+            False, BLOCK_M, DOT_PRECISION, USE_TMA,
+        )  # fmt: skip
+    return _bwd_kv_tiles(
+        state, key, queries, (b1, b2, b2, 0, in_lo, in_hi), scale_log2, MASK_KIND, False, False, BLOCK_M,
+        DOT_PRECISION, USE_TMA,
+    )  # fmt: skip
+
+
 @_autotune("bwd_kv", ("USE_TMA",))
 @triton.jit
 def _bwd_kv_kernel(
@@ -653,16 +700,7 @@ def _bwd_kv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    # int64 batch and head offsets (see _fwd_kernel)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    n_valid = offs_n < T_K
+    b, hk, start_n, offs_n, offs_m0, offs_d, n_valid = _key_tile(HKV, T_K, BLOCK_M, BLOCK_N, HEAD_DIM)
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=n_valid[:, None], other=0.0)
     plen = 0
@@ -684,30 +722,15 @@ def _bwd_kv_kernel(
         lse_base = LSE + (b * HQ + h) * T_Q
         delta_base = DELTA + (b * HQ + h) * T_Q
         queries = (q_base, do_base, lse_base, delta_base, sqt, sdot, T_Q, Q_OFFSET, DOCS, b, sdoc, offs_m0, offs_d)
-        dk, dv = _bwd_kv_tiles(
-            (dk, dv), (k, v, offs_n, k_doc, plen), queries, (lo, mid, mid, 0, in_lo, in_hi), scale_log2, MASK_KIND,
-            HAS_DOCS, True, BLOCK_M, DOT_PRECISION, USE_TMA,
-        )  # fmt: skip
-        if HAS_DOCS:  # [mid, b1) and [b2, hi) compare documents, [b1, b2) lies inside the key tile's run
-            dk, dv = _bwd_kv_tiles(
-                (dk, dv), (k, v, offs_n, k_doc, plen), queries, (mid, hi - (b2 - b1), b1, b2 - b1, in_lo, in_hi),
-                scale_log2, MASK_KIND, True, False, BLOCK_M, DOT_PRECISION, USE_TMA,
-            )  # fmt: skip
-        dk, dv = _bwd_kv_tiles(
-            (dk, dv), (k, v, offs_n, k_doc, plen), queries, (b1, b2, b2, 0, in_lo, in_hi), scale_log2, MASK_KIND,
-            False, False, BLOCK_M, DOT_PRECISION, USE_TMA,
+        dk, dv = _bwd_kv_head(
+            (dk, dv), (k, v, offs_n, k_doc, plen), queries, (lo, mid, b1, b2, hi, in_lo, in_hi), scale_log2,
+            MASK_KIND, HAS_DOCS, BLOCK_M, DOT_PRECISION, USE_TMA,
         )  # fmt: skip
     dk = dk * scale
-    tl.store(
-        DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=n_valid[:, None],
-    )
-    tl.store(
-        DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=n_valid[:, None],
-    )
+    dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
+    dv_ptrs = DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
 
 
 @triton.jit
