@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from megatron_dual.config import PRESETS, ConfigError, load_config
+from megatron_dual.config import ConfigError, add_config_args, load_config
 
 _DEFAULT_NEW_TOKENS = 64  # generate's --max-new-tokens unless diffusion infills prompts with <mask>
 
@@ -192,19 +192,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--preset", help=", ".join(PRESETS))
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override, e.g. --set model.n_layers=4 (repeatable)",
-    )
-
-
 def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir / checkpoints dir (latest)")
     p.add_argument("--tokenizer", help="override the tokenizer recorded in the checkpoint's config")
@@ -262,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="parameter counts and FLOPs per token of a preset/config")
-    _config_args(i)
+    add_config_args(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 

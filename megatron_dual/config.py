@@ -7,6 +7,7 @@ Validation errors name the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -848,6 +849,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--preset`` and repeatable ``--set KEY=VALUE``: what :func:`load_config` takes, on the command
+    lines that build a config (``train``, ``info``)."""
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--preset", help=", ".join(PRESETS))
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set model.n_layers=4 (repeatable)",
+    )
 
 
 def load_config(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_dual.config import PRESETS, Config, ConfigError, load_config
+from megatron_dual.config import Config, ConfigError, add_config_args, load_config
 from megatron_dual.engine.checkpoint import CheckpointError
 from megatron_dual.parallel import watchdog
 from megatron_dual.parallel.state import dist_env
@@ -32,16 +32,7 @@ def train(cfg: Config, quiet: bool = False) -> dict[str, Any]:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--preset", help=", ".join(PRESETS))
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override, e.g. --set model.n_layers=4 (repeatable)",
-    )
+    add_config_args(p)
     p.add_argument(
         "--resume",
         help="auto | none | restart (move the old run aside, start afresh) | a checkpoint path "
