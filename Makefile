@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean triton-image
+.PHONY: setup demo test lint bench clean triton-image image-check
 
 setup: $(STAMP)
 
@@ -58,5 +58,21 @@ triton-image: $(STAMP)
 	PYTHONPATH=. $(TRITON_VENV)/bin/python -m pytest -q -n 2 --timeout 900 -W ignore::DeprecationWarning tests/kernels
 	PYTHONPATH=. $(TRITON_VENV)/bin/python benchmarks/kernel_report.py --kernels fwd,bwd_q,bwd_kv,fused --check
 
+# The GPU image's whole stack (DESIGN.md section 7) on this CPU: torch 2.11 (its CUDA wheel runs on a CPU too; some
+# 3 GB with the NVIDIA libraries it pulls), Triton 3.6, transformers 5.x and the image's few other packages, and none
+# of the rest of ours (no matplotlib, zstandard, scikit-learn, DeepSpeed, megatron-core): the checkout from
+# PYTHONPATH as a GPU node without network runs it. gpu_validate's CPU path, then every CPU test (a test that needs
+# an absent package skips). Only pytest-xdist and pytest-timeout are added, to run the tests as `make test` does.
+IMAGE_VENV := .venv-image
+IMAGE_PKGS := torch==2.11.0 triton==3.6.0 "numpy<2.4" "transformers>=5,<6" pyarrow tokenizers sentencepiece \
+	safetensors pytest pytest-xdist pytest-timeout
+
+image-check:
+	test -x $(IMAGE_VENV)/bin/python || $(PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q $(IMAGE_PKGS)
+	PYTHONPATH=. $(IMAGE_VENV)/bin/python benchmarks/gpu_validate.py --smoke --out $(IMAGE_VENV)/gpu_validate_smoke.jsonl
+	PYTHONPATH=. $(IMAGE_VENV)/bin/python -m pytest -q -rs -n 2 --timeout 600 -p no:cacheprovider \
+		-W ignore::DeprecationWarning tests
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .venv-triton*
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .venv-triton* $(IMAGE_VENV)

@@ -62,6 +62,7 @@ def test_format_duration():
 
 
 def test_plot_metrics_draws_both_objectives(tmp_path):
+    pytest.importorskip("matplotlib")  # absent on a bare GPU image (make image-check)
     path = tmp_path / "m.jsonl"
     with open(path, "w") as f:
         for step in range(1, 41):

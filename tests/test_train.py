@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import random
 
@@ -147,7 +148,9 @@ def test_training_reduces_validation_loss_of_both_objectives(corpus, tmp_path):
     summary = tr.fit()
     assert summary["val_ar_loss"] < before["val_ar_loss"] - 0.5
     assert summary["val_md_loss"] < before["val_md_loss"] - 0.3
-    assert (tmp_path / "v" / "loss.png").stat().st_size > 1000
+    # drawn where matplotlib is (make setup installs it); on a bare GPU image one line says it is not (test_logging)
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "v" / "loss.png").stat().st_size > 1000
     rec = [json.loads(x) for x in open(tmp_path / "v" / "metrics.jsonl")]
     assert {"ar_loss", "md_loss", "ar_tokens", "md_tokens", "lr", "grad_norm", "tokens_per_s"} <= set(rec[0])
 

@@ -32,6 +32,7 @@ def data_write(prefix: str, docs, dtype) -> str:
 
 @pytest.fixture(scope="module")
 def megatron_indexed():
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (make setup installs it)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron-core warns that apex / Transformer Engine are absent
         from megatron.core.datasets import indexed_dataset as mid

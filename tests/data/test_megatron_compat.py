@@ -14,6 +14,7 @@ from megatron_dual.data.tokenizer import load_tokenizer
 
 @pytest.fixture(scope="module")
 def mid():
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (make setup installs it)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron-core warns that apex / Transformer Engine are absent
         from megatron.core.datasets import indexed_dataset

@@ -98,6 +98,7 @@ def test_engine_fields_validate(override, field):
 
 
 def test_deepspeed_config_path_must_exist_and_needs_the_engine(tmp_path):
+    pytest.importorskip("deepspeed")  # the config is checked once the engine is known to be there
     with pytest.raises(ConfigError, match="engine.deepspeed_config .* no such file"):
         _cfg("engine.name=deepspeed", f"engine.deepspeed_config={tmp_path / 'missing.json'}")
     with pytest.raises(ConfigError, match="needs engine.name = deepspeed"):
@@ -105,6 +106,7 @@ def test_deepspeed_config_path_must_exist_and_needs_the_engine(tmp_path):
 
 
 def test_sequence_parallel_is_refused_with_deepspeed():
+    pytest.importorskip("deepspeed")
     with pytest.raises(ConfigError, match="parallel.sequence_parallel"):
         _cfg("engine.name=deepspeed", "parallel.sequence_parallel=true")
 
