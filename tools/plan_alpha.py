@@ -94,104 +94,130 @@ def print_objective(args: argparse.Namespace, plan) -> None:
         )
 
 
+def json_report(args: argparse.Namespace, r: float, rec, target: float, plan, lines: list[str]) -> str:
+    """The rule and the layout as JSON (``--json``)."""
+    return json.dumps(
+        {
+            "repetitions": r,
+            "regime": rec.regime,
+            "rule_alpha": rec.alpha,
+            "effective_ar_repetitions": rec.effective_ar_repetitions,
+            "band": rec.band,
+            "paper_pick": str(rec.paper_pick) if rec.paper_pick else None,
+            "target": target,
+            "realised_alpha": str(plan.alpha),
+            "ar_slots": plan.ar_slots,
+            "md_slots": plan.md_slots,
+            "total_slots": plan.total,
+            "exact": plan.exact,
+            "recipe": args.recipe,
+            "effective_alpha": str(effective_alpha(plan.alpha, args.recipe)),
+            "config": lines,
+        },
+        indent=2,
+    )
+
+
+def print_rule(args: argparse.Namespace, r: float, how: str, rec) -> None:
+    """R, the regime, the paper's rule and its alpha, the tolerance band and the paper's own pick."""
+    print(how)
+    print(f"regime: {rec.regime}")
+    print(f"rule: {rec.rule}")
+    print(
+        f"  -> alpha = {rec.alpha:.6g} (~{rec.alpha_fraction}); the AR objective sees alpha x R = "
+        f"{rec.effective_ar_repetitions:.3g} repetitions"
+    )
+    if rec.regime != "regular":
+        print(
+            f'  tolerance band 8 <= alpha x R <= 32 (paper: "{BAND_TEXT}"): alpha in '
+            f"[{rec.band[0]:.4g}, {rec.band[1]:.4g}]"
+        )
+    if rec.paper_pick is not None:
+        print(
+            f"  the paper's published pick at {r:g}x: alpha = {rec.paper_pick} "
+            f"({float(rec.paper_pick) * r:.3g} effective AR repetitions)"
+        )
+    if args.alpha:
+        print(f"planning alpha = {args.alpha} as asked (rule: {rec.alpha:.6g})")
+
+
+def print_layout(args: argparse.Namespace, plan, target: float, rule_alpha: float) -> None:
+    """The alpha the layout realises, its neighbours when inexact, and how the slots split per step."""
+    print(
+        f"layout: {args.devices} device(s) x {args.slots} slot(s) = {plan.total} objective slots; alpha must "
+        f"be k/{plan.total}"
+    )
+    status = "exactly" if plan.exact else f"nearest; |error| = {abs(float(plan.alpha) - target):.4g}"
+    reduced = f" = {plan.alpha}" if plan.alpha.denominator != plan.total else ""
+    print(f"  realised alpha = {plan.ar_slots}/{plan.total}{reduced} = {float(plan.alpha):.6g} ({status})")
+    if not plan.exact:
+        exact = Fraction(target).limit_denominator(ALPHA_MAX_DENOMINATOR)
+        need = slots_for_exact(exact, args.devices)
+        print(
+            f"  realisable neighbours: {', '.join(f'{a} = {float(a):.4g}' for a in plan.neighbours)}; "
+            f"{exact} exactly needs slots per rank a multiple of {need}"
+        )
+    print(
+        f"  per step: {plan.ar_slots} slot(s) run AR, {plan.md_slots} run MD; at step 0: {plan.ranks_all_ar} "
+        f"rank(s) all-AR, {plan.ranks_all_md} all-MD, {plan.ranks_mixed} mixed (the assignment rotates every "
+        f"step, so every rank sees both objectives)"
+    )
+    if plan.md_slots == 0 and rule_alpha < 1:
+        print(f"  warning: this layout runs no MD at all; the smallest MD share it offers is 1/{plan.total}")
+
+
+def print_results(args: argparse.Namespace, r: float) -> None:
+    """``--results``: the GP surface fitted to the user's sweep and its best alpha at their R."""
+    report, best, _ = planner_report(
+        args.results,
+        args.plot_dir,
+        extra_repetitions=[r],
+        samples=args.samples,
+        seed=args.seed,
+        model_size=args.model_size,
+    )
+    print(report)
+    mine = next(b for b in best if abs(b.repetitions - r) < 1e-9)
+    near = realise_alpha(mine.map_alpha, args.devices, args.slots)
+    print(
+        f"your R = {r:g}: most probable best alpha {mine.map_alpha:.3f} (80% interval "
+        f"[{mine.interval[0]:.3f}, {mine.interval[1]:.3f}]), expected gain over alpha=1 "
+        f"{mine.expected_gain:+.4g}; nearest realisable {near.alpha} "
+        f"(objective.alpha={near.ar_slots}/{near.total})"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    """Everything the tool prints, from the parsed arguments."""
+    r, how = resolve_repetitions(args)
+    rec = recommend_alpha(r)
+    target = float(parse_fraction(args.alpha)) if args.alpha else rec.alpha
+    layout = realise_alpha(target, args.devices, args.slots, exact=args.exact)
+    lines = config_lines(
+        layout, args.preset, r, repetition_fields(), args.budget_tokens, gpus_per_node=args.gpus_per_node
+    )
+    if args.json:
+        print(json_report(args, r, rec, target, layout, lines))
+        return
+    print_rule(args, r, how, rec)
+    print_layout(args, layout, target, rec.alpha)
+    print_objective(args, layout)
+    print("config lines:")
+    for line in lines:
+        print(f"  {line}")
+    if args.results:
+        print_results(args, r)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        r, how = resolve_repetitions(args)
-        rec = recommend_alpha(r)
-        target = float(parse_fraction(args.alpha)) if args.alpha else rec.alpha
-        plan = realise_alpha(target, args.devices, args.slots, exact=args.exact)
-        fields = repetition_fields()
-        budget = args.budget_tokens
-        lines = config_lines(plan, args.preset, r, fields, budget, gpus_per_node=args.gpus_per_node)
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "repetitions": r,
-                        "regime": rec.regime,
-                        "rule_alpha": rec.alpha,
-                        "effective_ar_repetitions": rec.effective_ar_repetitions,
-                        "band": rec.band,
-                        "paper_pick": str(rec.paper_pick) if rec.paper_pick else None,
-                        "target": target,
-                        "realised_alpha": str(plan.alpha),
-                        "ar_slots": plan.ar_slots,
-                        "md_slots": plan.md_slots,
-                        "total_slots": plan.total,
-                        "exact": plan.exact,
-                        "recipe": args.recipe,
-                        "effective_alpha": str(effective_alpha(plan.alpha, args.recipe)),
-                        "config": lines,
-                    },
-                    indent=2,
-                )
-            )
-            return 0
-        print(how)
-        print(f"regime: {rec.regime}")
-        print(f"rule: {rec.rule}")
-        print(
-            f"  -> alpha = {rec.alpha:.6g} (~{rec.alpha_fraction}); the AR objective sees alpha x R = "
-            f"{rec.effective_ar_repetitions:.3g} repetitions"
-        )
-        if rec.regime != "regular":
-            print(
-                f'  tolerance band 8 <= alpha x R <= 32 (paper: "{BAND_TEXT}"): alpha in '
-                f"[{rec.band[0]:.4g}, {rec.band[1]:.4g}]"
-            )
-        if rec.paper_pick is not None:
-            print(
-                f"  the paper's published pick at {r:g}x: alpha = {rec.paper_pick} "
-                f"({float(rec.paper_pick) * r:.3g} effective AR repetitions)"
-            )
-        if args.alpha:
-            print(f"planning alpha = {args.alpha} as asked (rule: {rec.alpha:.6g})")
-        print(
-            f"layout: {args.devices} device(s) x {args.slots} slot(s) = {plan.total} objective slots; alpha must "
-            f"be k/{plan.total}"
-        )
-        status = "exactly" if plan.exact else f"nearest; |error| = {abs(float(plan.alpha) - target):.4g}"
-        reduced = f" = {plan.alpha}" if plan.alpha.denominator != plan.total else ""
-        print(f"  realised alpha = {plan.ar_slots}/{plan.total}{reduced} = {float(plan.alpha):.6g} ({status})")
-        if not plan.exact:
-            exact = Fraction(target).limit_denominator(ALPHA_MAX_DENOMINATOR)
-            need = slots_for_exact(exact, args.devices)
-            print(
-                f"  realisable neighbours: {', '.join(f'{a} = {float(a):.4g}' for a in plan.neighbours)}; "
-                f"{exact} exactly needs slots per rank a multiple of {need}"
-            )
-        print(
-            f"  per step: {plan.ar_slots} slot(s) run AR, {plan.md_slots} run MD; at step 0: {plan.ranks_all_ar} "
-            f"rank(s) all-AR, {plan.ranks_all_md} all-MD, {plan.ranks_mixed} mixed (the assignment rotates every "
-            f"step, so every rank sees both objectives)"
-        )
-        if plan.md_slots == 0 and rec.alpha < 1:
-            print(f"  warning: this layout runs no MD at all; the smallest MD share it offers is 1/{plan.total}")
-        print_objective(args, plan)
-        print("config lines:")
-        for line in lines:
-            print(f"  {line}")
-        if args.results:
-            report, best, _ = planner_report(
-                args.results,
-                args.plot_dir,
-                extra_repetitions=[r],
-                samples=args.samples,
-                seed=args.seed,
-                model_size=args.model_size,
-            )
-            print(report)
-            mine = next(b for b in best if abs(b.repetitions - r) < 1e-9)
-            near = realise_alpha(mine.map_alpha, args.devices, args.slots)
-            print(
-                f"your R = {r:g}: most probable best alpha {mine.map_alpha:.3f} (80% interval "
-                f"[{mine.interval[0]:.3f}, {mine.interval[1]:.3f}]), expected gain over alpha=1 "
-                f"{mine.expected_gain:+.4g}; nearest realisable {near.alpha} "
-                f"(objective.alpha={near.ar_slots}/{near.total})"
-            )
+        run(args)
     except (ValueError, ConfigError, ResultsError) as e:
         print(f"plan_alpha: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # --results needs scikit-learn and matplotlib
+        print(f"plan_alpha: error: {e} (pip install -e . installs what megatron-dual needs)", file=sys.stderr)
         return 2
     return 0
 
