@@ -64,11 +64,13 @@ triton-image: $(STAMP)
 # PYTHONPATH as a GPU node without network runs it. gpu_validate's CPU path, then every CPU test (a test that needs
 # an absent package skips). Only pytest-xdist and pytest-timeout are added, to run the tests as `make test` does.
 IMAGE_VENV := .venv-image
+# the image's Python (3.12) where this machine has one that runs, else $(PYTHON)
+IMAGE_PYTHON ?= $(shell python3.12 -c "import sys; print(sys.executable)" 2>/dev/null || echo $(PYTHON))
 IMAGE_PKGS := torch==2.11.0 triton==3.6.0 "numpy<2.4" "transformers>=5,<6" pyarrow tokenizers sentencepiece \
 	safetensors pytest pytest-xdist pytest-timeout
 
 image-check:
-	test -x $(IMAGE_VENV)/bin/python || $(PYTHON) -m venv $(IMAGE_VENV)
+	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/python -m pip install -q $(IMAGE_PKGS)
 	PYTHONPATH=. $(IMAGE_VENV)/bin/python benchmarks/gpu_validate.py --smoke --out $(IMAGE_VENV)/gpu_validate_smoke.jsonl
 	PYTHONPATH=. $(IMAGE_VENV)/bin/python -m pytest -q -rs -n 2 --timeout 600 -p no:cacheprovider \
