@@ -121,6 +121,20 @@ def test_plan_alpha_cli(capsys):
     assert "realisable with 2 x 2: 0, 1/4, 1/2, 3/4, 1" in err
 
 
+def test_plan_alpha_results_without_sklearn_is_one_line(capsys, monkeypatch, tmp_path):
+    """--results fits with scikit-learn and plots with matplotlib: where one is missing, one line says which."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import plan_alpha
+
+    def fit(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+
+    monkeypatch.setattr(plan_alpha, "planner_report", fit)
+    assert plan_alpha.main(["--repetitions", "16", "--results", str(tmp_path / "r.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "plan_alpha: error: No module named 'sklearn' (pip install -e . installs what megatron-dual needs)"
+
+
 # ------------------------------------------------------------------------------------------------ GP
 
 
