@@ -13,6 +13,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from toy import VOCAB, toy_model
 
 from megatron_dual.config import ConfigError, load_config
 from megatron_dual.data.dataloader import collate, collate_samples
@@ -35,8 +36,6 @@ from megatron_dual.objectives import (
 from megatron_dual.optim.muon import build_optimizers
 from megatron_dual.trainer import Trainer
 
-VOCAB = 64
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -52,16 +51,7 @@ def corpus(tmp_path_factory):
 def tiny(corpus, out, *extra):
     return load_config(
         overrides=[
-            f"output_dir={out}",
-            f"data.path={corpus}",
-            "data.seq_len=16",
-            "data.valid_fraction=0.1",
-            "model.n_layers=2",
-            "model.hidden_size=32",
-            "model.n_heads=2",
-            "model.intermediate_size=48",
-            f"model.vocab_size={VOCAB}",
-            "model.max_seq_len=32",
+            *toy_model(corpus, out),
             "train.micro_batch_size=2",
             "train.grad_accum=4",
             "train.steps=4",

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from toy import VOCAB, toy_model
 
 from megatron_dual.callbacks import Callback
 from megatron_dual.config import ConfigError, load_config
@@ -15,8 +16,6 @@ from megatron_dual.data.indexed import IndexedDatasetWriter
 from megatron_dual.engine.base import Engine
 from megatron_dual.objectives import AR, MD, ObjectiveBatcher, ObjectiveSchedule
 from megatron_dual.trainer import Trainer
-
-VOCAB = 64
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +31,7 @@ def corpus(tmp_path_factory):
 def _cfg(corpus, out, *extra):
     return load_config(
         overrides=[
-            f"output_dir={out}",
-            f"data.path={corpus}",
-            "data.seq_len=16",
-            "data.valid_fraction=0.1",
-            "model.n_layers=1",
-            "model.hidden_size=32",
-            "model.n_heads=2",
-            "model.intermediate_size=48",
-            f"model.vocab_size={VOCAB}",
-            "model.max_seq_len=32",
+            *toy_model(corpus, out, n_layers=1),
             "train.micro_batch_size=2",
             "train.grad_accum=4",
             "objective.alpha=1/2",

@@ -28,19 +28,27 @@ def write_random_corpus(prefix: str, n_docs: int = 80, seed: int = 1) -> str:
     return prefix
 
 
-def tiny_overrides(corpus: str, out, *extra: str) -> list[str]:
-    """A 2-layer model on ``corpus``: 6 steps of 4 slots (alpha 3/4), evaluation and checkpoints every 3 steps."""
+def toy_model(corpus: str, out, *, n_layers: int = 2, n_heads: int = 2, max_seq_len: int = 32) -> list[str]:
+    """The toy runs' output, data and model overrides: 16-token samples of ``corpus`` (a tenth held out), a model
+    ``n_layers`` deep and 32 wide with ``n_heads`` heads, an MLP of 48 and the toy vocabulary."""
     return [
         f"output_dir={out}",
         f"data.path={corpus}",
         "data.seq_len=16",
         "data.valid_fraction=0.1",
-        "model.n_layers=2",
+        f"model.n_layers={n_layers}",
         "model.hidden_size=32",
-        "model.n_heads=2",
+        f"model.n_heads={n_heads}",
         "model.intermediate_size=48",
         f"model.vocab_size={VOCAB}",
-        "model.max_seq_len=32",
+        f"model.max_seq_len={max_seq_len}",
+    ]
+
+
+def tiny_overrides(corpus: str, out, *extra: str) -> list[str]:
+    """A 2-layer model on ``corpus``: 6 steps of 4 slots (alpha 3/4), evaluation and checkpoints every 3 steps."""
+    return [
+        *toy_model(corpus, out),
         "train.micro_batch_size=2",
         "train.grad_accum=4",
         "objective.alpha=3/4",

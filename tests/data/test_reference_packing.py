@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from toy import toy_model
 
 from megatron_dual.config import ConfigError, load_config
 from megatron_dual.data.dataloader import TrainDataLoader, collate, collate_samples
@@ -176,16 +177,7 @@ def corpus(tmp_path_factory):
 def tiny(corpus, out, *extra):
     return load_config(
         overrides=[
-            f"output_dir={out}",
-            f"data.path={corpus}",
-            "data.seq_len=16",
-            "data.valid_fraction=0.1",
-            "model.n_layers=1",
-            "model.hidden_size=32",
-            "model.n_heads=2",
-            "model.intermediate_size=48",
-            "model.vocab_size=64",
-            "model.max_seq_len=16",
+            *toy_model(corpus, out, n_layers=1, max_seq_len=16),
             "train.micro_batch_size=2",
             "train.grad_accum=2",
             "train.steps=4",

@@ -10,12 +10,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from toy import write_random_corpus
+from toy import toy_model, write_random_corpus
 
 from megatron_dual.config import load_config
 from megatron_dual.trainer import Trainer
 
-VOCAB = 64
 STEPS = 3
 KEYS = (
     "loss",
@@ -38,16 +37,7 @@ def corpus(tmp_path_factory):
 
 def _overrides(corpus, out, slots, extra):
     return [
-        f"output_dir={out}",
-        f"data.path={corpus}",
-        "data.seq_len=16",
-        "data.valid_fraction=0.1",
-        "model.n_layers=2",
-        "model.hidden_size=32",
-        "model.n_heads=4",
-        "model.intermediate_size=48",
-        f"model.vocab_size={VOCAB}",
-        "model.max_seq_len=32",
+        *toy_model(corpus, out, n_heads=4),
         "train.micro_batch_size=2",
         f"train.grad_accum={slots}",
         f"train.steps={STEPS}",

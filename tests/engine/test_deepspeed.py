@@ -21,11 +21,10 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (DS_BUILD_OPS=0 pip install -e '.[deepspeed]')")
 
-from toy import write_random_corpus  # noqa: E402
+from toy import VOCAB, toy_model, write_random_corpus  # noqa: E402
 
 from megatron_dual.config import load_config  # noqa: E402
 
-VOCAB = 64
 STEPS = 3
 STAGES = (0, 1, 2, 3)
 OPTIMIZERS = ("muon", "adamw")
@@ -43,16 +42,7 @@ def corpus(tmp_path_factory):
 
 def _overrides(corpus, out, slots, extra):
     return [
-        f"output_dir={out}",
-        f"data.path={corpus}",
-        "data.seq_len=16",
-        "data.valid_fraction=0.1",
-        "model.n_layers=3",
-        "model.hidden_size=32",
-        "model.n_heads=4",
-        "model.intermediate_size=48",
-        f"model.vocab_size={VOCAB}",
-        "model.max_seq_len=32",
+        *toy_model(corpus, out, n_layers=3, n_heads=4),
         "train.micro_batch_size=2",
         f"train.grad_accum={slots}",
         f"train.steps={STEPS}",
