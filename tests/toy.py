@@ -1,8 +1,11 @@
-"""Toy data and the tiny trainer config shared by the loop's tests (test_train, test_reliability)."""
+"""Toy data, the tiny trainer configs and the tiny random models shared by the tests."""
 
 import numpy as np
+import torch
 
+from megatron_dual.config import ModelConfig
 from megatron_dual.data.indexed import IndexedDatasetWriter
+from megatron_dual.model import DualTransformer
 
 VOCAB = 64
 
@@ -61,3 +64,44 @@ def tiny_overrides(corpus: str, out, *extra: str) -> list[str]:
         "logging.plot=false",
         *extra,
     ]
+
+
+def tiny_model_config(**kw) -> ModelConfig:
+    """A 2-layer model 32 wide with 4 query and 2 key/value heads, 97 ids, 48 positions, plain PyTorch ops and SDPA;
+    ``kw`` overrides any field."""
+    base = dict(
+        n_layers=2,
+        hidden_size=32,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate_size=40,
+        vocab_size=97,
+        max_seq_len=48,
+        rope_theta=10_000.0,
+        fused_ops="none",
+        attention_backend="sdpa",
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def randomised(
+    cfg: ModelConfig, seed: int = 0, *, spread: float = 0.1, gain: float = 1.5, unit_embedding: bool = False
+) -> DualTransformer:
+    """``cfg``'s model with random weights on every path (the reference init zeroes the out/down projections and the
+    head bias), in eval mode: norms ~ N(1, spread), other vectors ~ N(0, spread), matrices ~ N(0, gain^2 / fan_in)
+    and, with ``unit_embedding``, the embedding ~ N(0, 1), so that tokens, positions and masks visibly change the
+    logits."""
+    torch.manual_seed(seed)
+    model = DualTransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, spread)
+            elif p.dim() == 1:
+                p.normal_(0.0, spread)
+            elif unit_embedding and name == "embed.weight":
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, gain / p.shape[1] ** 0.5)
+    return model.eval()

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from toy import randomised
 
 from megatron_dual.config import ModelConfig, load_config
 from megatron_dual.model import AttentionMask, DualTransformer
@@ -22,7 +23,6 @@ WORDS = (
 def tiny_model(vocab_size: int = 40, seed: int = 0, max_seq_len: int = 64) -> DualTransformer:
     """Random weights on every path (the reference init zeroes out/down projections, which would make masks and
     positions invisible)."""
-    torch.manual_seed(seed)
     cfg = ModelConfig(
         n_layers=2,
         hidden_size=32,
@@ -32,18 +32,7 @@ def tiny_model(vocab_size: int = 40, seed: int = 0, max_seq_len: int = 64) -> Du
         max_seq_len=max_seq_len,
         rope_theta=10_000.0,
     )
-    model = DualTransformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.1)
-            elif name == "embed.weight":
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 1.5 / p.shape[1] ** 0.5)
-    return model.eval()
+    return randomised(cfg, seed, unit_embedding=True)
 
 
 class WordTokenizer:

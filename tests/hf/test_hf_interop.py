@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import toy
 from safetensors.torch import load_file, save_file
+from toy import tiny_model_config
 
 from megatron_dual.config import Config, ModelConfig
 from megatron_dual.hf import ConversionError, export_model, import_hf, import_ltg, read_hf_dir, read_ltg_checkpoint
@@ -24,36 +26,12 @@ LTG_TOKENIZER = ROOT / "megatron_dual/assets/ltg-tokenizer/tokenizer.json"
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        n_layers=2,
-        hidden_size=64,
-        n_heads=4,
-        n_kv_heads=2,
-        intermediate_size=88,
-        vocab_size=101,
-        max_seq_len=48,
-        rope_theta=160_000.0,
-        norm_eps=1e-7,
-        fused_ops="none",
-        attention_backend="sdpa",
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    base = dict(hidden_size=64, intermediate_size=88, vocab_size=101, rope_theta=160_000.0, norm_eps=1e-7)
+    return tiny_model_config(**(base | kw))
 
 
 def randomised(cfg: ModelConfig, seed: int = 0) -> DualTransformer:
-    """Random weights on every path (the reference init zeroes the out/down projections and the head bias)."""
-    torch.manual_seed(seed)
-    model = DualTransformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.normal_(0.0, 1.2 / p.shape[1] ** 0.5)
-    return model.eval()
+    return toy.randomised(cfg, seed, spread=0.2, gain=1.2)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ errors."""
 
 import pytest
 import torch
+from toy import randomised, tiny_model_config
 
-from megatron_dual.config import ModelConfig
 from megatron_dual.inference import (
     DiffusionConfig,
     diffusion_generate,
@@ -18,36 +18,9 @@ from megatron_dual.model import AttentionMask, DualTransformer
 MASK = 4
 
 
-def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        n_layers=2,
-        hidden_size=32,
-        n_heads=4,
-        n_kv_heads=2,
-        intermediate_size=40,
-        vocab_size=97,
-        max_seq_len=48,
-        rope_theta=10_000.0,
-        fused_ops="none",
-        attention_backend="sdpa",
-    )
-    base.update(kw)
-    return ModelConfig(**base)
-
-
 @pytest.fixture(scope="module")
 def model() -> DualTransformer:
-    torch.manual_seed(0)
-    m = DualTransformer(tiny_cfg())
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.1)
-            else:
-                p.normal_(0.0, 1.5 / p.shape[1] ** 0.5)
-    return m.eval()
+    return randomised(tiny_model_config())
 
 
 @torch.no_grad()

@@ -3,47 +3,17 @@ and the ``generate --mode`` command line."""
 
 import pytest
 import torch
+from toy import randomised, tiny_model_config
 
 from megatron_dual import cli
-from megatron_dual.config import Config, ModelConfig
+from megatron_dual.config import Config
 from megatron_dual.inference import generate, generate_text
 from megatron_dual.model import AttentionMask, DualTransformer
 
 
-def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        n_layers=2,
-        hidden_size=32,
-        n_heads=4,
-        n_kv_heads=2,
-        intermediate_size=40,
-        vocab_size=97,
-        max_seq_len=48,
-        rope_theta=10_000.0,
-        fused_ops="none",
-        attention_backend="sdpa",
-    )
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def randomised(cfg: ModelConfig, seed: int = 0) -> DualTransformer:
-    torch.manual_seed(seed)
-    m = DualTransformer(cfg)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.1)
-            else:
-                p.normal_(0.0, 1.5 / p.shape[1] ** 0.5)
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
 def model() -> DualTransformer:
-    return randomised(tiny_cfg())
+    return randomised(tiny_model_config())
 
 
 def recompute(model: DualTransformer, prompt: list[int], n: int, mode: str) -> list[int]:
@@ -110,7 +80,7 @@ def checkpoint(tmp_path_factory):
     texts = ["the history of the union is the history of its people and their work"] * 20
     tok_path = save_tokenizer(train_bpe_tokenizer(texts, vocab_size=300, min_frequency=1), root / "tok")
     cfg = Config()
-    cfg.model = tiny_cfg(vocab_size=320)
+    cfg.model = tiny_model_config(vocab_size=320)
     cfg.data.seq_len, cfg.data.tokenizer = 32, tok_path
     save_checkpoint(root / "run", 1, randomised(cfg.model, seed=2), {}, {}, cfg.to_dict())
     return root / "run"

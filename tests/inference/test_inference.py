@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import toy
 from safetensors.torch import save_file
 
 from megatron_dual.config import ModelConfig, load_config
@@ -32,21 +33,7 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 
 def randomised(cfg: ModelConfig, seed: int = 0) -> DualTransformer:
-    """Random weights on every path (the reference init zeroes the out/down projections): unit-scale norms,
-    1/sqrt(fan_in) matrices, unit embeddings, so tokens, positions and masks visibly change the logits."""
-    torch.manual_seed(seed)
-    model = DualTransformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.1)
-            elif name == "embed.weight":
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 1.5 / p.shape[1] ** 0.5)
-    return model.eval()
+    return toy.randomised(cfg, seed, unit_embedding=True)
 
 
 @pytest.fixture(scope="module")
