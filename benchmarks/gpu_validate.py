@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import re
 import signal
 import statistics
@@ -195,7 +196,9 @@ def stage_env(ctx: Ctx) -> None:
         memory_gib=round(props.total_memory / 2**30, 1) if props else None,
         peak_label=peak.label if peak else None,
         peak_tflops=peak.flops / 1e12 if peak else None,
+        python=platform.python_version(),
         torch=torch.__version__,
+        numpy=version("numpy"),
         cuda=torch.version.cuda,
         hip=torch.version.hip,
         triton=version("triton"),
@@ -203,6 +206,7 @@ def stage_env(ctx: Ctx) -> None:
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         deepspeed=importlib.util.find_spec("deepspeed") is not None,
         zstandard=importlib.util.find_spec("zstandard") is not None,
+        matplotlib=importlib.util.find_spec("matplotlib") is not None,
         kernels_from=str(Path(megatron_dual.kernels.__file__).resolve().parent),
         autotune=os.environ.get("MEGATRON_DUAL_AUTOTUNE", "full"),
     )
