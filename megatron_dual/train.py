@@ -78,6 +78,8 @@ def _one_line(e: BaseException, timeout_s: float | None) -> str | None:
         return f"interrupted by a second Ctrl-C: the current step was not saved; rerun the same command: {RESUMES}"
     if isinstance(e, ORDINARY):
         return str(e)
+    if isinstance(e, ModuleNotFoundError):  # the checkout on an image without one of its packages
+        return f"{e} (pip install -e . installs what megatron-dual needs)"
     if isinstance(e, OSError):
         return _os_error(e)
     rank, _, world = dist_env()

@@ -41,3 +41,16 @@ def test_a_missing_package_is_a_one_line_error(monkeypatch, capsys):
     assert main(["info", "--preset", "dual-470m"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: No module named 'sklearn' (pip install -e . installs what megatron-dual needs)"
+
+
+def test_train_with_a_missing_package_is_one_line(monkeypatch, capsys):
+    """`megatron-dual train` / torchrun on megatron_dual/train.py: a missing package is one 'error:' line, rc 2."""
+    import megatron_dual.train as train_mod
+
+    def needs_zstandard(cfg, quiet=False):
+        raise ModuleNotFoundError("No module named 'zstandard'", name="zstandard")
+
+    monkeypatch.setattr(train_mod, "train", needs_zstandard)
+    assert train_mod.main(["--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: No module named 'zstandard' (pip install -e . installs what megatron-dual needs)"

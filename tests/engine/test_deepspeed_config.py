@@ -97,12 +97,15 @@ def test_engine_fields_validate(override, field):
         _cfg(override)
 
 
-def test_deepspeed_config_path_must_exist_and_needs_the_engine(tmp_path):
+def test_deepspeed_config_needs_the_engine(tmp_path):
+    with pytest.raises(ConfigError, match="needs engine.name = deepspeed"):
+        _cfg(f"engine.deepspeed_config={_json(tmp_path, {})}")
+
+
+def test_deepspeed_config_path_must_exist(tmp_path):
     pytest.importorskip("deepspeed")  # the config is checked once the engine is known to be there
     with pytest.raises(ConfigError, match="engine.deepspeed_config .* no such file"):
         _cfg("engine.name=deepspeed", f"engine.deepspeed_config={tmp_path / 'missing.json'}")
-    with pytest.raises(ConfigError, match="needs engine.name = deepspeed"):
-        _cfg(f"engine.deepspeed_config={_json(tmp_path, {})}")
 
 
 def test_sequence_parallel_is_refused_with_deepspeed():
