@@ -45,10 +45,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 # 455 s in all (+ ~30 s of process starts: the 8 minutes). The optimizer stage's 15 s came out of the three
@@ -360,19 +361,9 @@ def _ours_with_tma(q: Any, k: Any, v: Any, mask: Any) -> Callable[[], Any] | Non
     def ours_tma() -> Any:
         return attention(q, k, v, mask, backend="triton")
 
-    ours_tma.context = _tma_on  # type: ignore[attr-defined]  # the flag on around forward *and* backward
+    # the flag on around forward *and* backward
+    ours_tma.context = lambda: mock.patch.object(K, "TMA", True)  # type: ignore[attr-defined]
     return ours_tma
-
-
-@contextlib.contextmanager
-def _tma_on() -> Iterator[None]:
-    import megatron_dual.kernels.attention as K
-
-    previous, K.TMA = K.TMA, True
-    try:
-        yield
-    finally:
-        K.TMA = previous
 
 
 def _varlen(q: Any, k: Any, v: Any, runs: tuple, causal: bool, flash: bool) -> Callable[[], Any] | None:

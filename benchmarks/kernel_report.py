@@ -131,7 +131,7 @@ def compile_one(job: tuple[str, str, str, tuple[int, int, int, int], bool]) -> d
         compiled = aot.compile_launch(spec.with_constants(**extra), target, warps, stages)
         row |= aot.resources(compiled, target) | {"compile_s": round(time.perf_counter() - start, 1)}
     except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a row of the report, not a crash)
-        return row | {"error": error(e)}
+        return row | {"error": aot.error_line(e)}
     return row | {"flags": flags(row)}
 
 
@@ -153,16 +153,12 @@ def compile_fused(job: tuple[str, str]) -> dict[str, Any]:
         row |= {"stages": compiled.metadata.num_stages} | aot.resources(compiled, target)
         row |= aot.memory_ops(compiled, target) | {"compile_s": round(time.perf_counter() - start, 1)}
     except Exception as e:  # noqa: BLE001 (a kernel the compiler rejects is a row of the report, not a crash)
-        return row | {"error": error(e)}
+        return row | {"error": aot.error_line(e)}
     return row | {"flags": flags(row)}
 
 
 def compile_job(job: tuple) -> dict[str, Any]:
     return compile_fused(job) if len(job) == 2 else compile_one(job)
-
-
-def error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def flags(row: dict[str, Any]) -> list[str]:

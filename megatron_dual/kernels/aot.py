@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
+from unittest import mock
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -77,14 +78,17 @@ def record_launches(module: ModuleType, names: list[str]) -> Iterator[list[Launc
     """Replace ``module.<name>`` for each kernel name by a recorder while the block runs; yields the launches in
     call order (filled as the host code runs). Outputs the kernels would write stay uninitialised."""
     launches: list[Launch] = []
-    saved = {n: getattr(module, n) for n in names}
-    try:
-        for n, k in saved.items():
-            setattr(module, n, _Recorder(n, k, launches))
+    with _patched({(module, n): _Recorder(n, getattr(module, n), launches) for n in names}):
         yield launches
-    finally:
-        for n, k in saved.items():
-            setattr(module, n, k)
+
+
+@contextlib.contextmanager
+def _patched(values: dict[tuple[Any, str], Any]) -> Iterator[None]:
+    """``setattr(obj, name, value)`` for each ``(obj, name): value`` while the block runs, restored after it."""
+    with contextlib.ExitStack() as stack:
+        for (obj, name), value in values.items():
+            stack.enter_context(mock.patch.object(obj, name, value))
+        yield
 
 
 def jit_function(kernel: Any) -> Any:
@@ -286,6 +290,11 @@ def memory_ops(compiled: Any, target: GPUTarget) -> dict[str, int]:
     return out
 
 
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters): a compiler error as one report field."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def compiled_binaries(kernel: Any) -> list[dict[str, Any]]:
     """Every binary Triton's JIT built for ``kernel`` in this process, with what the loaded binary reports: registers
     per thread and spilled bytes (read by the driver when the binary is loaded), shared memory, warps, stages and the
@@ -310,7 +319,7 @@ def _binary_row(fn: Any, compiled: Any) -> dict[str, Any]:
     try:  # loads the binary if no launch has yet (n_regs / n_spills come from it)
         compiled._init_handles()
     except Exception as e:  # noqa: BLE001 (a config autotuning tried that does not fit: OutOfResources)
-        return row | {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        return row | {"error": error_line(e)}
     return row | {"registers": compiled.n_regs, "spill_bytes": compiled.n_spills}
 
 
@@ -430,7 +439,7 @@ def fused_launches(
     act = getattr(torch, dtype)
     with contextlib.ExitStack() as stack:
         recorded = [stack.enter_context(record_launches(mods[m], list(n))) for m, n in FUSED_KERNELS.items()]
-        stack.enter_context(_gpu_host_choices(mods["rmsnorm"], mods["cross_entropy"], sm_count))
+        stack.enter_context(_patched(_gpu_host_choices(mods["rmsnorm"], mods["cross_entropy"], sm_count)))
         _norm_host_code(mods["rmsnorm"], rows, hidden, act)
         _rotary_host_code(mods["rotary"], t, heads, head_dim, act)
         _swiglu_host_code(mods["swiglu"], rows, mlp_width, act)
@@ -441,10 +450,9 @@ def fused_launches(
     return out
 
 
-@contextlib.contextmanager
-def _gpu_host_choices(rn: ModuleType, ce: ModuleType, sm_count: int | None) -> Iterator[None]:
-    """The cross-entropy's GPU block sizes and, with ``sm_count``, the program counts of a GPU with that many
-    SMs (the host code computes them for a CUDA device from its SM count)."""
+def _gpu_host_choices(rn: ModuleType, ce: ModuleType, sm_count: int | None) -> dict[tuple[ModuleType, str], Any]:
+    """What to patch (:func:`_patched`) for the cross-entropy's GPU block sizes and, with ``sm_count``, the program
+    counts of a GPU with that many SMs (the host code computes them for a CUDA device from its SM count)."""
     import torch
 
     cuda = torch.device("cuda", 0)  # a device object only: nothing is allocated on it
@@ -454,14 +462,7 @@ def _gpu_host_choices(rn: ModuleType, ce: ModuleType, sm_count: int | None) -> I
         patches |= {(m, "_sm_count"): lambda _index: sm_count for m in (rn, ce)}
         patches[(rn, "_num_programs")] = lambda n_rows, _device: num_programs(n_rows, cuda)
         patches[(ce, "_row_programs")] = lambda n, n_vocab, _device: row_programs(n, n_vocab, cuda)
-    saved = {key: getattr(*key) for key in patches}
-    try:
-        for (mod, name), value in patches.items():
-            setattr(mod, name, value)
-        yield
-    finally:
-        for (mod, name), value in saved.items():
-            setattr(mod, name, value)
+    return patches
 
 
 def _norm_host_code(rn: ModuleType, rows: int, hidden: int, act: Any) -> None:
