@@ -118,17 +118,14 @@ def compile_one(job: tuple[str, str, str, tuple[int, int, int, int], bool]) -> d
     """Compile one (arch, kernel, mask, config, tma) job and return its report row (``error`` if it failed)."""
     from megatron_dual.kernels import aot
 
-    arch, kernel, mask, (bm, bn, warps, stages), tma = job
+    arch, kernel, mask, config, tma = job
     row: dict[str, Any] = {"arch": arch, "kernel": kernel + "_tma" * tma, "mask": mask}
-    row |= {"block_m": bm, "block_n": bn, "warps": warps, "stages": stages}
+    row |= dict(zip(("block_m", "block_n", "warps", "stages"), config, strict=True))
     target = aot.TARGETS[arch]
     spec = aot.specialize(recorded_launches(mask)[KERNELS[kernel]], target)
-    extra: dict[str, Any] = {"BLOCK_M": bm, "BLOCK_N": bn}
-    if "USE_TMA" in spec.signature:
-        extra["USE_TMA"] = tma
     start = time.perf_counter()
     try:
-        compiled = aot.compile_launch(spec.with_constants(**extra), target, warps, stages)
+        compiled = aot.compile_attention(spec, target, config, tma)
         row |= aot.resources(compiled, target) | {"compile_s": round(time.perf_counter() - start, 1)}
     except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a row of the report, not a crash)
         return row | {"error": aot.error_line(e)}

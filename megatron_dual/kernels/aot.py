@@ -169,6 +169,15 @@ def compile_launch(spec: Specialized, target: GPUTarget, num_warps: int, num_sta
     return triton.compile(src, target=target, options=options)
 
 
+def compile_attention(
+    spec: Specialized, target: GPUTarget, config: tuple[int, int, int, int], tma: bool = False
+) -> Any:
+    """:func:`compile_launch` of a specialised attention launch (forward, dQ or dK/dV) with one autotune candidate
+    ``config`` = (BLOCK_M, BLOCK_N, warps, stages), its streamed tiles through TMA descriptors or not (``tma``)."""
+    bm, bn, warps, stages = config
+    return compile_launch(spec.with_constants(BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma), target, warps, stages)
+
+
 def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 

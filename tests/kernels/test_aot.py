@@ -150,8 +150,7 @@ def test_gpu_binaries_match_the_ahead_of_time_compile():
         assert {k: v for k, v in spec.attrs.items() if k != (key,)} == {
             k: v for k, v in cpu_spec.attrs.items() if k != (key,)
         }
-        extra = {"BLOCK_M": bm, "BLOCK_N": bn} | ({"USE_TMA": False} if "USE_TMA" in spec.signature else {})
-        ahead = aot.resources(aot.compile_launch(spec.with_constants(**extra), target, warps, stages), target)
+        ahead = aot.resources(aot.compile_attention(spec, target, (bm, bn, warps, stages)), target)
         assert built[0]["shared"] == ahead["shared"], name
         if target.backend == "cuda":  # (ROCm: the driver's count is not the VGPR count the report reads)
             assert built[0]["registers"] == ahead["registers"], name
@@ -166,8 +165,7 @@ spec = aot.specialize(aot.attention_launches("causal-docs")["_fwd_kernel"], t)
 out = {}
 for stages in (1, 3):
     for tma in (False, True):
-        job = spec.with_constants(BLOCK_M=128, BLOCK_N=64, USE_TMA=tma)
-        r = aot.resources(aot.compile_launch(job, t, 4, stages), t)
+        r = aot.resources(aot.compile_attention(spec, t, (128, 64, 4, stages), tma), t)
         out[f"{stages}{'tma' if tma else ''}"] = [r["pipelined_buffers"], r["tma_loads"]]
 print(json.dumps(out))
 """

@@ -615,9 +615,7 @@ for spec in sys.argv[1:]:
     if arch == "sm90":  # and each with TMA descriptors (MEGATRON_DUAL_ATTN_TMA=1)
         kernels += [(name, bm, bn, True) for name, bm, bn, _ in kernels]
     for name, bm, bn, tma in kernels:
-        job = aot.specialize(launches[name], target)
-        extra = {"BLOCK_M": bm, "BLOCK_N": bn} | ({"USE_TMA": tma} if "USE_TMA" in job.signature else {})
-        done = aot.compile_launch(job.with_constants(**extra), target, num_warps=4, num_stages=int(stages))
+        done = aot.compile_attention(aot.specialize(launches[name], target), target, (bm, bn, 4, int(stages)), tma)
         name += "_tma" * tma
         res = aot.resources(done, target)
         print(arch, name, res.get("pipelined_buffers", -1), res["spill_bytes"])
