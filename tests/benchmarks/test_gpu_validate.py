@@ -15,6 +15,17 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_validate.py"
 
 
+@pytest.fixture(scope="module")
+def gpu_validate():
+    """The script imported as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_validate
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return gpu_validate
+
+
 def _run(out: Path, *args: str) -> tuple[int, list[dict], str]:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *args],
@@ -81,26 +92,16 @@ def test_over_budget_stage_is_recorded_and_the_next_runs(tmp_path):
     assert rc == 2 and "unknown stage(s) nope" in log
 
 
-def test_default_budgets_fit_the_issue_s_eight_minutes():
+def test_default_budgets_fit_the_issue_s_eight_minutes(gpu_validate):
     """Issue 14: the whole run in about 8 minutes on a fresh GPU, ~30 s of which are process starts; a new stage's
     budget must come out of the others."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_validate
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
     assert set(gpu_validate.BUDGETS) == set(gpu_validate.STAGES)
     assert sum(gpu_validate.BUDGETS.values()) <= 455
     assert min(gpu_validate.BUDGETS.values()) >= 10
 
 
-def test_summary_names_the_binaries_the_gpu_built(tmp_path):
+def test_summary_names_the_binaries_the_gpu_built(gpu_validate, tmp_path):
     """The attention stage's `binaries` records (registers and spills the driver reports) reach the summary."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_validate
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
     built = [{"registers": 255, "spill_bytes": 0}, {"registers": 179, "spill_bytes": 16}]
     rows = [
         {"run": "r", "stage": "attention", "status": "ok", "seconds": 50.0, "budget": 100},
@@ -114,18 +115,13 @@ def test_summary_names_the_binaries_the_gpu_built(tmp_path):
     assert not [line for line in lines if line.startswith("_fwd_kernel")]
 
 
-def test_a_peer_s_setting_holds_through_its_backward(tmp_path):
+def test_a_peer_s_setting_holds_through_its_backward(gpu_validate, tmp_path):
     """A peer's `context` (the `ours_tma` peer's MEGATRON_DUAL_ATTN_TMA switch) is on while its backward runs too,
     not only its forward: autograd runs the backward after the forward closure has returned."""
     import contextlib
 
     import torch
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_validate
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
     on: list[bool] = [False]
     seen: list[tuple[str, bool]] = []
 
