@@ -464,11 +464,13 @@ def _gpu_host_choices(rn: ModuleType, ce: ModuleType, sm_count: int | None) -> d
     counts of a GPU with that many SMs (the host code computes them for a CUDA device from its SM count)."""
     import torch
 
+    from . import gpu
+
     cuda = torch.device("cuda", 0)  # a device object only: nothing is allocated on it
     patches: dict[tuple[ModuleType, str], Any] = {(ce, "_compiled"): lambda: True}
     if sm_count is not None:
         num_programs, row_programs = rn._num_programs, ce._row_programs
-        patches |= {(m, "_sm_count"): lambda _index: sm_count for m in (rn, ce)}
+        patches[(gpu, "sm_count")] = lambda _device: sm_count
         patches[(rn, "_num_programs")] = lambda n_rows, _device: num_programs(n_rows, cuda)
         patches[(ce, "_row_programs")] = lambda n, n_vocab, _device: row_programs(n, n_vocab, cuda)
     return patches

@@ -28,7 +28,6 @@ unfused ``nn.Linear`` would) and the statistics in fp32.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from . import gpu
 from .matmul import addmm_fp32_, fp32_out_addmm
 
 __all__ = [
@@ -241,16 +241,11 @@ def _grad_tile(n_vocab: int) -> tuple[int, int]:
     return rows, min(cols, triton.next_power_of_2(max(1, n_vocab)))
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _row_programs(rows: int, n_vocab: int, device: torch.device) -> int:
     """Programs along the rows of a chunk (S): with the column blocks, about 8 resident programs per SM, each
     streaming its share of the rows; 4 without a GPU (the interpreter runs them one by one; 4 still splits)."""
     block_r, block_v = _grad_tile(n_vocab)
-    target = 8 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    target = 8 * gpu.sm_count(device) if device.type == "cuda" else 4
     return max(1, min(triton.cdiv(rows, block_r), triton.cdiv(target, triton.cdiv(n_vocab, block_v))))
 
 

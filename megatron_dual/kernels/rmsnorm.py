@@ -13,11 +13,11 @@ the plain norm compiles to the instructions it had as a kernel of its own.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from . import gpu
 
 __all__ = ["AddRMSNormFunction", "FusedRMSNorm", "RMSNormFunction", "add_rms_norm", "rms_norm"]
 
@@ -127,15 +127,9 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_programs(n_rows: int, device: torch.device) -> int:
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return max(1, min(n_rows, 4 * _sm_count(index)))
+        return max(1, min(n_rows, 4 * gpu.sm_count(device)))
     return max(1, min(n_rows, 4))  # the interpreter: few programs, rows looped inside each
 
 
