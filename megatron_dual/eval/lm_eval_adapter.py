@@ -16,7 +16,8 @@ mntp, as :mod:`megatron_dual.eval.scoring`), ``tokenizer`` (override the checkpo
   encode_pair`), scored by :class:`~megatron_dual.eval.scoring.Scorer` in the chosen mode, so requests with the
   same context share its KV cache in causal and prefix mode; ``is_greedy`` is the argmax check of every token.
 * ``loglikelihood_rolling``: the harness's disjoint rolling windows of max_seq_len tokens (the first conditioned on
-  ``<s>``), each window scored in the chosen mode given the tokens before it; the sum over windows.
+  ``<s>``), each window scored in the chosen mode given the tokens before it; the sum over windows (every token
+  once). In mntp mode a window is max_seq_len - 1 tokens: its masked tokens and the token before them are inputs.
 * ``generate_until``: causal (KV cache) or prefix-LM generation, greedy unless ``do_sample`` (then ``temperature``
   and ``top_p``), cut at the first stop string (``until``) or ``</s>``, one prompt at a time; the prompt is cut
   from the left to leave room for ``max_gen_toks``. In mntp mode it refuses (masked-diffusion generation is
@@ -91,10 +92,11 @@ class MegatronDualLM(LM):
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         windows: list[tuple[list[int], list[int]]] = []
         owner: list[int] = []
+        span = self.max_length - (self.mode == "mntp")  # mntp: the masks are inputs too, one more position
         for i, req in enumerate(requests):
             (text,) = req.args
             ids = self.tok.encode(text, add_bos=False)
-            for w in get_rolling_token_windows(ids, self.tok.bos_id, self.max_length, context_len=1):
+            for w in get_rolling_token_windows(ids, self.tok.bos_id, span, context_len=1):
                 windows.append(make_disjoint_window(w))
                 owner.append(i)
         totals = [0.0] * len(requests)

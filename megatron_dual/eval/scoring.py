@@ -25,8 +25,10 @@ while rows x padded length stays within ``batch_tokens`` (default :func:`default
 of every real token's attention with document ids (pads are document 0) and RoPE positions count from each row's
 first real token, so a request scores the same alone or in any batch (up to floating-point summation order).
 
-Truncation: a request longer than ``model.max_seq_len`` keeps its continuation and the end of its context (as the
-harnesses truncate from the left); a continuation that alone fills the window keeps its last max_seq_len - 1 tokens
+Truncation: a request whose model input is longer than ``model.max_seq_len`` keeps its continuation and the end of
+its context (as the harnesses truncate from the left). In causal and prefix mode the last continuation token is
+only a target, so ``max_seq_len + 1`` request tokens fit (lm-evaluation-harness's window); in mntp mode every token
+is an input (the masks), so ``max_seq_len`` fit. A continuation that alone fills the window keeps its last tokens
 after the last context token.
 """
 
@@ -115,7 +117,8 @@ class Scorer:
         """One :class:`Score` per request, in order. ``progress(n)`` is called as n more requests complete."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-        fitted = [fit_window(c, k, self.max_len) for c, k in requests]
+        limit = self.max_len if mode == "mntp" else self.max_len + 1  # causal: the last token is a target only
+        fitted = [fit_window(c, k, limit) for c, k in requests]
         was_training = self.model.training
         self.model.eval()
         try:

@@ -114,7 +114,8 @@ class Reference:
 
     def causal(self, ctx, cont) -> float:
         seq = ctx + cont
-        lp = self._run(seq, lambda q, k: torch.arange(k)[None, :] <= torch.arange(q)[:, None])
+        # the last token is only a target: max_seq_len + 1 tokens are max_seq_len inputs
+        lp = self._run(seq[:-1], lambda q, k: torch.arange(k)[None, :] <= torch.arange(q)[:, None])
         return sum(float(lp[j - 1, seq[j]]) for j in range(len(ctx), len(seq)))
 
     def prefix(self, ctx, cont) -> float:

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -13,6 +14,7 @@ from megatron_dual.eval.harness import encode_pair  # noqa: E402
 from megatron_dual.eval.lm_eval_adapter import MegatronDualLM  # noqa: E402
 from megatron_dual.eval.scoring import Scorer  # noqa: E402
 from megatron_dual.inference.generate import generate  # noqa: E402
+from megatron_dual.model import AttentionMask  # noqa: E402
 
 DOCS = [
     {"context": "the cat sat on", "choices": [" the mat", " a log is red"], "label": 0},
@@ -94,6 +96,23 @@ def test_loglikelihood_rolling_sums_disjoint_windows(model, tok):
     second = scorer.score([(ids[:64], ids[64:])], "causal")[0].logprob  # context cut to fit the window
     assert got[1] == pytest.approx(first + second, abs=1e-3)
     assert math.isfinite(got[1]) and got[1] < got[0]
+
+
+def _logprobs(model, seq):
+    with torch.no_grad():
+        return model.logits(torch.tensor([seq]), AttentionMask("causal"))[0].log_softmax(-1)
+
+
+def test_loglikelihood_rolling_counts_every_token_once(model, tok):
+    lm = MegatronDualLM(model=model, tokenizer_obj=tok, mode="causal")
+    words = ("the cat sat on a mat and the dog ran " * 10).strip()  # 100 tokens, windows of 64
+    got = lm.loglikelihood_rolling([instance("loglikelihood_rolling", (words,))])[0]
+    ids = tok.encode(words, add_bos=False)
+    first = _logprobs(model, [tok.bos_id] + ids[:63])  # predicts ids[0:64]
+    second = _logprobs(model, ids[35:99])  # row i predicts ids[36 + i]
+    want = sum(float(first[j, ids[j]]) for j in range(64))
+    want += sum(float(second[j - 36, ids[j]]) for j in range(64, 100))
+    assert got == pytest.approx(want, abs=1e-3)
 
 
 def test_generate_until_is_greedy_generation_cut_at_the_stop_string(model, tok):

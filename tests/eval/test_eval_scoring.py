@@ -87,14 +87,25 @@ def test_long_requests_are_cut_from_the_left(model, reference):
     limit = model.cfg.max_seq_len
     ctx = [1] + [5 + i % 20 for i in range(limit + 10)]
     cont = [7, 8, 9]
-    fctx, fcont = fit_window(ctx, cont, limit)
-    assert fcont == cont and fctx == ctx[-(limit - 3) :] and len(fctx) + len(fcont) == limit
+    fctx, fcont = fit_window(ctx, cont, limit + 1)  # causal: the last token is a target only, not an input
+    assert fcont == cont and fctx == ctx[-(limit + 1 - 3) :] and len(fctx) + len(fcont) == limit + 1
     s = Scorer(model, MASK).score([(ctx, cont)], "causal")[0]
     assert s.logprob == pytest.approx(reference.causal(fctx, fcont), abs=1e-4)
     long_ctx, long_cont = fit_window([1, 2], list(range(5, 5 + limit + 3)), limit)
     assert long_ctx == [2] and len(long_cont) == limit - 1
     with pytest.raises(ValueError, match="non-empty"):
         fit_window([1], [], limit)
+
+
+def test_a_request_one_longer_than_the_context_loses_no_token(model, reference):
+    # causal: max_seq_len + 1 tokens are max_seq_len inputs (the last token is only a target), as in the harness
+    limit = model.cfg.max_seq_len
+    ctx, cont = [1], [5 + i % 20 for i in range(limit)]
+    s = Scorer(model, MASK).score([(ctx, cont)], "causal")[0]
+    assert s.n_tokens == limit
+    assert s.logprob == pytest.approx(reference.causal(ctx, cont), abs=1e-4)
+    m = Scorer(model, MASK).score([(ctx, cont[:-1])], "mntp")[0]  # mntp: every token is an input
+    assert m.n_tokens == limit - 1
 
 
 def test_bad_arguments(model):
