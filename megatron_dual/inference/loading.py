@@ -18,7 +18,7 @@ from megatron_dual.config import Config, ConfigError, config_from_dict
 from megatron_dual.engine.checkpoint import find_latest_checkpoint, load_model_weights, load_state_checked
 from megatron_dual.model.transformer import DualTransformer
 
-__all__ = ["find_checkpoint", "read_checkpoint_config", "load_model"]
+__all__ = ["find_checkpoint", "read_checkpoint_config", "check_device", "load_model"]
 
 
 def find_checkpoint(checkpoint: str | Path) -> Path:
@@ -83,6 +83,18 @@ def _load_tokenizer(spec: str, origin: str) -> Any:
         raise ValueError(f"tokenizer {spec!r} ({origin}) could not be loaded: {e}") from e
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device that this machine has; ValueError naming it otherwise (a misspelt name, or CUDA
+    on a machine without it)."""
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:  # torch raises AssertionError for CUDA without a CUDA build
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"device {device!r} cannot be used here: {first}") from None
+    return dev
+
+
 def load_model(
     checkpoint: str, device: str = "cpu", tokenizer: str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[DualTransformer, Config, Any]:
@@ -93,6 +105,7 @@ def load_model(
     Errors: FileNotFoundError naming the path for a missing checkpoint / weights / tokenizer file, ValueError naming
     ``meta.json`` for missing or invalid stored config.
     """
+    torch_device = check_device(device)
     ckpt_dir = find_checkpoint(checkpoint)
     cfg = read_checkpoint_config(ckpt_dir)
     if tokenizer:
@@ -108,7 +121,6 @@ def load_model(
             f"tokenizer {spec!r} has {tok_vocab} tokens but the model in {ckpt_dir} has model.vocab_size = "
             f"{cfg.model.vocab_size}"
         )
-    torch_device = torch.device(device)
     with torch_device:
         model = DualTransformer(cfg.model)
     _load_weights(ckpt_dir, model)

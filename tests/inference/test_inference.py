@@ -355,6 +355,16 @@ def test_load_model_errors(tmp_path, monkeypatch):
         load_model(str(d), tokenizer="x")
 
 
+def test_load_model_names_a_bad_device(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading_mod, "_load_tokenizer", lambda spec, origin: FakeTokenizer([]))
+    d = _save_checkpoint(tmp_path / "ckpts", randomised(tiny_cfg()), _tiny_run_config(), 3)
+    with pytest.raises(ValueError, match="device 'gpu' cannot be used here"):
+        load_model(str(d), device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda:0' cannot be used here"):
+            load_model(str(d), device="cuda:0")
+
+
 def test_with_the_project_tokenizer_module():
     tokmod = pytest.importorskip("megatron_dual.data.tokenizer")
     tok = tokmod.load_tokenizer("ltg")
