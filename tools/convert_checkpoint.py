@@ -113,18 +113,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _convert_zero(src: Path, dst: Path, tp: int, force: bool) -> Path:
-    import shutil
-
     from megatron_dual.engine.deepspeed import read_zero_checkpoint
     from megatron_dual.parallel.resharding import write_checkpoint
 
-    if dst.exists():
-        if not force:
-            raise ReshardError(f"{dst} exists; pass --force to overwrite it")
-        shutil.rmtree(dst)
-    full, meta = read_zero_checkpoint(src)
+    if dst.exists() and not force:
+        raise ReshardError(f"{dst} exists; pass --force to overwrite it")
+    full, meta = read_zero_checkpoint(src)  # a bad source leaves dst as it was
     meta = {k: v for k, v in meta.items() if k != "engine"}
-    return write_checkpoint(dst, full, None, meta, tp, rng_from=src)
+    return write_checkpoint(dst, full, None, meta, tp, rng_from=src, replace=force)
 
 
 def main(argv: list[str] | None = None) -> int:

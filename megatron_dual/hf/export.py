@@ -52,7 +52,9 @@ def tokenizer_files(tokenizer_json: str | os.PathLike, out: Path, max_len: int) 
     (out / "special_tokens_map.json").write_text(json.dumps(_SPECIALS, indent=2) + "\n")
 
 
-def _prepare(out_dir: Path, force: bool) -> Path:
+def staging_dir(out_dir: Path, force: bool) -> Path:
+    """A fresh temporary sibling of ``out_dir`` to write into (ConversionError if ``out_dir`` exists, unless
+    ``force``)."""
     if out_dir.exists() and not force:
         raise ConversionError(f"{out_dir} exists (pass --force to replace it)")
     tmp = out_dir.parent / f".tmp_{out_dir.name}_{os.getpid()}"
@@ -61,7 +63,8 @@ def _prepare(out_dir: Path, force: bool) -> Path:
     return tmp
 
 
-def _commit(tmp: Path, out_dir: Path) -> None:
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` (if any) by the complete ``tmp``."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -84,7 +87,7 @@ def export_model(
     if tok_vocab is not None and tok_vocab > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {tok_vocab} tokens but the model only {cfg.vocab_size}")
     state = to_hf_state({k: v.float().cpu() for k, v in model.state_dict().items()}, cfg)
-    tmp = _prepare(out, force)
+    tmp = staging_dir(out, force)
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = to_hf_config(cfg)
@@ -96,7 +99,7 @@ def export_model(
             tokenizer_files(getattr(tokenizer, "path", tokenizer), tmp, cfg.max_seq_len)
         if config is not None:
             (tmp / MEGATRON_CONFIG).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-        _commit(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

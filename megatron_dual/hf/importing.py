@@ -144,20 +144,25 @@ def write_checkpoint(
     tokenizer_json: str | os.PathLike | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``model`` as checkpoint root ``dst`` (``dst/step_00000000``); returns the step directory."""
+    """Write ``model`` as checkpoint root ``dst`` (``dst/step_00000000``); returns the step directory. It is
+    written into a temporary sibling and renamed into place, so a failed import leaves an existing ``dst`` (with
+    ``force``) as it was."""
     from megatron_dual.engine.checkpoint import save_checkpoint
+    from megatron_dual.hf.export import move_into_place, staging_dir
 
     root = Path(dst)
-    if root.exists():
-        if not force:
-            raise ConversionError(f"{root} exists (pass --force to replace it)")
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    if tokenizer_json is not None:
-        shutil.copyfile(tokenizer_json, root / "tokenizer.json")
-        config.data.tokenizer = str((root / "tokenizer.json").resolve())
-    empty = {"optimizers": {}, "schedulers": {}}
-    return save_checkpoint(root, 0, model, empty, {}, config.to_dict(), extra={"imported_from": source})
+    tmp = staging_dir(root, force)
+    try:
+        if tokenizer_json is not None:
+            shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+            config.data.tokenizer = str((root / "tokenizer.json").resolve())
+        empty = {"optimizers": {}, "schedulers": {}}
+        step = save_checkpoint(tmp, 0, model, empty, {}, config.to_dict(), extra={"imported_from": source})
+        move_into_place(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / step.name
 
 
 def import_hf(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False) -> Path:

@@ -278,13 +278,15 @@ def write_checkpoint(
     meta: Mapping[str, Any],
     tp: int,
     rng_from: str | Path | None = None,
+    replace: bool = False,
 ) -> Path:
     """Write a checkpoint directory in TP form ``tp`` (single-file form for 1) atomically: into a temporary
-    sibling, ``meta.json`` last, then renamed to ``path`` (which must not exist)."""
+    sibling, ``meta.json`` last, then renamed to ``path``, which must not exist unless ``replace`` (an existing
+    ``path`` is removed only once the new checkpoint is complete)."""
     path = Path(path)
     cfg = config_from_dict(copy.deepcopy(dict(meta["config"])))
     check_tp_divisibility(cfg.model, tp)
-    if path.exists():
+    if path.exists() and not replace:
         raise ReshardError(f"{path} exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp_{path.name}_{os.getpid()}"
@@ -314,6 +316,8 @@ def write_checkpoint(
             new_meta.pop("tensor_parallel", None)
         new_meta["converted"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_json(tmp / META, new_meta)
+        if path.exists():
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -328,9 +332,7 @@ def convert_checkpoint(
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ReshardError(f"source and destination are the same directory {src}")
-    if dst.exists():
-        if not force:
-            raise ReshardError(f"{dst} exists; pass --force to overwrite it")
-        shutil.rmtree(dst)
-    full, optim, meta = read_checkpoint(src, with_optim=not model_only)
-    return write_checkpoint(dst, full, optim, meta, tp, rng_from=src)
+    if dst.exists() and not force:
+        raise ReshardError(f"{dst} exists; pass --force to overwrite it")
+    full, optim, meta = read_checkpoint(src, with_optim=not model_only)  # a bad source leaves dst as it was
+    return write_checkpoint(dst, full, optim, meta, tp, rng_from=src, replace=force)

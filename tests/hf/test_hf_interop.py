@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -369,6 +370,36 @@ def test_convert_tool_modes_and_one_line_errors(exported, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "gpt2" in proc.stderr
+
+
+def test_a_failed_forced_conversion_keeps_the_old_destination(exported, tmp_path, monkeypatch):
+    from megatron_dual.engine import checkpoint as checkpoint_mod
+
+    _, out = exported
+    tool = _tool()
+    good = tmp_path / "good"
+    assert tool.main([str(out), str(good), "--from", "hf"]) == 0
+    step = good / "step_00000000"
+    before = {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()}
+    bad_step = tmp_path / "bad" / "step_00000000"
+    shutil.copytree(step, bad_step)
+    (bad_step / "model.safetensors").write_bytes((step / "model.safetensors").read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit, match="error: .*bad.*model.safetensors"):
+        tool.main([str(bad_step), str(step), "--tp", "1", "--force"])
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", disk_full)
+    with pytest.raises(SystemExit, match="No space left"):
+        tool.main([str(out), str(good), "--from", "hf", "--force"])
+    monkeypatch.undo()
+    assert {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob("**/.tmp_*"))
+    assert tool.main([str(out), str(good), "--from", "hf", "--force"]) == 0  # a good source replaces it
+    assert tool.main([str(step), str(tmp_path / "tp1"), "--tp", "1"]) == 0
+    assert tool.main([str(tmp_path / "tp1"), str(step), "--tp", "1", "--force"]) == 0
+    assert read_checkpoint_config(step).data.tokenizer == ""
 
 
 def test_padded_mlp_exports_at_the_logical_width(exported, tmp_path):
