@@ -52,6 +52,13 @@ def tokenizer_files(tokenizer_json: str | os.PathLike, out: Path, max_len: int) 
     (out / "special_tokens_map.json").write_text(json.dumps(_SPECIALS, indent=2) + "\n")
 
 
+def check_not_source(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """ConversionError where ``dst`` is ``src`` or a folder holding it (replacing it would delete the source)."""
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if d == s or d in s.parents:
+        raise ConversionError(f"destination {dst} is or holds the source {src}; choose another destination")
+
+
 def staging_dir(out_dir: Path, force: bool) -> Path:
     """A fresh temporary sibling of ``out_dir`` to write into (ConversionError if ``out_dir`` exists, unless
     ``force``)."""
@@ -108,7 +115,8 @@ def export_model(
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> Path:
     """Export a megatron-dual checkpoint (or run / checkpoint root: its latest) with its tokenizer and config."""
-    from megatron_dual.inference.loading import load_model
+    from megatron_dual.inference.loading import find_checkpoint, load_model
 
+    check_not_source(find_checkpoint(checkpoint), out_dir)
     model, cfg, tok = load_model(str(checkpoint), device="cpu")
     return export_model(model, out_dir, tokenizer=tok, config=cfg, force=force)

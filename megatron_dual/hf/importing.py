@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from megatron_dual.config import Config, ConfigError, ModelConfig, config_from_dict
-from megatron_dual.hf.export import MEGATRON_CONFIG
+from megatron_dual.hf.export import MEGATRON_CONFIG, check_not_source
 from megatron_dual.hf.hf_config import from_hf_config, from_ltg_config, ltg_flags
 from megatron_dual.hf.names import ConversionError, from_hf_state, from_ltg_state
 from megatron_dual.model.transformer import DualTransformer
@@ -170,6 +170,7 @@ def import_hf(src: str | os.PathLike, dst: str | os.PathLike, force: bool = Fals
     beside the checkpoint; without one the config names the vendored ``ltg`` tokenizer when the vocabulary has its
     51,200 ids, else none (pass ``--tokenizer`` when loading)."""
     src_dir = Path(src)
+    check_not_source(src_dir, dst)
     cfg, state = read_hf_dir(src_dir)
     base = _read_json(src_dir / MEGATRON_CONFIG) if (src_dir / MEGATRON_CONFIG).is_file() else None
     tok = src_dir / "tokenizer.json"
@@ -187,6 +188,7 @@ def import_ltg(
     tokenizer: str = "ltg",
 ) -> Path:
     """Reference-code checkpoint -> megatron-dual checkpoint root ``dst`` (tokenizer: ``ltg`` or a path)."""
+    check_not_source(src, dst)
     cfg, state = read_ltg_checkpoint(src, ltg_config)
     config = _full_config(cfg, tokenizer, None)
     tok = None if tokenizer == "ltg" else tokenizer

@@ -330,8 +330,8 @@ def convert_checkpoint(
 ) -> Path:
     """Reshard checkpoint directory ``src`` (either form) into ``dst`` with TP size ``tp`` (1: single-file form)."""
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise ReshardError(f"source and destination are the same directory {src}")
+    if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
+        raise ReshardError(f"destination {dst} is or holds the source {src}; choose another destination")
     if dst.exists() and not force:
         raise ReshardError(f"{dst} exists; pass --force to overwrite it")
     full, optim, meta = read_checkpoint(src, with_optim=not model_only)  # a bad source leaves dst as it was

@@ -402,6 +402,25 @@ def test_a_failed_forced_conversion_keeps_the_old_destination(exported, tmp_path
     assert read_checkpoint_config(step).data.tokenizer == ""
 
 
+def test_a_destination_holding_the_source_is_refused(exported, tmp_path):
+    _, out = exported
+    tool = _tool()
+    hf_copy = tmp_path / "hf"
+    shutil.copytree(out, hf_copy)
+    assert tool.main([str(hf_copy), str(tmp_path / "run" / "checkpoints"), "--from", "hf"]) == 0
+    run, step = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_00000000"
+    for args in (
+        [str(hf_copy), str(hf_copy), "--from", "hf"],
+        [str(hf_copy), str(tmp_path), "--from", "hf"],
+        [str(run), str(run), "--to", "hf"],
+        [str(run), str(tmp_path), "--to", "hf"],
+        [str(step), str(run), "--tp", "1"],
+    ):
+        with pytest.raises(SystemExit, match="error: destination .* is or holds the source"):
+            tool.main([*args, "--force"])
+    assert (hf_copy / "model.safetensors").is_file() and (step / "model.safetensors").is_file()
+
+
 def test_padded_mlp_exports_at_the_logical_width(exported, tmp_path):
     model, out = exported
     padded = DualTransformer(dataclasses.replace(model.cfg, pad_intermediate_to=64)).eval()
