@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -213,6 +214,21 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-task lines on stderr")
 
 
+def check_output(path: str) -> Path:
+    """``--output``'s path, its folder created; EvalError naming it where it cannot be written (checked before the
+    evaluation runs, so no results are computed for nothing)."""
+    out = Path(path)
+    if out.is_dir():
+        raise EvalError(f"--output {path} is a directory; give a file name, e.g. {out / 'results.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"--output {path}: cannot create its folder {out.parent}: {e.strerror or e}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise EvalError(f"--output {path}: its folder {out.parent} is not writable")
+    return out
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """The ``megatron-dual eval`` command: validate, load, evaluate, print the table, write JSON."""
     from megatron_dual.inference.loading import load_model
@@ -223,6 +239,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise EvalError(f"--limit {args.limit} must be >= 1")
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise EvalError(f"--batch-tokens {args.batch_tokens} must be >= 1")
+    output = check_output(args.output) if args.output else None
     model, cfg, tok = load_model(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
     t0 = time.perf_counter()
     results = evaluate(
@@ -237,10 +254,12 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     wall = time.perf_counter() - t0
     print(format_table(results))
-    if args.output:
+    if output is not None:
         record = results_record(results, args, cfg.to_dict(), wall)
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            output.write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as e:
+            raise EvalError(f"--output {args.output} cannot be written: {e.strerror or e}") from None
         print(f"results written to {args.output}")
     return 0
 

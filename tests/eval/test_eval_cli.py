@@ -105,6 +105,14 @@ def test_checkpoint_without_tokenizer(checkpoint, tmp_path, capsys):
     assert "does not exist" in err
 
 
+def test_an_unusable_output_path_is_one_line_before_evaluating(checkpoint, task_file, tmp_path, capsys):
+    argv = ["eval", "--checkpoint", str(checkpoint), "--tasks", str(task_file), "--mode", "causal", "--no-progress"]
+    err = run_error([*argv, "--output", str(tmp_path)], capsys)
+    assert f"--output {tmp_path} is a directory" in err
+    err = run_error([*argv, "--output", str(task_file / "r.json")], capsys)
+    assert f"--output {task_file / 'r.json'}: cannot create its folder" in err
+
+
 def test_bad_numbers(checkpoint, capsys):
     err = run_error(["eval", "--checkpoint", str(checkpoint), "--tasks", "arc_easy", "--limit", "0"], capsys)
     assert "--limit 0 must be >= 1" in err
