@@ -402,5 +402,10 @@ def resolve_tasks(spec: str, note: Callable[[str], None] = _note_stderr) -> list
             raise EvalError(f"unknown task {name!r}; known: all, {', '.join(TASKS)}, or a path ending in .jsonl")
     seen: dict[str, TaskSpec] = {}
     for t in out:
-        seen.setdefault(t.name, t)
+        first = seen.setdefault(t.name, t)
+        if first.source != t.source:  # results are keyed by name: the second would be dropped without a word
+            raise EvalError(
+                f"--tasks: {first.source} and {t.source} are both named {t.name!r} (a task file is named by its "
+                "stem); rename one"
+            )
     return list(seen.values())

@@ -125,6 +125,12 @@ def test_resolve_tasks_and_modes(tmp_path, monkeypatch):
     assert set(T.PAPER_TASKS) == set(T.TASKS) - {"agreement"} and len(T.PAPER_TASKS) == 9
     got = T.resolve_tasks(f"piqa, {tmp_path / 'mine.jsonl'},piqa")
     assert [t.name for t in got] == ["piqa", "mine"] and got[1].metric == "acc_char"
+    (tmp_path / "b").mkdir()
+    with pytest.raises(T.EvalError, match=r"mine.jsonl and .*b/mine.jsonl are both named 'mine'.*rename one"):
+        T.resolve_tasks(f"{tmp_path / 'mine.jsonl'},{tmp_path / 'b' / 'mine.jsonl'}")
+    with pytest.raises(T.EvalError, match="are both named 'piqa'"):
+        T.resolve_tasks(f"piqa,{tmp_path / 'piqa.jsonl'}")
+    assert len(T.resolve_tasks(f"{tmp_path / 'mine.jsonl'},{tmp_path / 'mine.jsonl'}")) == 1
     with pytest.raises(T.EvalError, match="unknown task 'pika'; known: all, arc_challenge, arc_easy, blimp_sva"):
         T.resolve_tasks("pika")
     with pytest.raises(T.EvalError, match="names no task"):
