@@ -79,8 +79,10 @@ class DiffusionConfig:
                 raise ValueError(f"diffusion: {name} = {getattr(self, name)} must be >= 0")
         if self.remasking not in REMASKING:
             raise ValueError(f"diffusion: remasking = {self.remasking!r}; allowed: {', '.join(REMASKING)}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise ValueError(f"diffusion: temperature = {self.temperature} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:  # checked at temperature 0 too, as generate does
+            raise ValueError(f"diffusion: top_p = {self.top_p} must be in (0, 1] and top_k = {self.top_k} >= 0")
         if not 0 <= self.mask_id < vocab or not 0 <= self.n_special < vocab:
             raise ValueError(f"diffusion: mask_id {self.mask_id} / n_special {self.n_special} outside vocab {vocab}")
 

@@ -87,7 +87,7 @@ def prompt_lists(prompt_ids: list[list[int]] | torch.Tensor) -> list[list[int]]:
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens = {max_new_tokens} must be >= 0")
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature = {temperature} must be >= 0 (0 = greedy)")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p = {top_p} must be in (0, 1] (1 disables nucleus sampling)")

@@ -116,6 +116,11 @@ def test_errors(model):
         diffusion_generate(model, [[1]], DiffusionConfig(length=4, steps=4, remasking="entropy"))
     with pytest.raises(ValueError, match="block_length = -1 must be >= 0"):
         diffusion_generate(model, [[1]], DiffusionConfig(length=4, block_length=-1))
+    with pytest.raises(ValueError, match="temperature = nan"):
+        diffusion_generate(model, [[1]], DiffusionConfig(length=4, temperature=float("nan")))
+    for bad in (dict(top_p=1.5), dict(top_p=0.0), dict(top_k=-1)):  # refused at temperature 0 as well
+        with pytest.raises(ValueError, match="top_p = .* must be in"):
+            diffusion_generate(model, [[1]], DiffusionConfig(length=4, **bad))
 
 
 # infilling: the prompt's own masks (several spans, anywhere after position 0), optionally plus an appended span

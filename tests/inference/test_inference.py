@@ -194,8 +194,9 @@ def test_generate_validation_errors(model):
         generate(model, [], 4)
     with pytest.raises(ValueError, match=r"60.*10.*64"):
         generate(model, [[1] * 60], 10)
-    with pytest.raises(ValueError, match="temperature"):
-        generate(model, [[1]], 4, temperature=-0.1)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            generate(model, [[1]], 4, temperature=bad)
     for bad in (0.0, 1.5, -1.0):
         with pytest.raises(ValueError, match="top_p"):
             generate(model, [[1]], 4, top_p=bad)
