@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -136,6 +137,15 @@ def _diffusion_lines(args: argparse.Namespace, model: Any, cfg: Any, tok: Any, g
     return [f"{p}\033[1m{o}\033[0m" if bold else f"{p}{o}" for p, o in zip(args.prompt, outs, strict=True)]
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def stop_string(text: str) -> str:
+    """``--stop``'s value with ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` turned into the characters (a shell passes
+    ``"\\n"`` as a backslash and an n); any other backslash is kept as written."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), text)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from megatron_dual.inference.generate import generate_text
     from megatron_dual.inference.loading import load_model
@@ -221,7 +231,14 @@ def _generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop", action="append", default=[], help="stop string (causal modes; repeatable)")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        type=stop_string,
+        help="stop string (causal modes; repeatable); \\n, \\t, \\r and \\\\ in it are a newline, tab, carriage "
+        "return and backslash, so --stop '\\n' stops at a newline",
+    )
     g.add_argument("--steps", type=int, default=0, help="diffusion: unmasking steps (default: one per mask)")
     g.add_argument(
         "--block-length",

@@ -138,3 +138,12 @@ def test_cli_diffusion_with_nothing_to_fill_is_one_line_error(checkpoint, capsys
     assert cli.main(base + ["--new-tokens", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "error: diffusion: prompt 0 has no <mask> (id 4) and length = 0: nothing to fill\n"
+
+
+def test_cli_stop_strings_take_backslash_escapes():
+    """A shell passes ``--stop "\\n"`` as a backslash and an n: the README's command must stop at a newline."""
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["generate", "--checkpoint", "x", "--prompt", "p", "--stop", "\\n", "--stop", "a\\tb\\\\n\\q"]
+    )
+    assert args.stop == ["\n", "a\tb\\n\\q"]  # an escaped backslash stays one; an unknown escape stays as written
