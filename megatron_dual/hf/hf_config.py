@@ -66,15 +66,38 @@ def to_hf_config(cfg: ModelConfig, special: Mapping[str, int] | None = None) -> 
     }
 
 
+_REQUIRED = object()
+
+
+def _number(conf: Mapping[str, Any], key: str, kind: type, source: str, default: Any = _REQUIRED) -> Any:
+    """``conf[key]`` as ``kind`` (int or float); absent or null gives ``default`` where there is one. Anything else
+    that is not such a number (a string that is not one, a bool, a list, 2.5 for an integer) is one
+    ConversionError naming the file, the field and the value."""
+    value = conf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConversionError(f"{source}: missing field {key!r}" if key not in conf else f"{source}: {key} is null")
+        return default
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if number != number or (kind is int and not number.is_integer()):
+        what = "an integer" if kind is int else "a number"
+        raise ConversionError(f"{source}: {key} = {value!r} is not {what}")
+    return kind(number)
+
+
 def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, Mapping) else "default"
     if kind != "default":
         raise ConversionError(f"{source}: rope type {kind!r} is not supported (the dual model uses plain RoPE)")
-    theta = hf.get("rope_theta", params.get("rope_theta") if isinstance(params, Mapping) else None)
-    if theta is None:
-        raise ConversionError(f"{source}: no rope_theta (nor rope_parameters.rope_theta)")
-    return float(theta)
+    if hf.get("rope_theta") is not None:
+        return _number(hf, "rope_theta", float, source)
+    if isinstance(params, Mapping) and params.get("rope_theta") is not None:
+        return _number(params, "rope_theta", float, f"{source}: rope_parameters")
+    raise ConversionError(f"{source}: no rope_theta (nor rope_parameters.rope_theta)")
 
 
 def _check_architecture(hf: Mapping[str, Any], source: str) -> None:
@@ -101,27 +124,22 @@ def _check_architecture(hf: Mapping[str, Any], source: str) -> None:
 def from_hf_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig of an exported (or hub) ``config.json``; ConversionError for another architecture."""
     _check_architecture(hf, source)
-    try:
-        heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        kv = int(hf.get("num_key_value_heads") or heads)
-        head_dim = int(hf.get("head_dim") or hidden // heads)
-        eps = float(hf.get("rms_norm_eps", 1e-6))
-        head_eps = float(hf.get("head_norm_eps", eps))
-        cfg = ModelConfig(
-            n_layers=int(hf["num_hidden_layers"]),
-            hidden_size=hidden,
-            n_heads=heads,
-            n_kv_heads=kv,
-            head_dim=head_dim,
-            intermediate_size=int(hf["intermediate_size"]),
-            vocab_size=int(hf["vocab_size"]),
-            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-            rope_theta=_rope_theta(hf, source),
-            norm_eps=eps,
-        )
-    except KeyError as e:
-        raise ConversionError(f"{source}: missing field {e.args[0]!r}") from None
+    heads = _number(hf, "num_attention_heads", int, source)
+    hidden = _number(hf, "hidden_size", int, source)
+    eps = _number(hf, "rms_norm_eps", float, source, 1e-6)
+    head_eps = _number(hf, "head_norm_eps", float, source, eps)
+    cfg = ModelConfig(
+        n_layers=_number(hf, "num_hidden_layers", int, source),
+        hidden_size=hidden,
+        n_heads=heads,
+        n_kv_heads=_number(hf, "num_key_value_heads", int, source, heads) or heads,
+        head_dim=_number(hf, "head_dim", int, source, 0) or (hidden // heads if heads else 0),
+        intermediate_size=_number(hf, "intermediate_size", int, source),
+        vocab_size=_number(hf, "vocab_size", int, source),
+        max_seq_len=_number(hf, "max_position_embeddings", int, source, 2048),
+        rope_theta=_rope_theta(hf, source),
+        norm_eps=eps,
+    )
     _validated(cfg, source)
     if head_eps != eps:
         raise ConversionError(
@@ -157,17 +175,18 @@ def from_ltg_config(ltg: Mapping[str, Any], source: str = "reference config") ->
             f"{source}: missing field(s) {', '.join(missing)} (a reference-code config has "
             f"{', '.join(_LTG_FIELDS)}, d_h, rope_theta, norm_eps, max_sequence_length)"
         )
-    heads, hidden = int(ltg["num_attention_heads"]), int(ltg["hidden_size"])
-    d_h = int(ltg.get("d_h", hidden // heads))
+    heads = _number(ltg, "num_attention_heads", int, source)
+    hidden = _number(ltg, "hidden_size", int, source)
+    d_h = _number(ltg, "d_h", int, source, hidden // heads if heads else 0)
     cfg = ModelConfig(
-        n_layers=int(ltg["num_layers"]),
+        n_layers=_number(ltg, "num_layers", int, source),
         hidden_size=hidden,
         n_heads=heads,
         head_dim=None if d_h * heads == hidden else d_h,
-        intermediate_size=int(ltg["intermediate_size"]),
-        vocab_size=int(ltg["vocab_size"]),
-        max_seq_len=int(ltg.get("max_sequence_length", 2048)),
-        rope_theta=float(ltg.get("rope_theta", 10_000.0)),
-        norm_eps=float(ltg.get("norm_eps", 1e-5)),
+        intermediate_size=_number(ltg, "intermediate_size", int, source),
+        vocab_size=_number(ltg, "vocab_size", int, source),
+        max_seq_len=_number(ltg, "max_sequence_length", int, source, 2048),
+        rope_theta=_number(ltg, "rope_theta", float, source, 10_000.0),
+        norm_eps=_number(ltg, "norm_eps", float, source, 1e-5),
     )
     return _validated(cfg, source)

@@ -429,3 +429,33 @@ def test_padded_mlp_exports_at_the_logical_width(exported, tmp_path):
     a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((again / "config.json").read_text())["intermediate_size"] == 88
+
+
+def test_config_fields_that_are_not_numbers_are_named():
+    """A null, a word, a bool or 2.5 where config.json needs an integer is one ConversionError naming the file, the
+    field and the value (it was a TypeError traceback, or an int() message naming neither); numeric strings and
+    defaults for absent or null optional fields still work."""
+    from megatron_dual.config import ModelConfig
+    from megatron_dual.hf.hf_config import from_hf_config, from_ltg_config, to_hf_config
+
+    good = to_hf_config(ModelConfig(n_layers=2, hidden_size=64, n_heads=4, intermediate_size=96, vocab_size=80))
+    assert from_hf_config(good).n_layers == 2
+    assert (
+        from_hf_config(good | {"num_key_value_heads": None, "head_dim": None, "num_hidden_layers": "2"}).n_layers == 2
+    )
+    for key, value, says in [
+        ("num_hidden_layers", None, "c.json: num_hidden_layers is null"),
+        ("hidden_size", "big", "c.json: hidden_size = 'big' is not an integer"),
+        ("intermediate_size", 95.5, "c.json: intermediate_size = 95.5 is not an integer"),
+        ("vocab_size", True, "c.json: vocab_size = True is not an integer"),
+        ("rms_norm_eps", [1e-6], r"c.json: rms_norm_eps = \[1e-06\] is not a number"),
+        ("rope_theta", "x", "c.json: rope_theta = 'x' is not a number"),
+    ]:
+        with pytest.raises(ConversionError, match=f"^{says}$"):
+            from_hf_config(good | {key: value}, source="c.json")
+    with pytest.raises(ConversionError, match="^c.json: missing field 'vocab_size'$"):
+        from_hf_config({k: v for k, v in good.items() if k != "vocab_size"}, source="c.json")
+    ltg = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96, "vocab_size": 80}
+    assert from_ltg_config(ltg).hidden_size == 64
+    with pytest.raises(ConversionError, match="^large.json: d_h = 'sixteen' is not an integer$"):
+        from_ltg_config(ltg | {"d_h": "sixteen"}, source="large.json")
