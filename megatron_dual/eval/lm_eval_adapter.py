@@ -39,6 +39,17 @@ from megatron_dual.eval.tasks import EvalError
 __all__ = ["MegatronDualLM"]
 
 
+def _count(name: str, value: Any) -> int:
+    """A positive integer argument (``--model_args`` gives strings): one EvalError naming it otherwise."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise EvalError(f"MegatronDualLM: {name} = {value!r} is not an integer") from None
+    if number < 1:
+        raise EvalError(f"MegatronDualLM: {name} = {value!r} must be at least 1")
+    return number
+
+
 @register_model("megatron-dual", "megatron_dual")
 class MegatronDualLM(LM):
     """An ``lm_eval`` LM over a :class:`~megatron_dual.model.DualTransformer`; give ``checkpoint`` or both
@@ -60,6 +71,8 @@ class MegatronDualLM(LM):
         super().__init__()
         if mode not in MODES:
             raise EvalError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        self.max_gen_toks = _count("max_gen_toks", max_gen_toks)
+        batch_tokens = None if batch_tokens is None else _count("batch_tokens", batch_tokens)
         if model is None:
             if checkpoint is None:
                 raise EvalError("MegatronDualLM needs checkpoint=DIR (or model= and tokenizer_obj=)")
@@ -71,13 +84,10 @@ class MegatronDualLM(LM):
         self.model = model.eval()
         self.tok = tokenizer_obj
         self.mode = mode
-        self.max_gen_toks = int(max_gen_toks)
         mask_id = getattr(tokenizer_obj, "mask_id", None)
         if mode == "mntp" and mask_id is None:
             raise EvalError("mode mntp needs a tokenizer with a <mask> token")
-        self.scorer = Scorer(
-            model, mask_id or 0, batch_tokens=None if batch_tokens is None else int(batch_tokens), mntp_mask=mntp_mask
-        )
+        self.scorer = Scorer(model, mask_id or 0, batch_tokens=batch_tokens, mntp_mask=mntp_mask)
         self._device = next(model.parameters()).device
 
     @property
@@ -117,7 +127,7 @@ class MegatronDualLM(LM):
 
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+        max_new = _count("max_gen_toks", kwargs.pop("max_gen_toks", self.max_gen_toks))
         sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 1.0)) if sample else 0.0
         top_p = float(kwargs.pop("top_p", 1.0))

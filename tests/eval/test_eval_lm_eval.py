@@ -135,3 +135,12 @@ def test_bad_model_args(model, tok):
         MegatronDualLM(model=model, tokenizer_obj=tok, mode="bidi")
     with pytest.raises(ValueError, match="needs checkpoint"):
         MegatronDualLM()
+    for name, value, says in [
+        ("batch_tokens", "abc", "batch_tokens = 'abc' is not an integer"),
+        ("max_gen_toks", "abc", "max_gen_toks = 'abc' is not an integer"),
+        ("max_gen_toks", "0", "max_gen_toks = '0' must be at least 1"),
+    ]:
+        with pytest.raises(ValueError, match=f"^MegatronDualLM: {says}$"):  # checked before a checkpoint is read
+            MegatronDualLM(checkpoint="/nonexistent", **{name: value})
+    lm = MegatronDualLM(model=model, tokenizer_obj=tok, batch_tokens="4096", max_gen_toks="8")
+    assert (lm.max_gen_toks, lm.scorer.batch_tokens) == (8, 4096)
