@@ -66,7 +66,10 @@ def staging_dir(out_dir: Path, force: bool) -> Path:
         raise ConversionError(f"{out_dir} exists (pass --force to replace it)")
     tmp = out_dir.parent / f".tmp_{out_dir.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:  # a parent that is a file, a read-only or pseudo file system: name what was asked for
+        raise ConversionError(f"cannot write {out_dir}: {e.strerror or e}") from None
     return tmp
 
 

@@ -288,10 +288,12 @@ def write_checkpoint(
     check_tp_divisibility(cfg.model, tp)
     if path.exists() and not replace:
         raise ReshardError(f"{path} exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp_{path.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:  # a parent that is a file, a read-only file system: name what was asked for
+        raise ReshardError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         step = str(meta.get("step", ""))
         names = optimizer_param_names(meta["config"]) if optim is not None and tp > 1 else None

@@ -459,3 +459,17 @@ def test_config_fields_that_are_not_numbers_are_named():
     assert from_ltg_config(ltg).hidden_size == 64
     with pytest.raises(ConversionError, match="^large.json: d_h = 'sixteen' is not an integer$"):
         from_ltg_config(ltg | {"d_h": "sixteen"}, source="large.json")
+
+
+def test_an_unwritable_destination_is_named(exported, tmp_path):
+    """A destination under a file is one line naming it (it named the hidden temporary folder beside it)."""
+    _, out = exported
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=f"^error: cannot write {tmp_path}/file/run: Not a directory$"):
+        _tool().main([str(out), str(tmp_path / "file" / "run"), "--from", "hf"])
+    step = tmp_path / "ok" / "step_00000000"
+    assert _tool().main([str(out), str(tmp_path / "ok"), "--from", "hf"]) == 0
+    with pytest.raises(SystemExit, match=f"^error: cannot write {tmp_path}/file/tp: Not a directory$"):
+        _tool().main([str(step), str(tmp_path / "file" / "tp"), "--tp", "1"])
+    with pytest.raises(ConversionError, match="^cannot write .*/file/hf: Not a directory$"):
+        export_model(exported[0], tmp_path / "file" / "hf")
