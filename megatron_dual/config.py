@@ -877,6 +877,8 @@ def load_config(
     name = preset or override_tree.get("preset") or file_tree.get("preset") or ""
     tree: dict[str, Any] = {}
     if name:
+        if not isinstance(name, str):
+            raise ConfigError(f"preset: got {name!r}, expected a preset name (one of {', '.join(PRESETS)})")
         if name not in PRESETS:
             close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""

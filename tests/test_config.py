@@ -93,6 +93,14 @@ def test_unknown_preset_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("value", ["[tiny]", "{name: tiny}"])
+def test_a_preset_that_is_not_a_name_is_one_config_error(tmp_path, value):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"preset: {value}\n")
+    with pytest.raises(ConfigError, match="preset: got .*expected a preset name"):
+        load_config(cfg)
+
+
 def test_parse_overrides_shape():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
     with pytest.raises(ConfigError, match="section.field=value"):
