@@ -101,6 +101,12 @@ def test_a_preset_that_is_not_a_name_is_one_config_error(tmp_path, value):
         load_config(cfg)
 
 
+def test_a_config_directory_is_named_as_one(tmp_path):
+    (tmp_path / "c.yaml").mkdir()
+    with pytest.raises(ConfigError, match="c.yaml is a directory, not a YAML file"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_parse_overrides_shape():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
     with pytest.raises(ConfigError, match="section.field=value"):
