@@ -107,6 +107,12 @@ def test_a_config_directory_is_named_as_one(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"preset: tiny\n# \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"c.yaml is not UTF-8 text \(byte 15"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_parse_overrides_shape():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
     with pytest.raises(ConfigError, match="section.field=value"):
