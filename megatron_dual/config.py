@@ -838,6 +838,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _yaml_error(p: Path, e: yaml.YAMLError) -> ConfigError:
+    """One line for a YAML syntax error: ``config file F:LINE:COL is not valid YAML: problem``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    return ConfigError(f"config file {where} is not valid YAML: {what}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
@@ -849,7 +857,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        raise _yaml_error(p, e) from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: top level must be a mapping, got {type(data).__name__}")
     return data

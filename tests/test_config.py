@@ -113,6 +113,14 @@ def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    (tmp_path / "c.yaml").write_text("preset: tiny\nmodel:\n  hidden_size: [1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(e.value)
+    assert f"{tmp_path / 'c.yaml'}:4:1 is not valid YAML: expected ',' or ']'" in str(e.value)
+
+
 def test_parse_overrides_shape():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
     with pytest.raises(ConfigError, match="section.field=value"):
