@@ -231,6 +231,7 @@ class OptimizerConfig:
             "must be a positive finite number or null",
         )
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        _check(math.isfinite(self.eps) and self.eps >= 0, "optimizer.eps", self.eps, "must be a finite number >= 0")
         _check(all(0 <= b < 1 for b in self.betas), "optimizer.betas", list(self.betas), "each in [0, 1)")
         _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
         _check(self.ns_steps > 0, "optimizer.ns_steps", self.ns_steps, "must be positive")

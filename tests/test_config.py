@@ -294,6 +294,8 @@ def _model_cfg(**kw) -> ModelConfig:
         (lambda: ObjectiveConfig(alpha=1.5).validate(64), ["objective.alpha = 1.5", "[0, 1]"]),
         (lambda: OptimizerConfig(name="sgd").validate(), ["optimizer.name = 'sgd'", "one of muon, adamw"]),
         (lambda: OptimizerConfig(muon_adjust_lr="x").validate(), ["one of match_rms_adamw, original"]),
+        (lambda: OptimizerConfig(eps=-1.0).validate(), ["optimizer.eps = -1.0", "finite number >= 0"]),
+        (lambda: OptimizerConfig(eps=float("nan")).validate(), ["optimizer.eps = nan"]),
         (lambda: ScheduleConfig(name="linear").validate(10), ["schedule.name = 'linear'", "wsd, cosine, constant"]),
         (lambda: ScheduleConfig(decay_steps=11).validate(10), ["schedule.decay_steps = 11", "train.steps = 10"]),
         (lambda: ScheduleConfig(min_lr_ratio=2.0).validate(10), ["schedule.min_lr_ratio = 2.0"]),
