@@ -86,7 +86,12 @@ class ModelConfig:
             )
         self._resolve_heads()
         _check(self.head_dim % 2 == 0, "model.head_dim", self.head_dim, "must be even (rotary embeddings rotate pairs)")
-        _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
+        _check(
+            math.isfinite(self.rope_theta) and self.rope_theta > 0,
+            "model.rope_theta",
+            self.rope_theta,
+            "must be a positive finite number",
+        )
         _check(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
         _check(
             self.attention_backend in BACKENDS,

@@ -67,6 +67,7 @@ def test_fraction_alpha_override():
         (["objective.alpha=-0.25"], ["objective.alpha = -0.25"]),
         (["model.n_layers=two"], ["model.n_layers", "'two'", "integer"]),
         (["model.n_kv_heads=3"], ["model.n_kv_heads = 3", "divisor"]),
+        (["model.rope_theta=.inf"], ["model.rope_theta = inf", "positive finite"]),
         (["optimizer.name=sgd"], ["optimizer.name = 'sgd'", "muon, adamw"]),
         (["data.seq_len=4096"], ["data.seq_len = 4096", "model.max_seq_len = 128"]),
         (["train.precision=fp8"], ["train.precision"]),
