@@ -67,6 +67,7 @@ OPTIM = "optim.pt"
 RNG = "rng.pt"
 LATEST = "latest"
 PREFIX = "step_"
+_UNPICKLER = "WeightsUnpickler error:"  # where torch.load(weights_only=True) says why it refused a file
 
 
 class CheckpointError(RuntimeError):
@@ -404,6 +405,16 @@ def resolve_resume(resume: str, root: str | Path, what: str = "--resume") -> Pat
 
 
 # --------------------------------------------------------------------------------------------------------------- load
+def _corrupt(path: Path, e: BaseException) -> CheckpointCorruptError:
+    """``<path> is corrupt or truncated: <reason>``, one line: torch.load's unpickling errors run over several
+    lines of weights_only advice around the actual reason (``WeightsUnpickler error: ...``)."""
+    text = str(e)
+    if _UNPICKLER in text:
+        text = text.split(_UNPICKLER, 1)[1].split("Check the documentation", 1)[0]
+    reason = " ".join(text.split()) or type(e).__name__
+    return CheckpointCorruptError(f"{path} is corrupt or truncated: {reason}")
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     meta_path = Path(path) / META
     if not meta_path.is_file():
@@ -444,7 +455,7 @@ def load_model_weights(
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointCorruptError(f"{weights} is corrupt or truncated: {e}") from e
+        raise _corrupt(weights, e) from e
     saved_cfg = None
     if (path / META).is_file():
         saved_cfg = (read_meta(path).get("config") or {}).get("model")
@@ -542,7 +553,7 @@ def read_engine_state(path: str | Path, parallel: Any = None) -> tuple[dict[str,
     except FileNotFoundError as e:
         raise CheckpointCorruptError(f"{optim_file} does not exist: cannot restore optimizer state") from e
     except Exception as e:  # torch raises several types for truncated zip archives
-        raise CheckpointCorruptError(f"{optim_file} is corrupt or truncated: {e}") from e
+        raise _corrupt(optim_file, e) from e
 
 
 def restore_optimizers(
@@ -573,7 +584,7 @@ def read_rng_state(path: str | Path) -> dict[str, Any] | None:
     try:
         return torch.load(rng_file, weights_only=True)
     except Exception as e:
-        raise CheckpointCorruptError(f"{rng_file} is corrupt or truncated: {e}") from e
+        raise _corrupt(rng_file, e) from e
 
 
 def load_checkpoint(

@@ -125,6 +125,17 @@ def test_corrupt_files_are_reported_with_their_name(tmp_path):
         ckpt.load_checkpoint(path, _model())
 
 
+@pytest.mark.parametrize("name", ["optim.pt", "rng.pt"])
+def test_a_file_torch_cannot_unpickle_is_one_line(tmp_path, name):
+    model = _model()
+    path = _save(tmp_path, 1, model, *_optim(model))
+    (path / name).write_bytes(b"x\n")  # torch.load's weights_only error runs over several lines
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_checkpoint(path, _model(), *_optim(_model()))
+    assert f"{name} is corrupt or truncated: Unsupported operand" in str(e.value)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+
+
 def test_another_model_is_refused_naming_the_tensor(tmp_path):
     small = _model(8)
     path = _save(tmp_path, 1, small, *_optim(small))
