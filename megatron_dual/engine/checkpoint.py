@@ -401,6 +401,11 @@ def resolve_resume(resume: str, root: str | Path, what: str = "--resume") -> Pat
             if latest is not None:
                 return latest
         raise CheckpointError(f"{what} {resume}: {path} holds no complete checkpoint (a step_* directory with {META})")
+    if path.exists():
+        raise CheckpointError(
+            f"{what} {resume}: {path} is a file, not a checkpoint (a step_* directory with {META}, or a run "
+            f"or checkpoints directory holding one)"
+        )
     raise CheckpointError(f"{what} {resume}: {path} does not exist")
 
 

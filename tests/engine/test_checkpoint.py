@@ -104,6 +104,9 @@ def test_resume_errors_name_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "empty"), tmp_path)
+    (tmp_path / "config.yaml").write_text("preset: tiny\n")
+    with pytest.raises(ckpt.CheckpointError, match="config.yaml is a file, not a checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "config.yaml"), tmp_path)
 
 
 def test_corrupt_files_are_reported_with_their_name(tmp_path):
