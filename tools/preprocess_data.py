@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an --output-prefix under a file, a full or read-only disk: nothing was renamed into place
+        where = f"{e.filename}: " if e.filename else ""
+        why = "exists and is not a directory" if isinstance(e, FileExistsError) else e.strerror or e
+        print(f"preprocess_data: error: {where}{why}; nothing written", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     return 0
 

@@ -515,6 +515,17 @@ def test_empty_input_is_an_error_and_writes_nothing(tmp_path, capsys, content):
     assert not list((tmp_path / "out").glob("*"))  # no dataset, no temporaries
 
 
+def test_output_prefix_under_a_file_is_one_line(tmp_path, capsys):
+    src = tmp_path / "c.txt"
+    src.write_text("one document\n")
+    (tmp_path / "afile").write_text("not a directory\n")
+    rc, err = _run_tool(capsys, ["--input", str(src), "--output-prefix", str(tmp_path / "afile" / "x")])
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("preprocess_data: error: "), err
+    assert str(tmp_path / "afile") in lines[0] and "nothing written" in lines[0], err
+
+
 def test_misspelt_json_key_names_keys_seen_and_writes_nothing(tmp_path, capsys):
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(DOCS)))
