@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _no_texts(json_key: str, files: list[str], skipped: Counter[str]) -> str:
+    why = ", ".join(f"{reason}: {n:,}" for reason, n in skipped.most_common()) or "the input is empty"
+    return f"no texts to train on in {len(files)} input file(s) (--json-key {json_key}; {why}); nothing written"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     skipped: Counter[str] = Counter()
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = expand_inputs(args.input)
         tok = train_bpe_tokenizer(texts(), args.vocab_size, min_frequency=args.min_frequency)
+        if not seen["documents"]:  # an empty corpus or a misspelt --json-key: keep any tokenizer already there
+            raise ValueError(_no_texts(args.json_key, files, skipped))
         path = save_tokenizer(tok, os.path.join(args.output, "tokenizer.json"))
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"train_tokenizer: error: {e}", file=sys.stderr)

@@ -156,6 +156,24 @@ def test_train_tokenizer_tool(tmp_path):
     )
 
 
+@pytest.mark.parametrize("content", ["", json.dumps({"txt": "a misspelt key"}) + "\n", "not json\n"])
+def test_train_tokenizer_without_texts_is_an_error_and_keeps_the_old_tokenizer(tmp_path, capsys, content):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import train_tokenizer
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "o").mkdir()
+    old = tmp_path / "o" / "tokenizer.json"
+    old.write_text("the tokenizer of an earlier run")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(content)
+    rc = train_tokenizer.main(["--input", str(corpus), "--vocab-size", "350", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no texts to train on" in err[0] and "nothing written" in err[0], err
+    assert old.read_text() == "the tokenizer of an earlier run"
+
+
 def test_train_tokenizer_script_runs_without_traceback(tmp_path):
     r = subprocess.run(
         [
