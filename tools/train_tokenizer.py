@@ -23,6 +23,14 @@ from megatron_dual.data.preprocess import TXT_MODES, expand_inputs, iter_documen
 from megatron_dual.data.tokenizer import save_tokenizer, train_bpe_tokenizer  # noqa: E402
 
 
+def count(text: str) -> int:
+    """A whole number >= 0 (0: no limit); a negative one would stop after the first text."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give a count >= 0 (0: no limit)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help=".jsonl/.json lines (see --json-key) or .txt files")
@@ -35,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="blank-line",
         help=".txt inputs: one text per blank-line block (default) or per file",
     )
-    p.add_argument("--max-documents", type=int, default=0, help="stop after this many texts (0: all)")
-    p.add_argument("--max-bytes", type=int, default=0, help="stop after this many characters of text (0: all)")
+    p.add_argument("--max-documents", type=count, default=0, help="stop after this many texts (0: all)")
+    p.add_argument("--max-bytes", type=count, default=0, help="stop after this many characters of text (0: all)")
     p.add_argument("--output", required=True, help="output directory (writes <DIR>/tokenizer.json)")
     return p
 

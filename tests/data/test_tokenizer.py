@@ -174,6 +174,21 @@ def test_train_tokenizer_without_texts_is_an_error_and_keeps_the_old_tokenizer(t
     assert old.read_text() == "the tokenizer of an earlier run"
 
 
+@pytest.mark.parametrize("flag", ["--max-documents", "--max-bytes"])
+def test_train_tokenizer_refuses_a_negative_limit(tmp_path, capsys, flag):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import train_tokenizer
+    finally:
+        sys.path.pop(0)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    with pytest.raises(SystemExit) as e:
+        train_tokenizer.main(["--input", str(corpus), "--vocab-size", "350", "--output", str(tmp_path), flag, "-1"])
+    assert e.value.code == 2 and f"{flag}: -1 is negative" in capsys.readouterr().err
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
 def test_train_tokenizer_script_runs_without_traceback(tmp_path):
     r = subprocess.run(
         [
