@@ -200,6 +200,8 @@ def config_lines(
     gpus_per_node: int = 8,
 ) -> list[str]:
     """Lines to paste: YAML-style ``section.field=value`` overrides and the launch command."""
+    if int(gpus_per_node) != gpus_per_node or gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node = {gpus_per_node}: must be a whole number >= 1")
     k, n = plan.ar_slots, plan.total
     lines = [f"objective.alpha={k}/{n}", f"train.grad_accum={plan.slots}"]
     if repetitions is not None and data_fields is not None and float(repetitions).is_integer():

@@ -121,6 +121,15 @@ def test_plan_alpha_cli(capsys):
     assert "realisable with 2 x 2: 0, 1/4, 1/2, 3/4, 1" in err
 
 
+def test_plan_alpha_refuses_zero_gpus_per_node(capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import plan_alpha
+
+    assert plan_alpha.main(["--repetitions", "4", "--devices", "16", "--gpus-per-node", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["plan_alpha: error: --gpus-per-node = 0: must be a whole number >= 1"]
+
+
 def test_plan_alpha_results_without_sklearn_is_one_line(capsys, monkeypatch, tmp_path):
     """--results fits with scikit-learn and plots with matplotlib: where one is missing, one line says which."""
     sys.path.insert(0, str(REPO / "tools"))
