@@ -156,6 +156,8 @@ def load_results(path: str | Path, model_size: float | None = None) -> Results:
 
     ``alpha`` may be a fraction ("3/4"). With several model sizes in the file, ``model_size`` selects one."""
     p = str(path)
+    if Path(p).is_dir():
+        raise ResultsError(f"{p}: is a directory, not a results CSV")
     if not Path(p).is_file():
         raise ResultsError(f"{p}: no such file")
     rows, has_size = _read_rows(p)

@@ -207,6 +207,8 @@ def test_results_csv_errors(tmp_path):
     p = write_csv(tmp_path / "reps.csv", rows, ["repetitions", "alpha", "score"])
     with pytest.raises(ResultsError, match=r"reps\.csv:4: repetitions = 0\.5 is below 1"):
         load_results(p)
+    with pytest.raises(ResultsError, match="is a directory, not a results CSV"):
+        load_results(tmp_path)
     rows = [{"repetitions": 1, "alpha": 0, "score": "n/a"}]
     p = write_csv(tmp_path / "nan.csv", rows, ["repetitions", "alpha", "score"])
     with pytest.raises(ResultsError, match=r"nan\.csv:2: column 'score' = 'n/a' is not a number"):
