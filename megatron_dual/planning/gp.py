@@ -160,7 +160,10 @@ def load_results(path: str | Path, model_size: float | None = None) -> Results:
         raise ResultsError(f"{p}: is a directory, not a results CSV")
     if not Path(p).is_file():
         raise ResultsError(f"{p}: no such file")
-    rows, has_size = _read_rows(p)
+    try:
+        rows, has_size = _read_rows(p)
+    except UnicodeDecodeError as e:
+        raise ResultsError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not rows:
         raise ResultsError(f"{p}: no data rows")
     size_arr = np.asarray([row[3] for row in rows], dtype=float) if has_size else None

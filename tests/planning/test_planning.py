@@ -209,6 +209,9 @@ def test_results_csv_errors(tmp_path):
         load_results(p)
     with pytest.raises(ResultsError, match="is a directory, not a results CSV"):
         load_results(tmp_path)
+    (tmp_path / "latin1.csv").write_bytes(b"repetitions,alpha,score\n1,1,-5 \xe9\n")
+    with pytest.raises(ResultsError, match=r"latin1\.csv: not UTF-8 text \(byte 31"):
+        load_results(tmp_path / "latin1.csv")
     rows = [{"repetitions": 1, "alpha": 0, "score": "n/a"}]
     p = write_csv(tmp_path / "nan.csv", rows, ["repetitions", "alpha", "score"])
     with pytest.raises(ResultsError, match=r"nan\.csv:2: column 'score' = 'n/a' is not a number"):
