@@ -164,7 +164,7 @@ def realise_alpha(target: float, devices: int, slots: int, *, exact: bool = Fals
                 if len(values) <= 33
                 else (", ".join(str(v) for v in values[:8]) + ", ..., " + ", ".join(str(v) for v in values[-8:]))
             )
-            raise ConfigError(f"{e}\nrealisable with {devices} x {slots}: {listing}") from None
+            raise ConfigError(f"{e}; realisable with {devices} x {slots}: {listing}") from None
     k = math.floor(target * n + 0.5)
     k = min(n, max(0, k))
     lower = Fraction(math.floor(target * n), n)

@@ -119,6 +119,7 @@ def test_plan_alpha_cli(capsys):
     assert plan_alpha.main(["--repetitions", "1", "--devices", "2", "--slots", "2", "--exact"]) == 2
     err = capsys.readouterr().err
     assert "realisable with 2 x 2: 0, 1/4, 1/2, 3/4, 1" in err
+    assert len(err.strip().splitlines()) == 1, err  # one error line, as README shows it
 
 
 def test_plan_alpha_refuses_zero_gpus_per_node(capsys):
