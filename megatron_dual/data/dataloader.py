@@ -170,7 +170,8 @@ def build_data(cfg: Config, dp_size: int = 1, extending: bool = False) -> DataBu
             d.path, d.seq_len, d.seed, d.valid_fraction, budget, d.repetitions, cache_dir=cache_dir, layout=layout
         )
     except ValueError as e:
-        raise ConfigError(f"data.path = {d.path!r}: {e}") from e
+        named = str(e).startswith("data.path = ")  # the loader's own messages already name the value
+        raise ConfigError(str(e) if named else f"data.path = {d.path!r}: {e}") from e
     if len(train) == 0:
         raise ConfigError(
             f"data.path = {d.path!r}: too few training tokens for one sample of "

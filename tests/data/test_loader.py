@@ -230,6 +230,20 @@ def test_config_fields_and_build_data_errors(tmp_path):
         cfg.validate()
 
 
+def test_a_dataset_of_empty_documents_names_data_path_once(tmp_path):
+    from megatron_dual.data.dataloader import build_data
+
+    prefix = str(tmp_path / "empty_docs")
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for _ in range(20):
+            w.add_document(np.array([], dtype=np.uint16))
+    cfg = Config()
+    cfg.data.path, cfg.data.seq_len, cfg.model.max_seq_len = prefix, 16, 16
+    with pytest.raises(ConfigError) as e:
+        build_data(cfg)
+    assert str(e.value) == f"data.path = {prefix!r}: the datasets hold no training tokens"
+
+
 def _synthetic_idx(prefix: str, n_docs: int, mean_len: int) -> int:
     """A Megatron .idx for n_docs documents (lengths mean_len +- 50%) over a sparse .bin: no tokens written."""
     rng = np.random.default_rng(0)
