@@ -271,8 +271,10 @@ def run_sweep(args: argparse.Namespace, sweep: Path, tok: Path, data_path: str, 
             f"unique tokens={t['unique_tokens']:,} ({t['realised_by']})",
             flush=True,
         )
-    # in-process: no interpreter start-up per run; the whole study is started under nice, which it inherits
-    for rec in [] if args.collect_only else run_local(sweep, in_process=True):
+    # in-process: no interpreter start-up per run; the whole study is started under nice, which it inherits. One
+    # task per call, so that each line is printed (with its elapsed time) when that task ends, not after the last.
+    for t in [] if args.collect_only else manifest["tasks"]:
+        (rec,) = run_local(sweep, [t["task"]], in_process=True)
         print(f"  task {rec['task']:2d}: {rec['status']} ({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
         if rec["status"] == "failed":
             print(f"    see {rec['log']}", flush=True)

@@ -373,3 +373,36 @@ def test_sweep_end_to_end_trains_collects_and_fits(tmp_path):
     assert all(math.isfinite(r["score"]) and r["score"] == -r["val_ar_loss"] for r in rows)
     res = load_results(tmp_path / "results.csv")
     assert sorted(set(res.repetitions.tolist())) == [1.0, 4.0] and sorted(set(res.alpha.tolist())) == [0.5, 1.0]
+
+
+def test_data_wall_study_reports_each_task_when_it_ends(tmp_path, monkeypatch, capsys):
+    """examples/data_wall/run_study.py prints 'task N: done (T s elapsed)' as each run ends, not all at the end."""
+    import argparse
+
+    import megatron_dual.planning.sweep as sweep_lib
+
+    sys.path.insert(0, str(REPO / "examples" / "data_wall"))
+    try:
+        import run_study
+    finally:
+        sys.path.pop(0)
+    tasks = [{"task": 0, "repetitions": 1.0, "alpha": "1", "steps": 2, "unique_tokens": 8, "realised_by": "x"}]
+    tasks += [dict(tasks[0], task=1)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"tasks": tasks}))
+    printed_before = []
+
+    def fake_run_local(sweep_dir, ids=None, **kwargs):
+        printed_before.append(capsys.readouterr().out.count(": done ("))
+        chosen = [t["task"] for t in tasks] if ids is None else ids
+        return [{"task": i, "status": "done", "returncode": 0, "log": ""} for i in chosen]
+
+    monkeypatch.setattr(sweep_lib, "run_local", fake_run_local)
+    run_study.run_sweep(
+        argparse.Namespace(collect_only=False, threads=1, micro_batch_size=2, eval_interval=1, eval_batches=1, steps=2),
+        tmp_path,
+        tmp_path / "tok.json",
+        "d",
+        0.0,
+    )
+    assert printed_before == [0, 1]  # task 0's line was out before task 1 ran
+    assert capsys.readouterr().out.count(": done (") == 1
