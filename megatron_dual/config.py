@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -198,12 +199,17 @@ class ObjectiveConfig:
         )
 
 
+# boolean spellings taken from strings: the config's YAML reads only true/false as booleans (YAML 1.2), so YAML 1.1's
+# yes/no/on/off, which older configs may use, are mapped here
+_TRUE = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def _rotation(value: Any) -> str:
     """objective.rotate as step | epoch | none; the former booleans (and their YAML spellings) map to step / none."""
     if isinstance(value, bool):
         return "step" if value else "none"
     text = str(value).strip().lower()
-    return {"true": "step", "yes": "step", "1": "step", "false": "none", "no": "none", "0": "none"}.get(text, text)
+    return ("step" if _TRUE.get(text) else "none") if text in _TRUE else text
 
 
 @dataclass
@@ -736,8 +742,8 @@ def _coerce_tuple(path: str, value: Any, tp: Any) -> tuple[Any, ...]:
 def _coerce_bool(path: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-        return value.lower() in ("true", "yes", "1")
+    if isinstance(value, str) and value.lower() in _TRUE:
+        return _TRUE[value.lower()]
     raise ConfigError(f"{path}: got {value!r}, expected true or false")
 
 
@@ -820,6 +826,43 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's rules for plain scalars instead of 1.1's, where ``5:1`` is the base-60
+    number 301, ``0123`` is octal 83, ``on``/``yes`` are booleans and ``2026-12-07`` is a date: here booleans are
+    ``true``/``false``, integers decimal (``0123`` = 123; ``0x``/``0o`` prefixes and ``_`` separators allowed),
+    floats also without a dot (``1e-3``), and anything else is a string."""
+
+
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT, "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YamlLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"), list("-+0123456789")
+)
+_YamlLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    return int(text, 0 if text[:2] in ("0o", "0x") else 10)  # base 10: a leading 0 is not octal
+
+
+_YamlLoader.add_constructor(_INT, _yaml_int)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["model.n_layers=4", "objective.alpha=3/4"]`` -> nested dict; values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -831,7 +874,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{item}': empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -859,7 +902,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = _yaml(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason})") from e
     except yaml.YAMLError as e:

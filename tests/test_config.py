@@ -356,3 +356,20 @@ def test_allowed_values_come_from_their_modules(monkeypatch):
 def test_importing_the_config_stays_light():
     code = "import sys, megatron_dual.config; assert 'torch' not in sys.modules, 'config imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_values_are_read_with_yaml_1_2_rules(tmp_path):
+    """YAML 1.1 (PyYAML's default) read ``5:1`` as the base-60 number 301, ``0123`` as octal 83 and ``2026-12-07`` as
+    a date; values keep their text now, while true/false, numbers (``1e-3``, ``1_000``, ``0x10``) and the old
+    yes/no/on/off booleans of bool fields still work, in --set and in config files alike."""
+    from megatron_dual.config import parse_overrides
+
+    tree = parse_overrides(["a.b=5:1", "a.c=0123", "a.d=2026-12-07", "a.e=1e-3", "a.f=1_000", "a.g=0x10", "a.h=on"])
+    assert tree["a"] == {"b": "5:1", "c": 123, "d": "2026-12-07", "e": 0.001, "f": 1000, "g": 16, "h": "on"}
+    with pytest.raises(ConfigError, match=r"^objective.alpha_schedule = '5:1': item 1 \('5:1'\)"):
+        load_config(preset="tiny", overrides=["objective.alpha_schedule=5:1"])
+    (tmp_path / "c.yaml").write_text(
+        "preset: tiny\ntrain: {steps: 0100}\nlogging: {tensorboard: on}\nobjective: {rotate: no}\n"
+    )
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    assert (cfg.train.steps, cfg.logging.tensorboard, cfg.objective.rotate) == (100, True, "none")
