@@ -5,6 +5,8 @@
   then fail at its first checkpoint.
 * :func:`refuse_fresh_start`: ``checkpoint.resume=none`` in a directory that holds a run (complete checkpoints) is
   refused with the two ways on: ``--resume auto`` continues it, ``--resume restart`` starts afresh.
+* :func:`refuse_foreign_resume`: ``checkpoint.resume=<another run's checkpoint>`` into a directory that holds a run
+  is refused: it would overwrite that run's later checkpoints and metrics.
 * :func:`move_run_aside`: ``checkpoint.resume=restart`` moves the old run's artefacts to
   ``<output_dir>/previous/<time>/`` first, so a new run's metrics never mix with an old run's checkpoints.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from megatron_dual.config import ConfigError
 
-__all__ = ["RUN_ARTEFACTS", "check_writable", "refuse_fresh_start", "move_run_aside"]
+__all__ = ["RUN_ARTEFACTS", "check_writable", "refuse_fresh_start", "refuse_foreign_resume", "move_run_aside"]
 
 # what a run writes into its output directory (besides checkpoints, which may live elsewhere)
 RUN_ARTEFACTS = ("metrics.jsonl", "summary.json", "loss.png", "config.yaml", "tb", "wandb")
@@ -88,6 +90,19 @@ def refuse_fresh_start(output_dir: Path, checkpoints: list[Path]) -> None:
             f"continue it with --resume auto, or start afresh with --resume restart (moves the old run to "
             f"{output_dir / 'previous'}/<time>/), or choose another output_dir"
         )
+
+
+def refuse_foreign_resume(output_dir: Path, ckpt_dir: Path, resume_from: Path | None, checkpoints: list[Path]) -> None:
+    """An explicit ``checkpoint.resume`` from outside this run's checkpoints where a run lives: a ConfigError, since
+    resuming would overwrite that run's later checkpoints and rewrite its metrics (rolling back to one of the run's
+    own checkpoints is allowed)."""
+    if resume_from is None or not checkpoints or ckpt_dir.resolve() in resume_from.resolve().parents:
+        return
+    raise ConfigError(
+        f"checkpoint.resume = {resume_from} is not one of this run's checkpoints, but {output_dir} holds a run "
+        f"(checkpoints up to {checkpoints[-1].name}) whose checkpoints and metrics it would overwrite: resume into "
+        f"another output_dir, or start from its weights alone with checkpoint.init_from"
+    )
 
 
 def move_run_aside(output_dir: Path, ckpt_dir: Path, metrics_file: Path | None) -> Path | None:

@@ -208,10 +208,15 @@ class Trainer:
 
     def _resuming(self) -> bool:
         """Whether ``checkpoint.resume`` names a checkpoint (errors about it are left to :meth:`maybe_resume`)."""
+        return self._resume_path() is not None
+
+    def _resume_path(self) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` names, or None (also when it names none: :meth:`maybe_resume`
+        reports that)."""
         try:
-            return ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir) is not None
+            return ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
         except ckpt.CheckpointError:
-            return False
+            return None
 
     def _load(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
@@ -384,8 +389,13 @@ class Trainer:
                 metrics_path(self) if self.is_main else None,
                 "checkpoint.dir" if c.dir else "output_dir",
             )
-        if c.resume.strip().lower() == "none":
+        mode = c.resume.strip().lower()
+        if mode == "none":
             run_dir.refuse_fresh_start(self.out, ckpt.list_checkpoints(self.ckpt_dir))
+        elif mode not in ("auto", "restart"):
+            run_dir.refuse_foreign_resume(
+                self.out, self.ckpt_dir, self._resume_path(), ckpt.list_checkpoints(self.ckpt_dir)
+            )
 
     def _restart(self) -> None:
         """``checkpoint.resume=restart``: the old run's artefacts go to ``<output_dir>/previous/<time>/``."""

@@ -288,6 +288,25 @@ def test_fresh_start_on_an_existing_run_is_refused(corpus, tmp_path, capsys):
     assert (out / "metrics.jsonl").read_text() == before
 
 
+def test_resuming_another_runs_checkpoint_onto_a_run_is_refused(corpus, tmp_path, capsys):
+    """It would overwrite the run's later checkpoints and rewrite its metrics; rolling back within the run, or
+    resuming another run's checkpoint into an empty output_dir, is allowed."""
+    from megatron_dual import run_dir
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    Trainer(tiny(corpus, a), quiet=True).fit(max_steps=3)
+    Trainer(tiny(corpus, b, "checkpoint.interval=2"), quiet=True).fit(max_steps=4)
+    before = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    assert cli(corpus, b, f"checkpoint.resume={a}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not one of this run's checkpoints" in err[0] and "step_00000004" in err[0]
+    assert {p: p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+    own, other = ckpt.list_checkpoints(b / "checkpoints"), ckpt.list_checkpoints(a / "checkpoints")
+    assert [p.name for p in own] == ["step_00000002", "step_00000004"]
+    run_dir.refuse_foreign_resume(b, b / "checkpoints", own[0], own)  # rolling back: allowed
+    run_dir.refuse_foreign_resume(tmp_path / "c", tmp_path / "c" / "checkpoints", other[-1], [])  # no run there
+
+
 def test_restart_moves_the_old_run_aside(corpus, tmp_path):
     out = tmp_path / "run"
     Trainer(tiny(corpus, out), quiet=True).fit(max_steps=4)
