@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -180,6 +181,8 @@ class TensorBoardSink:
 class Progress:
     """A tqdm bar on a terminal; plain lines every ``print_every`` steps otherwise (logs, CI, SLURM)."""
 
+    ETA_WINDOW = 100  # steps the ETA's pace is measured over
+
     def __init__(
         self,
         total_steps: int,
@@ -194,6 +197,7 @@ class Progress:
         self.disable = disable
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
+        self._marks: deque[tuple[int, float]] = deque(maxlen=self.ETA_WINDOW + 1)  # (step, time) of recent updates
         self._bar = None
         if not disable and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
@@ -203,6 +207,12 @@ class Progress:
             )
 
     def eta(self, step: int) -> float:
+        """Seconds to ``total`` at the pace of the last ``ETA_WINDOW`` steps. From the second update on, the time up
+        to the first (start-up, the first step's compilation and warm-up) is left out, which would otherwise
+        inflate the estimate for a long time."""
+        if len(self._marks) >= 2 and self._marks[-1][0] > self._marks[0][0]:
+            (s0, t0), (s1, t1) = self._marks[0], self._marks[-1]
+            return (t1 - t0) / (s1 - s0) * (self.total - step)
         done = step - self.start_step
         if done <= 0:
             return float("nan")
@@ -224,6 +234,7 @@ class Progress:
     def update(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self.disable:
             return
+        self._marks.append((step, time.perf_counter()))
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix_str(self.describe(step, metrics), refresh=False)

@@ -54,6 +54,28 @@ def test_progress_plain_lines_when_not_a_terminal():
     assert quiet.getvalue() == ""
 
 
+def test_progress_eta_leaves_out_a_slow_first_step(monkeypatch):
+    """A first step of 100 s (compilation, warm-up) then 1 s steps: at step 10 of 20 the ETA is 10 s, not the 109 s
+    an average since the start gives; the pace is that of the last ETA_WINDOW steps."""
+    from megatron_dual import logging as md_logging
+
+    now = [0.0]
+    monkeypatch.setattr(md_logging.time, "perf_counter", lambda: now[0])
+    p = Progress(20, print_every=10, stream=io.StringIO())
+    now[0] = 100.0
+    p.update(1, {})
+    assert p.eta(1) == pytest.approx(100.0 * 19)  # one update: the average since the start is all there is
+    for step in range(2, 11):
+        now[0] += 1.0
+        p.update(step, {})
+    assert p.eta(10) == pytest.approx(10.0)
+    q = Progress(1000, stream=io.StringIO())
+    for step in range(1, 301):  # 2 s steps, then 0.5 s steps: the window forgets the slow ones
+        now[0] += 2.0 if step <= 150 else 0.5
+        q.update(step, {})
+    assert q.eta(300) == pytest.approx(0.5 * 700)
+
+
 def test_format_duration():
     assert format_duration(5) == "5s"
     assert format_duration(65) == "1m05s"
