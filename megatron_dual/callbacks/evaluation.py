@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from megatron_dual.callbacks.base import Callback
-from megatron_dual.data.dataloader import validation_batches
+from megatron_dual.data.dataloader import validation_batches, validation_off_note
 from megatron_dual.objectives import OBJECTIVES, ObjectiveBatcher
 from megatron_dual.parallel import watchdog
 
@@ -72,6 +72,11 @@ class Validation(Callback):
     def __init__(self) -> None:
         super().__init__()
         self.last: dict[str, float] = {}
+
+    def pre_train(self) -> None:
+        note = validation_off_note(self.trainer.cfg, self.trainer.data)
+        if note is not None:
+            self.trainer.say(note)
 
     def post_step(self, step: int, metrics: dict[str, Any]) -> None:
         t = self.trainer.cfg.train

@@ -41,6 +41,7 @@ __all__ = [
     "StepBatches",
     "TrainDataLoader",
     "validation_batches",
+    "validation_off_note",
     "token_id_range",
 ]
 
@@ -147,6 +148,31 @@ def _check_tokenizer(cfg: Config) -> None:
         )
 
 
+def _one_sample(d: DataConfig, layout: str) -> str:
+    """What one sample takes, as the messages about too little data say it."""
+    if layout == "concat":
+        return f"data.seq_len + 1 = {d.seq_len + 1} tokens"
+    return f"data.seq_len = {d.seq_len} input positions (data.packing = reference)"
+
+
+def validation_off_note(cfg: Config, data: DataBundle) -> str | None:
+    """One start-up line when ``train.eval_interval`` asks for validation but the held-out documents are too short
+    for one sample (validation would silently never run); None otherwise, and when data.valid_fraction is 0."""
+    plan = data.plan
+    if data.valid is not None or plan is None or not plan.valid_tokens:
+        return None
+    if not cfg.train.eval_interval or cfg.data.valid_fraction == 0:
+        return None
+    n = sum(plan.valid_documents)
+    unit = "tokens" if data.packing == "concat" else "input positions"
+    where = "" if len(plan.valid_tokens) == 1 else f" in the largest of {len(plan.valid_tokens)} datasets"
+    return (
+        f"warning: validation never runs: data.valid_fraction = {cfg.data.valid_fraction} holds out {n:,} "
+        f"document{'s' if n != 1 else ''} ({max(plan.valid_tokens):,} {unit}{where}), fewer than one sample of "
+        f"{_one_sample(cfg.data, data.packing)}; raise data.valid_fraction (or set train.eval_interval=0)"
+    )
+
+
 def build_data(cfg: Config, dp_size: int = 1, extending: bool = False) -> DataBundle:
     """Datasets for ``cfg.data`` (megatron_dual.data.loader): blending by ``data.path`` weights, the unique subset of
     ``budget/R`` tokens repeated exactly ``data.repetitions`` times, train/valid split by documents. ``extending``:
@@ -173,14 +199,7 @@ def build_data(cfg: Config, dp_size: int = 1, extending: bool = False) -> DataBu
         named = str(e).startswith("data.path = ")  # the loader's own messages already name the value
         raise ConfigError(str(e) if named else f"data.path = {d.path!r}: {e}") from e
     if len(train) == 0:
-        raise ConfigError(
-            f"data.path = {d.path!r}: too few training tokens for one sample of "
-            + (
-                f"data.seq_len + 1 = {d.seq_len + 1} tokens"
-                if layout == "concat"
-                else f"data.seq_len = {d.seq_len} input positions (data.packing = reference)"
-            )
-        )
+        raise ConfigError(f"data.path = {d.path!r}: too few training tokens for one sample of {_one_sample(d, layout)}")
     _check_tokenizer(cfg)
     _check_vocab(cfg, [prefix for _, prefix in entries], cache_dir)
     return DataBundle(train, valid if valid is not None and len(valid) else None, fingerprint, plan, layout)

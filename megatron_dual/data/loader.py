@@ -453,6 +453,8 @@ class DataPlan:
     subset_documents: list[int] = field(default_factory=list)
     per_dataset: list[int] = field(default_factory=list)  # R of each dataset
     packing: str = "concat"  # the sample layout (megatron_dual.data.packing.LAYOUTS)
+    valid_documents: list[int] = field(default_factory=list)  # held-out documents of each dataset
+    valid_tokens: list[int] = field(default_factory=list)  # what they pack into (input positions under reference)
 
     def describe(self) -> str:
         rows = []
@@ -606,10 +608,11 @@ def build_datasets(
         plan.train_documents.append(int(tr.size))
         plan.subset_documents.append(int(subset.size))
         parts.append(dataset_fingerprint(ds, L, subset))
-        if va.size:
-            v = PackedDataset(ds, L, va, layout=layout)
-            if len(v):
-                valids.append((v, w))
+        v = PackedDataset(ds, L, va, layout=layout) if va.size else None
+        plan.valid_documents.append(int(va.size))
+        plan.valid_tokens.append(v.num_tokens if v is not None else 0)
+        if v is not None and len(v):
+            valids.append((v, w))
     fingerprint = _fingerprint(parts, plan, L, seed)
     if len(trains) == 1:
         train: BlendedDataset | RepeatedPackedDataset = trains[0]

@@ -244,6 +244,32 @@ def test_a_dataset_of_empty_documents_names_data_path_once(tmp_path):
     assert str(e.value) == f"data.path = {prefix!r}: the datasets hold no training tokens"
 
 
+def test_validation_too_short_for_one_sample_is_said_at_start(tmp_path, capsys):
+    from toy import tiny_overrides
+
+    from megatron_dual.config import load_config
+    from megatron_dual.data.dataloader import build_data
+    from megatron_dual.trainer import Trainer
+
+    prefix = _write(str(tmp_path / "short"), 40, 16, length=lambda k: 10)  # 40 documents of 10 tokens
+
+    def cfg(*extra: str) -> Config:
+        return load_config(overrides=tiny_overrides(prefix, tmp_path / "run", *extra))
+
+    short = cfg("data.valid_fraction=0.02")  # one held-out document: 10 tokens, a sample is 17
+    assert build_data(short).valid is None
+    Trainer(short, quiet=True).fit(max_steps=1)
+    said = [line for line in capsys.readouterr().err.splitlines() if "validation" in line]
+    assert said == [
+        "warning: validation never runs: data.valid_fraction = 0.02 holds out 1 document (10 tokens), fewer than "
+        "one sample of data.seq_len + 1 = 17 tokens; raise data.valid_fraction (or set train.eval_interval=0)"
+    ]
+    from megatron_dual.data.dataloader import validation_off_note
+
+    for fine in (cfg("data.valid_fraction=0.1"), cfg("data.valid_fraction=0.02", "train.eval_interval=0")):
+        assert validation_off_note(fine, build_data(fine)) is None  # validation runs / was switched off on purpose
+
+
 def _synthetic_idx(prefix: str, n_docs: int, mean_len: int) -> int:
     """A Megatron .idx for n_docs documents (lengths mean_len +- 50%) over a sparse .bin: no tokens written."""
     rng = np.random.default_rng(0)
