@@ -105,7 +105,7 @@ def _unweighted_pairs(spec: str, parts: list[str]) -> list[tuple[float | None, s
 
 def _resolve_prefixes(spec: str, pairs: list[tuple[float | None, str]]) -> list[tuple[float | None, str]]:
     """Expand glob patterns (their weight negated: a group's share, resolved by tokens later) and check that every
-    plain prefix has its ``.idx``."""
+    plain prefix has its ``.idx`` and that no ``.idx`` is a directory."""
     out: list[tuple[float | None, str]] = []
     for w, p in pairs:
         if glob.has_magic(p):
@@ -117,6 +117,9 @@ def _resolve_prefixes(spec: str, pairs: list[tuple[float | None, str]]) -> list[
             if not os.path.exists(index_file_path(p)):
                 raise DataPathError(f"data.path = {spec!r}: {index_file_path(p)} does not exist")
             out.append((w, p))
+    for _, p in out:
+        if os.path.isdir(index_file_path(p)):
+            raise DataPathError(f"data.path = {spec!r}: {index_file_path(p)} is a directory, not an index file")
     return out
 
 
@@ -125,7 +128,7 @@ def parse_data_path(spec: str) -> list[tuple[float | None, str]]:
 
     Glob patterns expand to every matching prefix (``*.idx`` files), a weighted pattern sharing its weight among
     them in proportion to their tokens later. Raises DataPathError naming the value for a mix of weighted and
-    unweighted entries, a non-positive weight, or a prefix without ``.idx``.
+    unweighted entries, a non-positive weight, or a prefix without ``.idx`` (or whose ``.idx`` is a directory).
     """
     parts = str(spec).split()
     if not parts:

@@ -244,6 +244,21 @@ def test_a_dataset_of_empty_documents_names_data_path_once(tmp_path):
     assert str(e.value) == f"data.path = {prefix!r}: the datasets hold no training tokens"
 
 
+def test_an_idx_that_is_a_directory_is_named_with_data_path(tmp_path):
+    from megatron_dual.data.dataloader import build_data
+
+    prefix = str(tmp_path / "corpus_text_document")
+    os.mkdir(prefix + ".idx")
+    open(prefix + ".bin", "wb").close()
+    cfg = Config()
+    cfg.data.path, cfg.data.seq_len, cfg.model.max_seq_len = prefix, 16, 16
+    with pytest.raises(ConfigError) as e:
+        build_data(cfg)
+    assert str(e.value) == f"data.path = {prefix!r}: {prefix}.idx is a directory, not an index file"
+    with pytest.raises(loader.DataPathError, match=r"corpus_text_document.idx is a directory, not an index file"):
+        parse_data_path(f"{tmp_path}/corpus_*")  # a pattern that matches it, too
+
+
 def test_validation_too_short_for_one_sample_is_said_at_start(tmp_path, capsys):
     from toy import tiny_overrides
 
