@@ -194,7 +194,14 @@ def run(args: argparse.Namespace) -> None:
     target = float(parse_fraction(args.alpha)) if args.alpha else rec.alpha
     layout = realise_alpha(target, args.devices, args.slots, exact=args.exact)
     lines = config_lines(
-        layout, args.preset, r, repetition_fields(), args.budget_tokens, gpus_per_node=args.gpus_per_node
+        layout,
+        args.preset,
+        r,
+        repetition_fields(),
+        args.budget_tokens,
+        gpus_per_node=args.gpus_per_node,
+        alpha_schedule=args.alpha_schedule,
+        steps=args.steps,
     )
     if args.json:
         print(json_report(args, r, rec, target, layout, lines))

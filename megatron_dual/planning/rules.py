@@ -20,6 +20,7 @@ The band ``8 <= alpha x R <= 32`` is reported as the tolerance the paper's text 
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -40,6 +41,7 @@ __all__ = [
     "recommend_alpha",
     "realise_alpha",
     "config_lines",
+    "launch_command",
 ]
 
 REGULAR_ALPHA = Fraction(63, 64)
@@ -198,26 +200,38 @@ def config_lines(
     data_fields: tuple[str, str] | None = None,
     budget_tokens: float | None = None,
     gpus_per_node: int = 8,
+    alpha_schedule: str | None = None,
+    steps: int | None = None,
 ) -> list[str]:
-    """Lines to paste: YAML-style ``section.field=value`` overrides and the launch command."""
+    """Lines to paste: YAML-style ``section.field=value`` overrides and the launch command. With ``alpha_schedule``
+    the schedule (and ``train.steps``) replaces the constant alpha."""
     if int(gpus_per_node) != gpus_per_node or gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node = {gpus_per_node}: must be a whole number >= 1")
-    k, n = plan.ar_slots, plan.total
-    lines = [f"objective.alpha={k}/{n}", f"train.grad_accum={plan.slots}"]
+    if alpha_schedule:
+        lines = [f"objective.alpha_schedule={alpha_schedule}", f"train.steps={steps}"]
+    else:
+        lines = [f"objective.alpha={plan.ar_slots}/{plan.total}"]
+    lines.append(f"train.grad_accum={plan.slots}")
     if repetitions is not None and data_fields is not None and float(repetitions).is_integer():
         rep_field, tok_field = data_fields
         lines.append(f"data.{rep_field}={int(repetitions)}")
         if budget_tokens is not None:
             lines.append(f"data.{tok_field}={int(budget_tokens)}")
-    sets = " ".join(f"--set {line}" for line in lines)
-    if plan.devices == 1:
-        launch = "megatron-dual train"
-    elif plan.devices <= gpus_per_node or plan.devices % gpus_per_node:
-        launch = f"torchrun --nproc_per_node={plan.devices} -m megatron_dual.train"
-    else:
-        launch = (
-            f"torchrun --nnodes={plan.devices // gpus_per_node} --nproc_per_node={gpus_per_node} "
-            f"--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 -m megatron_dual.train"
-        )
-    lines.append(f"{launch}{f' --preset {preset}' if preset else ''} {sets}")
+    sets = " ".join(f"--set {shlex.quote(line)}" for line in lines)
+    lines.append(f"{launch_command(plan.devices, int(gpus_per_node))}{f' --preset {preset}' if preset else ''} {sets}")
     return lines
+
+
+def launch_command(devices: int, gpus_per_node: int) -> str:
+    """The launcher for ``devices`` ranks on nodes of ``gpus_per_node`` GPUs: torchrun starts the same number of
+    processes on every node, so ranks that do not fill whole nodes are spread over the fewest nodes that divide
+    them evenly (12 on 8-GPU nodes: 2 nodes x 6)."""
+    if devices == 1:
+        return "megatron-dual train"
+    if devices <= gpus_per_node:
+        return f"torchrun --nproc_per_node={devices} -m megatron_dual.train"
+    nodes = next(n for n in range(-(-devices // gpus_per_node), devices + 1) if devices % n == 0)
+    return (
+        f"torchrun --nnodes={nodes} --nproc_per_node={devices // nodes} "
+        f"--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 -m megatron_dual.train"
+    )

@@ -19,6 +19,7 @@ from megatron_dual.data.sampler import split_documents
 from megatron_dual.planning.gp import ResultsError, best_alpha_posterior, fit_surface, load_results
 from megatron_dual.planning.rules import (
     config_lines,
+    launch_command,
     realise_alpha,
     recommend_alpha,
     repetitions_from_tokens,
@@ -120,6 +121,34 @@ def test_plan_alpha_cli(capsys):
     err = capsys.readouterr().err
     assert "realisable with 2 x 2: 0, 1/4, 1/2, 3/4, 1" in err
     assert len(err.strip().splitlines()) == 1, err  # one error line, as README shows it
+
+
+def test_plan_alpha_schedule_lines_and_uneven_node_launches(capsys):
+    """With --alpha-schedule the lines to paste carry the schedule and train.steps (they carried the constant alpha
+    only), quoted for the shell; ranks that do not fill whole nodes are spread evenly (torchrun starts the same
+    number of processes on every node: 12 ranks on 8-GPU nodes had been one node of 12)."""
+    import shlex
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import plan_alpha
+
+    argv = ["--repetitions", "16", "--devices", "8", "--slots", "8", "--alpha-schedule", "0:1, 6144:63/64"]
+    assert plan_alpha.main([*argv, "--steps", "8192"]) == 0
+    lines = capsys.readouterr().out.split("config lines:\n", 1)[1].strip().splitlines()
+    assert [x.strip() for x in lines[:3]] == [
+        "objective.alpha_schedule=0:1, 6144:63/64",
+        "train.steps=8192",
+        "train.grad_accum=8",
+    ]
+    launch = shlex.split(lines[-1])
+    sets = [launch[i + 1] for i, word in enumerate(launch) if word == "--set"]
+    # the launch line's overrides are a valid config (here in one process: its 64 slots as 64 micro-batches)
+    cfg = load_config(preset="tiny", overrides=[*sets, "train.grad_accum=64"])
+    assert (cfg.objective.alpha_schedule, cfg.train.steps) == ("0:1, 6144:63/64", 8192)
+    assert launch_command(12, 8).startswith("torchrun --nnodes=2 --nproc_per_node=6 ")
+    assert launch_command(20, 8).startswith("torchrun --nnodes=4 --nproc_per_node=5 ")
+    assert launch_command(256, 8).startswith("torchrun --nnodes=32 --nproc_per_node=8 ")
+    assert launch_command(8, 8) == "torchrun --nproc_per_node=8 -m megatron_dual.train"
 
 
 def test_plan_alpha_refuses_zero_gpus_per_node(capsys):
