@@ -244,6 +244,8 @@ class IndexedDataset:
     def _open(self) -> None:
         idx_path, bin_path = index_file_path(self.prefix), data_file_path(self.prefix)
         for p in (idx_path, bin_path):
+            if os.path.isdir(p):  # FileNotFoundError still: the type every caller reports in one line
+                raise FileNotFoundError(f"indexed dataset file {p} is a directory, not a file")
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"indexed dataset file not found: {p}")
         name = os.path.basename(idx_path)

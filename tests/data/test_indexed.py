@@ -74,6 +74,15 @@ def test_empty_dataset(tmp_path):
     assert len(ds) == 0 and ds.num_tokens == 0 and list(ds.document_indices) == [0]
 
 
+def test_a_directory_in_place_of_a_file_is_named_as_such(tmp_path):
+    """It said "file not found", which is false when the path is there as a directory."""
+    prefix = data_write(str(tmp_path / "d"), [np.arange(5)], np.uint16)
+    os.remove(prefix + ".bin")
+    os.mkdir(prefix + ".bin")
+    with pytest.raises(FileNotFoundError, match=r"^indexed dataset file .*d\.bin is a directory, not a file$"):
+        IndexedDataset(prefix)
+
+
 def test_writer_rejects_out_of_range_ids(tmp_path):
     with pytest.raises(ValueError, match="70000 does not fit uint16"):
         with IndexedDatasetWriter(str(tmp_path / "x"), np.uint16) as w:
