@@ -167,3 +167,37 @@ def test_loss_plot_without_matplotlib_says_so_in_one_line_and_the_run_ends(tmp_p
     assert not (tmp_path / "loss.png").exists()
     with pytest.raises(ModuleNotFoundError, match=r"^matplotlib is not installed \(pip install matplotlib\)$"):
         plot_metrics(metrics, tmp_path / "loss.png")
+
+
+def test_model_line_counts_the_whole_model_not_this_ranks_shard(capsys):
+    """Under TP 2 the start-up line showed half the parameters, under ZeRO-3 0.00M: it counted this rank's copy."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_dual.callbacks.monitoring import ProgressDisplay
+    from megatron_dual.config import load_config
+    from megatron_dual.model.transformer import DualTransformer, param_counts
+    from megatron_dual.parallel.state import ParallelState
+
+    cfg = load_config(None, [], preset="tiny")
+    with torch.device("meta"):
+        whole = param_counts(DualTransformer(cfg.model))["total"]
+    # what a rank holds is a fraction of the model (its TP shards; under ZeRO-3 empty placeholders)
+    shard = DualTransformer(dataclasses.replace(cfg.model, n_layers=1))
+    tr = SimpleNamespace(
+        cfg=cfg,
+        step=0,
+        model=shard,
+        device=torch.device("cpu"),
+        engine=SimpleNamespace(precision="fp32"),
+        par=ParallelState(1, 0, 1, 0.75, 4),
+        data=SimpleNamespace(train=[0] * 3),
+        resumed_from=None,
+    )
+    cb = ProgressDisplay()
+    cb.trainer = tr
+    cb.pre_train()
+    cb.close()
+    assert f"model: {whole / 1e6:.2f}M parameters" in capsys.readouterr().err

@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from megatron_dual.callbacks.base import Callback
 from megatron_dual.logging import JSONLSink, Progress, TensorBoardSink, WandbSink, plot_metrics
 from megatron_dual.model.flops import matmul_ceiling, mfu, peak_flops
-from megatron_dual.model.transformer import param_counts
+from megatron_dual.model.transformer import DualTransformer, param_counts
 
 __all__ = [
     "SpeedMonitor",
@@ -105,6 +107,13 @@ class TensorBoardLogger(Callback):
             self.sink.close()
 
 
+def model_param_counts(model_cfg: Any) -> dict[str, int]:
+    """Parameter counts of the whole model, from a meta-device copy built from its config: this rank's copy holds
+    only its TP shards (and, under ZeRO-3, empty placeholders), so counting it would show a fraction of the model."""
+    with torch.device("meta"):
+        return param_counts(DualTransformer(model_cfg))
+
+
 class ProgressDisplay(Callback):
     """A tqdm bar on a terminal, plain lines every ``logging.log_interval`` steps otherwise; validation lines."""
 
@@ -119,7 +128,7 @@ class ProgressDisplay(Callback):
         self.progress = Progress(
             tr.cfg.train.steps, start_step=tr.step, print_every=tr.cfg.logging.log_interval, disable=self.disable
         )
-        counts = param_counts(tr.model)
+        counts = model_param_counts(tr.cfg.model)
         self.progress.write(
             f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
             f"{tr.device.type}, {tr.engine.precision}; {tr.par.describe()}; "
