@@ -985,7 +985,48 @@ def alpha_to_slots(alpha: float, slots: int, field_name: str = "objective.alpha"
 
 def launch_world_size() -> int:
     """Number of processes of this launch, from torchrun's or SLURM's environment (1 when neither is set)."""
-    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 1
+    return launch_env()[2]
+
+
+_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+_SLURM_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    """The environment variable ``name`` as an integer >= 0; None when unset or empty; ConfigError otherwise."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ConfigError(f"environment variable {name} = {raw!r}: expected an integer >= 0 (set by torchrun or srun)")
+    return int(raw)
+
+
+def launch_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` or SLURM's
+    ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``; (0, 0, 1) when neither is set. A malformed value, a rank
+    outside the world or ``RANK`` without ``WORLD_SIZE`` is a ConfigError naming the variable (it would otherwise
+    run as another rank, or wait ``parallel.timeout`` for a peer that cannot join)."""
+    env = os.environ if env is None else env
+    if _env_int(env, "WORLD_SIZE") is not None:
+        names = _TORCHRUN_VARS
+    elif _env_int(env, "SLURM_NTASKS") is not None:
+        names = _SLURM_VARS
+    else:
+        if _env_int(env, "RANK"):
+            raise ConfigError(
+                f"environment variable RANK = {env['RANK']} but WORLD_SIZE is not set: launch with torchrun (or "
+                f"export WORLD_SIZE, MASTER_ADDR and MASTER_PORT too), or unset RANK to run one process"
+            )
+        return 0, 0, 1
+    rank, local, world = (_env_int(env, n) for n in names)
+    assert world is not None
+    if world < 1:
+        raise ConfigError(f"environment variable {names[2]} = 0: a launch has at least one rank")
+    if rank is None and world > 1:
+        raise ConfigError(f"environment variable {names[2]} = {world} but {names[0]} is not set (each rank needs it)")
+    if (rank or 0) >= world:
+        raise ConfigError(
+            f"environment variable {names[0]} = {rank} is outside {names[2]} = {world} (ranks are 0 to {world - 1})"
+        )
+    return rank or 0, local or 0, world

@@ -19,7 +19,6 @@ two, and no communicator per rotation phase.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from fractions import Fraction
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError, alpha_to_slots, launch_world_size
+from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError, alpha_to_slots, launch_env
 from megatron_dual.objectives import AR, MD, ObjectiveSchedule
 
 __all__ = [
@@ -126,13 +125,7 @@ def group_rank(group: Any) -> int:
 
 def dist_env() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's or SLURM's environment; (0, 0, 1) when neither is set."""
-    world = launch_world_size()
-    if world == 1:
-        return 0, 0, 1
-    env = os.environ
-    if env.get("WORLD_SIZE", "").isdigit():
-        return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), world
-    return int(env.get("SLURM_PROCID", 0)), int(env.get("SLURM_LOCALID", 0)), world
+    return launch_env()
 
 
 class ParallelState:

@@ -1,10 +1,18 @@
+import re
 from fractions import Fraction
 
 import pytest
 
 from megatron_dual.config import ALPHA_MAX_DENOMINATOR, ConfigError, load_config
 from megatron_dual.objectives import AR, MD, ObjectiveSchedule
-from megatron_dual.parallel.state import ParallelState, check_alpha, objective_ranks, rank_layout, realisable_alphas
+from megatron_dual.parallel.state import (
+    ParallelState,
+    check_alpha,
+    dist_env,
+    objective_ranks,
+    rank_layout,
+    realisable_alphas,
+)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 6, 8, 12, 16, 64, 256])
@@ -72,6 +80,7 @@ def test_single_process_state_and_objectives():
 
 def test_config_checks_alpha_against_the_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
     cfg = load_config(preset="tiny", overrides=["train.grad_accum=1", "objective.alpha=3/4"])
     assert cfg.train.grad_accum == 1
     with pytest.raises(ConfigError, match=r"with 4 data-parallel ranks\) = 0.3"):
@@ -90,5 +99,48 @@ def test_config_checks_alpha_against_the_launch(monkeypatch):
             ],
         )
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("RANK")
     with pytest.raises(ConfigError, match="must divide model.n_heads = 4"):
         load_config(preset="tiny", overrides=["parallel.tp=8"])
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RANK": "1"}, "RANK = 1 but WORLD_SIZE is not set"),  # ran as a single process, rank 0
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE = 'abc': expected an integer"),  # ignored: one process
+        ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK = 'x': expected an integer"),  # "invalid literal for int()"
+        ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK = 5 is outside WORLD_SIZE = 2"),  # waited parallel.timeout
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE = 2 but RANK is not set"),
+        ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE = 0"),  # "n_ranks = 0 and n_slots = 4 ..."
+        ({"SLURM_NTASKS": "2", "SLURM_PROCID": "2"}, "SLURM_PROCID = 2 is outside SLURM_NTASKS = 2"),
+        ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS = 4 but SLURM_PROCID is not set"),
+    ],
+)
+def test_launch_environment_that_cannot_be_a_launch_is_one_line_naming_the_variable(monkeypatch, env, message):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(preset="tiny", overrides=["train.grad_accum=4"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dist_env()
+
+
+def test_launch_environment_read_as_before(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert dist_env() == (0, 0, 1)
+    monkeypatch.setenv("RANK", "0")  # a stale RANK=0 agrees with one process
+    assert dist_env() == (0, 0, 1)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist_env() == (3, 1, 4)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "7")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert dist_env() == (7, 3, 8)
