@@ -152,6 +152,7 @@ def merge_deepspeed_config(ours: dict[str, Any], path: str, optimizer_name: str)
         user = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{where}: cannot read it as JSON: {e}") from e
+    _check_objects(user, ours, where)
     mb, gas = user.get("train_micro_batch_size_per_gpu"), user.get("gradient_accumulation_steps")
     dp = ours["train_batch_size"] // (ours["train_micro_batch_size_per_gpu"] * ours["gradient_accumulation_steps"])
     if "train_batch_size" in user and mb is not None and gas is not None and user["train_batch_size"] != mb * gas * dp:
@@ -174,6 +175,18 @@ def merge_deepspeed_config(ours: dict[str, Any], path: str, optimizer_name: str)
             )
     _check_zero_options(_merge(ours, user), where, optimizer_name)
     return _merge(ours, user)
+
+
+def _check_objects(user: Any, ours: Mapping[str, Any], where: str) -> None:
+    """The JSON is an object, and so is each section of it that we generate (``bf16``, ``zero_optimization``, ...)."""
+    if not isinstance(user, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(user), "a number")
+        raise ConfigError(f"{where}: the top level is {kind}, expected a JSON object ({{...}})")
+    for key, value in user.items():
+        if isinstance(ours.get(key), dict) and not isinstance(value, dict):
+            raise ConfigError(
+                f"{where}: {key} = {json.dumps(value)}, expected an object, e.g. {key}: {json.dumps(ours[key])}"
+            )
 
 
 def _check_zero_options(merged: Mapping[str, Any], where: str, optimizer_name: str) -> None:

@@ -75,6 +75,22 @@ def test_user_json_errors_name_the_field(tmp_path, user, field):
     assert field in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "user,field",
+    [
+        ([1, 2], "the top level is an array, expected a JSON object"),  # AttributeError: 'list' has no 'get'
+        ("ds.json", "the top level is a string"),
+        ({"zero_optimization": 2}, "zero_optimization = 2, expected an object"),  # DeepSpeed's TypeError
+        ({"bf16": True}, 'bf16 = true, expected an object, e.g. bf16: {"enabled": false}'),
+    ],
+)
+def test_user_json_that_is_not_an_object_where_one_is_needed_is_one_line(tmp_path, user, field):
+    ours = deepspeed_config(_cfg(), dp=2, bf16=False)
+    with pytest.raises(ConfigError, match="engine.deepspeed_config") as e:
+        merge_deepspeed_config(ours, _json(tmp_path, user), "muon")
+    assert field in str(e.value) and "\n" not in str(e.value)
+
+
 def test_offload_optimizer_is_fine_with_adamw(tmp_path):
     ours = deepspeed_config(_cfg(), dp=2, bf16=False)
     merged = merge_deepspeed_config(
