@@ -41,7 +41,14 @@ from megatron_dual.optim.schedules import build_scheduler, retarget_scheduler
 from megatron_dual.parallel.state import ParallelState
 from megatron_dual.parallel.tensor_parallel import parallelize_model
 
-__all__ = ["DeepSpeedEngine", "DeepSpeedMPU", "deepspeed_config", "merge_deepspeed_config", "DS_TAG"]
+__all__ = [
+    "DeepSpeedEngine",
+    "DeepSpeedMPU",
+    "deepspeed_config",
+    "merge_deepspeed_config",
+    "validation_error",
+    "DS_TAG",
+]
 
 DS_TAG = "deepspeed"  # the sub-directory of a checkpoint that holds DeepSpeed's files
 _MB = 2**20
@@ -187,6 +194,27 @@ def _check_objects(user: Any, ours: Mapping[str, Any], where: str) -> None:
             raise ConfigError(
                 f"{where}: {key} = {json.dumps(value)}, expected an object, e.g. {key}: {json.dumps(ours[key])}"
             )
+
+
+_SECTIONS = {
+    "DeepSpeedZeroConfig": "zero_optimization.",
+    "DeepSpeedBF16Config": "bf16.",
+    "DeepSpeedFP16Config": "fp16.",
+}
+
+
+def validation_error(e: Exception, path: str) -> ConfigError | None:
+    """DeepSpeed's own check of its config (a pydantic ``ValidationError`` of several lines, e.g. a misspelt
+    ``zero_optimization`` field) as one line naming the file and the field; None for any other error."""
+    errors = getattr(e, "errors", None)
+    if type(e).__name__ != "ValidationError" or not callable(errors) or not errors():
+        return None
+    first, n = errors()[0], len(errors())
+    where = f"engine.deepspeed_config ({path})" if path else "the DeepSpeed config generated from ours"
+    field = _SECTIONS.get(getattr(e, "title", ""), "") + ".".join(str(x) for x in first.get("loc", ()))
+    what = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid")
+    more = f" (and {n - 1} more)" if n > 1 else ""
+    return ConfigError(f"{where}: {field} = {first.get('input')!r}: {what} (DeepSpeed's check){more}")
 
 
 def _check_zero_options(merged: Mapping[str, Any], where: str, optimizer_name: str) -> None:
@@ -339,9 +367,19 @@ class DeepSpeedEngine(Engine):
             opts.get("muon"), opts["adamw"], parallel, gather_numel=_elements(cfg.engine.allgather_bucket_mb)
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
-        self.ds, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, config=ds_cfg, mpu=DeepSpeedMPU(parallel), dist_init_required=False
-        )
+        try:
+            self.ds, _, _, _ = deepspeed.initialize(
+                model=model,
+                optimizer=self.optimizer,
+                config=ds_cfg,
+                mpu=DeepSpeedMPU(parallel),
+                dist_init_required=False,
+            )
+        except ValueError as e:
+            line = validation_error(e, cfg.engine.deepspeed_config)
+            if line is None:
+                raise
+            raise line from None
         self.model = self.ds.module
         self.optimizer.layouts = zero_layouts(self.ds.optimizer, self.stage, parallel.dp_size)
         self._dp = parallel.dp_size

@@ -17,6 +17,7 @@ from megatron_dual.engine.deepspeed import (
     check_stage_precision,
     deepspeed_config,
     merge_deepspeed_config,
+    validation_error,
 )
 
 
@@ -167,3 +168,20 @@ def test_bf16_stage0_muon_is_refused_before_deepspeed():
     check_stage_precision(0, True, "adamw")
     check_stage_precision(1, True, "muon")
     check_stage_precision(0, False, "muon")
+
+
+def test_deepspeeds_own_validation_error_is_one_line_naming_the_file_and_field():
+    """DeepSpeed checks zero_optimization with pydantic: a misspelt field printed four lines without the file."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class DeepSpeedZeroConfig(pydantic.BaseModel):  # DeepSpeed's class of that name forbids extra fields too
+        model_config = pydantic.ConfigDict(extra="forbid")
+        stage: int = 0
+
+    with pytest.raises(pydantic.ValidationError) as e:
+        DeepSpeedZeroConfig(stage=1, reduce_buket_size=5)
+    line = str(validation_error(e.value, "my.json"))
+    field = "zero_optimization.reduce_buket_size = 5: unknown field"
+    assert line == f"engine.deepspeed_config (my.json): {field} (DeepSpeed's check)"
+    assert "generated from ours" in str(validation_error(e.value, ""))
+    assert validation_error(ValueError("something else"), "my.json") is None
