@@ -446,6 +446,12 @@ _RUNNERS: dict[str, Callable[..., torch.Tensor | None]] = {
 }
 
 
+def _flex_cpu_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """A CPU call on tensors that require grad: torch's FlexAttention refuses it (NotImplementedError, as torch
+    checks it: ``requires_grad`` of the inputs)."""
+    return q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v))
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, backend: str = "auto"
 ) -> torch.Tensor:
@@ -455,6 +461,12 @@ def attention(
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     if backend == "sdpa":
+        return _sdpa(q, k, v, mask)
+    if backend == "flex" and _flex_cpu_backward(q, k, v):
+        _say_once(
+            "attention backend flex cannot run this call (FlexAttention has no backward on CPU); falling back to sdpa",
+            True,
+        )
         return _sdpa(q, k, v, mask)
     name, message = select_backend(
         backend,
