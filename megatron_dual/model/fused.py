@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 from torch import nn
+
+from megatron_dual.model.apex_ops import notice
 
 FUSED_OPS = ("auto", "none", "triton", "apex")  # apex: apex's FusedRMSNorm, Triton for the rest (as auto)
 
@@ -32,7 +35,13 @@ def use_triton(mode: str, x: torch.Tensor) -> bool:
     if mode == "triton":
         if not triton_available():
             raise RuntimeError("model.fused_ops = 'triton' but triton is not installed (pip install triton)")
-        return True
+        if x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return True
+        notice(
+            f"model.fused_ops = triton on a {x.device.type} tensor: the kernels need a GPU (or "
+            f"TRITON_INTERPRET=1); PyTorch ops"
+        )
+        return False
     raise ValueError(f"model.fused_ops = {mode!r}; allowed: {', '.join(FUSED_OPS)}")
 
 
