@@ -121,11 +121,22 @@ def table(preset: str, dp: int, tp: int) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (a DP or TP size of 0 divided by zero, a negative one printed nonsense)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["dual-1b", "dual-3b", "dual-7b"])
-    ap.add_argument("--dp", nargs="+", type=int, default=[8, 64])
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dp", nargs="+", type=_positive, default=[8, 64])
+    ap.add_argument("--tp", type=_positive, default=1)
     a = ap.parse_args(argv)
     print(
         "Computed on CPU from meta-device models (no GPU measured); bytes per parameter as in the module docstring.\n"

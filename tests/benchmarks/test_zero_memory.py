@@ -33,3 +33,10 @@ def test_counts_are_the_models_and_stages_shrink_as_zero_says():
     assert z[3][0] == pytest.approx(z[0][0] / dp)
     assert zm.activations(s, "full", 1) < zm.activations(s, "selective", 1) < zm.activations(s, "none", 1)
     assert zm.param_split("dual-1b", tp=2)["muon"] == pytest.approx(s["muon"] / 2)
+
+
+@pytest.mark.parametrize("args", [["--dp", "0"], ["--dp", "-8"], ["--tp", "0"], ["--dp", "x"]])
+def test_a_size_below_one_is_an_argument_error_not_a_traceback(args, capsys):
+    with pytest.raises(SystemExit) as e:  # --dp 0 raised ZeroDivisionError
+        zm.main(["--presets", "tiny", *args])
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err
