@@ -114,10 +114,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _convert_zero(src: Path, dst: Path, tp: int, force: bool) -> Path:
     from megatron_dual.engine.deepspeed import read_zero_checkpoint
-    from megatron_dual.parallel.resharding import write_checkpoint
+    from megatron_dual.parallel.resharding import check_destination, write_checkpoint
 
-    if dst.exists() and not force:
-        raise ReshardError(f"{dst} exists; pass --force to overwrite it")
+    check_destination(src, dst, force)  # a run converted into itself would lose its ZeRO state
     full, meta = read_zero_checkpoint(src)  # a bad source leaves dst as it was
     meta = {k: v for k, v in meta.items() if k != "engine"}
     return write_checkpoint(dst, full, None, meta, tp, rng_from=src, replace=force)

@@ -68,6 +68,7 @@ __all__ = [
     "layout_manifest",
     "load_model_shard",
     "convert_checkpoint",
+    "check_destination",
     "optimizer_param_names",
     "shard_optimizer_state",
     "gather_optimizer_state",
@@ -327,14 +328,20 @@ def write_checkpoint(
     return path
 
 
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """ReshardError where writing ``dst`` would replace the source (``dst`` is it or a folder holding it, even with
+    ``force``) or an existing ``dst`` without ``force``."""
+    if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
+        raise ReshardError(f"destination {dst} is or holds the source {src}; choose another destination")
+    if dst.exists() and not force:
+        raise ReshardError(f"{dst} exists; pass --force to overwrite it")
+
+
 def convert_checkpoint(
     src: str | Path, dst: str | Path, tp: int, model_only: bool = False, force: bool = False
 ) -> Path:
     """Reshard checkpoint directory ``src`` (either form) into ``dst`` with TP size ``tp`` (1: single-file form)."""
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
-        raise ReshardError(f"destination {dst} is or holds the source {src}; choose another destination")
-    if dst.exists() and not force:
-        raise ReshardError(f"{dst} exists; pass --force to overwrite it")
+    check_destination(src, dst, force)
     full, optim, meta = read_checkpoint(src, with_optim=not model_only)  # a bad source leaves dst as it was
     return write_checkpoint(dst, full, optim, meta, tp, rng_from=src, replace=force)

@@ -419,6 +419,11 @@ def test_a_destination_holding_the_source_is_refused(exported, tmp_path):
         with pytest.raises(SystemExit, match="error: destination .* is or holds the source"):
             tool.main([*args, "--force"])
     assert (hf_copy / "model.safetensors").is_file() and (step / "model.safetensors").is_file()
+    (step / "deepspeed").mkdir()  # the DeepSpeed form goes through its own path: refused there too, before reading
+    for dst in (run, step):
+        with pytest.raises(SystemExit, match="error: destination .* is or holds the source"):
+            tool.main([str(step), str(dst), "--tp", "1", "--force"])
+    assert (step / "model.safetensors").is_file() and (step / "deepspeed").is_dir()
 
 
 def test_padded_mlp_exports_at_the_logical_width(exported, tmp_path):
