@@ -5,8 +5,8 @@
   then fail at its first checkpoint.
 * :func:`refuse_fresh_start`: ``checkpoint.resume=none`` in a directory that holds a run (complete checkpoints) is
   refused with the two ways on: ``--resume auto`` continues it, ``--resume restart`` starts afresh.
-* :func:`refuse_foreign_resume`: ``checkpoint.resume=<another run's checkpoint>`` into a directory that holds a run
-  is refused: it would overwrite that run's later checkpoints and metrics.
+* :func:`refuse_foreign_resume`: ``checkpoint.resume=<a checkpoint from elsewhere>`` into a directory that holds a
+  run with later checkpoints is refused: it would overwrite them and the run's metrics.
 * :func:`move_run_aside`: ``checkpoint.resume=restart`` moves the old run's artefacts to
   ``<output_dir>/previous/<time>/`` first, so a new run's metrics never mix with an old run's checkpoints.
 """
@@ -92,16 +92,20 @@ def refuse_fresh_start(output_dir: Path, checkpoints: list[Path]) -> None:
         )
 
 
-def refuse_foreign_resume(output_dir: Path, ckpt_dir: Path, resume_from: Path | None, checkpoints: list[Path]) -> None:
-    """An explicit ``checkpoint.resume`` from outside this run's checkpoints where a run lives: a ConfigError, since
-    resuming would overwrite that run's later checkpoints and rewrite its metrics (rolling back to one of the run's
-    own checkpoints is allowed)."""
-    if resume_from is None or not checkpoints or ckpt_dir.resolve() in resume_from.resolve().parents:
+def refuse_foreign_resume(
+    output_dir: Path, ckpt_dir: Path, resume_from: Path | None, resume_step: int, later: list[Path]
+) -> None:
+    """An explicit ``checkpoint.resume`` from outside this run's checkpoints, at a step before some of them (``later``:
+    the run's complete checkpoints after ``resume_step``): a ConfigError, since resuming would overwrite them and
+    rewrite the run's metrics from that step. Rolling back to one of the run's own checkpoints, and another form of
+    the run's latest state (a converted copy, as the engines' messages advise), are allowed."""
+    if resume_from is None or not later or ckpt_dir.resolve() in resume_from.resolve().parents:
         return
     raise ConfigError(
-        f"checkpoint.resume = {resume_from} is not one of this run's checkpoints, but {output_dir} holds a run "
-        f"(checkpoints up to {checkpoints[-1].name}) whose checkpoints and metrics it would overwrite: resume into "
-        f"another output_dir, or start from its weights alone with checkpoint.init_from"
+        f"checkpoint.resume = {resume_from} (step {resume_step}) is not one of this run's checkpoints, but "
+        f"{output_dir} holds a run with later ones (up to {later[-1].name}), which resuming would overwrite with its "
+        f"metrics: continue the run with --resume auto, resume into another output_dir, or start from its weights "
+        f"alone with checkpoint.init_from"
     )
 
 

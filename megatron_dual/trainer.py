@@ -392,10 +392,10 @@ class Trainer:
         mode = c.resume.strip().lower()
         if mode == "none":
             run_dir.refuse_fresh_start(self.out, ckpt.list_checkpoints(self.ckpt_dir))
-        elif mode not in ("auto", "restart"):
-            run_dir.refuse_foreign_resume(
-                self.out, self.ckpt_dir, self._resume_path(), ckpt.list_checkpoints(self.ckpt_dir)
-            )
+        elif mode not in ("auto", "restart") and (path := self._resume_path()) is not None:
+            step = int(ckpt.read_meta(path)["step"])
+            later = [p for p in ckpt.list_checkpoints(self.ckpt_dir) if ckpt.step_of(p) > step]
+            run_dir.refuse_foreign_resume(self.out, self.ckpt_dir, path, step, later)
 
     def _restart(self) -> None:
         """``checkpoint.resume=restart``: the old run's artefacts go to ``<output_dir>/previous/<time>/``."""

@@ -289,8 +289,9 @@ def test_fresh_start_on_an_existing_run_is_refused(corpus, tmp_path, capsys):
 
 
 def test_resuming_another_runs_checkpoint_onto_a_run_is_refused(corpus, tmp_path, capsys):
-    """It would overwrite the run's later checkpoints and rewrite its metrics; rolling back within the run, or
-    resuming another run's checkpoint into an empty output_dir, is allowed."""
+    """It would overwrite the run's later checkpoints and rewrite its metrics. Rolling back within the run, a checkpoint
+    from elsewhere that is not behind the run (a converted copy of its latest, as the engines advise), or another
+    run's checkpoint into an empty output_dir, are allowed."""
     from megatron_dual import run_dir
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -299,12 +300,16 @@ def test_resuming_another_runs_checkpoint_onto_a_run_is_refused(corpus, tmp_path
     before = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
     assert cli(corpus, b, f"checkpoint.resume={a}") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not one of this run's checkpoints" in err[0] and "step_00000004" in err[0]
+    assert len(err) == 1 and "(step 3) is not one of this run's checkpoints" in err[0], err
+    assert "up to step_00000004" in err[0] and "--resume auto" in err[0]
     assert {p: p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
-    own, other = ckpt.list_checkpoints(b / "checkpoints"), ckpt.list_checkpoints(a / "checkpoints")
+    own = ckpt.list_checkpoints(b / "checkpoints")
     assert [p.name for p in own] == ["step_00000002", "step_00000004"]
-    run_dir.refuse_foreign_resume(b, b / "checkpoints", own[0], own)  # rolling back: allowed
-    run_dir.refuse_foreign_resume(tmp_path / "c", tmp_path / "c" / "checkpoints", other[-1], [])  # no run there
+    run_dir.refuse_foreign_resume(b, b / "checkpoints", own[0], 2, own[1:])  # rolling back: allowed
+    copy = tmp_path / "converted" / "step_00000004"
+    shutil.copytree(own[-1], copy)
+    run_dir.refuse_foreign_resume(b, b / "checkpoints", copy, 4, [])  # nothing later: allowed
+    run_dir.refuse_foreign_resume(tmp_path / "c", tmp_path / "c" / "checkpoints", copy, 4, [])  # no run there
 
 
 def test_restart_moves_the_old_run_aside(corpus, tmp_path):

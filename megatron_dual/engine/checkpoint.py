@@ -48,6 +48,7 @@ __all__ = [
     "list_checkpoints",
     "find_latest_checkpoint",
     "resolve_resume",
+    "step_of",
     "read_meta",
     "load_model_weights",
     "load_checkpoint",
@@ -353,7 +354,8 @@ def _is_complete(path: Path) -> bool:
     return path.is_dir() and (path / META).is_file()
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
+    """The step a ``step_NNNNNNNN`` directory's name gives; -1 for another name."""
     try:
         return int(path.name[len(PREFIX) :])
     except ValueError:
@@ -365,8 +367,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob(f"{PREFIX}*") if _step_of(p) >= 0 and _is_complete(p)]
-    return sorted(found, key=_step_of)
+    found = [p for p in root.glob(f"{PREFIX}*") if step_of(p) >= 0 and _is_complete(p)]
+    return sorted(found, key=step_of)
 
 
 def find_latest_checkpoint(root: str | Path) -> Path | None:
@@ -377,7 +379,7 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
         if named.name and _is_complete(named):
             candidates = list_checkpoints(root)
             # a newer complete checkpoint than the marker can exist if we were killed between rename and marker
-            if candidates and _step_of(candidates[-1]) > _step_of(named):
+            if candidates and step_of(candidates[-1]) > step_of(named):
                 return candidates[-1]
             return named
     found = list_checkpoints(root)
