@@ -859,6 +859,22 @@ def _yaml_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _YamlLoader.add_constructor(_INT, _yaml_int)
 
 
+class _YamlDumper(yaml.SafeDumper):
+    """Quotes a string that either rule set would read as something else (``1e3`` and ``09`` under YAML 1.2, ``yes``
+    under 1.1), so that a written config reads back the same here and in any YAML 1.1 reader."""
+
+
+_YamlDumper.yaml_implicit_resolvers = {
+    first: yaml.SafeDumper.yaml_implicit_resolvers.get(first, []) + _YamlLoader.yaml_implicit_resolvers.get(first, [])
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *_YamlLoader.yaml_implicit_resolvers}
+}
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML that :func:`load_yaml` (and a YAML 1.1 reader) reads back unchanged, keys in order."""
+    return yaml.dump(data, Dumper=_YamlDumper, sort_keys=False)
+
+
 def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
 

@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from megatron_dual import run_dir
 from megatron_dual.callbacks import Callback, default_callbacks
 from megatron_dual.callbacks.monitoring import metrics_path
-from megatron_dual.config import Config
+from megatron_dual.config import Config, dump_yaml
 from megatron_dual.data.dataloader import StepBatches, TrainDataLoader, build_data
 from megatron_dual.engine import build_engine
 from megatron_dual.engine import checkpoint as ckpt
@@ -415,7 +414,7 @@ class Trainer:
         if self.maybe_resume() is None and self.cfg.checkpoint.init_from:
             self._init_weights(self.cfg.checkpoint.init_from)
         if self.is_main:  # after a successful resume: a refused one leaves the run's config.yaml as it was
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            (self.out / "config.yaml").write_text(dump_yaml(self.cfg.to_dict()))
         self._call("pre_train")
 
     def _init_weights(self, where: str) -> None:

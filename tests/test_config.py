@@ -373,3 +373,18 @@ def test_values_are_read_with_yaml_1_2_rules(tmp_path):
     )
     cfg = load_config(str(tmp_path / "c.yaml"))
     assert (cfg.train.steps, cfg.logging.tensorboard, cfg.objective.rotate) == (100, True, "none")
+
+
+def test_a_written_config_reads_back_the_same(tmp_path):
+    """The run's config.yaml (and a sweep's task configs) are written by dump_yaml, which quotes strings that either
+    YAML 1.2 (``1e3``, ``09``, ``0o17``) or 1.1 (``yes``) would read as something else: yaml.safe_dump left the first
+    kind bare, and the config read back data.path = '1000.0'."""
+    import yaml
+
+    from megatron_dual.config import dump_yaml
+
+    strings = ["logging.wandb_project='09'", "data.path='1e3'", "output_dir='yes'", "data.tokenizer='0o17'"]
+    cfg = load_config(preset="tiny", overrides=strings)
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg.to_dict()))
+    assert load_config(str(tmp_path / "config.yaml")).to_dict() == cfg.to_dict()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg.to_dict()  # a YAML 1.1 reader agrees
