@@ -366,6 +366,7 @@ def test_values_are_read_with_yaml_1_2_rules(tmp_path):
 
     tree = parse_overrides(["a.b=5:1", "a.c=0123", "a.d=2026-12-07", "a.e=1e-3", "a.f=1_000", "a.g=0x10", "a.h=on"])
     assert tree["a"] == {"b": "5:1", "c": 123, "d": "2026-12-07", "e": 0.001, "f": 1000, "g": 16, "h": "on"}
+    assert parse_overrides(["a.b=._", "a.c=.5", "a.d=-.5e3"])["a"] == {"b": "._", "c": 0.5, "d": -500.0}
     with pytest.raises(ConfigError, match=r"^objective.alpha_schedule = '5:1': item 1 \('5:1'\)"):
         load_config(preset="tiny", overrides=["objective.alpha_schedule=5:1"])
     (tmp_path / "c.yaml").write_text(
