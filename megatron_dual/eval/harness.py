@@ -224,7 +224,10 @@ def check_output(path: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EvalError(f"--output {path}: cannot create its folder {out.parent}: {e.strerror or e}") from None
-    if not os.access(out.parent, os.W_OK):
+    if out.exists():  # an existing file (or /dev/stdout) is written in place: its folder need not be writable
+        if not os.access(out, os.W_OK):
+            raise EvalError(f"--output {path} is not writable")
+    elif not os.access(out.parent, os.W_OK):
         raise EvalError(f"--output {path}: its folder {out.parent} is not writable")
     return out
 

@@ -378,6 +378,11 @@ def _note_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def _same_source(a: str, b: str) -> bool:
+    """The same task: equal sources, or one task file named two ways (``t.jsonl`` and its absolute path)."""
+    return a == b or (a.endswith(".jsonl") and b.endswith(".jsonl") and Path(a).resolve() == Path(b).resolve())
+
+
 def resolve_tasks(spec: str, note: Callable[[str], None] = _note_stderr) -> list[TaskSpec]:
     """``all``, or a comma-separated list of task names and ``.jsonl`` files (a file becomes a task named by its
     stem, scored by per-character normalised accuracy). ``all`` is the model card's nine tasks (:data:`PAPER_TASKS`;
@@ -403,7 +408,7 @@ def resolve_tasks(spec: str, note: Callable[[str], None] = _note_stderr) -> list
     seen: dict[str, TaskSpec] = {}
     for t in out:
         first = seen.setdefault(t.name, t)
-        if first.source != t.source:  # results are keyed by name: the second would be dropped without a word
+        if not _same_source(first.source, t.source):  # results are keyed by name: one would be dropped unsaid
             raise EvalError(
                 f"--tasks: {first.source} and {t.source} are both named {t.name!r} (a task file is named by its "
                 "stem); rename one"

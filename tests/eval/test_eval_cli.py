@@ -1,6 +1,7 @@
 """`megatron-dual eval` end to end on a tiny checkpoint, and its one-line errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,23 @@ def test_an_unusable_output_path_is_one_line_before_evaluating(checkpoint, task_
     assert f"--output {tmp_path} is a directory" in err
     err = run_error([*argv, "--output", str(task_file / "r.json")], capsys)
     assert f"--output {task_file / 'r.json'}: cannot create its folder" in err
+
+
+def test_an_existing_writable_output_needs_no_writable_folder(tmp_path, monkeypatch):
+    """/dev/stdout, /dev/null or a writable file in a read-only folder: written in place, so accepted (the folder
+    check refused them for a non-root user); a folder that is not writable still refuses a new file."""
+    from megatron_dual.eval import harness
+
+    (tmp_path / "ro").mkdir()
+    existing = tmp_path / "ro" / "r.json"
+    existing.write_text("{}")
+    monkeypatch.setattr(harness.os, "access", lambda p, mode: Path(p) != tmp_path / "ro")  # as for a non-root user
+    assert harness.check_output(str(existing)) == existing
+    with pytest.raises(harness.EvalError, match=r"new.json: its folder .*ro is not writable"):
+        harness.check_output(str(tmp_path / "ro" / "new.json"))
+    monkeypatch.setattr(harness.os, "access", lambda p, mode: False)
+    with pytest.raises(harness.EvalError, match=r"r.json is not writable$"):
+        harness.check_output(str(existing))
 
 
 def test_bad_numbers(checkpoint, capsys):

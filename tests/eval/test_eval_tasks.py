@@ -131,6 +131,8 @@ def test_resolve_tasks_and_modes(tmp_path, monkeypatch):
     with pytest.raises(T.EvalError, match="are both named 'piqa'"):
         T.resolve_tasks(f"piqa,{tmp_path / 'piqa.jsonl'}")
     assert len(T.resolve_tasks(f"{tmp_path / 'mine.jsonl'},{tmp_path / 'mine.jsonl'}")) == 1
+    monkeypatch.chdir(tmp_path)  # one file named two ways is one task, not a clash
+    assert [t.name for t in T.resolve_tasks(f"mine.jsonl,{tmp_path / 'mine.jsonl'}")] == ["mine"]
     with pytest.raises(T.EvalError, match="unknown task 'pika'; known: all, arc_challenge, arc_easy, blimp_sva"):
         T.resolve_tasks("pika")
     with pytest.raises(T.EvalError, match="names no task"):
