@@ -115,6 +115,13 @@ def format_summary(summary: dict, max_locations: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _write_error(prefix: str, e: OSError) -> str:
+    """``cannot write PREFIX: [the path in the way: ]why`` (a temporary file's name says nothing to the user)."""
+    why = "exists and is not a directory" if isinstance(e, FileExistsError) else e.strerror or str(e)
+    path = str(e.filename or "")
+    return f"cannot write {prefix}: {f'{path}: ' if path and '.tmp-' not in path else ''}{why}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -137,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an --output-prefix under a file, a full or read-only disk: nothing was renamed into place
-        where = f"{e.filename}: " if e.filename else ""
-        why = "exists and is not a directory" if isinstance(e, FileExistsError) else e.strerror or e
-        print(f"preprocess_data: error: {where}{why}; nothing written", file=sys.stderr)
+        print(f"preprocess_data: error: {_write_error(args.output_prefix, e)}; nothing written", file=sys.stderr)
         return 2
     print(format_summary(summary))
     return 0

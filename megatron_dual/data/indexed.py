@@ -131,7 +131,7 @@ class IndexedDatasetWriter:
         self._idx_tmp = index_file_path(prefix) + suffix
         self._bin = open(self._bin_tmp, "wb")  # closed in finalize/abort
         self._lengths = array("q")
-        self._done = False
+        self._done = self._prepared = False
 
     def __enter__(self) -> IndexedDatasetWriter:
         return self
@@ -198,7 +198,17 @@ class IndexedDatasetWriter:
         return head + lengths.astype("<i4").tobytes() + pointers.astype("<i8").tobytes() + doc_index.tobytes()
 
     def finalize(self) -> None:
+        """:meth:`prepare` then :meth:`commit`."""
         if self._done:
+            return
+        self.prepare()
+        self.commit()
+
+    def prepare(self) -> None:
+        """Make the dataset durable under its temporary names (``.bin`` fsynced, ``.idx`` written and fsynced),
+        nothing renamed yet: writers of several outputs prepare them all before committing any, so a full disk
+        leaves none of them replaced."""
+        if self._done or self._prepared:
             return
         try:
             self._bin.flush()
@@ -208,6 +218,17 @@ class IndexedDatasetWriter:
                 f.write(self._index_bytes())
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            self.abort()
+            raise
+        self._prepared = True
+
+    def commit(self) -> None:
+        """Rename the prepared ``.bin`` then ``.idx`` into place."""
+        if self._done:
+            return
+        self.prepare()
+        try:
             idx = index_file_path(self.prefix)
             # drop a previous .idx first: a crash between the two renames then leaves a .bin without .idx
             # (refused at open) rather than a new .bin under an old index

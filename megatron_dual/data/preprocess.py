@@ -778,6 +778,11 @@ def preprocess(
         else:
             _encode_in_pool(reader, collector, writers, enc, keys, add_bos, append_eod, workers)
         _check_documents(collector, keys, files, reader, txt_mode)  # raising here removes the temporaries
+        everything = [w for k in keys for w in writers[k]]
+        for w in everything:  # all durable under temporary names before any is renamed: a full disk replaces none
+            w.prepare()
+        for w in everything:
+            w.commit()
     progress.update(totals["documents"], totals["tokens"], reader.bytes_read, force=progress.printed)
     progress.close()
     return _summary(collector, dtype, enc, files, reader, t0)

@@ -526,6 +526,34 @@ def test_output_prefix_under_a_file_is_one_line(tmp_path, capsys):
     assert str(tmp_path / "afile") in lines[0] and "nothing written" in lines[0], err
 
 
+def test_a_full_disk_with_several_outputs_replaces_none_of_them(tmp_path, capsys, monkeypatch):
+    """All outputs are made durable under temporary names before any is renamed: a failure writing the second
+    output's index left the one finalized before it in place of its old one, under 'nothing written'."""
+    import errno
+
+    from megatron_dual.data.indexed import IndexedDatasetWriter
+
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "one document", "title": "a title"}\n')
+    args = ["--input", str(src), "--output-prefix", str(tmp_path / "out" / "c"), "--json-keys", "text", "title"]
+    assert _run_tool(capsys, args)[0] == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    src.write_text('{"text": "another one", "title": "another title"}\n')
+    index_bytes = IndexedDatasetWriter._index_bytes
+
+    def full_on_text(self):
+        if self.prefix.endswith("text_document"):  # finalized last before: the title was in place
+            raise OSError(errno.ENOSPC, "No space left on device", self.prefix + ".idx.tmp-1")
+        return index_bytes(self)
+
+    monkeypatch.setattr(IndexedDatasetWriter, "_index_bytes", full_on_text)
+    rc, err = _run_tool(capsys, args)
+    assert rc == 2 and err.strip() == (
+        f"preprocess_data: error: cannot write {tmp_path / 'out' / 'c'}: No space left on device; nothing written"
+    )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # no temporaries either
+
+
 def test_misspelt_json_key_names_keys_seen_and_writes_nothing(tmp_path, capsys):
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(DOCS)))
