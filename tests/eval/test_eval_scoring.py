@@ -104,7 +104,8 @@ def test_a_request_one_longer_than_the_context_loses_no_token(model, reference):
     s = Scorer(model, MASK).score([(ctx, cont)], "causal")[0]
     assert s.n_tokens == limit
     assert s.logprob == pytest.approx(reference.causal(ctx, cont), abs=1e-4)
-    m = Scorer(model, MASK).score([(ctx, cont[:-1])], "mntp")[0]  # mntp: every token is an input
+    # mntp: every token is an input (the masks), so the same request is cut to max_seq_len: one token goes
+    m = Scorer(model, MASK).score([(ctx, cont)], "mntp")[0]
     assert m.n_tokens == limit - 1
 
 
