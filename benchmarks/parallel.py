@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from megatron_dual.config import load_config
+from megatron_dual.config import load_config, positive_int
 from megatron_dual.model.transformer import DualTransformer
 from megatron_dual.parallel.state import rank_layout
 
@@ -167,9 +167,9 @@ def gpu_overhead(preset: str, steps: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="dual-470m")
-    ap.add_argument("--world", type=int, nargs="+", default=[8, 64, 256])
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--slots", type=int, default=1)
+    ap.add_argument("--world", type=positive_int, nargs="+", default=[8, 64, 256])
+    ap.add_argument("--micro-batch", type=positive_int, default=8)
+    ap.add_argument("--slots", type=positive_int, default=1)
     ap.add_argument("--no-measure", action="store_true", help="skip the gloo measurement of the tiny preset")
     ap.add_argument("--gpu-steps", type=int, default=0)
     args = ap.parse_args(argv)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from megatron_dual.config import load_config  # noqa: E402
+from megatron_dual.config import load_config, positive_int  # noqa: E402
 from megatron_dual.model.transformer import DualTransformer  # noqa: E402
 from megatron_dual.parallel.layers import sharding_of  # noqa: E402
 
@@ -121,22 +121,11 @@ def table(preset: str, dp: int, tp: int) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    """An argparse type: an integer >= 1 (a DP or TP size of 0 divided by zero, a negative one printed nonsense)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["dual-1b", "dual-3b", "dual-7b"])
-    ap.add_argument("--dp", nargs="+", type=_positive, default=[8, 64])
-    ap.add_argument("--tp", type=_positive, default=1)
+    ap.add_argument("--dp", nargs="+", type=positive_int, default=[8, 64])
+    ap.add_argument("--tp", type=positive_int, default=1)
     a = ap.parse_args(argv)
     print(
         "Computed on CPU from meta-device models (no GPU measured); bytes per parameter as in the module docstring.\n"

@@ -928,6 +928,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1, else argparse's one-line error naming the option and the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """``--config``, ``--preset`` and repeatable ``--set KEY=VALUE``: what :func:`load_config` takes, on the command
     lines that build a config (``train``, ``info``)."""

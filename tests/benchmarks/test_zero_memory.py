@@ -40,3 +40,17 @@ def test_a_size_below_one_is_an_argument_error_not_a_traceback(args, capsys):
     with pytest.raises(SystemExit) as e:  # --dp 0 raised ZeroDivisionError
         zm.main(["--presets", "tiny", *args])
     assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--world", "-2"], ["--world", "8", "0"], ["--slots", "0"], ["--micro-batch", "x"]])
+def test_parallel_benchmark_sizes_below_one_are_refused(args, capsys):
+    """benchmarks/parallel.py --world -2 printed an empty table and exited 0."""
+    spec = importlib.util.spec_from_file_location(
+        "parallel_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "parallel.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as e:
+        bench.main([*args, "--no-measure"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and err.endswith(("must be >= 1", "is not an integer")) and "Traceback" not in err
