@@ -547,14 +547,22 @@ class ObjectiveSchedule:
     def slots(self, rank: int, step: int) -> list[str]:
         return [self.objective(rank, s, step) for s in range(self.n_slots)]
 
-    def rounding_note(self) -> str:
-        """'' or, for a linear schedule, how far the realised k_s / S strays from the nominal alpha (reported once)."""
-        if self.alpha_schedule is None or not self.alpha_schedule.linear:
+    def schedule_note(self) -> str:
+        """'' or what to know about the alpha schedule, reported once: for a linear schedule how far the realised
+        k_s / S strays from the nominal alpha; for a piecewise one the steps at or past ``train.steps`` (accepted,
+        since an extended run reaches them, but not reached in this one)."""
+        sched = self.alpha_schedule
+        if sched is None:
             return ""
-        return (
-            f"; the linear schedule is realised as k/{self.total} per step (round half up), largest error "
-            f"{self.rounding_error:.4g}"
-        )
+        if sched.linear:
+            return (
+                f"; the linear schedule is realised as k/{self.total} per step (round half up), largest error "
+                f"{self.rounding_error:.4g}"
+            )
+        late = [f"alpha {alpha} from step {first}" for first, alpha in sched.points if first >= self.total_steps]
+        if not late:
+            return ""
+        return f"; not reached in this run (past train.steps = {self.total_steps}): {', '.join(late)}"
 
 
 def loss_coefficients(alpha: float, ar_tokens: int, md_tokens: int) -> dict[str, float]:
@@ -659,7 +667,7 @@ def describe_objective(cfg: ObjectiveConfig, schedule: ObjectiveSchedule, max_ro
             f"  {steps}nominal alpha {row['alpha']} = {float(row['alpha']):.6g} ({split}); effective alpha "
             f"{row['effective']} = {float(row['effective']):.6g}"
         )
-    note = schedule.rounding_note()
+    note = schedule.schedule_note()
     if note:
         lines.append(f"  {note.lstrip('; ')}")
     return lines

@@ -188,7 +188,16 @@ def test_linear_schedule_rounds_each_step_and_reports_the_error_once():
         assert sum(s.counts(step).values()) == 8
         assert [o for r in range(1) for o in s.slots(r, step)].count(AR) == s.counts(step)[AR]
     assert 0 < s.rounding_error <= 1 / 16
-    assert "largest error" in s.rounding_note()
+    assert "largest error" in s.schedule_note()
+
+
+def test_schedule_steps_past_the_run_are_reported_not_refused():
+    """An extended run reaches them, so they are accepted; the start-up line says this run does not (it said
+    nothing, and alpha 1/2 from step 400 of a 300-step run was silently never used)."""
+    s = ObjectiveSchedule(n_slots=4, alpha_schedule=parse_alpha_schedule("0:1, 200:3/4, 400:1/2"), total_steps=300)
+    assert s.schedule_note() == "; not reached in this run (past train.steps = 300): alpha 1/2 from step 400"
+    within = ObjectiveSchedule(n_slots=4, alpha_schedule=parse_alpha_schedule("0:1, 200:3/4"), total_steps=300)
+    assert within.schedule_note() == ""
 
 
 def _records(path):

@@ -210,7 +210,7 @@ class ParallelState:
         what = f"schedule {s.alpha_schedule.text!r}, at step 0 alpha" if s.alpha_schedule else "alpha"
         return (
             f"world {self.world_size} = tp {self.tp_size} x dp {self.dp_size}; {self.slots} micro-batch slots per "
-            f"rank; {what} = {s.alpha} = {split} of {s.total} global slots{rotation}{s.rounding_note()}"
+            f"rank; {what} = {s.alpha} = {split} of {s.total} global slots{rotation}{s.schedule_note()}"
         )
 
     def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
