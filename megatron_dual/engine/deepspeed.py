@@ -18,6 +18,7 @@ Checkpoints: DeepSpeed's own (``<step>/deepspeed/``: module and per-rank ZeRO pa
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
@@ -185,11 +186,18 @@ def merge_deepspeed_config(ours: dict[str, Any], path: str, optimizer_name: str)
 
 
 def _check_objects(user: Any, ours: Mapping[str, Any], where: str) -> None:
-    """The JSON is an object, and so is each section of it that we generate (``bf16``, ``zero_optimization``, ...)."""
+    """The JSON is an object, and so is each section of it that we generate (``bf16``, ``zero_optimization``, ...);
+    no key is a near miss of one we generate (``zero_optimisation``), which DeepSpeed would silently ignore."""
     if not isinstance(user, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(user), "a number")
         raise ConfigError(f"{where}: the top level is {kind}, expected a JSON object ({{...}})")
     for key, value in user.items():
+        close = difflib.get_close_matches(key, list(ours), n=1, cutoff=0.85) if key not in ours else []
+        if close:  # DeepSpeed ignores keys it does not read: the misspelt section's settings would be lost unsaid
+            raise ConfigError(
+                f"{where}: unknown key {key!r}; did you mean {close[0]!r}? (DeepSpeed ignores keys it does not "
+                "know, so its settings would be dropped without a word)"
+            )
         if isinstance(ours.get(key), dict) and not isinstance(value, dict):
             raise ConfigError(
                 f"{where}: {key} = {json.dumps(value)}, expected an object, e.g. {key}: {json.dumps(ours[key])}"

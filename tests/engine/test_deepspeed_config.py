@@ -45,6 +45,8 @@ def test_user_json_merges_over_ours(tmp_path):
         ours, _json(tmp_path, {"zero_optimization": {"overlap_comm": False}, "steps_per_print": 5}), "muon"
     )
     assert merged["zero_optimization"]["overlap_comm"] is False and merged["steps_per_print"] == 5
+    legit = {"flops_profiler": {"enabled": False}, "activation_checkpointing": {}, "communication_data_type": "fp32"}
+    assert merge_deepspeed_config(ours, _json(tmp_path, legit), "muon")["flops_profiler"] == {"enabled": False}
     assert merged["zero_optimization"]["stage"] == ours["zero_optimization"]["stage"]
 
 
@@ -83,6 +85,9 @@ def test_user_json_errors_name_the_field(tmp_path, user, field):
         ("ds.json", "the top level is a string"),
         ({"zero_optimization": 2}, "zero_optimization = 2, expected an object"),  # DeepSpeed's TypeError
         ({"bf16": True}, 'bf16 = true, expected an object, e.g. bf16: {"enabled": false}'),
+        # DeepSpeed ignores keys it does not read: these sections' settings were dropped without a word
+        ({"zero_optimisation": {"offload_optimizer": {}}}, "unknown key 'zero_optimisation'; did you mean 'zero_o"),
+        ({"gradient_cliping": 0.5}, "unknown key 'gradient_cliping'; did you mean 'gradient_clipping'?"),
     ],
 )
 def test_user_json_that_is_not_an_object_where_one_is_needed_is_one_line(tmp_path, user, field):
