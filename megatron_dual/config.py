@@ -827,10 +827,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's rules for plain scalars instead of 1.1's, where ``5:1`` is the base-60
-    number 301, ``0123`` is octal 83, ``on``/``yes`` are booleans and ``2026-12-07`` is a date: here booleans are
-    ``true``/``false``, integers decimal (``0123`` = 123; ``0x``/``0o`` prefixes and ``_`` separators allowed),
-    floats also without a dot (``1e-3``), and anything else is a string."""
+    """PyYAML's safe loader without YAML 1.1's surprises for plain scalars: ``5:1`` (the base-60 number 301),
+    ``0123`` (octal 83), ``on``/``yes`` (booleans) and ``2026-12-07`` (a date) stay strings, as in YAML 1.2. Booleans
+    are ``true``/``false``; integers are decimal without a leading zero (or ``0x``/``0o``), floats have a dot. Other
+    forms stay text, which a number field still reads (``0123`` as 123, ``1e-3`` as 0.001: :func:`_coerce`) and a
+    text field keeps as written."""
 
 
 _BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
@@ -840,12 +841,12 @@ _YamlLoader.yaml_implicit_resolvers = {
 }
 _YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _YamlLoader.add_implicit_resolver(
-    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"), list("-+0123456789")
+    _INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0o[0-7_]+|0x[0-9a-fA-F_]+)$"), list("-+0123456789")
 )
 _YamlLoader.add_implicit_resolver(
     _FLOAT,
     re.compile(
-        r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
     ),
     list("-+0123456789."),
 )
@@ -853,7 +854,7 @@ _YamlLoader.add_implicit_resolver(
 
 def _yaml_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = str(loader.construct_scalar(node)).replace("_", "")
-    return int(text, 0 if text[:2] in ("0o", "0x") else 10)  # base 10: a leading 0 is not octal
+    return int(text, 0 if text[:2] in ("0o", "0x") else 10)
 
 
 _YamlLoader.add_constructor(_INT, _yaml_int)

@@ -358,15 +358,18 @@ def test_importing_the_config_stays_light():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-def test_values_are_read_with_yaml_1_2_rules(tmp_path):
-    """YAML 1.1 (PyYAML's default) read ``5:1`` as the base-60 number 301, ``0123`` as octal 83 and ``2026-12-07`` as
-    a date; values keep their text now, while true/false, numbers (``1e-3``, ``1_000``, ``0x10``) and the old
-    yes/no/on/off booleans of bool fields still work, in --set and in config files alike."""
+def test_values_are_read_without_yaml_1_1_surprises(tmp_path):
+    """YAML 1.1 (PyYAML's default) read ``5:1`` as the base-60 number 301, ``0123`` as octal 83, ``on`` as true and
+    ``2026-12-07`` as a date; those stay text now, which a number field still reads (``0100`` as 100, ``1e-3`` as
+    0.001) and a text field keeps as written (``09``, ``1e3``); yes/no/on/off still work for bool fields, in --set
+    and in config files alike."""
     from megatron_dual.config import parse_overrides
 
     tree = parse_overrides(["a.b=5:1", "a.c=0123", "a.d=2026-12-07", "a.e=1e-3", "a.f=1_000", "a.g=0x10", "a.h=on"])
-    assert tree["a"] == {"b": "5:1", "c": 123, "d": "2026-12-07", "e": 0.001, "f": 1000, "g": 16, "h": "on"}
+    assert tree["a"] == {"b": "5:1", "c": "0123", "d": "2026-12-07", "e": "1e-3", "f": 1000, "g": 16, "h": "on"}
     assert parse_overrides(["a.b=._", "a.c=.5", "a.d=-.5e3"])["a"] == {"b": "._", "c": 0.5, "d": -500.0}
+    cfg = load_config(preset="tiny", overrides=["optimizer.lr=1e-3", "logging.wandb_project=09", "data.path=1e3"])
+    assert (cfg.optimizer.lr, cfg.logging.wandb_project, cfg.data.path) == (0.001, "09", "1e3")
     with pytest.raises(ConfigError, match=r"^objective.alpha_schedule = '5:1': item 1 \('5:1'\)"):
         load_config(preset="tiny", overrides=["objective.alpha_schedule=5:1"])
     (tmp_path / "c.yaml").write_text(
