@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_dual.config import Config, ConfigError
+from megatron_dual.config import Config, ConfigError, launch_env
 from megatron_dual.engine import checkpoint as ckpt
 from megatron_dual.engine.base import Engine
 from megatron_dual.engine.ddp import global_grad_norm
@@ -273,8 +273,13 @@ def _import_deepspeed(device: torch.device) -> Any:
 
 
 def _ensure_process_group(device: torch.device) -> None:
-    """DeepSpeed needs torch.distributed even for one rank; torchrun-style variables are honoured."""
+    """DeepSpeed needs torch.distributed even for one rank; torchrun-style variables are honoured. Under srun
+    (SLURM's variables only) the launch's rank, local rank and world size are exported torchrun-style: DeepSpeed's
+    engine asserts ``LOCAL_RANK`` is set and reads ``RANK`` itself."""
     if dist.is_initialized():
+        rank, local_rank, world = launch_env()
+        for k, v in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world)):
+            os.environ.setdefault(k, str(v))
         return
     import socket
 

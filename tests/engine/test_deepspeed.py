@@ -324,3 +324,20 @@ def test_zero_resume_applies_changed_lr_and_schedule_as_ddp(schedule_runs, stage
     assert again["metrics"] == changed["metrics"][2:]
     for name, p in changed["params"].items():
         assert torch.equal(again["params"][name], p), (stage, opt, name)
+
+
+def test_srun_launch_exports_local_rank_for_deepspeed(monkeypatch):
+    """Under srun only SLURM's variables are set; DeepSpeed's engine asserts LOCAL_RANK is set (and reads RANK), so
+    the engine exports the launch's rank, local rank and world size torchrun-style once the group is joined
+    (examples/slurm/dual-7b-zero3-tp2.sbatch failed in deepspeed.initialize without it)."""
+    from megatron_dual.engine import deepspeed as ds_engine
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(name, "")  # recorded, so what the engine exports is undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", "13")
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    monkeypatch.setattr(ds_engine.dist, "is_initialized", lambda: True)
+    ds_engine._ensure_process_group(torch.device("cpu"))
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("13", "5", "16")
