@@ -1,0 +1,81 @@
+"""The launch scripts of examples/ (torchrun, sbatch, the deepspeed launcher): each parses (``bash -n``), runs under
+``set -euo pipefail``, and its preset and ``--set`` overrides load with ``load_config`` at the world size the script
+implies (TP dividing it, alpha realisable on its DP ranks x grad_accum slots, every file it names present). The
+scripts are run from the repository root, as they say."""
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_dual.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(
+    [ROOT / "examples" / "torchrun-1node.sh", ROOT / "examples" / "deepspeed" / "launch.sh"]
+    + list((ROOT / "examples" / "slurm").glob("*.sbatch"))
+)
+
+
+def _launch(path: Path) -> list[str]:
+    """The words of the script's (last) command that starts megatron_dual.train, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    lines = [ln for ln in text.splitlines() if "megatron_dual.train" in ln and not ln.lstrip().startswith("#")]
+    assert lines, f"{path.name}: no megatron_dual.train command"
+    return shlex.split(lines[-1])
+
+
+def _sbatch(path: Path, option: str) -> str | None:
+    m = re.search(rf"^#SBATCH --{option}=(\S+)", path.read_text(), re.M)
+    return m.group(1) if m else None
+
+
+def _world(path: Path, words: list[str]) -> int:
+    """The number of ranks the script launches."""
+    if path.suffix == ".sbatch":
+        return int(_sbatch(path, "nodes")) * int(_sbatch(path, "ntasks-per-node"))
+    if words[0] == "torchrun":
+        nodes = words[words.index("--nnodes") + 1] if "--nnodes" in words else "1"
+        return int(nodes) * int(words[words.index("--nproc-per-node") + 1])
+    assert words[0] == "deepspeed"
+    hostfile = re.search(r"HOSTFILE=\$\{HOSTFILE:-(\S+)\}", path.read_text()).group(1)
+    slots = re.findall(r"^\S+\s+slots=(\d+)", (ROOT / hostfile).read_text(), re.M)
+    return sum(int(s) for s in slots)
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses_and_is_strict(path):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    out = subprocess.run([bash, "-n", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "set -euo pipefail" in path.read_text()
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_overrides_load_at_the_scripts_world_size(path, monkeypatch):
+    words = _launch(path)
+    preset = words[words.index("--preset") + 1] if "--preset" in words else None
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    world = _world(path, words)
+    for name in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.chdir(ROOT)  # engine.deepspeed_config and the like are relative to the repository root
+    cfg = load_config(None, sets, preset=preset)
+    assert world % cfg.parallel.tp == 0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_srun_is_given_cpus_per_task(path):
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch: without it each task gets one core."""
+    assert _sbatch(path, "cpus-per-task")
+    words = _launch(path)
+    assert words[0] == "srun"
+    assert "--cpus-per-task=$SLURM_CPUS_PER_TASK" in words[: words.index("python")]
