@@ -79,3 +79,15 @@ def test_srun_is_given_cpus_per_task(path):
     words = _launch(path)
     assert words[0] == "srun"
     assert "--cpus-per-task=$SLURM_CPUS_PER_TASK" in words[: words.index("python")]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_output_directory_exists_or_is_made_before_submitting(path):
+    """Slurm does not create the directory of --output: the job fails at once, with no log, unless it exists."""
+    out_dir = Path(_sbatch(path, "output")).parent
+    if str(out_dir) == "." or (ROOT / out_dir).is_dir():
+        return
+    assert f"mkdir -p {out_dir} && sbatch examples/slurm/{path.name}" in path.read_text()
+    readme = (ROOT / "README.md").read_text()
+    for name in re.findall(r"^(?!mkdir).*\bsbatch (examples/slurm/\S+)", readme, re.M):
+        pytest.fail(f"README submits {name} without creating {out_dir}/ first")
