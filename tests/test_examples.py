@@ -91,3 +91,11 @@ def test_sbatch_output_directory_exists_or_is_made_before_submitting(path):
     readme = (ROOT / "README.md").read_text()
     for name in re.findall(r"^(?!mkdir).*\bsbatch (examples/slurm/\S+)", readme, re.M):
         pytest.fail(f"README submits {name} without creating {out_dir}/ first")
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_no_export_of_a_command_substitution(path):
+    """``export X=$(cmd)`` returns export's status, so set -e does not stop on a failing cmd (shellcheck SC2155):
+    e.g. MASTER_ADDR would be exported empty and every rank wait for a rendezvous that cannot happen."""
+    for ln in path.read_text().splitlines():
+        assert not re.match(r"\s*(export|local|readonly|declare)\s+\w+=\$\(", ln), f"{path.name}: {ln}"
