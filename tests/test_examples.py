@@ -99,3 +99,16 @@ def test_no_export_of_a_command_substitution(path):
     e.g. MASTER_ADDR would be exported empty and every rank wait for a rendezvous that cannot happen."""
     for ln in path.read_text().splitlines():
         assert not re.match(r"\s*(export|local|readonly|declare)\s+\w+=\$\(", ln), f"{path.name}: {ln}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_header_states_the_layout_it_runs(path, monkeypatch):
+    """The header's "over N ranks x M slots" / ": N DP ranks x M slots" / ": N x M" is the DP size and
+    train.grad_accum the script runs."""
+    words = _launch(path)
+    sets = dict(w.split("=", 1) for i, w in enumerate(words) if i and words[i - 1] == "--set")
+    tp = int(sets.get("parallel.tp", 1))
+    header = path.read_text().split("#SBATCH", 1)[0]
+    m = re.search(r"(?:over|:) (\d+)(?: DP)?(?: ranks)? x (\d+)\b", header)
+    assert m, f"{path.name}: the header does not state DP ranks x slots"
+    assert (int(m.group(1)), int(m.group(2))) == (_world(path, words) // tp, int(sets["train.grad_accum"]))
