@@ -112,3 +112,20 @@ def test_sbatch_header_states_the_layout_it_runs(path, monkeypatch):
     m = re.search(r"(?:over|:) (\d+)(?: DP)?(?: ranks)? x (\d+)\b", header)
     assert m, f"{path.name}: the header does not state DP ranks x slots"
     assert (int(m.group(1)), int(m.group(2))) == (_world(path, words) // tp, int(sets["train.grad_accum"]))
+
+
+def test_deepspeed_launch_refuses_a_missing_hostfile(tmp_path):
+    """The deepspeed launcher warns and runs on the local GPUs when its hostfile is missing (a different world size,
+    so a different global batch); launch.sh stops before calling it."""
+    fake = tmp_path / "deepspeed"
+    fake.write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/called\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "HOSTFILE": str(tmp_path / "no_such_hostfile")}
+    script = ROOT / "examples" / "deepspeed" / "launch.sh"
+    out = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "no_such_hostfile" in out.stderr
+    assert not (tmp_path / "called").exists()
+    del env["HOSTFILE"]  # the default, examples/deepspeed/hostfile, from the repository root
+    out = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "called").read_text().startswith("--hostfile examples/deepspeed/hostfile ")

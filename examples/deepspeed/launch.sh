@@ -9,6 +9,11 @@
 #       --set engine.name=deepspeed --set engine.zero_stage=3 --set train.grad_accum=2 --set data.path=...
 set -euo pipefail
 HOSTFILE=${HOSTFILE:-examples/deepspeed/hostfile}
+# without its hostfile the deepspeed launcher only warns and runs on this node's GPUs: another world size and batch
+if [[ ! -f "$HOSTFILE" ]]; then
+    echo "launch.sh: hostfile '$HOSTFILE' not found (run from the repository root, or set HOSTFILE)" >&2
+    exit 1
+fi
 
 deepspeed --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" --module megatron_dual.train \
     --preset dual-470m \
