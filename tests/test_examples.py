@@ -129,3 +129,20 @@ def test_deepspeed_launch_refuses_a_missing_hostfile(tmp_path):
     out = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "called").read_text().startswith("--hostfile examples/deepspeed/hostfile ")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_rendezvous_port_differs_per_job(path):
+    """A fixed 29500 made two jobs that share a node meet on one port; the port is derived from the job id (an
+    exported MASTER_PORT still wins)."""
+    line = next(ln for ln in path.read_text().splitlines() if ln.startswith("export MASTER_PORT="))
+    ports = []
+    for job in ("1234", "1235"):
+        env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": job}
+        r = subprocess.run(["bash", "-c", f"set -euo pipefail; {line}; echo $MASTER_PORT"], env=env, text=True,
+                           capture_output=True, check=True)  # fmt: skip
+        ports.append(int(r.stdout))
+    assert ports[0] != ports[1] and all(1024 < p < 65536 for p in ports)
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "1", "MASTER_PORT": "31000"}
+    r = subprocess.run(["bash", "-c", f"{line}; echo $MASTER_PORT"], env=env, text=True, capture_output=True)
+    assert r.stdout.strip() == "31000"
