@@ -54,3 +54,23 @@ def test_pinned_non_root_with_entrypoint_and_no_pypi_apex(path):
         for spec in re.findall(r"pip install[^&|;]*", ln):
             for pkg in re.findall(r"['\"]([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?(==|>=)", spec):
                 assert pkg[1] == "==", f"{path.name}: {pkg[0]} is not pinned"
+
+
+def test_entrypoint_passes_commands_through(tmp_path):
+    """`docker run IMAGE train ...` is `megatron-dual train ...`; launchers, shells and `megatron-dual` itself named
+    first run as given (`megatron-dual megatron-dual train` was an unknown-command error)."""
+    import subprocess
+
+    for name in ("megatron-dual", "torchrun", "python"):  # stubs that print how they were called
+        stub = tmp_path / name
+        stub.write_text(f'#!/bin/bash\necho "{name} $*"\n')
+        stub.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    for argv, want in [
+        (["train", "--preset", "tiny"], "megatron-dual train --preset tiny"),
+        (["megatron-dual", "train", "--preset", "tiny"], "megatron-dual train --preset tiny"),
+        (["torchrun", "--nproc-per-node", "8"], "torchrun --nproc-per-node 8"),
+        (["python", "-V"], "python -V"),
+    ]:
+        r = subprocess.run([str(ROOT / "docker" / "entrypoint.sh"), *argv], env=env, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() == want, (argv, r.stdout, r.stderr)
