@@ -19,13 +19,14 @@ of arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ __all__ = [
     "find_latest_checkpoint",
     "resolve_resume",
     "step_of",
+    "staged_dir",
+    "check_not_source",
     "read_meta",
     "load_model_weights",
     "load_checkpoint",
@@ -173,6 +176,35 @@ def _write_atomic_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def check_not_source(src: str | Path, dst: str | Path, error: Callable[[str], Exception]) -> None:
+    """``error(...)`` where writing ``dst`` would replace the source: ``dst`` is ``src`` or a folder holding it."""
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if d == s or d in s.parents:
+        raise error(f"destination {dst} is or holds the source {src}; choose another destination")
+
+
+@contextlib.contextmanager
+def staged_dir(path: Path, error: Callable[[str], Exception]) -> Iterator[Path]:
+    """A fresh temporary sibling of directory ``path`` to write into (for conversions: export, import, resharding).
+    When the block ends cleanly it replaces ``path``, whose old copy is removed only then; when it raises, the sibling
+    is removed and ``path`` stays as it was. A sibling that cannot be created (a parent that is a file, a read-only
+    file system) raises ``error("cannot write PATH: why")``, naming what was asked for rather than the sibling."""
+    tmp = path.parent / f".tmp_{path.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise error(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_checkpoint(

@@ -18,6 +18,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from megatron_dual.config import Config
+from megatron_dual.engine.checkpoint import check_not_source, staged_dir
 from megatron_dual.hf.hf_config import MODELING_FILE, to_hf_config
 from megatron_dual.hf.names import ConversionError, to_hf_state
 from megatron_dual.model.transformer import DualTransformer
@@ -52,34 +53,6 @@ def tokenizer_files(tokenizer_json: str | os.PathLike, out: Path, max_len: int) 
     (out / "special_tokens_map.json").write_text(json.dumps(_SPECIALS, indent=2) + "\n")
 
 
-def check_not_source(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """ConversionError where ``dst`` is ``src`` or a folder holding it (replacing it would delete the source)."""
-    s, d = Path(src).resolve(), Path(dst).resolve()
-    if d == s or d in s.parents:
-        raise ConversionError(f"destination {dst} is or holds the source {src}; choose another destination")
-
-
-def staging_dir(out_dir: Path, force: bool) -> Path:
-    """A fresh temporary sibling of ``out_dir`` to write into (ConversionError if ``out_dir`` exists, unless
-    ``force``)."""
-    if out_dir.exists() and not force:
-        raise ConversionError(f"{out_dir} exists (pass --force to replace it)")
-    tmp = out_dir.parent / f".tmp_{out_dir.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as e:  # a parent that is a file, a read-only or pseudo file system: name what was asked for
-        raise ConversionError(f"cannot write {out_dir}: {e.strerror or e}") from None
-    return tmp
-
-
-def move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` (if any) by the complete ``tmp``."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-
-
 def export_model(
     model: DualTransformer,
     out_dir: str | os.PathLike,
@@ -97,8 +70,9 @@ def export_model(
     if tok_vocab is not None and tok_vocab > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {tok_vocab} tokens but the model only {cfg.vocab_size}")
     state = to_hf_state({k: v.float().cpu() for k, v in model.state_dict().items()}, cfg)
-    tmp = staging_dir(out, force)
-    try:
+    if out.exists() and not force:
+        raise ConversionError(f"{out} exists (pass --force to replace it)")
+    with staged_dir(out, ConversionError) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = to_hf_config(cfg)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -109,10 +83,6 @@ def export_model(
             tokenizer_files(getattr(tokenizer, "path", tokenizer), tmp, cfg.max_seq_len)
         if config is not None:
             (tmp / MEGATRON_CONFIG).write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -120,6 +90,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     """Export a megatron-dual checkpoint (or run / checkpoint root: its latest) with its tokenizer and config."""
     from megatron_dual.inference.loading import find_checkpoint, load_model
 
-    check_not_source(find_checkpoint(checkpoint), out_dir)
+    check_not_source(find_checkpoint(checkpoint), out_dir, ConversionError)
     model, cfg, tok = load_model(str(checkpoint), device="cpu")
     return export_model(model, out_dir, tokenizer=tok, config=cfg, force=force)

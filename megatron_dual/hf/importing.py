@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from megatron_dual.config import Config, ConfigError, ModelConfig, config_from_dict
-from megatron_dual.hf.export import MEGATRON_CONFIG, check_not_source
+from megatron_dual.engine.checkpoint import check_not_source, load_state_checked, staged_dir
+from megatron_dual.hf.export import MEGATRON_CONFIG
 from megatron_dual.hf.hf_config import from_hf_config, from_ltg_config, ltg_flags
 from megatron_dual.hf.names import ConversionError, from_hf_state, from_ltg_state
 from megatron_dual.model.transformer import DualTransformer
@@ -101,8 +102,6 @@ def read_ltg_checkpoint(
 
 def build_model(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> DualTransformer:
     """A DualTransformer on CPU holding ``state`` exactly (strict)."""
-    from megatron_dual.engine.checkpoint import load_state_checked
-
     model = DualTransformer(cfg)
     load_state_checked(model, {k: v.float() for k, v in state.items()}, "imported state", strict=True)
     return model.eval()
@@ -147,21 +146,17 @@ def write_checkpoint(
     """Write ``model`` as checkpoint root ``dst`` (``dst/step_00000000``); returns the step directory. It is
     written into a temporary sibling and renamed into place, so a failed import leaves an existing ``dst`` (with
     ``force``) as it was."""
-    from megatron_dual.engine.checkpoint import save_checkpoint
-    from megatron_dual.hf.export import move_into_place, staging_dir
+    from megatron_dual.engine.checkpoint import save_checkpoint  # looked up at call time (tests patch it)
 
     root = Path(dst)
-    tmp = staging_dir(root, force)
-    try:
+    if root.exists() and not force:
+        raise ConversionError(f"{root} exists (pass --force to replace it)")
+    with staged_dir(root, ConversionError) as tmp:
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
             config.data.tokenizer = str((root / "tokenizer.json").resolve())
         empty = {"optimizers": {}, "schedulers": {}}
         step = save_checkpoint(tmp, 0, model, empty, {}, config.to_dict(), extra={"imported_from": source})
-        move_into_place(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root / step.name
 
 
@@ -170,7 +165,7 @@ def import_hf(src: str | os.PathLike, dst: str | os.PathLike, force: bool = Fals
     beside the checkpoint; without one the config names the vendored ``ltg`` tokenizer when the vocabulary has its
     51,200 ids, else none (pass ``--tokenizer`` when loading)."""
     src_dir = Path(src)
-    check_not_source(src_dir, dst)
+    check_not_source(src_dir, dst, ConversionError)
     cfg, state = read_hf_dir(src_dir)
     base = _read_json(src_dir / MEGATRON_CONFIG) if (src_dir / MEGATRON_CONFIG).is_file() else None
     tok = src_dir / "tokenizer.json"
@@ -188,7 +183,7 @@ def import_ltg(
     tokenizer: str = "ltg",
 ) -> Path:
     """Reference-code checkpoint -> megatron-dual checkpoint root ``dst`` (tokenizer: ``ltg`` or a path)."""
-    check_not_source(src, dst)
+    check_not_source(src, dst, ConversionError)
     cfg, state = read_ltg_checkpoint(src, ltg_config)
     config = _full_config(cfg, tokenizer, None)
     tok = None if tokenizer == "ltg" else tokenizer

@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_dual.config import ModelConfig, config_from_dict
+from megatron_dual.engine.checkpoint import check_not_source, staged_dir
 from megatron_dual.parallel.layers import (
     check_tp_divisibility,
     shard_state_dict,
@@ -289,13 +290,7 @@ def write_checkpoint(
     check_tp_divisibility(cfg.model, tp)
     if path.exists() and not replace:
         raise ReshardError(f"{path} exists")
-    tmp = path.parent / f".tmp_{path.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as e:  # a parent that is a file, a read-only file system: name what was asked for
-        raise ReshardError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
+    with staged_dir(path, ReshardError) as tmp:
         step = str(meta.get("step", ""))
         names = optimizer_param_names(meta["config"]) if optim is not None and tp > 1 else None
         shapes = {k: tuple(v.shape) for k, v in full.items()}
@@ -319,20 +314,13 @@ def write_checkpoint(
             new_meta.pop("tensor_parallel", None)
         new_meta["converted"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_json(tmp / META, new_meta)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
 def check_destination(src: Path, dst: Path, force: bool) -> None:
     """ReshardError where writing ``dst`` would replace the source (``dst`` is it or a folder holding it, even with
     ``force``) or an existing ``dst`` without ``force``."""
-    if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
-        raise ReshardError(f"destination {dst} is or holds the source {src}; choose another destination")
+    check_not_source(src, dst, ReshardError)
     if dst.exists() and not force:
         raise ReshardError(f"{dst} exists; pass --force to overwrite it")
 
