@@ -93,13 +93,13 @@ def refuse_fresh_start(output_dir: Path, checkpoints: list[Path]) -> None:
 
 
 def refuse_foreign_resume(
-    output_dir: Path, ckpt_dir: Path, resume_from: Path | None, resume_step: int, later: list[Path]
+    output_dir: Path, ckpt_dir: Path, resume_from: Path, resume_step: int, later: list[Path]
 ) -> None:
     """An explicit ``checkpoint.resume`` from outside this run's checkpoints, at a step before some of them (``later``:
     the run's complete checkpoints after ``resume_step``): a ConfigError, since resuming would overwrite them and
     rewrite the run's metrics from that step. Rolling back to one of the run's own checkpoints, and another form of
     the run's latest state (a converted copy, as the engines' messages advise), are allowed."""
-    if resume_from is None or not later or ckpt_dir.resolve() in resume_from.resolve().parents:
+    if not later or ckpt_dir.resolve() in resume_from.resolve().parents:
         return
     raise ConfigError(
         f"checkpoint.resume = {resume_from} (step {resume_step}) is not one of this run's checkpoints, but "
